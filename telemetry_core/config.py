@@ -1,0 +1,373 @@
+"""Levels, thresholds and escalation: the one place where every limit of the product lives.
+
+Torch-free on purpose: the dashboard imports this module to colour metrics by the *trainer's*
+thresholds (they travel inside every snapshot), so the two sides can never disagree.
+
+Every field of :class:`Thresholds` carries a one-line reason (``metadata["why"]``), which the
+dashboard's thresholds screen prints next to the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ANOMALY_KINDS",
+    "DEFAULT_ESCALATION_UPDATES",
+    "Phase",
+    "TelemetryConfig",
+    "TelemetryLevel",
+    "Thresholds",
+    "phase_of",
+    "threshold_reasons",
+]
+
+
+class TelemetryLevel(enum.IntEnum):
+    """How much the trainer measures. Each level includes everything below it.
+
+    OFF:     nothing is computed or published; the hub still serves commands and heartbeats so an
+             operator can raise the level.
+    MINIMAL: scalars that cost O(batch) or one fused pass over the gradients: losses, KL (k1/k3,
+             mean/max), ratio mean/max/min/std, clip fractions, ESS, per-head entropy, explained
+             variance, pre-clip total gradient norm, clip rate, non-finite gradient counts,
+             episode returns. Enough for every anomaly check except the LSTM and drift ones.
+    NORMAL:  MINIMAL plus per-parameter and per-group gradient norms, the magnitude histogram,
+             zero fraction, vanishing/exploding counts, EMA drift, advantage and return
+             distributions (moments, percentiles), value error quantiles, LSTM state statistics and
+             gate saturation on a sample of the batch. Still exactly one host transfer per update.
+    DEBUG:   NORMAL plus the per-layer gradient table, the numerical-stability report, per-head
+             ratio outliers, gate saturation on the whole batch and (when the loop hands over the
+             separate loss terms) policy/value and head-to-head gradient conflict. The diagnostics
+             ride in the same single transfer; gradient conflict costs extra backward passes
+             (see telemetry_core.debug).
+    """
+
+    OFF = 0
+    MINIMAL = 1
+    NORMAL = 2
+    DEBUG = 3
+
+    @classmethod
+    def parse(cls, value: str | int | TelemetryLevel) -> TelemetryLevel:
+        """Accept ``"debug"``, ``"DEBUG"``, ``3`` or a level; raise ValueError naming the choices."""
+        if isinstance(value, TelemetryLevel):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[str(value).strip().upper()]
+        except KeyError:
+            choices = ", ".join(level.name.lower() for level in cls)
+            raise ValueError(f"unknown telemetry level {value!r}; choose one of {choices}") from None
+
+
+class Phase(str, enum.Enum):
+    """Training phase by fraction of planned updates; explained-variance limits depend on it."""
+
+    WARMUP = "warmup"
+    EARLY = "early"
+    MID = "mid"
+    LATE = "late"
+
+
+# Stable anomaly identifiers. The dashboard, the recordings and the tests refer to these strings.
+ANOMALY_KINDS: tuple[str, ...] = (
+    "entropy_collapse",
+    "kl_spike",
+    "ratio_explosion",
+    "ratio_collapse",
+    "value_collapse",
+    "ev_low",
+    "numerical_instability",
+    "gradient_exploding",
+    "gradient_vanishing",
+    "gradient_drift",
+    "lstm_unhealthy",
+    "performance_degradation",
+    "rank_divergence",
+)
+
+
+def _t(default: Any, why: str) -> Any:
+    """A threshold field with its one-line reason."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"why": why})
+    return field(default=default, metadata={"why": why})
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold used anywhere in the product, with PPO-tuned defaults.
+
+    Gradient limits are *relative to* ``max_grad_norm`` (the clipping cap of the loop), because the
+    cap sets the scale of healthy gradients (review M1). Entropy limits apply to entropy normalised
+    by log(number of actions) of each head, so one number fits every head size.
+    Serialisable with msgspec (it is a plain dataclass of floats, ints, tuples and dicts).
+    """
+
+    # ---- policy: entropy ---------------------------------------------------------------------
+    entropy_collapse: float = _t(
+        0.1, "normalised entropy below this is a near-deterministic head (reference system, Karn)"
+    )
+    entropy_warning: float = _t(
+        0.2, "normalised entropy below this is shown yellow: exploration is running out"
+    )
+    entropy_collapse_per_head: dict[str, float] = _t(
+        {}, "per-head overrides of entropy_collapse (small heads tolerate lower entropy)"
+    )
+    entropy_patience: int = _t(
+        3, "consecutive updates below the limit before entropy_collapse fires (reference: 3)"
+    )
+    entropy_clear_factor: float = _t(
+        1.5, "hysteresis: a collapsed head clears only above this multiple of its limit"
+    )
+    # ---- policy: KL, ratios, clipping ----------------------------------------------------------
+    kl_target: float = _t(0.01, "typical PPO KL target per update (Schulman; SB3 and Spinning Up defaults)")
+    kl_spike_warning: float = _t(
+        0.05, "k3 KL (update mean) above this is a spike: 5x a typical target, past any early stop"
+    )
+    kl_spike_critical: float = _t(
+        0.15, "k3 KL above this: the policy moved far outside the trust region in one update"
+    )
+    kl_relative_factor: float = _t(
+        5.0, "k3 KL above this multiple of its rolling median is a spike even below the absolute limit"
+    )
+    kl_relative_floor: float = _t(
+        0.02, "relative KL spikes are ignored below this absolute KL (noise around tiny baselines)"
+    )
+    kl_baseline_window: int = _t(20, "updates in the rolling KL baseline (median)")
+    ratio_explosion: float = _t(
+        5.0, "max ratio above this: log-prob moved by more than 1.6 nats on some sample (reference)"
+    )
+    ratio_collapse: float = _t(
+        0.1, "min ratio below this: an action's probability fell 10x within one update (reference)"
+    )
+    ratio_warning_high: float = _t(2.0, "max ratio above this is shown yellow: far outside a 0.2 clip range")
+    ratio_warning_low: float = _t(0.5, "min ratio below this is shown yellow")
+    clip_fraction_warning: float = _t(
+        0.3, "clip fraction above this is shown yellow (folklore 0.1-0.3 band; not a KL proxy)"
+    )
+    ess_warning: float = _t(0.7, "normalised effective sample size of the ratios below this is shown yellow")
+    # ---- value --------------------------------------------------------------------------------
+    ev_warmup: float = _t(-0.5, "explained variance limit in warm-up: anti-correlated is fine at init")
+    ev_early: float = _t(-0.2, "explained variance limit early: some learning expected")
+    ev_mid: float = _t(0.0, "explained variance limit mid-training: better than a constant")
+    ev_late: float = _t(0.1, "explained variance limit late: the critic must be useful")
+    phase_warmup_end: float = _t(0.10, "fraction of planned updates that ends warm-up")
+    phase_early_end: float = _t(0.25, "fraction of planned updates that ends the early phase")
+    phase_mid_end: float = _t(0.75, "fraction of planned updates that ends the mid phase")
+    ev_patience: int = _t(2, "consecutive updates below the phase limit before ev_low fires")
+    value_std_collapse_ratio: float = _t(
+        0.05, "std(values)/std(returns) below this: the critic predicts a constant (value_collapse)"
+    )
+    value_loss_relative_factor: float = _t(
+        20.0, "value loss above this multiple of its rolling median is value_collapse (critic blown)"
+    )
+    value_baseline_window: int = _t(20, "updates in the rolling value-loss baseline (median)")
+    # ---- gradients (relative to max_grad_norm) -----------------------------------------------
+    grad_hist_edges: tuple[float, ...] = _t(
+        (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+        "edges of the |g| magnitude histogram (log-spaced; plus a zero bin and an overflow bin)",
+    )
+    grad_vanishing_rel: float = _t(
+        1e-5, "a parameter whose grad norm is below this x max_grad_norm counts as vanishing"
+    )
+    grad_exploding_rel: float = _t(
+        10.0, "a parameter whose grad norm exceeds this x max_grad_norm counts as exploding"
+    )
+    grad_total_vanishing_rel: float = _t(
+        1e-4, "pre-clip total norm below this x max_grad_norm: gradient_vanishing"
+    )
+    grad_total_exploding_rel: float = _t(
+        10.0, "pre-clip total norm above this x max_grad_norm: gradient_exploding (warning)"
+    )
+    grad_total_exploding_critical_rel: float = _t(
+        100.0, "pre-clip total norm above this x max_grad_norm: gradient_exploding (critical)"
+    )
+    grad_vanishing_param_fraction: float = _t(
+        0.5, "more than this fraction of parameters vanishing: gradient_vanishing"
+    )
+    clip_rate_warning: float = _t(
+        0.9, "share of minibatches clipped above this is shown yellow: the cap limits learning"
+    )
+    grad_ema_momentum: float = _t(0.99, "EMA momentum of gradient drift tracking (reference)")
+    grad_drift: float = _t(0.5, "|x - ema| / ema above this is gradient_drift (reference)")
+    grad_drift_warmup: int = _t(10, "no drift verdict before this many updates (review L4)")
+    # ---- LSTM -----------------------------------------------------------------------------------
+    lstm_norm_max: float = _t(100.0, "h or c L2 norm above this: state explosion (reference)")
+    lstm_norm_min: float = _t(1e-6, "h L2 norm below this: state vanished (reference)")
+    lstm_c_max_abs: float = _t(
+        50.0, "|c| above this: cell state drifting without bound (tanh(c) saturated long before)"
+    )
+    lstm_gate_eps: float = _t(0.01, "a gate within this of 0 or 1 counts as saturated")
+    lstm_gate_saturation_warning: float = _t(
+        0.5, "more than this fraction of gates saturated is shown yellow"
+    )
+    lstm_gate_saturation_critical: float = _t(
+        0.9, "more than this fraction of gates saturated: lstm_unhealthy (gradients cannot flow)"
+    )
+    lstm_gate_sample: int = _t(64, "rows of the batch used for gate saturation at NORMAL (DEBUG uses all)")
+    # ---- advantages -------------------------------------------------------------------------------
+    adv_skew_warning: float = _t(3.0, "|skew| of raw advantages above this is shown yellow: outliers")
+    adv_kurtosis_warning: float = _t(
+        20.0, "excess kurtosis of raw advantages above this is shown yellow: heavy tails dominate"
+    )
+    adv_std_min: float = _t(1e-8, "raw advantage std below this: normalisation divides by ~0")
+    # ---- returns ----------------------------------------------------------------------------------
+    perf_warmup_fraction: float = _t(
+        0.1, "performance_degradation is not judged in the first 10% of training (reference)"
+    )
+    perf_drop: float = _t(
+        0.5, "mean return this fraction below its best rolling mean: performance_degradation"
+    )
+    perf_window: int = _t(10, "updates in the rolling mean of episode returns")
+    # ---- distributed ------------------------------------------------------------------------------
+    rank_divergence: float = _t(
+        3.0, "a rank whose key statistic is this many MADs from the rank median diverges"
+    )
+    rank_straggler: float = _t(1.5, "a rank whose update time exceeds this multiple of the median straggles")
+    # ---- ratio outliers (DEBUG) -----------------------------------------------------------------
+    outlier_top_k: int = _t(8, "worst samples per head listed in the ratio-outlier diagnostic")
+
+    def entropy_limit(self, head: str) -> float:
+        """The collapse limit for one head (its override, else the common one)."""
+        return self.entropy_collapse_per_head.get(head, self.entropy_collapse)
+
+    def ev_limit(self, phase: Phase) -> float:
+        return {
+            Phase.WARMUP: self.ev_warmup,
+            Phase.EARLY: self.ev_early,
+            Phase.MID: self.ev_mid,
+            Phase.LATE: self.ev_late,
+        }[phase]
+
+    def validate(self) -> Thresholds:
+        """Raise ValueError naming the field when a value is meaningless; return self."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"Thresholds.{f.name} must be finite, got {value!r}")
+        edges = self.grad_hist_edges
+        if len(edges) < 7 or any(b <= a for a, b in itertools.pairwise(edges)) or edges[0] <= 0:
+            raise ValueError("Thresholds.grad_hist_edges must be >= 7 increasing positive edges")
+        if not (0 < self.phase_warmup_end < self.phase_early_end < self.phase_mid_end < 1):
+            raise ValueError("Thresholds phase boundaries must satisfy 0 < warmup < early < mid < 1")
+        if self.entropy_patience < 1 or self.ev_patience < 1:
+            raise ValueError("Thresholds.entropy_patience and ev_patience must be >= 1")
+        if not 0 < self.grad_ema_momentum < 1:
+            raise ValueError("Thresholds.grad_ema_momentum must lie in (0, 1)")
+        return self
+
+
+def threshold_reasons() -> dict[str, str]:
+    """Field name -> its one-line reason, in declaration order (for help and thresholds screens)."""
+    return {f.name: f.metadata.get("why", "") for f in dataclasses.fields(Thresholds)}
+
+
+def phase_of(step: int, total_updates: int | None, thresholds: Thresholds) -> Phase:
+    """Phase by progress; with no plan known the run is treated as mid-training after warm-up."""
+    if not total_updates or total_updates <= 0:
+        return Phase.MID
+    progress = step / total_updates
+    if progress < thresholds.phase_warmup_end:
+        return Phase.WARMUP
+    if progress < thresholds.phase_early_end:
+        return Phase.EARLY
+    if progress < thresholds.phase_mid_end:
+        return Phase.MID
+    return Phase.LATE
+
+
+# Updates of automatic DEBUG after each anomaly kind. Severe, rare events get long captures; noisy,
+# mild ones short ones (review L5).
+DEFAULT_ESCALATION_UPDATES: dict[str, int] = {
+    "numerical_instability": 20,
+    "ratio_explosion": 10,
+    "gradient_exploding": 10,
+    "entropy_collapse": 8,
+    "kl_spike": 5,
+    "ratio_collapse": 5,
+    "value_collapse": 5,
+    "lstm_unhealthy": 5,
+    "gradient_vanishing": 5,
+    "performance_degradation": 5,
+    "rank_divergence": 5,
+    "ev_low": 3,
+    "gradient_drift": 3,
+}
+
+
+@dataclass
+class TelemetryConfig:
+    """What the trainer measures and how it escalates.
+
+    The effective level is, by priority: an operator's manual override (a DEBUG lease or a set
+    level, both applied by commands at update boundaries), then an active automatic escalation,
+    then ``level``. :meth:`effective` returns it with the reason the snapshot shows.
+    """
+
+    level: TelemetryLevel = TelemetryLevel.NORMAL
+    auto_escalate: bool = True
+    escalate_to: TelemetryLevel = TelemetryLevel.DEBUG
+    escalation_updates: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_ESCALATION_UPDATES))
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    # Manual override, set by commands: (level, until_step or None for "until changed", reason).
+    override_level: TelemetryLevel | None = None
+    override_until: int | None = None
+    override_reason: str = ""
+    # Automatic escalation state: kind -> step until which it holds.
+    _escalations: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.level = TelemetryLevel.parse(self.level)
+        self.escalate_to = TelemetryLevel.parse(self.escalate_to)
+        unknown = set(self.escalation_updates) - set(ANOMALY_KINDS)
+        if unknown:
+            raise ValueError(f"escalation_updates names unknown anomaly kinds: {sorted(unknown)}")
+        self.thresholds.validate()
+
+    # -- manual override -------------------------------------------------------------------------
+    def set_override(self, level: TelemetryLevel, *, until_step: int | None, reason: str) -> None:
+        self.override_level = TelemetryLevel.parse(level)
+        self.override_until = until_step
+        self.override_reason = reason
+
+    def clear_override(self) -> None:
+        self.override_level = None
+        self.override_until = None
+        self.override_reason = ""
+
+    # -- automatic escalation ------------------------------------------------------------------
+    def escalate(self, kind: str, step: int) -> int | None:
+        """Escalate for ``kind`` from ``step``; return the step it holds until (None if disabled)."""
+        if not self.auto_escalate:
+            return None
+        duration = self.escalation_updates.get(kind, 5)
+        until = step + duration
+        self._escalations[kind] = max(until, self._escalations.get(kind, until))
+        return self._escalations[kind]
+
+    def active_escalations(self, step: int) -> dict[str, int]:
+        """Kinds whose escalation still holds at ``step`` (expired ones are forgotten)."""
+        for kind in [k for k, until in self._escalations.items() if until <= step]:
+            del self._escalations[kind]
+        return dict(self._escalations)
+
+    def effective(self, step: int) -> tuple[TelemetryLevel, str]:
+        """The level that applies to update ``step`` and the words that explain it."""
+        if self.override_level is not None:
+            if self.override_until is not None and step >= self.override_until:
+                self.clear_override()
+            else:
+                return self.override_level, self.override_reason or "operator override"
+        active = self.active_escalations(step)
+        if self.auto_escalate and active and self.escalate_to > self.level:
+            kind = max(active, key=lambda k: active[k])
+            return self.escalate_to, f"anomaly {kind} until step {active[kind]}"
+        return self.level, "configured"

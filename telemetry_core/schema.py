@@ -1,0 +1,406 @@
+"""The wire schema: typed msgspec Structs, msgpack-encoded, shared by trainer and dashboard.
+
+Torch-free. Evolution rules (msgspec): new fields get defaults and bump ``SCHEMA_MINOR``; unknown
+fields are ignored by older readers; a field's type never changes (that is a ``SCHEMA_MAJOR`` bump).
+Statistics that are undefined (explained variance of constant returns, say) are ``None``;
+statistics that are genuinely non-finite (a NaN gradient norm) travel as NaN/inf and are shown so.
+Nothing here is ever pickled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from telemetry_core.config import Thresholds
+
+__all__ = [
+    "MAGIC",
+    "SCHEMA_MAJOR",
+    "SCHEMA_MINOR",
+    "Ack",
+    "AdvantageStats",
+    "Anomaly",
+    "Command",
+    "Counters",
+    "DebugReport",
+    "Envelope",
+    "EpisodeStats",
+    "GradientConflict",
+    "GradientStats",
+    "Heartbeat",
+    "History",
+    "LSTMStats",
+    "LayerRow",
+    "LevelInfo",
+    "Moments",
+    "Nack",
+    "NumericalReport",
+    "PolicyStats",
+    "RankStats",
+    "RatioOutliers",
+    "ReturnStats",
+    "RunInfo",
+    "Snapshot",
+    "ValueStats",
+]
+
+MAGIC = "SIMIC"
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 0
+
+NAN = math.nan
+
+
+class _S(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """Base: keyword-only construction, map encoding (so unknown fields are skipped on decode)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics of one PPO update
+# --------------------------------------------------------------------------------------------
+
+
+class GradientStats(_S):
+    """Gradients after backward, before clipping, accumulated over every backward of the update."""
+
+    calls: int = 0  # backward passes observed in this update
+    max_grad_norm: float = NAN  # the loop's clipping cap
+    total_norm: float = NAN  # pre-clip global L2 norm, mean over calls
+    total_norm_max: float = NAN  # ... max over calls
+    total_norm_last: float = NAN  # ... of the last call
+    clip_rate: float = NAN  # share of calls whose pre-clip norm exceeded max_grad_norm
+    max_abs: float = NAN  # max |g| over all elements and calls
+    nan_count: int = 0  # NaN gradient elements, summed over calls
+    inf_count: int = 0  # +-inf gradient elements, summed over calls
+    # NORMAL and above:
+    zero_fraction: float | None = None  # share of exactly-zero gradient elements (all calls)
+    hist_counts: list[int] = []  # [zero, (0,e0), [e0,e1), ..., [e_last, inf)] of |g|, finite only
+    param_norms: list[float] = []  # per parameter, mean over calls; order of RunInfo.param_names
+    group_norms: dict[str, float] = {}  # per named group, L2 norm (mean over calls)
+    group_norms_normalized: dict[str, float] = {}  # group norm / sqrt(numel of group)
+    group_ratios: dict[str, float] = {}  # normalised group norm / normalised whole-model norm
+    vanishing_count: int = 0  # parameters below grad_vanishing_rel x max_grad_norm (max over calls)
+    exploding_count: int = 0  # parameters above grad_exploding_rel x max_grad_norm (max over calls)
+    ema_total_norm: float | None = None  # EMA of the pre-clip total norm
+    ema_drift: float | None = None  # |x - ema| / (ema + eps); None during warm-up
+
+
+class PolicyStats(_S):
+    """Ratios, KL, clipping, entropy: accumulated over every minibatch and epoch of the update."""
+
+    minibatches: int = 0
+    epochs: int = 0
+    clip_range: float = NAN
+    policy_loss: float = NAN  # mean over minibatches
+    ratio_mean: float = NAN
+    ratio_std: float = NAN
+    ratio_max: float = NAN
+    ratio_min: float = NAN
+    kl_k3_mean: float = NAN  # (r - 1) - log r: unbiased, never negative
+    kl_k3_max: float = NAN  # max over minibatches of the minibatch mean
+    kl_k1_mean: float = NAN  # -log r: can be negative
+    kl_k1_max: float = NAN
+    kl_k3_per_epoch: list[float] = []  # mean k3 KL of each epoch, in order
+    clip_fraction: float = NAN  # share of samples whose joint ratio left [1-eps, 1+eps]
+    clip_fraction_high: float = NAN  # ... above 1+eps
+    clip_fraction_low: float = NAN  # ... below 1-eps
+    ess: float = NAN  # normalised effective sample size (sum r)^2 / (n sum r^2), in (0, 1]
+    head_clip_fraction: dict[str, float] = {}
+    head_clip_high: dict[str, float] = {}
+    head_clip_low: dict[str, float] = {}
+    head_ratio_max: dict[str, float] = {}
+    head_ratio_min: dict[str, float] = {}
+    head_kl_k3: dict[str, float] = {}
+    entropy: dict[str, float] = {}  # per head, nats, mean over minibatches
+    entropy_normalized: dict[str, float] = {}  # per head, divided by log(number of actions)
+    early_stopped: bool = False  # the loop reported a target-KL early stop
+    early_stop_epoch: int | None = None
+    early_stop_kl: float | None = None
+
+
+class ValueStats(_S):
+    value_loss: float = NAN  # mean over minibatches
+    value_loss_max: float = NAN  # max over minibatches
+    explained_variance: float | None = None  # None: returns have zero variance (undefined)
+    value_mean: float = NAN
+    value_std: float = NAN
+    value_min: float = NAN
+    value_max: float = NAN
+    error_mean: float = NAN  # value - return
+    error_std: float = NAN
+    error_p5: float = NAN
+    error_p50: float = NAN
+    error_p95: float = NAN
+
+
+class Moments(_S):
+    count: int = 0
+    mean: float = NAN
+    std: float = NAN
+    min: float = NAN
+    max: float = NAN
+    skew: float | None = None  # None when std is 0
+    kurtosis: float | None = None  # excess kurtosis; None when std is 0
+    frac_positive: float = NAN
+
+
+class ReturnStats(_S):
+    count: int = 0
+    mean: float = NAN
+    std: float = NAN
+    min: float = NAN
+    max: float = NAN
+    p10: float = NAN
+    p50: float = NAN
+    p90: float = NAN
+
+
+class AdvantageStats(_S):
+    raw: Moments = msgspec.field(default_factory=Moments)  # as computed by GAE
+    normalized: Moments = msgspec.field(default_factory=Moments)  # as fed to the loss
+    returns: ReturnStats = msgspec.field(default_factory=ReturnStats)
+
+
+class LSTMStats(_S):
+    h_norm: float = NAN
+    c_norm: float = NAN
+    h_rms: float = NAN
+    c_rms: float = NAN
+    h_max_abs: float = NAN
+    c_max_abs: float = NAN
+    h_env_rms_max: float = NAN  # largest per-environment RMS of h
+    c_env_rms_max: float = NAN
+    c_mean: float = NAN
+    h_nan: int = 0
+    h_inf: int = 0
+    c_nan: int = 0
+    c_inf: int = 0
+    gate_saturation: dict[str, float] = {}  # "input" / "forget" / "output" -> share within eps of 0 or 1
+    gate_saturation_low: dict[str, float] = {}  # share within eps of 0
+    gate_saturation_high: dict[str, float] = {}  # share within eps of 1
+    gate_rows: int = 0  # batch rows the saturation was computed on
+
+
+class EpisodeStats(_S):
+    count: int = 0  # episodes finished during this update's rollout
+    return_mean: float = NAN
+    return_min: float = NAN
+    return_max: float = NAN
+    length_mean: float = NAN
+
+
+# ---- DEBUG-only diagnostics ------------------------------------------------------------------
+
+
+class LayerRow(_S):
+    name: str
+    numel: int
+    norm: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    zero_frac: float
+    small_frac: float
+    large_frac: float
+    nan: int
+    inf: int
+
+
+class NumericalReport(_S):
+    nonfinite_weights: list[str] = []  # parameter names with a NaN/inf weight
+    nonfinite_grads: list[str] = []  # parameter names with a NaN/inf gradient
+    max_abs_weight: float = NAN
+    max_abs_weight_param: str = ""
+    max_abs_grad: float = NAN
+    max_abs_grad_param: str = ""
+    loss_finite: bool | None = None  # None: no loss handed over
+    pre_clip_norms: list[float] = []  # total pre-clip norm of each backward of the update
+
+
+class RatioOutliers(_S):
+    head: str  # "joint" or a head name
+    indices: list[int] = []  # sample indices within the minibatch (worst first)
+    ratios: list[float] = []
+    actions: list[int] = []
+    logp_diff: list[float] = []  # new - old log-prob
+    logp_diff_mean: float = NAN  # mean |new - old| over the minibatch
+    logp_diff_max: float = NAN
+
+
+class GradientConflict(_S):
+    policy_value_cosine: float | None = None  # cosine of d(policy loss) and d(value loss) on shared params
+    shared_params: int = 0  # number of parameter tensors both losses reach
+    head_cosines: dict[str, float] = {}  # "a|b" -> cosine of the two heads' loss gradients
+    extra_backward_passes: int = 0  # what computing it cost
+
+
+class DebugReport(_S):
+    layers: list[LayerRow] = []
+    numerical: NumericalReport = msgspec.field(default_factory=NumericalReport)
+    outliers: list[RatioOutliers] = []
+    conflict: GradientConflict | None = None
+
+
+# ---- multi-rank ---------------------------------------------------------------------------------
+
+
+class RankStats(_S):
+    world_size: int = 1
+    keys: list[str] = []  # statistic names, in order
+    per_rank: dict[str, list[float]] = {}  # key -> value of each rank
+    mean: dict[str, float] = {}
+    min: dict[str, float] = {}
+    max: dict[str, float] = {}
+    divergent_ranks: list[int] = []
+    straggler_ranks: list[int] = []
+    enabled: bool = True
+    disabled_reason: str = ""
+
+
+# ---- run context --------------------------------------------------------------------------------
+
+
+class Anomaly(_S):
+    kind: str  # one of telemetry_core.config.ANOMALY_KINDS
+    severity: str  # "warning" | "critical"
+    step: int
+    message: str  # plain words: what happened
+    action: str  # what to try
+    value: float | None = None
+    threshold: float | None = None
+    head: str | None = None
+    rank: int | None = None
+
+
+class LevelInfo(_S):
+    level: str = "NORMAL"  # OFF | MINIMAL | NORMAL | DEBUG
+    reason: str = "configured"
+    lease_until: int | None = None  # step at which an operator DEBUG lease ends
+    escalations: dict[str, int] = {}  # anomaly kind -> step its auto-escalation holds until
+
+
+class RunInfo(_S):
+    name: str = ""
+    heads: dict[str, int] = {}  # head -> number of actions
+    param_names: list[str] = []
+    param_numels: list[int] = []
+    groups: dict[str, int] = {}  # group name -> number of parameter elements
+    planned_updates: int | None = None
+    world_size: int = 1
+    rank: int = 0
+    device: str = ""
+    max_grad_norm: float = NAN
+
+
+class Counters(_S):
+    """Everything telemetry dropped or refused so far, so nothing is lost silently."""
+
+    snapshots_published: int = 0
+    snapshots_dropped: int = 0  # publish queue full, oldest dropped
+    records_written: int = 0
+    records_dropped: int = 0  # recorder queue full (slow disk)
+    commands_accepted: int = 0
+    commands_rejected: int = 0
+    telemetry_errors: int = 0  # exceptions swallowed to protect training
+    inputs_skipped: int = 0  # documented skips (e.g. parameters without gradients)
+
+
+class Snapshot(_S):
+    step: int
+    wall_time: float
+    phase: str = "mid"
+    update_seconds: float = NAN  # wall time of this update, as the hub saw it
+    level: LevelInfo = msgspec.field(default_factory=LevelInfo)
+    gradients: GradientStats | None = None
+    policy: PolicyStats | None = None
+    value: ValueStats | None = None
+    advantage: AdvantageStats | None = None
+    lstm: LSTMStats | None = None
+    episodes: EpisodeStats | None = None
+    debug: DebugReport | None = None
+    ranks: RankStats | None = None
+    anomalies: list[Anomaly] = []
+    thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
+    run: RunInfo = msgspec.field(default_factory=RunInfo)
+    counters: Counters = msgspec.field(default_factory=Counters)
+    profile_trace: str | None = None  # path of a finished torch.profiler trace
+
+
+# --------------------------------------------------------------------------------------------
+# Control plane
+# --------------------------------------------------------------------------------------------
+
+
+class Heartbeat(_S):
+    step: int = 0
+    level: str = "NORMAL"
+    uptime: float = 0.0
+    counters: Counters = msgspec.field(default_factory=Counters)
+    run_name: str = ""
+
+
+COMMAND_ACTIONS = ("lease_debug", "renew", "release", "set_level", "history", "profile")
+
+
+class Command(_S):
+    id: str  # unique per command (duplicates are refused)
+    session: str  # the trainer session it is meant for
+    issued: float  # wall time at the dashboard
+    expires: float  # wall time after which the trainer refuses it
+    action: str  # one of COMMAND_ACTIONS
+    client: str = ""  # dashboard identity, for logs and rate limits
+    level: str | None = None  # set_level
+    updates: int | None = None  # lease_debug / renew: lease length in updates
+    lease_seconds: float | None = None  # lease ends if not renewed within this
+    since_seq: int | None = None  # history: only frames after this sequence number
+    profile_updates: int | None = None  # profile: updates to capture
+
+
+class Ack(_S):
+    command_id: str
+    action: str
+    message: str = ""
+    effective_step: int | None = None  # first update the change applies to
+    level: str | None = None
+    lease_until: int | None = None
+
+
+class Nack(_S):
+    command_id: str
+    reason: str  # plain words
+    code: str = "rejected"  # stable reason code: bad_signature, stale, duplicate, ...
+
+
+class History(_S):
+    """Recent snapshot frames (each an encoded Envelope, exactly as published) for backfill."""
+
+    frames: list[bytes] = []
+    oldest_seq: int | None = None
+    newest_seq: int | None = None
+
+
+class Envelope(_S):
+    """Every message on every socket. ``body`` is decoded by ``kind`` only after the checks pass."""
+
+    magic: str
+    major: int
+    minor: int
+    session: str
+    seq: int
+    step: int
+    wall_time: float
+    kind: str  # "snapshot" | "heartbeat" | "command" | "ack" | "nack" | "history"
+    body: msgspec.Raw = msgspec.Raw(b"\xc0")
+
+
+BODY_TYPES: dict[str, type[_S]] = {
+    "snapshot": Snapshot,
+    "heartbeat": Heartbeat,
+    "command": Command,
+    "ack": Ack,
+    "nack": Nack,
+    "history": History,
+}
