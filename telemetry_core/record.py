@@ -1,0 +1,231 @@
+"""Recording files: every published frame, framed so a reader survives truncation and bit flips.
+
+Layout (little-endian)::
+
+    header  = b"SIMICREC" | u16 format_version | u16 schema_major | u16 len(session) | session utf-8
+    record* = u64 length | u32 crc32(length bytes) | payload (length bytes) | u32 crc32(payload)
+
+Each payload is one encoded :class:`~telemetry_core.schema.Envelope`, exactly as it went over the
+wire. The framing follows TensorBoard's event files: a reader stops cleanly at a truncated tail
+and, on a corrupt record, scans forward for the next record whose length CRC checks out.
+
+:class:`Recorder` writes from its own thread through a bounded queue that drops (and counts) when
+the disk is slow, so recording never stalls training. Torch-free: replay and export use the
+:func:`read_recording` reader from the dashboard side.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from telemetry_core.schema import SCHEMA_MAJOR
+
+__all__ = [
+    "FILE_MAGIC",
+    "FORMAT_VERSION",
+    "RecordWriter",
+    "Recorder",
+    "Recording",
+    "RecordingError",
+    "iter_records",
+    "read_recording",
+]
+
+FILE_MAGIC = b"SIMICREC"
+FORMAT_VERSION = 1
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+_HEAD = struct.Struct("<8sHHH")
+_LEN = struct.Struct("<QI")
+_CRC = struct.Struct("<I")
+
+
+class RecordingError(ValueError):
+    """The file is not a recording at all (bad magic, unknown format version, unreadable header)."""
+
+
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def encode_record(payload: bytes) -> bytes:
+    length = struct.pack("<Q", len(payload))
+    return length + _CRC.pack(_crc(length)) + payload + _CRC.pack(_crc(payload))
+
+
+class RecordWriter:
+    """Synchronous writer (used by :class:`Recorder`'s thread and by tools that build recordings)."""
+
+    def __init__(self, path: str | Path, *, session: str, schema_major: int = SCHEMA_MAJOR) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - lifetime is the writer's
+        encoded = session.encode()
+        self._fh.write(_HEAD.pack(FILE_MAGIC, FORMAT_VERSION, schema_major, len(encoded)) + encoded)
+        self.records = 0
+
+    def write(self, payload: bytes) -> None:
+        self._fh.write(encode_record(payload))
+        self.records += 1
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            self._fh.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Recording:
+    """What a reader got out of a file, and what it had to skip."""
+
+    path: Path
+    format_version: int
+    schema_major: int
+    session: str
+    frames: list[bytes] = field(default_factory=list)
+    corrupt_records: int = 0  # records skipped because a CRC failed
+    skipped_bytes: int = 0  # bytes passed over while resynchronising
+    truncated: bool = False  # the file ended inside a record
+
+    @property
+    def problems(self) -> str:
+        """Plain words for what could not be read ('' when the file is intact)."""
+        parts = []
+        if self.corrupt_records:
+            parts.append(f"{self.corrupt_records} corrupt record(s) skipped")
+        if self.truncated:
+            parts.append("file truncated: the last record is incomplete")
+        return "; ".join(parts)
+
+
+def _read_header(data: bytes, path: Path) -> tuple[int, int, str, int]:
+    if len(data) < _HEAD.size or data[:8] != FILE_MAGIC:
+        raise RecordingError(f"{path} is not a simic-tui recording (bad magic)")
+    _magic, version, major, slen = _HEAD.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise RecordingError(f"{path} has recording format {version}; this reader knows {FORMAT_VERSION}")
+    end = _HEAD.size + slen
+    if len(data) < end:
+        raise RecordingError(f"{path} has a truncated header")
+    return version, major, data[_HEAD.size : end].decode("utf-8", "replace"), end
+
+
+def iter_records(data: bytes, start: int, rec: Recording) -> Iterator[bytes]:
+    """Yield intact payloads from ``data[start:]``, updating ``rec``'s corruption counters."""
+    pos = start
+    n = len(data)
+    resyncing = False
+    while pos < n:
+        if n - pos < _LEN.size:
+            rec.truncated = True
+            return
+        length, lcrc = _LEN.unpack_from(data, pos)
+        if lcrc != _crc(data[pos : pos + 8]) or length > MAX_RECORD_BYTES:
+            # Corrupt length: scan forward one byte at a time for a plausible record start.
+            if not resyncing:
+                rec.corrupt_records += 1
+                resyncing = True
+            pos += 1
+            rec.skipped_bytes += 1
+            continue
+        end = pos + _LEN.size + length + _CRC.size
+        if end > n:
+            rec.truncated = True
+            return
+        payload = data[pos + _LEN.size : pos + _LEN.size + length]
+        (pcrc,) = _CRC.unpack_from(data, end - _CRC.size)
+        resyncing = False
+        if pcrc != _crc(payload):
+            rec.corrupt_records += 1
+            pos = end
+            continue
+        pos = end
+        yield payload
+
+
+def read_recording(path: str | Path) -> Recording:
+    """Read every intact frame. Raises :class:`RecordingError` only when the header is unusable."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecordingError(f"cannot read {path}: {exc.strerror or exc}") from None
+    version, major, session, start = _read_header(data, path)
+    rec = Recording(path=path, format_version=version, schema_major=major, session=session)
+    rec.frames = list(iter_records(data, start, rec))
+    return rec
+
+
+class Recorder:
+    """Writes frames from its own thread; :meth:`put` never blocks (drops the oldest and counts)."""
+
+    def __init__(self, path: str | Path, *, session: str, max_queue: int = 4096) -> None:
+        self.path = Path(path)
+        self._writer = RecordWriter(self.path, session=session)
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._max_queue = max_queue
+        self._cv = threading.Condition()
+        self._closed = False
+        self.dropped = 0
+        self.written = 0
+        self.error: str | None = None
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="simic-recorder", daemon=True)
+        self._thread.start()
+
+    def put(self, frame: bytes) -> None:
+        if self._closed or os.getpid() != self._pid:
+            return
+        with self._cv:
+            if len(self._queue) >= self._max_queue:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(frame)
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait(0.5)
+                if not self._queue and self._closed:
+                    break
+                batch = list(self._queue)
+                self._queue.clear()
+            try:
+                for frame in batch:
+                    self._writer.write(frame)
+                    self.written += 1
+                self._writer.flush()
+            except OSError as exc:  # disk full, file removed: stop writing, keep training
+                self.error = f"recording to {self.path} stopped: {exc}"
+                with self._cv:
+                    self.dropped += len(self._queue)
+                    self._queue.clear()
+                    self._closed = True
+                break
+        with contextlib.suppress(OSError):
+            self._writer.close()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Flush what is queued (up to ``timeout`` seconds) and close the file."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
