@@ -124,6 +124,8 @@ def decode_envelope(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Envelop
         env = _ENVELOPE_DECODER.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise FrameError("malformed", f"not an envelope: {exc}") from None
+    except RecursionError:  # msgspec refuses deep nesting (even inside the raw body) this way
+        raise FrameError("malformed", "not an envelope: nested too deeply") from None
     if env.magic != MAGIC:
         raise FrameError("bad_magic", f"wrong magic {env.magic[:16]!r}")
     if env.major != SCHEMA_MAJOR:
@@ -139,6 +141,8 @@ def decode_body(env: Envelope) -> Any:
         return _BODY_DECODERS[env.kind].decode(env.body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise FrameError("malformed", f"bad {env.kind} body: {exc}") from None
+    except RecursionError:
+        raise FrameError("malformed", f"bad {env.kind} body: nested too deeply") from None
 
 
 def sign(key: bytes, payload: bytes) -> bytes:

@@ -375,11 +375,19 @@ class Nack(_S):
 
 
 class History(_S):
-    """Recent snapshot frames (each an encoded Envelope, exactly as published) for backfill."""
+    """Recent snapshot frames (each an encoded Envelope, exactly as published) for backfill.
+
+    A large history is split into ``chunks`` replies (each under the frame cap) that all name the
+    ``command_id`` they answer; ``chunk`` counts from 0, so the last one has ``chunk == chunks - 1``.
+    """
 
     frames: list[bytes] = []
-    oldest_seq: int | None = None
+    oldest_seq: int | None = None  # of the frames in this chunk
     newest_seq: int | None = None
+    command_id: str = ""  # the history command this answers
+    chunk: int = 0
+    chunks: int = 1
+    latest_seq: int | None = None  # newest snapshot the trainer had published when it answered
 
 
 class Envelope(_S):
