@@ -234,6 +234,22 @@ class Thresholds:
     rank_straggler: float = _t(1.5, "a rank whose update time exceeds this multiple of the median straggles")
     # ---- ratio outliers (DEBUG) -----------------------------------------------------------------
     outlier_top_k: int = _t(8, "worst samples per head listed in the ratio-outlier diagnostic")
+    # ---- per-layer gradient table and gradient conflict (DEBUG) ------------------------------------
+    grad_small_rel: float = _t(
+        2e-6,
+        "per-layer table: a gradient element with 0 < |g| below this x max_grad_norm is 'small' "
+        "(1e-6 at the usual cap 0.5, the reference system's limit)",
+    )
+    grad_large_rel: float = _t(
+        1.0,
+        "per-layer table: a gradient element above this x max_grad_norm is 'large': "
+        "that one element alone exceeds the whole clipping budget",
+    )
+    grad_conflict_cosine: float = _t(
+        -0.1,
+        "cosine of two loss terms' gradients on shared parameters below this is shown as conflict: "
+        "the terms pull the shared trunk in opposing directions",
+    )
 
     def entropy_limit(self, head: str) -> float:
         """The collapse limit for one head (its override, else the common one)."""
