@@ -92,7 +92,8 @@ class PolicyStats(_S):
 
     minibatches: int = 0
     epochs: int = 0
-    clip_range: float = NAN
+    samples: int = 0  # log-ratio samples seen over every minibatch and epoch
+    clip_range: float = NAN  # of the last minibatch
     policy_loss: float = NAN  # mean over minibatches
     ratio_mean: float = NAN
     ratio_std: float = NAN
@@ -107,6 +108,9 @@ class PolicyStats(_S):
     clip_fraction_high: float = NAN  # ... above 1+eps
     clip_fraction_low: float = NAN  # ... below 1-eps
     ess: float = NAN  # normalised effective sample size (sum r)^2 / (n sum r^2), in (0, 1]
+    ess_min: float = NAN  # ... of the worst minibatch (ess is their sample-weighted mean)
+    logratio_nan: int = 0  # samples whose joint log-ratio is NaN (clip fractions are then NaN)
+    logratio_inf: int = 0  # samples whose joint log-ratio is +-inf (a probability of exactly 0)
     head_clip_fraction: dict[str, float] = {}
     head_clip_high: dict[str, float] = {}
     head_clip_low: dict[str, float] = {}
@@ -114,7 +118,7 @@ class PolicyStats(_S):
     head_ratio_min: dict[str, float] = {}
     head_kl_k3: dict[str, float] = {}
     entropy: dict[str, float] = {}  # per head, nats, mean over minibatches
-    entropy_normalized: dict[str, float] = {}  # per head, divided by log(number of actions)
+    entropy_normalized: dict[str, float] = {}  # per head, / log(number of actions); 1-action heads absent
     early_stopped: bool = False  # the loop reported a target-KL early stop
     early_stop_epoch: int | None = None
     early_stop_kl: float | None = None
@@ -128,11 +132,13 @@ class ValueStats(_S):
     value_std: float = NAN
     value_min: float = NAN
     value_max: float = NAN
+    return_std: float = NAN  # std of the returns the values are judged against (value_collapse)
     error_mean: float = NAN  # value - return
     error_std: float = NAN
-    error_p5: float = NAN
+    error_p5: float = NAN  # NORMAL and above
     error_p50: float = NAN
     error_p95: float = NAN
+    error_quantile_n: int = 0  # elements the percentiles used (< buffer size: a seeded sample)
 
 
 class Moments(_S):
@@ -155,6 +161,7 @@ class ReturnStats(_S):
     p10: float = NAN
     p50: float = NAN
     p90: float = NAN
+    quantile_n: int = 0  # elements the percentiles used (< count: a seeded sample)
 
 
 class AdvantageStats(_S):
@@ -181,6 +188,8 @@ class LSTMStats(_S):
     gate_saturation_low: dict[str, float] = {}  # share within eps of 0
     gate_saturation_high: dict[str, float] = {}  # share within eps of 1
     gate_rows: int = 0  # batch rows the saturation was computed on
+    gate_steps: int = 0  # time steps replayed per row
+    gate_total: int = 0  # gate activations judged per gate kind (steps x rows x hidden x layers x dirs)
 
 
 class EpisodeStats(_S):
@@ -195,46 +204,84 @@ class EpisodeStats(_S):
 
 
 class LayerRow(_S):
+    """One parameter's gradient over every backward of the update (telemetry_core.debug).
+
+    Distribution statistics (mean, std, min, max) are over the *finite* elements only, so one NaN
+    does not hide the rest of the layer; ``nan``/``inf`` count what was left out. ``norm`` is the
+    plain L2 norm (NaN/inf when an element is), the number clipping sees. Fractions are shares of
+    all elements seen (numel x calls). A row with ``calls == 0`` never had a gradient (frozen or
+    unused parameter): its statistics are NaN.
+    """
+
     name: str
     numel: int
-    norm: float
-    mean: float
-    std: float
+    norm: float  # L2 norm, mean over the calls that had a gradient
+    mean: float  # finite elements, pooled over calls
+    std: float  # population std (correction=0) of the finite elements
     min: float
     max: float
-    zero_frac: float
-    small_frac: float
-    large_frac: float
-    nan: int
-    inf: int
+    zero_frac: float  # exactly zero
+    small_frac: float  # 0 < |g| < Thresholds.grad_small_rel x max_grad_norm
+    large_frac: float  # finite |g| > Thresholds.grad_large_rel x max_grad_norm
+    nan: int  # NaN elements, summed over calls
+    inf: int  # +-inf elements, summed over calls
+    calls: int = 0  # backward passes of the update in which this parameter had a gradient
+    norm_max: float = NAN  # largest L2 norm over those calls
 
 
 class NumericalReport(_S):
-    nonfinite_weights: list[str] = []  # parameter names with a NaN/inf weight
-    nonfinite_grads: list[str] = []  # parameter names with a NaN/inf gradient
-    max_abs_weight: float = NAN
+    """Where the numbers went bad, in one transfer (review M3)."""
+
+    nonfinite_weights: list[str] = []  # parameter names with a NaN/inf weight (end of the update)
+    nonfinite_grads: list[str] = []  # parameter names with a NaN/inf gradient in any backward
+    max_abs_weight: float = NAN  # largest finite |w| at the end of the update
     max_abs_weight_param: str = ""
-    max_abs_grad: float = NAN
+    max_abs_grad: float = NAN  # largest finite |g| over every backward of the update
     max_abs_grad_param: str = ""
     loss_finite: bool | None = None  # None: no loss handed over
+    losses_seen: int = 0  # losses handed over to observe_gradients in this update
+    nonfinite_losses: int = 0  # ... of which NaN/inf
     pre_clip_norms: list[float] = []  # total pre-clip norm of each backward of the update
 
 
 class RatioOutliers(_S):
+    """The worst samples of the whole update by |log ratio|, for the joint policy or one head (L2).
+
+    All lists run worst first and have one entry per listed sample.
+    """
+
     head: str  # "joint" or a head name
-    indices: list[int] = []  # sample indices within the minibatch (worst first)
-    ratios: list[float] = []
-    actions: list[int] = []
+    index_kind: str = "minibatch"  # "rollout": indices are rollout-buffer positions the loop passed
+    indices: list[int] = []  # rollout-buffer positions, else positions within the minibatch
+    minibatches: list[int] = []  # ordinal of the minibatch (0-based, within the update)
+    epochs: list[int] = []  # epoch the loop reported for that minibatch (-1: not reported)
+    ratios: list[float] = []  # exp(new - old)
+    actions: list[int] = []  # this head's action; joint with several heads: -1 (see head_actions)
     logp_diff: list[float] = []  # new - old log-prob
-    logp_diff_mean: float = NAN  # mean |new - old| over the minibatch
-    logp_diff_max: float = NAN
+    head_actions: dict[str, list[int]] = {}  # joint only: every head's action of each listed sample
+    head_logp_diff: dict[str, list[float]] = {}  # joint only: each head's share of the log ratio
+    samples: int = 0  # samples seen in the update
+    nonfinite: int = 0  # samples whose log-prob difference was NaN/inf (they rank worst)
+    logp_diff_mean: float = NAN  # mean |new - old| over the whole update
+    logp_diff_max: float = NAN  # max |new - old| over the whole update
 
 
 class GradientConflict(_S):
+    """Cosines between the gradients of separate loss terms on the parameters both reach.
+
+    Computed once per update (first minibatch) from extra ``torch.autograd.grad`` calls; a cosine is
+    None when either gradient is zero there or no parameter is shared.
+    """
+
     policy_value_cosine: float | None = None  # cosine of d(policy loss) and d(value loss) on shared params
     shared_params: int = 0  # number of parameter tensors both losses reach
-    head_cosines: dict[str, float] = {}  # "a|b" -> cosine of the two heads' loss gradients
-    extra_backward_passes: int = 0  # what computing it cost
+    shared_numel: int = 0  # ... and their elements
+    policy_norm: float = NAN  # |d(policy loss)| on the shared parameters
+    value_norm: float = NAN  # |d(value loss)| on the shared parameters
+    head_cosines: dict[str, float | None] = {}  # "a|b" -> cosine of the two heads' loss gradients
+    head_value_cosines: dict[str, float | None] = {}  # head -> cosine with the value-loss gradient
+    extra_backward_passes: int = 0  # what computing it cost (one per loss term)
+    skipped_calls: int = 0  # later observe_loss_terms calls of the update (not computed: cost bound)
 
 
 class DebugReport(_S):
@@ -242,6 +289,7 @@ class DebugReport(_S):
     numerical: NumericalReport = msgspec.field(default_factory=NumericalReport)
     outliers: list[RatioOutliers] = []
     conflict: GradientConflict | None = None
+    skipped: int = 0  # documented skips: parameters without (dense) gradients in a backward
 
 
 # ---- multi-rank ---------------------------------------------------------------------------------
