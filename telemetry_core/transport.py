@@ -1,0 +1,1139 @@
+"""The trainer side of the control plane: one thread owns every ZeroMQ socket.
+
+:class:`Publisher` streams snapshots and heartbeats on a PUB socket and takes signed commands on
+a ROUTER socket (dashboards connect SUB + DEALER; frames are defined in
+:mod:`telemetry_core.protocol`). The training thread only encodes a snapshot and appends it to a
+bounded queue that drops the oldest (and counts it): it never waits on the network, a slow
+dashboard or a flood of commands.
+
+Why it is built this way (facts in ``shared/reference/ANCHORS.md``):
+
+* Sockets are not thread-safe, so the publisher thread creates the context and owns every socket;
+  the training thread wakes it through a pipe. A process forked after construction (DataLoader
+  workers) checks ``os.getpid()`` and never touches the queue, the pipe or a socket.
+* PUB drops at its high-water mark instead of blocking, and LINGER 0 lets ``close()`` return within
+  about a second even with messages queued. No REQ/REP (deadlocks on a lost reply), no CONFLATE
+  (breaks multipart).
+* Late joiners subscribe first, then send a ``history`` command; the thread answers at once from
+  the last ``history`` frames, chunked under the frame cap ("Clone" pattern).
+* Fail closed: every command is authenticated (HMAC-SHA256 over the raw envelope, checked with
+  ``compare_digest`` before anything is decoded), loopback included; a non-loopback bind requires
+  CURVE with an allow-list and ``ZAP_ENFORCE_DOMAIN`` and is refused when CURVE is unavailable.
+
+Refusals and replies (``REJECT_CODES`` lists every stable code):
+
+* ``rate_limited``, ``frame_count``, ``oversize``: dropped **without a reply** (counted). The peer
+  is not speaking the protocol, or is flooding; answering would only cost the trainer.
+* ``unsigned``, ``bad_signature``: answered with a constant, **unsigned** Nack (empty mac, empty
+  session, no command id, nothing echoed from the request), so a dashboard holding a stale key can
+  tell its user to re-read the connection file. It reveals only that a simic trainer listens here,
+  which the PUB port says anyway; it never signs anything for an unauthenticated peer.
+* Every other refusal comes from a holder of the key, so it gets a signed Nack with a plain reason.
+
+A peer's messages pass a per-peer token bucket, and the thread reads at most ``read_rate``
+messages a second in total: when that budget is spent it stops reading the ROUTER, ZeroMQ's
+receive high-water mark fills and TCP pushes back on the sender, so a flood costs the trainer
+process a bounded amount of CPU (and GIL).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgspec
+import zmq
+
+from telemetry_core import protocol
+from telemetry_core.config import TelemetryLevel
+from telemetry_core.schema import (
+    COMMAND_ACTIONS,
+    Ack,
+    Command,
+    Counters,
+    Heartbeat,
+    History,
+    Nack,
+    Snapshot,
+)
+
+__all__ = [
+    "AUTH_CODES",
+    "REJECT_CODES",
+    "SILENT_CODES",
+    "BindError",
+    "Endpoints",
+    "InsecureBindError",
+    "Publisher",
+    "PublisherCounters",
+    "TokenBucket",
+    "TransportError",
+    "is_loopback",
+]
+
+log = logging.getLogger(__name__)
+
+ZAP_DOMAIN = b"simic"
+
+# Every refusal has a stable code (counted, logged and shown by the dashboard).
+REJECT_CODES: dict[str, str] = {
+    "rate_limited": "too many messages from this peer (token bucket empty)",
+    "frame_count": "not [mac, envelope] after the routing id",
+    "oversize": f"command envelope over {protocol.MAX_COMMAND_BYTES} bytes",
+    "unsigned": "no HMAC signature",
+    "bad_signature": "HMAC signature does not match the connection file's key",
+    "empty": "empty envelope",
+    "malformed": "not a msgpack envelope / command (pickle payloads land here)",
+    "bad_magic": "wrong magic",
+    "incompatible": "different schema major version",
+    "unknown_kind": "unknown message kind",
+    "wrong_kind": "a valid message kind that is not a command",
+    "wrong_session": "meant for another trainer session",
+    "expired": "past its expiry time",
+    "stale": "issued too long ago",
+    "future": "issued too far in the future (clock skew?)",
+    "duplicate": "this command id was already received",
+    "unknown_action": "unknown command action",
+    "bad_argument": "an argument of the command is out of range",
+    "busy": "the trainer's command inbox or replay memory is full",
+}
+SILENT_CODES = frozenset({"rate_limited", "frame_count", "oversize"})  # never answered
+AUTH_CODES = frozenset({"unsigned", "bad_signature"})  # answered with a constant unsigned Nack
+_FRAME_CODES = frozenset(
+    {
+        "frame_count",
+        "oversize",
+        "unsigned",
+        "bad_signature",
+        "empty",
+        "malformed",
+        "bad_magic",
+        "incompatible",
+        "unknown_kind",
+        "wrong_kind",
+    }
+)
+_MAX_ID_CHARS = 128
+_MAX_LEASE_UPDATES = 1_000_000
+_MAX_PROFILE_UPDATES = 10_000
+_MAX_PEERS = 1024
+_READ_BATCH = 256
+
+
+class TransportError(RuntimeError):
+    """The stream could not be set up as asked."""
+
+
+class BindError(TransportError, OSError):
+    """Binding failed (port in use, bad address); raised only under ``strict=True``."""
+
+
+class InsecureBindError(TransportError):
+    """A non-loopback bind without CURVE: refused, always (it would fail open)."""
+
+
+class Endpoints(NamedTuple):
+    pub: str
+    cmd: str
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; :meth:`take` never waits."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic() if now is None else now
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        self._refill(now)
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True
+        return False
+
+    def wait_time(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` tokens are available."""
+        self._refill(now)
+        return 0.0 if self.tokens >= cost else (cost - self.tokens) / self.rate
+
+
+@dataclass(frozen=True)
+class PublisherCounters:
+    """A consistent copy of what the publisher sent, dropped and refused so far."""
+
+    published: int = 0  # snapshot frames handed to the PUB socket
+    dropped: int = 0  # snapshots dropped from the full publish queue (oldest first)
+    unsent: int = 0  # snapshots encoded while the stream is off (bind=None, bind failed, closed)
+    heartbeats: int = 0
+    commands_accepted: int = 0  # passed every check (queued for the hub, or history served)
+    rejected: dict[str, int] = field(default_factory=dict)  # refusals by stable code
+    history_served: int = 0  # history replies (chunks) sent
+    history_frames: int = 0  # snapshot frames sent in history replies
+    replies_sent: int = 0
+    replies_dropped: int = 0  # peer gone or its queue full (ROUTER_MANDATORY + NOBLOCK)
+    handshake_failures: int = 0  # CURVE / ZMTP handshakes refused (unknown key, no CURVE, ...)
+    errors: int = 0  # unexpected exceptions in the publisher thread (logged)
+    network: bool = False  # the sockets are bound and the thread runs
+
+    @property
+    def commands_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def bad_frames(self) -> int:
+        """Refusals before a well-formed, authenticated command was decoded."""
+        return sum(n for code, n in self.rejected.items() if code in _FRAME_CODES)
+
+    def to_schema(self, base: Counters | None = None) -> Counters:
+        """The wire :class:`Counters` with this publisher's fields filled in (others from ``base``)."""
+        out = msgspec.structs.replace(base) if base is not None else Counters()
+        out.snapshots_published = self.published
+        out.snapshots_dropped = self.dropped
+        out.commands_accepted = self.commands_accepted
+        out.commands_rejected = self.commands_rejected
+        return out
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1; False for wildcards, interfaces and names."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_tcp(endpoint: str, what: str) -> tuple[str, int]:
+    """``tcp://host:port`` -> (host, port); port 0 or ``*`` means an ephemeral port (returned 0)."""
+    if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+        raise ValueError(f"{what} must look like 'tcp://127.0.0.1:5555', got {endpoint!r}")
+    host, sep, port_text = endpoint[len("tcp://") :].rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{what} must name a host and a port, got {endpoint!r}")
+    if port_text == "*":
+        return host, 0
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{what} has a port that is not a number: {endpoint!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what} has a port outside 0-65535: {endpoint!r}")
+    return host, port
+
+
+def _zmq_endpoint(host: str, port: int) -> str:
+    return f"tcp://{host}:{port if port else '*'}"
+
+
+def _close_at_exit(ref: weakref.ref[Publisher]) -> None:
+    pub = ref()
+    if pub is not None:
+        pub.close()
+
+
+class _AllowList:
+    """CURVE credentials provider for ``zmq.auth``: only the listed client public keys (z85)."""
+
+    def __init__(self, keys: set[bytes]) -> None:
+        self.keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return domain == ZAP_DOMAIN.decode() and key in self.keys
+
+
+class Publisher:
+    """Snapshots out on PUB, authenticated commands in on ROUTER, owned by one background thread.
+
+    The training thread calls :meth:`publish_snapshot` (never blocks), :meth:`set_status`,
+    :meth:`poll_commands` (non-blocking, at update boundaries) and :meth:`reply`. Nothing here
+    raises into training once started, unless ``strict=True``.
+
+    ``bind=None`` turns the network off: snapshots are still encoded (and returned, for a
+    recorder) and counted as ``unsent``. With port 0 the PUB and ROUTER get ephemeral ports (see
+    :attr:`endpoints`); otherwise the ROUTER binds the PUB port + 1 unless ``cmd_bind`` is given.
+    """
+
+    def __init__(
+        self,
+        bind: str | None = "tcp://127.0.0.1:5555",
+        *,
+        session: str | None = None,
+        run_name: str = "",
+        cmd_bind: str | None = None,
+        history: int = 2000,
+        history_bytes: int = 64 * 1024 * 1024,
+        history_chunk_bytes: int = 1024 * 1024,
+        queue_size: int = 256,
+        strict: bool = False,
+        connection_file: bool | str | Path = True,
+        curve: bool | None = None,
+        curve_allow: list[bytes | str] | None = None,
+        pub_hwm: int = 100,
+        heartbeat_interval: float = 1.0,
+        command_rate: float = 20.0,
+        command_burst: int = 40,
+        history_cost: float = 10.0,
+        read_rate: float = 2000.0,
+        read_burst: int = 500,
+        max_command_age: float = 60.0,
+        max_clock_skew: float = 30.0,
+        inbox_size: int = 256,
+        replay_memory: int = 16384,
+    ) -> None:
+        for name, value, low in (
+            ("history", history, 0),
+            ("history_bytes", history_bytes, 0),
+            ("history_chunk_bytes", history_chunk_bytes, 1024),
+            ("queue_size", queue_size, 1),
+            ("pub_hwm", pub_hwm, 1),
+            ("command_burst", command_burst, 1),
+            ("read_burst", read_burst, 1),
+            ("inbox_size", inbox_size, 1),
+            ("replay_memory", replay_memory, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, fvalue in (
+            ("heartbeat_interval", heartbeat_interval),
+            ("command_rate", command_rate),
+            ("history_cost", history_cost),
+            ("read_rate", read_rate),
+            ("max_command_age", max_command_age),
+            ("max_clock_skew", max_clock_skew),
+        ):
+            if not isinstance(fvalue, (int, float)) or not math.isfinite(fvalue) or fvalue <= 0:
+                raise ValueError(f"{name} must be a positive number, got {fvalue!r}")
+        if history_chunk_bytes > protocol.MAX_FRAME_BYTES // 2:
+            raise ValueError(f"history_chunk_bytes must be <= {protocol.MAX_FRAME_BYTES // 2}")
+
+        self.session = session or protocol.new_session_id()
+        self.run_name = run_name
+        self.strict = strict
+        self._pid = os.getpid()
+        self._key_hex = protocol.ConnectionInfo.new_key()
+        self._key = bytes.fromhex(self._key_hex)
+
+        # -- where to bind, and whether CURVE is required ------------------------------------
+        self._bind = bind
+        self._pub_addr: tuple[str, int] | None = None
+        self._cmd_addr: tuple[str, int] | None = None
+        self._curve = False
+        if bind is not None:
+            host, port = _parse_tcp(bind, "bind")
+            if cmd_bind is not None:
+                cmd_host, cmd_port = _parse_tcp(cmd_bind, "cmd_bind")
+            else:
+                if port == 65535:
+                    raise ValueError("bind port 65535 leaves no room for the command port; pass cmd_bind")
+                cmd_host, cmd_port = host, (port + 1 if port else 0)
+            self._pub_addr, self._cmd_addr = (host, port), (cmd_host, cmd_port)
+            local = is_loopback(host) and is_loopback(cmd_host)
+            if curve is False and not local:
+                raise InsecureBindError(
+                    f"refusing to bind {bind} without CURVE: a non-loopback bind must be encrypted and "
+                    "authenticated (leave curve=None or set curve=True)"
+                )
+            self._curve = bool(curve) or not local
+            if self._curve and not zmq.has("curve"):
+                raise InsecureBindError(
+                    f"refusing to bind {bind}: this libzmq was built without CURVE, so the stream "
+                    "cannot be encrypted; bind 127.0.0.1 and use an SSH tunnel instead"
+                )
+        self._curve_server: tuple[bytes, bytes] | None = None  # (public, secret), z85
+        self._curve_client: tuple[bytes, bytes] | None = None
+        self._curve_allowed: set[bytes] = set()
+        if self._curve:
+            self._curve_server = zmq.curve_keypair()
+            self._curve_client = zmq.curve_keypair()
+            self._curve_allowed = {self._curve_client[0]}
+            for key in curve_allow or []:
+                raw = key.encode() if isinstance(key, str) else bytes(key)
+                if len(raw) != 40:
+                    raise ValueError(f"curve_allow keys must be 40-character z85 public keys, got {key!r}")
+                self._curve_allowed.add(raw)
+        elif curve_allow:
+            raise ValueError("curve_allow needs CURVE (a non-loopback bind or curve=True)")
+
+        self._connection_file_opt = connection_file
+        self._connection_path: Path | None = None
+        self._connection_info: protocol.ConnectionInfo | None = None
+        self._endpoints: Endpoints | None = None
+
+        # -- settings used by the thread ---------------------------------------------------
+        self._history_max = history
+        self._history_bytes_max = history_bytes
+        self._chunk_bytes = history_chunk_bytes
+        self._queue_size = queue_size
+        self._pub_hwm = pub_hwm
+        self._hb_interval = float(heartbeat_interval)
+        self._command_rate = float(command_rate)
+        self._command_burst = float(command_burst)
+        self._history_cost = float(history_cost)
+        self._read_bucket = TokenBucket(read_rate, read_burst)
+        self._max_age = float(max_command_age)
+        self._max_skew = float(max_clock_skew)
+        self._inbox_size = inbox_size
+        self._replay_memory = replay_memory
+
+        # -- shared between the training thread and the publisher thread -----------------------
+        self._lock = threading.Lock()
+        self._queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._replies: collections.deque[tuple[bytes, Ack | Nack]] = collections.deque(maxlen=1024)
+        self._controls: collections.deque[Callable[[], None]] = collections.deque()
+        self._inbox: collections.deque[tuple[bytes, Command]] = collections.deque()
+        self._seq = 0
+        self._status: tuple[int, str, Counters | None] = (0, "NORMAL", None)
+        self._started = False
+        self._closed = False
+        self._network = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._bind_error: str | None = None
+        self._thread_error: BaseException | None = None
+        self._wake_r = -1
+        self._wake_w = -1
+        self._start_time = time.monotonic()
+        self._warned: set[str] = set()
+
+        # -- counters (each written by one thread only) ------------------------------------
+        self._published = 0
+        self._dropped = 0
+        self._unsent = 0
+        self._heartbeats = 0
+        self._accepted = 0
+        self._rejected: dict[str, int] = {}
+        self._history_served = 0
+        self._history_frames = 0
+        self._replies_sent = 0
+        self._replies_dropped = 0
+        self._handshake_failures = 0
+        self._errors = 0
+
+        # -- publisher-thread state ------------------------------------------------------------
+        self._history: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._history_size = 0
+        self._last_sent_seq = 0
+        self._peers: collections.OrderedDict[bytes, TokenBucket] = collections.OrderedDict()
+        self._seen: dict[str, float] = {}  # command id -> monotonic time it may be forgotten
+        self._auth_nacks: dict[str, bytes] = {}
+        self._atexit: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Lifecycle
+    # ------------------------------------------------------------------------------------------
+
+    def start(self) -> Publisher:
+        """Bind (in the publisher thread) and write the connection file. Idempotent.
+
+        A failed bind logs one warning and leaves the stream off (publishing becomes a counted
+        no-op); under ``strict=True`` it raises :class:`BindError`.
+        """
+        if self._started or self._closed:
+            return self
+        if os.getpid() != self._pid:
+            self._warn_once(
+                "fork", "telemetry publisher: start() in a forked child is ignored (children never send)"
+            )
+            return self
+        self._started = True
+        if self._bind is None:
+            return self
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        self._thread = threading.Thread(target=self._run, name="simic-publisher", daemon=True)
+        self._thread.start()
+        self._ready.wait(10.0)
+        if not self._network:
+            message = self._bind_error or "the publisher thread did not start within 10 s"
+            self._thread.join(1.0)
+            self._close_pipe()
+            if self.strict:
+                self._closed = True
+                raise BindError(message)
+            self._warn_once("bind", message)
+            return self
+        self._write_connection_file()
+        self._atexit = _make_atexit(self)
+        atexit.register(self._atexit)
+        return self
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the thread, drop what is queued (linger 0) and remove the connection file.
+
+        Returns within about ``timeout`` seconds whatever the network does. In a forked child it
+        only marks the publisher closed: the parent's sockets and connection file are not its own.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() != self._pid:
+            return
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
+            self._atexit = None
+        self._stop = True
+        thread = self._thread
+        if thread is not None:
+            self._wake()
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("telemetry publisher thread did not stop within %.1f s; abandoning it", timeout)
+            else:
+                self._close_pipe()
+        self._remove_connection_file()
+        self._network = False
+        with self._lock:
+            self._dropped += len(self._queue)
+            self._queue.clear()
+
+    def __enter__(self) -> Publisher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------
+    # Training-thread API
+    # ------------------------------------------------------------------------------------------
+
+    def publish_snapshot(self, snapshot: Snapshot) -> bytes:
+        """Encode ``snapshot`` with the next sequence number and queue it; return the frame bytes.
+
+        Never blocks: a full queue drops its oldest frame and counts it. In a forked child this
+        returns ``b""`` and touches nothing.
+        """
+        if os.getpid() != self._pid:
+            return b""
+        self._raise_thread_error()
+        self._seq += 1  # the training thread is the only writer
+        seq = self._seq
+        frame = protocol.encode_envelope(
+            "snapshot",
+            snapshot,
+            session=self.session,
+            seq=seq,
+            step=snapshot.step,
+            wall_time=snapshot.wall_time,
+        )
+        self._status = (snapshot.step, snapshot.level.level, snapshot.counters)
+        if not self._network or self._closed:
+            self._unsent += 1
+            return frame
+        with self._lock:
+            queue = self._queue
+            if len(queue) >= self._queue_size:
+                queue.popleft()
+                self._dropped += 1
+            was_empty = not queue
+            queue.append((seq, frame))
+        if was_empty:
+            self._wake()
+        return frame
+
+    def set_status(
+        self, step: int, level: str | int | TelemetryLevel, counters: Counters | None = None
+    ) -> None:
+        """What heartbeats report between snapshots: the current step, level and hub counters."""
+        name = level.name if isinstance(level, TelemetryLevel) else str(level)
+        self._status = (int(step), name, counters)
+
+    def poll_commands(self) -> list[tuple[bytes, Command]]:
+        """Commands that passed every check since the last call, oldest first. Non-blocking."""
+        if os.getpid() != self._pid:
+            return []
+        self._raise_thread_error()
+        out = []
+        inbox = self._inbox
+        while inbox:
+            out.append(inbox.popleft())
+        return out
+
+    def reply(self, peer: bytes, message: Ack | Nack) -> None:
+        """Queue a signed Ack / Nack for ``peer`` (sent by the publisher thread)."""
+        if not isinstance(message, (Ack, Nack)):
+            raise TypeError(f"reply message must be an Ack or a Nack, got {type(message).__name__}")
+        if os.getpid() != self._pid or not self._network:
+            return
+        self._replies.append((bytes(peer), message))
+        self._wake()
+
+    # ------------------------------------------------------------------------------------------
+    # Introspection
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> PublisherCounters:
+        return PublisherCounters(
+            published=self._published,
+            dropped=self._dropped,
+            unsent=self._unsent,
+            heartbeats=self._heartbeats,
+            commands_accepted=self._accepted,
+            rejected=dict(self._rejected),
+            history_served=self._history_served,
+            history_frames=self._history_frames,
+            replies_sent=self._replies_sent,
+            replies_dropped=self._replies_dropped,
+            handshake_failures=self._handshake_failures,
+            errors=self._errors,
+            network=self._network,
+        )
+
+    @property
+    def network(self) -> bool:
+        """True while the sockets are bound and the publisher thread serves them."""
+        return self._network
+
+    @property
+    def endpoints(self) -> Endpoints | None:
+        """The actual PUB and ROUTER endpoints (ephemeral ports resolved); None while off."""
+        return self._endpoints
+
+    @property
+    def connection_info(self) -> protocol.ConnectionInfo | None:
+        """What a dashboard needs (endpoints, session, key, CURVE keys); None while off."""
+        return self._connection_info
+
+    @property
+    def connection_path(self) -> Path | None:
+        return self._connection_path
+
+    @property
+    def queued(self) -> int:
+        """Snapshots waiting in the publish queue (never more than ``queue_size``)."""
+        return len(self._queue)
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last snapshot encoded."""
+        return self._seq
+
+    # ------------------------------------------------------------------------------------------
+    # Helpers shared by both threads
+    # ------------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\x00")
+
+    def _close_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def _raise_thread_error(self) -> None:
+        if self.strict and self._thread_error is not None:
+            error, self._thread_error = self._thread_error, None
+            raise TransportError(f"telemetry publisher thread failed: {error!r}") from error
+
+    def _call_in_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the publisher thread at its next wake-up (the sockets' owner)."""
+        self._controls.append(fn)
+        self._wake()
+
+    def _write_connection_file(self) -> None:
+        assert self._endpoints is not None
+        info = protocol.ConnectionInfo(
+            pub=self._endpoints.pub,
+            cmd=self._endpoints.cmd,
+            session=self.session,
+            key=self._key_hex,
+            run_name=self.run_name,
+            pid=self._pid,
+            created=time.time(),
+        )
+        if self._curve:
+            assert self._curve_server is not None and self._curve_client is not None
+            info.curve_server_public = self._curve_server[0].decode()
+            info.curve_client_public = self._curve_client[0].decode()
+            info.curve_client_secret = self._curve_client[1].decode()
+        self._connection_info = info
+        opt = self._connection_file_opt
+        if opt is False:
+            return
+        try:
+            path = None if opt is True else Path(opt)
+            self._connection_path = protocol.write_connection_file(info, path)
+        except OSError as exc:  # an unwritable runtime dir must not stop training
+            if self.strict:
+                raise
+            self._warn_once("connfile", f"telemetry: could not write the connection file: {exc}")
+
+    def _remove_connection_file(self) -> None:
+        path = self._connection_path
+        if path is None:
+            return
+        self._connection_path = None
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("session") == self.session and raw.get("pid") == self._pid:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------------------------------
+    # The publisher thread
+    # ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        ctx: zmq.Context | None = None
+        sockets: list[zmq.Socket] = []
+        monitors: list[zmq.Socket] = []
+        auth: Any = None
+        try:
+            try:
+                ctx = zmq.Context()
+                if self._curve:
+                    from zmq.auth.thread import ThreadAuthenticator
+
+                    auth = ThreadAuthenticator(ctx, log=log.getChild("zap"))
+                    auth.start()
+                    auth.configure_curve_callback(ZAP_DOMAIN.decode(), _AllowList(self._curve_allowed))
+                pub, router = self._make_sockets(ctx, sockets)
+                for sock in sockets:
+                    monitors.append(
+                        sock.get_monitor_socket(
+                            zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                        )
+                    )
+                self._auth_nacks = {code: self._encode_auth_nack(code) for code in AUTH_CODES}
+                self._network = True
+            except zmq.ZMQError as exc:
+                self._bind_error = self._describe_bind_error(exc)
+                return
+            except Exception as exc:
+                self._bind_error = f"telemetry: could not start the stream: {exc!r}"
+                return
+            finally:
+                self._ready.set()
+            self._loop(pub, router, monitors)
+        except BaseException as exc:  # never let the thread die silently
+            self._errors += 1
+            self._thread_error = exc
+            log.exception("telemetry publisher thread stopped: %r", exc)
+        finally:
+            self._network = False
+            for sock in monitors:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.close(linger=0)
+            for sock in sockets:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disable_monitor()
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.close(linger=0)
+            if auth is not None:
+                with contextlib.suppress(Exception):
+                    auth.stop()
+            if ctx is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    ctx.term()
+
+    def _describe_bind_error(self, exc: zmq.ZMQError) -> str:
+        assert self._pub_addr is not None and self._cmd_addr is not None
+        pub = _zmq_endpoint(*self._pub_addr)
+        cmd = _zmq_endpoint(*self._cmd_addr)
+        what = "already in use" if exc.errno == zmq.EADDRINUSE else exc.strerror
+        return (
+            f"telemetry: cannot bind the stream on {pub} (commands {cmd}): {what}. Training continues "
+            "without the live stream (recording, if on, is unaffected); pick another port with "
+            "bind=..., or bind=None to turn the stream off."
+        )
+
+    def _make_sockets(self, ctx: zmq.Context, sockets: list[zmq.Socket]) -> tuple[zmq.Socket, zmq.Socket]:
+        assert self._pub_addr is not None and self._cmd_addr is not None
+        pub = ctx.socket(zmq.PUB)
+        sockets.append(pub)
+        router = ctx.socket(zmq.ROUTER)
+        sockets.append(router)
+        for sock in (pub, router):
+            sock.setsockopt(zmq.LINGER, 0)
+            # Drop peers that stopped answering ZMTP pings, so no queue waits on a dead dashboard.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
+            if self._curve:
+                assert self._curve_server is not None
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve_server[0])
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_server[1])
+                sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+                sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler -> refuse (fail closed)
+        pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
+        pub.setsockopt(zmq.RCVHWM, 16)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.SNDHWM, 1000)
+        router.setsockopt(zmq.RCVHWM, 100)
+        # Commands are tiny: a larger frame gets the peer disconnected by libzmq before we see it.
+        router.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_COMMAND_BYTES)
+        for sock, (host, port) in ((pub, self._pub_addr), (router, self._cmd_addr)):
+            if ":" in host.strip("[]"):
+                sock.setsockopt(zmq.IPV6, 1)
+            sock.bind(_zmq_endpoint(host, port))
+        self._endpoints = Endpoints(
+            pub.getsockopt_string(zmq.LAST_ENDPOINT), router.getsockopt_string(zmq.LAST_ENDPOINT)
+        )
+        return pub, router
+
+    def _loop(self, pub: zmq.Socket, router: zmq.Socket, monitors: list[zmq.Socket]) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        for mon in monitors:
+            poller.register(mon, zmq.POLLIN)
+        reading = False
+        next_hb = time.monotonic()
+        while not self._stop:
+            now = time.monotonic()
+            if now >= next_hb:
+                self._send_heartbeat(pub)
+                next_hb = now + self._hb_interval
+            # Stop reading the ROUTER while the global read budget is spent: libzmq's receive
+            # queue fills and TCP pushes back on the flooding peer instead of costing us CPU.
+            wait = self._read_bucket.wait_time(now)
+            if (wait == 0.0) != reading:
+                reading = wait == 0.0
+                if reading:
+                    poller.register(router, zmq.POLLIN)
+                else:
+                    poller.unregister(router)
+            timeout = max(0.0, next_hb - now)
+            if not reading:
+                timeout = min(timeout, wait)
+            events = dict(poller.poll(timeout * 1000.0))
+            if self._wake_r in events:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._wake_r, 4096)
+            if self._stop:
+                break
+            try:
+                while self._controls:
+                    self._controls.popleft()()
+                self._drain_snapshots(pub)
+                self._drain_replies(router)
+                if reading and router in events:
+                    self._read_commands(router)
+                for mon in monitors:
+                    if mon in events:
+                        self._read_monitor(mon)
+            except zmq.ContextTerminated:
+                raise
+            except Exception as exc:  # one bad message must not stop the stream
+                self._errors += 1
+                if self.strict:
+                    self._thread_error = exc
+                self._warn_once("loop", f"telemetry publisher: unexpected error (counted): {exc!r}")
+                log.debug("publisher error", exc_info=True)
+
+    # -- snapshots, heartbeats, replies --------------------------------------------------------
+
+    def _drain_snapshots(self, pub: zmq.Socket) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+            for seq, frame in batch:
+                if self._stop:
+                    return
+                pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame], flags=zmq.NOBLOCK)
+                self._published += 1
+                self._last_sent_seq = seq
+                self._remember(seq, frame)
+
+    def _remember(self, seq: int, frame: bytes) -> None:
+        if self._history_max == 0:
+            return
+        history = self._history
+        history.append((seq, frame))
+        self._history_size += len(frame)
+        while history and (len(history) > self._history_max or self._history_size > self._history_bytes_max):
+            self._history_size -= len(history.popleft()[1])
+
+    def _send_heartbeat(self, pub: zmq.Socket) -> None:
+        step, level, hub_counters = self._status
+        body = Heartbeat(
+            step=step,
+            level=level,
+            uptime=time.monotonic() - self._start_time,
+            counters=self.counters.to_schema(hub_counters),
+            run_name=self.run_name,
+        )
+        # seq = the newest snapshot sent, so a subscriber can tell it missed one.
+        frame = protocol.encode_envelope(
+            "heartbeat", body, session=self.session, seq=self._last_sent_seq, step=step
+        )
+        pub.send_multipart([protocol.TOPIC_HEARTBEAT, frame], flags=zmq.NOBLOCK)
+        self._heartbeats += 1
+
+    def _drain_replies(self, router: zmq.Socket) -> None:
+        while self._replies:
+            peer, message = self._replies.popleft()
+            kind = "ack" if isinstance(message, Ack) else "nack"
+            self._send_signed(router, peer, kind, message)
+
+    def _send_signed(self, router: zmq.Socket, peer: bytes, kind: str, body: msgspec.Struct) -> bool:
+        frame = protocol.encode_envelope(
+            kind, body, session=self.session, seq=self._last_sent_seq, step=self._status[0]
+        )
+        return self._send_raw(router, peer, protocol.sign(self._key, frame), frame)
+
+    def _send_raw(self, router: zmq.Socket, peer: bytes, mac: bytes, frame: bytes) -> bool:
+        try:
+            router.send_multipart([peer, mac, frame], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full)
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            self._replies_dropped += 1
+            return False
+        self._replies_sent += 1
+        return True
+
+    def _encode_auth_nack(self, code: str) -> bytes:
+        reason = (
+            "command refused: it is not signed; dashboards sign commands with the key from the "
+            "trainer's connection file"
+            if code == "unsigned"
+            else "command refused: bad signature; the key does not match this trainer's connection "
+            "file (did the trainer restart? re-read the file)"
+        )
+        return protocol.encode_envelope(
+            "nack", Nack(command_id="", reason=reason, code=code), session="", seq=0, step=0, wall_time=0.0
+        )
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _read_commands(self, router: zmq.Socket) -> None:
+        for _ in range(_READ_BATCH):
+            now = time.monotonic()
+            if not self._read_bucket.take(now):
+                return
+            try:
+                parts = [router.recv(zmq.NOBLOCK)]
+            except zmq.Again:
+                self._read_bucket.tokens += 1.0
+                return
+            count = 1
+            while router.getsockopt(zmq.RCVMORE):
+                part = router.recv()
+                count += 1
+                if count <= 3:  # never hold more than the routing id, mac and envelope
+                    parts.append(part)
+            self._handle_command(router, parts, count, now)
+
+    def _reject(self, code: str, message: str) -> None:
+        self._rejected[code] = self._rejected.get(code, 0) + 1
+        if code not in self._warned:
+            self._warned.add(code)
+            log.warning("telemetry: refused a command (%s): %s; further refusals are counted", code, message)
+        else:
+            log.debug("telemetry: refused a command (%s): %s", code, message)
+
+    def _handle_command(self, router: zmq.Socket, parts: list[bytes], count: int, now: float) -> None:
+        peer = parts[0]
+        bucket = self._peers.get(peer)
+        if bucket is None:
+            if len(self._peers) >= _MAX_PEERS:
+                self._peers.popitem(last=False)
+            bucket = self._peers[peer] = TokenBucket(self._command_rate, self._command_burst, now)
+        else:
+            self._peers.move_to_end(peer)
+        if not bucket.take(now):
+            self._reject("rate_limited", f"peer {peer.hex()} over {self._command_rate:g} commands/s")
+            return
+        if count != 3:
+            self._reject("frame_count", f"{count - 1} frames after the routing id, expected 2")
+            return
+        mac, data = parts[1], parts[2]
+        if len(data) > protocol.MAX_COMMAND_BYTES or len(mac) > 128:
+            self._reject("oversize", f"{len(data)}-byte command envelope")
+            return
+        # Authentication on the raw bytes, before anything is decoded.
+        if not mac or not protocol.verify(self._key, mac, data):
+            code = "bad_signature" if mac else "unsigned"
+            self._reject(code, REJECT_CODES[code])
+            self._send_raw(router, peer, b"", self._auth_nacks[code])
+            return
+        command_id = ""
+        try:
+            env = protocol.decode_envelope(data, max_bytes=protocol.MAX_COMMAND_BYTES)
+            if env.kind != "command":
+                raise protocol.FrameError("wrong_kind", f"a {env.kind!r} message sent as a command")
+            command = protocol.decode_body(env)
+            command_id = command.id[:_MAX_ID_CHARS]
+            self._check_command(env.session, command, now)
+        except protocol.FrameError as exc:
+            self._reject(exc.code, str(exc))
+            self._send_signed(
+                router, peer, "nack", Nack(command_id=command_id, reason=str(exc), code=exc.code)
+            )
+            return
+        if command.action == "history":
+            # A history reply can be megabytes: it costs more of the peer's bucket.
+            if not bucket.take(now, self._history_cost - 1.0):
+                reason = "history requested too often; retry in a second"
+                self._reject("rate_limited", reason)
+                nack = Nack(command_id=command.id, reason=reason, code="rate_limited")
+                self._send_signed(router, peer, "nack", nack)
+                return
+            self._accepted += 1
+            self._serve_history(router, peer, command)
+        else:
+            self._accepted += 1
+            self._inbox.append((peer, command))
+
+    def _check_command(self, session: str, command: Command, now: float) -> None:
+        """Raise FrameError(code) unless ``command`` may be handed to the hub (or served here)."""
+        fail = protocol.FrameError
+        if not command.id or len(command.id) > _MAX_ID_CHARS or len(command.client) > _MAX_ID_CHARS:
+            raise fail("bad_argument", f"command id must be 1-{_MAX_ID_CHARS} characters")
+        if session != self.session or command.session != self.session:
+            raise fail(
+                "wrong_session",
+                f"command for session {command.session[:32]!r}, this trainer is session {self.session!r} "
+                "(the trainer restarted? re-read the connection file)",
+            )
+        if not (math.isfinite(command.issued) and math.isfinite(command.expires)):
+            raise fail("bad_argument", "issued and expires must be finite wall times")
+        wall = time.time()
+        if command.expires < command.issued:
+            raise fail("bad_argument", "expires is before issued")
+        if wall > command.expires:
+            raise fail("expired", f"expired {wall - command.expires:.1f} s ago (trainer clock {wall:.3f})")
+        if command.issued > wall + self._max_skew:
+            raise fail(
+                "future",
+                f"issued {command.issued - wall:.1f} s in the future (allowed skew {self._max_skew:g} s; "
+                "check the clocks)",
+            )
+        if wall - command.issued > self._max_age:
+            raise fail("stale", f"issued {wall - command.issued:.1f} s ago (limit {self._max_age:g} s)")
+        # Replay memory: every id seen within the acceptance window. Older replays are stale.
+        seen = self._seen
+        if command.id in seen:
+            raise fail("duplicate", f"command id {command.id!r} was already received")
+        if len(seen) >= self._replay_memory:
+            for key in [k for k, until in seen.items() if until <= now]:
+                del seen[key]
+            if len(seen) >= self._replay_memory:
+                raise fail("busy", "too many recent commands to remember; try again shortly")
+        seen[command.id] = now + self._max_age + max(0.0, command.issued - wall) + 1.0
+        self._check_action(command)
+
+    def _check_action(self, command: Command) -> None:
+        fail = protocol.FrameError
+        action = command.action
+        if action not in COMMAND_ACTIONS:
+            raise fail(
+                "unknown_action", f"unknown action {action[:32]!r}; known: {', '.join(COMMAND_ACTIONS)}"
+            )
+        if action in ("lease_debug", "renew"):
+            if command.updates is not None and not 1 <= command.updates <= _MAX_LEASE_UPDATES:
+                raise fail("bad_argument", f"updates must be 1-{_MAX_LEASE_UPDATES}")
+            if command.lease_seconds is not None and not (
+                math.isfinite(command.lease_seconds) and 0 < command.lease_seconds <= 86400
+            ):
+                raise fail("bad_argument", "lease_seconds must be in (0, 86400]")
+        elif action == "set_level":
+            if command.level is None:
+                raise fail("bad_argument", "set_level needs a level")
+            try:
+                TelemetryLevel.parse(command.level[:16])
+            except ValueError as exc:
+                raise fail("bad_argument", str(exc)) from None
+        elif action == "history":
+            if command.since_seq is not None and command.since_seq < 0:
+                raise fail("bad_argument", "since_seq must be >= 0")
+        elif action == "profile" and not 1 <= (command.profile_updates or 1) <= _MAX_PROFILE_UPDATES:
+            raise fail("bad_argument", f"profile_updates must be 1-{_MAX_PROFILE_UPDATES}")
+        if action != "history" and len(self._inbox) >= self._inbox_size:
+            raise fail("busy", "the trainer has not applied the previous commands yet")
+
+    def _serve_history(self, router: zmq.Socket, peer: bytes, command: Command) -> None:
+        since = -1 if command.since_seq is None else command.since_seq
+        limit = protocol.MAX_FRAME_BYTES - 4096
+        chunks: list[list[tuple[int, bytes]]] = [[]]
+        size = 0
+        for seq, frame in self._history:
+            if seq <= since or len(frame) > limit:
+                continue
+            if chunks[-1] and size + len(frame) > self._chunk_bytes:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((seq, frame))
+            size += len(frame) + 8
+        for index, chunk in enumerate(chunks):
+            body = History(
+                frames=[frame for _, frame in chunk],
+                oldest_seq=chunk[0][0] if chunk else None,
+                newest_seq=chunk[-1][0] if chunk else None,
+                command_id=command.id,
+                chunk=index,
+                chunks=len(chunks),
+                latest_seq=self._last_sent_seq,
+            )
+            if not self._send_signed(router, peer, "history", body):
+                return
+            self._history_served += 1
+            self._history_frames += len(chunk)
+
+    def _read_monitor(self, mon: zmq.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] & (
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            ):
+                self._handshake_failures += 1
+                self._warn_once(
+                    "handshake",
+                    f"telemetry: refused a connection at {event['endpoint']!r} (handshake failed: "
+                    "unknown CURVE key or not a simic dashboard); further refusals are counted",
+                )
+
+
+def _make_atexit(pub: Publisher) -> Callable[[], None]:
+    ref = weakref.ref(pub)
+    return lambda: _close_at_exit(ref)
