@@ -1,0 +1,406 @@
+"""Advantage and return distributions (review H1), and the distribution helpers the other reducers share.
+
+Advantages are small tensors (one rollout, one minibatch), so every statistic here is computed in
+float64 on the device: an extra elementwise pass over a few thousand values costs nothing next to a
+forward pass, and it makes moments up to the fourth exact enough to compare with numpy to ~1e-12.
+
+Moments are accumulated per *group* (the rollout, or one minibatch) as power sums about the group's
+own mean (a two-pass, well-conditioned computation) and merged across groups once, in
+:func:`merge_moment_rows`, by the exact binomial re-centring formula (Chan et al. / Pébay). Merging
+many minibatches therefore gives the same result as one big batch, up to float64 rounding.
+
+Percentiles use :func:`quantiles`, which sorts on the device and interpolates linearly exactly like
+``numpy.quantile`` (method "linear"). ``torch.quantile`` is not used: it refuses inputs of more than
+2**24 elements. Above ``max_exact`` elements (default 2**20) the percentiles are computed on a
+uniform sample of ``max_exact`` elements drawn with replacement by a seeded ``torch.Generator`` (the
+sample size is reported, so a sampled percentile is never passed off as exact).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from telemetry_core.config import TelemetryLevel
+from telemetry_core.schema import AdvantageStats, Moments, ReturnStats
+
+__all__ = [
+    "MOMENT_ROW",
+    "QUANTILE_MAX_EXACT",
+    "AdvantageReducer",
+    "QuantileSampler",
+    "ScalarSeries",
+    "acc_dtype",
+    "check_float_tensor",
+    "check_same_layout",
+    "merge_moment_rows",
+    "moment_row",
+    "moments_from_host",
+    "nan_max",
+    "quantiles",
+]
+
+QUANTILE_MAX_EXACT = 1 << 20
+
+# Layout of a moment row: one group's count, pivot (its mean), power sums of (x - pivot) of order
+# 1..4, min, max, count of x > 0, count of NaN.
+MOMENT_ROW = ("n", "pivot", "s1", "s2", "s3", "s4", "min", "max", "n_pos", "n_nan")
+# Layout of a merged moment vector (what crosses to the host).
+_MERGED = ("n", "mean", "m2", "m3", "m4", "min", "max", "n_pos", "n_nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: a clear error naming the argument instead of a crash deep inside torch.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_float_tensor(name: str, value: object, *, allow_empty: bool = False) -> torch.Tensor:
+    """Return ``value`` detached; TypeError unless it is a floating-point tensor, ValueError if empty.
+
+    Integer and bool tensors are refused rather than cast: a log-prob or an advantage that arrives as
+    an integer is almost always the wrong tensor (an action index, a mask).
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {value.dtype} "
+            "(an integer tensor here is usually the wrong argument, e.g. actions)"
+        )
+    if not allow_empty and value.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); nothing to measure")
+    return value.detach()
+
+
+def check_same_layout(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """ValueError naming both arguments unless ``a`` and ``b`` have the same shape and device."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; "
+            "they must match element for element"
+        )
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+
+
+def acc_dtype(device: torch.device) -> torch.dtype:
+    """float64 for accumulation, except on MPS, which has no float64 (there: float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def nan_max(values: Sequence[float]) -> float:
+    """max() that returns NaN when any value is NaN (Python's max is order-dependent with NaN)."""
+    if not values:
+        return math.nan
+    if any(v != v for v in values):
+        return math.nan
+    return max(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Moments: per-group power sums about the group mean, merged exactly across groups.
+# ---------------------------------------------------------------------------------------------
+
+
+def moment_row(x: torch.Tensor) -> torch.Tensor:
+    """One group's moment row (layout :data:`MOMENT_ROW`) of a non-empty tensor, on its device.
+
+    The pivot is the group's mean; the power sums of ``x - pivot`` are taken in the accumulation dtype.
+    ``s1`` is kept (it is ~0 but not exactly) so the merge stays exact when the float mean is rounded.
+    """
+    dt = acc_dtype(x.device)
+    flat = x.reshape(-1).to(dt)
+    n = flat.numel()
+    pivot = flat.mean()
+    c = flat - pivot
+    c2 = c * c
+    sums = torch.stack((c, c2, c2 * c, c2 * c2)).sum(1)
+    lo, hi = torch.aminmax(flat)
+    counts = torch.stack((flat > 0, torch.isnan(flat))).sum(1).to(dt)
+    head = torch.full((1,), float(n), dtype=dt, device=flat.device)
+    return torch.cat((head, pivot.reshape(1), sums, torch.stack((lo, hi)), counts))
+
+
+def merge_moment_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Merge a (G, 10) stack of moment rows into [n, mean, M2, M3, M4, min, max, n_pos, n_nan].
+
+    ``M_k`` is the k-th central sum of the union: with ``d = pivot_g - mean``,
+    ``sum_i (x_i - mean)^k = sum_j C(k, j) d^(k-j) s_j`` where ``s_0 = n_g`` (binomial theorem), so the
+    merge is exact in exact arithmetic and loses nothing measurable in float64.
+    """
+    n, p, s1, s2, s3, s4 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4], rows[:, 5]
+    total = n.sum()
+    mean = (n * p + s1).sum() / total
+    d = p - mean
+    d2 = d * d
+    m2 = s2 + 2 * d * s1 + n * d2
+    m3 = s3 + 3 * d * s2 + 3 * d2 * s1 + n * d2 * d
+    m4 = s4 + 4 * d * s3 + 6 * d2 * s2 + 4 * d2 * d * s1 + n * d2 * d2
+    central = torch.stack((m2, m3, m4)).sum(1)
+    return torch.cat(
+        (
+            torch.stack((total, mean)),
+            central,
+            torch.stack((rows[:, 6].amin(), rows[:, 7].amax())),
+            rows[:, 8:10].sum(0),
+        )
+    )
+
+
+def _nonneg(value: float) -> float:
+    """A central sum that rounding pushed a hair below zero is zero; NaN stays NaN."""
+    return value if value != value else max(value, 0.0)
+
+
+def moments_from_host(values: Sequence[float]) -> Moments:
+    """Build :class:`Moments` from a transferred merged vector (population moments, ddof=0).
+
+    Skew and excess kurtosis are ``None`` (undefined) when the data are constant: decided by
+    ``min == max`` (exact), not by a computed variance that rounding may leave at 1e-34.
+    """
+    n, mean, m2, m3, m4, lo, hi, n_pos, n_nan = values
+    count = int(n)
+    if count == 0:
+        return Moments()
+    var = _nonneg(m2) / n
+    constant = lo == hi
+    std = 0.0 if constant else math.sqrt(var) if var == var else math.nan
+    skew: float | None
+    kurt: float | None
+    if constant or var == 0.0:
+        skew = kurt = None
+    else:
+        skew = (m3 / n) / var**1.5
+        kurt = (m4 / n) / (var * var) - 3.0
+    frac_pos = math.nan if n_nan > 0 else n_pos / n
+    return Moments(
+        count=count, mean=mean, std=std, min=lo, max=hi, skew=skew, kurtosis=kurt, frac_positive=frac_pos
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Percentiles
+# ---------------------------------------------------------------------------------------------
+
+
+class QuantileSampler:
+    """Seeded generators (one per device) for the sample that large percentile inputs are cut to.
+
+    Seeded once at construction and advanced by every draw, so a run's percentiles are reproducible
+    from its seed while successive updates see different samples.
+    """
+
+    def __init__(self, seed: int = 0, max_exact: int = QUANTILE_MAX_EXACT) -> None:
+        if max_exact < 2:
+            raise ValueError(f"max_exact must be >= 2, got {max_exact}")
+        self.seed = seed
+        self.max_exact = max_exact
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[device] = gen
+        return gen
+
+
+def quantiles(
+    x: torch.Tensor, qs: Sequence[float], sampler: QuantileSampler | None = None
+) -> tuple[torch.Tensor, int]:
+    """Quantiles ``qs`` of a non-empty tensor on its device, and the number of elements used.
+
+    numpy's default ("linear") definition: position ``q * (k - 1)`` in the sorted values, linear
+    interpolation between the neighbours. Any NaN in ``x`` makes every quantile NaN (as numpy does).
+    Inputs larger than ``sampler.max_exact`` are cut to a seeded uniform sample of that size.
+    No host sync: positions depend only on the (static) size.
+    """
+    flat = x.reshape(-1).to(acc_dtype(x.device))
+    n = flat.numel()
+    sampler = sampler or QuantileSampler()
+    used = flat
+    if n > sampler.max_exact:
+        idx = torch.randint(
+            n, (sampler.max_exact,), generator=sampler.generator(flat.device), device=flat.device
+        )
+        used = flat.index_select(0, idx)
+    k = used.numel()
+    ordered = torch.sort(used).values
+    parts = []
+    for q in qs:
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile {q} must lie in [0, 1]")
+        pos = q * (k - 1)
+        lo = math.floor(pos)
+        frac = pos - lo
+        if frac == 0.0 or lo + 1 >= k:
+            parts.append(ordered[lo])
+        else:
+            parts.append(torch.lerp(ordered[lo], ordered[lo + 1], frac))
+    out = torch.stack(parts).masked_fill(torch.isnan(flat).any(), math.nan)
+    return out, k
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-minibatch scalars (losses): mean and max over the update.
+# ---------------------------------------------------------------------------------------------
+
+
+class ScalarSeries:
+    """Mean and max over the minibatches of a scalar handed over as a tensor or a Python number.
+
+    Tensors stay on the device (detached; a multi-element tensor counts as its mean); Python numbers
+    stay on the host. :meth:`pending` stacks the device values once; :meth:`result` merges both sides.
+    """
+
+    def __init__(self, argname: str) -> None:
+        self.argname = argname
+        self.reset()
+
+    def reset(self) -> None:
+        self._device: list[torch.Tensor] = []
+        self._host: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._device) + len(self._host)
+
+    def check(self, value: object) -> torch.Tensor | float:
+        """The value ready to add (a detached float tensor or a float); TypeError naming the argument."""
+        if isinstance(value, torch.Tensor):
+            return check_float_tensor(self.argname, value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"{self.argname} must be a tensor or a real number, got {type(value).__name__}")
+
+    def add(self, value: torch.Tensor | float) -> None:
+        checked = self.check(value)
+        if isinstance(checked, torch.Tensor):
+            self._device.append(checked.reshape(-1).to(acc_dtype(checked.device)).mean())
+        else:
+            self._host.append(checked)
+
+    def pending(self) -> torch.Tensor | None:
+        """[sum, max] of the device values, or None when there are none."""
+        if not self._device:
+            return None
+        s = torch.stack(self._device)
+        return torch.stack((s.sum(), s.amax()))
+
+    def result(self, transferred: Sequence[float] | None) -> tuple[float, float]:
+        """(mean, max) over every value added; NaN when none (or when any is NaN)."""
+        count = len(self)
+        if count == 0:
+            return math.nan, math.nan
+        total = math.fsum(self._host) if all(math.isfinite(v) for v in self._host) else sum(self._host)
+        maxima = list(self._host)
+        if self._device:
+            if transferred is None:
+                raise KeyError(f"the transferred values of {self.argname} are missing")
+            total += transferred[0]
+            maxima.append(transferred[1])
+        return total / count, nan_max(maxima)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reducer
+# ---------------------------------------------------------------------------------------------
+
+
+class AdvantageReducer:
+    """Advantages before and after normalisation, and returns (review H1). NORMAL and above.
+
+    * ``observe_rollout(advantages, returns)``: once per update on the rollout buffer (raw GAE
+      advantages and the returns); a second call in the same update adds to the same statistics.
+    * ``observe_minibatch(advantages)``: the normalised advantages fed to the loss, every minibatch
+      of every epoch; their moments are merged exactly across minibatches.
+
+    Cost per minibatch: ~12 small kernels over the minibatch in float64; per update: one sort of the
+    returns for p10/p50/p90. Nothing syncs before the hub's single transfer.
+    """
+
+    PREFIX = "adv."
+    RETURN_QS = (0.10, 0.50, 0.90)
+
+    def __init__(self, *, seed: int = 0, quantile_max_exact: int = QUANTILE_MAX_EXACT) -> None:
+        self._sampler = QuantileSampler(seed, quantile_max_exact)
+        self.reset()
+
+    def reset(self) -> None:
+        self._raw: list[torch.Tensor] = []
+        self._norm: list[torch.Tensor] = []
+        self._ret_rows: list[torch.Tensor] = []
+        self._returns: list[torch.Tensor] = []
+        self._ret_used = 0
+
+    def observe_rollout(
+        self,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        *,
+        level: TelemetryLevel = TelemetryLevel.NORMAL,
+    ) -> None:
+        """Raw advantages as GAE produced them and the returns, same shape (any layout)."""
+        adv = check_float_tensor("advantages", advantages)
+        ret = check_float_tensor("returns", returns)
+        check_same_layout("advantages", adv, "returns", ret)
+        if level < TelemetryLevel.NORMAL:
+            return
+        with torch.no_grad():
+            self._raw.append(moment_row(adv))
+            self._ret_rows.append(moment_row(ret))
+            # A private float64 copy: the caller may refill its buffer before the update ends.
+            self._returns.append(ret.reshape(-1).to(acc_dtype(ret.device), copy=True))
+
+    def observe_minibatch(
+        self, advantages: torch.Tensor, *, level: TelemetryLevel = TelemetryLevel.NORMAL
+    ) -> None:
+        """The (normalised) advantages of one minibatch, exactly as fed to the policy loss."""
+        adv = check_float_tensor("advantages", advantages)
+        if level < TelemetryLevel.NORMAL:
+            return
+        with torch.no_grad():
+            self._norm.append(moment_row(adv))
+
+    def pending(self, level: TelemetryLevel) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if level < TelemetryLevel.NORMAL:
+            return out
+        with torch.no_grad():
+            if self._raw:
+                out["adv.raw"] = merge_moment_rows(torch.stack(self._raw))
+            if self._norm:
+                out["adv.normalized"] = merge_moment_rows(torch.stack(self._norm))
+            if self._ret_rows:
+                out["adv.returns"] = merge_moment_rows(torch.stack(self._ret_rows))
+                allret = self._returns[0] if len(self._returns) == 1 else torch.cat(self._returns)
+                out["adv.returns_q"], self._ret_used = quantiles(allret, self.RETURN_QS, self._sampler)
+        return out
+
+    def build(self, host: dict[str, list[float]], level: TelemetryLevel) -> AdvantageStats | None:
+        """None below NORMAL (not measured); empty parts keep their NaN defaults."""
+        if level < TelemetryLevel.NORMAL:
+            return None
+        stats = AdvantageStats()
+        if "adv.raw" in host:
+            stats.raw = moments_from_host(host["adv.raw"])
+        if "adv.normalized" in host:
+            stats.normalized = moments_from_host(host["adv.normalized"])
+        if "adv.returns" in host:
+            m = moments_from_host(host["adv.returns"])
+            p10, p50, p90 = host["adv.returns_q"]
+            stats.returns = ReturnStats(
+                count=m.count,
+                mean=m.mean,
+                std=m.std,
+                min=m.min,
+                max=m.max,
+                p10=p10,
+                p50=p50,
+                p90=p90,
+                quantile_n=self._ret_used,
+            )
+        return stats

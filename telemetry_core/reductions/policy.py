@@ -1,0 +1,357 @@
+"""Policy statistics of one PPO update: ratios, KL, clipping, effective sample size, entropy.
+
+Everything here is O(minibatch) and computed at MINIMAL and above. Each ``observe`` call turns its
+minibatch into one short row of float64 sums on the device (about 30 small kernels for the joint
+policy, the same again for all heads together); nothing is reduced across minibatches and nothing
+syncs until :meth:`PolicyReducer.pending`, which stacks the rows once at the end of the update.
+
+Numerical care:
+
+* The log-ratio ``new - old`` is formed first, in float64 (bf16/fp16/fp32 log-probs are upcast
+  before subtracting), and every statistic derives from it: ``r = exp(lr)``, ``r - 1 = expm1(lr)``
+  (exact near r = 1), k3 ``= expm1(lr) - lr`` (float64 keeps its ~lr**2/2 value accurate where
+  float32 loses it to cancellation), k1 ``= -lr``. The ratio is never exponentiated and logged back.
+* Nothing is clamped. NaN inputs give NaN ratio/KL statistics and NaN clip fractions (a NaN sample
+  can be neither inside nor outside the clip range), and are counted in ``logratio_nan``. A
+  log-ratio of +inf gives ``ratio_max = inf`` and k3 = +inf (its limit), counted in ``logratio_inf``.
+* The ratio's std comes from float64 power sums of ``r - 1`` (the natural pivot of a ratio), which
+  add exactly across minibatches; it loses precision only if ``|mean - 1|`` exceeds ~1e6 stds.
+
+Definitions (population statistics over every sample of every minibatch of the update unless said):
+
+* ``ratio_mean/std/min/max``: of ``r`` over all samples (std with ddof=0).
+* ``kl_k3_mean``/``kl_k1_mean``: sample-weighted mean over the update; ``kl_k3_max``/``kl_k1_max``:
+  max over minibatches of the minibatch mean; ``kl_k3_per_epoch``: sample-weighted mean of each
+  epoch, in epoch order.
+* ``clip_fraction``: share of samples with ``|r - 1| > clip_range`` (the SB3/CleanRL convention),
+  split into ``clip_fraction_high`` (``r > 1 + eps``) and ``clip_fraction_low`` (``r < 1 - eps``).
+* ``ess``: per minibatch ``ESS_b = (sum r)^2 / (n_b sum r^2)`` — the Kish effective sample size of
+  the importance weights over ``n_b``, in (0, 1], 1 when all ratios are equal, ``1/n_b`` when one
+  sample carries all the weight. It is computed from ``w = exp(lr - max lr)`` (same value, no
+  overflow). ``ess`` is the sample-weighted mean of ``ESS_b``, ``ess_min`` the worst minibatch.
+  Per minibatch, because the ratios of one minibatch share one policy snapshot; pooling ratios of
+  different epochs would mix different policies.
+* ``entropy[head]``: mean of the per-sample entropies handed over, pooled over all minibatches
+  (a 0-d entropy counts as one value, i.e. the minibatch mean); ``entropy_normalized[head]`` divides
+  it by ``log(number of actions)``. A 1-action head always has zero entropy and no normalised
+  entropy: it is left out of ``entropy_normalized``.
+* ``head_*``: the same ratio, KL and clip statistics from the per-head log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import torch
+
+from telemetry_core.config import TelemetryLevel, Thresholds
+from telemetry_core.reductions.advantage import (
+    ScalarSeries,
+    acc_dtype,
+    check_float_tensor,
+    check_same_layout,
+)
+from telemetry_core.schema import PolicyStats
+
+__all__ = ["PolicyReducer"]
+
+# Row of one minibatch (joint log-ratio), float64 on the device.
+_SUM_D, _SUM_D2, _SUM_K3, _SUM_K1, _N_HI, _N_LO, _N_NAN, _N_INF, _SUM_NESS = range(9)
+_N_SUMS = 9  # the columns above add across minibatches
+_R_MAX, _R_MIN, _ESS, _MEAN_K3, _MEAN_K1 = range(9, 14)
+# Row of one head in one minibatch.
+_H_SUM_K3, _H_N_HI, _H_N_LO, _H_N_NAN, _H_R_MAX, _H_R_MIN = range(6)
+
+
+def _check_logprob_map(
+    name: str, value: object, known: Mapping[str, int], like: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping head -> tensor, got {type(value).__name__}")
+    unknown = [h for h in value if h not in known]
+    if unknown:
+        raise ValueError(f"{name} names unknown heads {unknown}; known heads: {list(known)}")
+    out = {}
+    for head, tensor in value.items():
+        t = check_float_tensor(f"{name}[{head!r}]", tensor)
+        check_same_layout(f"{name}[{head!r}]", t, "new_logprob", like)
+        out[head] = t
+    return out
+
+
+def _ratio_terms(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r, r - 1, k3) of a float64 log-ratio; k3 takes its limit +inf where lr = +inf."""
+    r = torch.exp(lr)
+    d = torch.expm1(lr)
+    k3 = torch.where(torch.isposinf(lr), lr, d - lr)
+    return r, d, k3
+
+
+class PolicyReducer:
+    """Accumulates policy statistics over every minibatch and epoch of one PPO update.
+
+    ``heads`` maps each action head to its number of actions (for entropy normalisation). The
+    protocol: :meth:`reset` at the start of an update, :meth:`observe` per minibatch (no host sync),
+    :meth:`early_stop` when the loop's target-KL stop fires, :meth:`pending` once (device tensors
+    named ``policy.*``), then :meth:`build` from the transferred values.
+    """
+
+    PREFIX = "policy."
+
+    def __init__(self, heads: Mapping[str, int], thresholds: Thresholds | None = None) -> None:
+        if not isinstance(heads, Mapping):
+            raise TypeError(f"heads must be a mapping head -> number of actions, got {type(heads).__name__}")
+        for head, n in heads.items():
+            if not isinstance(head, str) or not head:
+                raise ValueError(f"heads: head names must be non-empty strings, got {head!r}")
+            if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"heads[{head!r}] must be a positive number of actions, got {n!r}")
+        self.heads: dict[str, int] = {h: int(n) for h, n in heads.items()}
+        self.thresholds = thresholds or Thresholds()
+        self.reset()
+
+    # -- protocol ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._rows: list[torch.Tensor] = []
+        self._sizes: list[int] = []
+        self._epochs: list[int] = []
+        self._head_rows: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
+        self._head_sizes: dict[str, int] = dict.fromkeys(self.heads, 0)
+        self._entropy: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
+        self._entropy_counts: dict[str, int] = dict.fromkeys(self.heads, 0)
+        self._loss = ScalarSeries("policy_loss")
+        self._clip_range = math.nan
+        self._early: tuple[int, float | torch.Tensor | None] | None = None
+
+    def observe(
+        self,
+        *,
+        new_logprob: torch.Tensor,
+        old_logprob: torch.Tensor,
+        clip_range: float,
+        epoch: int,
+        head_new_logprobs: Mapping[str, torch.Tensor] | None = None,
+        head_old_logprobs: Mapping[str, torch.Tensor] | None = None,
+        head_entropies: Mapping[str, torch.Tensor] | None = None,
+        policy_loss: torch.Tensor | float | None = None,
+        level: TelemetryLevel = TelemetryLevel.NORMAL,
+    ) -> None:
+        """One minibatch. Joint log-probs are required; per-head ones are optional (both or neither,
+        same heads, each shaped like ``new_logprob``). Inputs are checked even at OFF."""
+        new = check_float_tensor("new_logprob", new_logprob)
+        old = check_float_tensor("old_logprob", old_logprob)
+        check_same_layout("new_logprob", new, "old_logprob", old)
+        if isinstance(clip_range, torch.Tensor) or not isinstance(clip_range, numbers.Real):
+            raise TypeError(
+                f"clip_range must be a Python number (reading a tensor would sync), got {type(clip_range).__name__}"
+            )
+        eps = float(clip_range)
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"clip_range must be a finite number >= 0, got {clip_range!r}")
+        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if (head_new_logprobs is None) != (head_old_logprobs is None):
+            raise ValueError("head_new_logprobs and head_old_logprobs must be given together")
+        heads_new = heads_old = {}
+        if head_new_logprobs is not None:
+            heads_new = _check_logprob_map("head_new_logprobs", head_new_logprobs, self.heads, new)
+            heads_old = _check_logprob_map("head_old_logprobs", head_old_logprobs, self.heads, new)
+            if set(heads_new) != set(heads_old):
+                raise ValueError(
+                    f"head_new_logprobs has heads {sorted(heads_new)} but head_old_logprobs has "
+                    f"{sorted(heads_old)}; they must name the same heads"
+                )
+        entropies: dict[str, torch.Tensor] = {}
+        if head_entropies is not None:
+            if not isinstance(head_entropies, Mapping):
+                raise TypeError("head_entropies must be a mapping head -> tensor")
+            unknown = [h for h in head_entropies if h not in self.heads]
+            if unknown:
+                raise ValueError(
+                    f"head_entropies names unknown heads {unknown}; known heads: {list(self.heads)}"
+                )
+            entropies = {
+                h: check_float_tensor(f"head_entropies[{h!r}]", t) for h, t in head_entropies.items()
+            }
+        loss = None if policy_loss is None else self._loss.check(policy_loss)
+        if level <= TelemetryLevel.OFF:
+            return
+        if loss is not None:
+            self._loss.add(loss)
+        with torch.no_grad():
+            self._observe_joint(new, old, eps, int(epoch))
+            if heads_new:
+                self._observe_heads(heads_new, heads_old, eps)
+            for head, ent in entropies.items():
+                self._entropy[head].append(ent.sum(dtype=acc_dtype(ent.device)))
+                self._entropy_counts[head] += ent.numel()
+        self._clip_range = eps
+
+    def early_stop(self, epoch: int, kl: torch.Tensor | float | None = None) -> None:
+        """Record the loop's target-KL early stop (the first of the update counts). No sync: a
+        tensor ``kl`` is transferred with everything else."""
+        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        value: float | torch.Tensor | None
+        if kl is None:
+            value = None
+        elif isinstance(kl, torch.Tensor):
+            if kl.numel() != 1:
+                raise ValueError(f"kl must hold one value, got shape {tuple(kl.shape)}")
+            value = kl.detach().reshape(1).to(acc_dtype(kl.device))
+        elif isinstance(kl, numbers.Real) and not isinstance(kl, bool):
+            value = float(kl)
+        else:
+            raise TypeError(f"kl must be a tensor, a number or None, got {type(kl).__name__}")
+        if self._early is None:
+            self._early = (int(epoch), value)
+
+    def pending(self, level: TelemetryLevel) -> dict[str, torch.Tensor]:
+        """Device tensors named ``policy.*`` for the hub's single transfer."""
+        out: dict[str, torch.Tensor] = {}
+        if level <= TelemetryLevel.OFF:
+            return out
+        with torch.no_grad():
+            if self._rows:
+                rows = torch.stack(self._rows)
+                out["policy.summary"] = torch.cat(
+                    (
+                        rows[:, :_N_SUMS].sum(0),
+                        torch.stack(
+                            (
+                                rows[:, _R_MAX].amax(),
+                                rows[:, _R_MIN].amin(),
+                                rows[:, _ESS].amin(),
+                                rows[:, _MEAN_K3].amax(),
+                                rows[:, _MEAN_K1].amax(),
+                            )
+                        ),
+                    )
+                )
+                by_epoch: dict[int, list[int]] = {}
+                for i, e in enumerate(self._epochs):
+                    by_epoch.setdefault(e, []).append(i)
+                out["policy.epoch_k3"] = torch.stack(
+                    [
+                        torch.stack([rows[i, _SUM_K3] for i in idx]).sum()
+                        for _, idx in sorted(by_epoch.items())
+                    ]
+                )
+            for head, hrows in self._head_rows.items():
+                if hrows:
+                    h = torch.stack(hrows)
+                    out[f"policy.head.{head}"] = torch.cat(
+                        (h[:, :_H_R_MAX].sum(0), torch.stack((h[:, _H_R_MAX].amax(), h[:, _H_R_MIN].amin())))
+                    )
+            for head, sums in self._entropy.items():
+                if sums:
+                    out[f"policy.entropy.{head}"] = torch.stack(sums).sum().reshape(1)
+            loss = self._loss.pending()
+            if loss is not None:
+                out["policy.loss"] = loss
+            if self._early is not None and isinstance(self._early[1], torch.Tensor):
+                out["policy.early_stop_kl"] = self._early[1]
+        return out
+
+    def build(self, host: Mapping[str, list[float]], level: TelemetryLevel) -> PolicyStats | None:
+        """The update's :class:`PolicyStats` from the transferred values; None at OFF."""
+        if level <= TelemetryLevel.OFF:
+            return None
+        stats = PolicyStats(
+            minibatches=len(self._rows), epochs=len(set(self._epochs)), clip_range=self._clip_range
+        )
+        if self._rows:
+            s = host["policy.summary"]
+            n = float(sum(self._sizes))
+            stats.samples = int(n)
+            mean_d = s[_SUM_D] / n
+            var = s[_SUM_D2] / n - mean_d * mean_d
+            stats.ratio_mean = 1.0 + mean_d
+            stats.ratio_std = math.sqrt(max(var, 0.0)) if var == var else math.nan
+            stats.ratio_max, stats.ratio_min = s[_N_SUMS], s[_N_SUMS + 1]
+            stats.ess = s[_SUM_NESS] / n
+            stats.ess_min = s[_N_SUMS + 2]
+            stats.kl_k3_mean = s[_SUM_K3] / n
+            stats.kl_k1_mean = s[_SUM_K1] / n
+            stats.kl_k3_max, stats.kl_k1_max = s[_N_SUMS + 3], s[_N_SUMS + 4]
+            stats.logratio_nan, stats.logratio_inf = int(s[_N_NAN]), int(s[_N_INF])
+            poisoned = s[_N_NAN] > 0
+            stats.clip_fraction_high = math.nan if poisoned else s[_N_HI] / n
+            stats.clip_fraction_low = math.nan if poisoned else s[_N_LO] / n
+            stats.clip_fraction = math.nan if poisoned else (s[_N_HI] + s[_N_LO]) / n
+            epoch_sizes: dict[int, int] = {}
+            for e, size in zip(self._epochs, self._sizes):
+                epoch_sizes[e] = epoch_sizes.get(e, 0) + size
+            stats.kl_k3_per_epoch = [
+                k3 / epoch_sizes[e] for k3, e in zip(host["policy.epoch_k3"], sorted(epoch_sizes))
+            ]
+        for head in self.heads:
+            key = f"policy.head.{head}"
+            if key in host:
+                h = host[key]
+                hn = float(self._head_sizes[head])
+                poisoned = h[_H_N_NAN] > 0
+                stats.head_kl_k3[head] = h[_H_SUM_K3] / hn
+                stats.head_clip_high[head] = math.nan if poisoned else h[_H_N_HI] / hn
+                stats.head_clip_low[head] = math.nan if poisoned else h[_H_N_LO] / hn
+                stats.head_clip_fraction[head] = math.nan if poisoned else (h[_H_N_HI] + h[_H_N_LO]) / hn
+                stats.head_ratio_max[head] = h[_H_R_MAX]
+                stats.head_ratio_min[head] = h[_H_R_MIN]
+            key = f"policy.entropy.{head}"
+            if key in host:
+                ent = host[key][0] / self._entropy_counts[head]
+                stats.entropy[head] = ent
+                if self.heads[head] > 1:
+                    stats.entropy_normalized[head] = ent / math.log(self.heads[head])
+        stats.policy_loss = self._loss.result(host.get("policy.loss"))[0]
+        if self._early is not None:
+            epoch, kl = self._early
+            stats.early_stopped = True
+            stats.early_stop_epoch = epoch
+            stats.early_stop_kl = host["policy.early_stop_kl"][0] if isinstance(kl, torch.Tensor) else kl
+        return stats
+
+    # -- per-minibatch work (device only) ------------------------------------------------------------
+    def _observe_joint(self, new: torch.Tensor, old: torch.Tensor, eps: float, epoch: int) -> None:
+        dt = acc_dtype(new.device)
+        lr = new.reshape(-1).to(dt) - old.reshape(-1).to(dt)
+        n = lr.numel()
+        r, d, k3 = _ratio_terms(lr)
+        sums = torch.stack((d, d * d, k3, -lr)).sum(1)
+        counts = torch.stack((d > eps, d < -eps, torch.isnan(lr), torch.isinf(lr))).sum(1).to(dt)
+        w = torch.exp(lr - lr.amax())  # ESS is scale-free: weights relative to the largest
+        ws = torch.stack((w, w * w)).sum(1)
+        n_ess = ws[0] * ws[0] / ws[1]  # n_b * ESS_b
+        r_min, r_max = torch.aminmax(r)
+        row = torch.cat(
+            (
+                sums,
+                counts,
+                n_ess.reshape(1),
+                torch.stack((r_max, r_min, n_ess / n)),
+                sums[2:4] / n,  # minibatch means of k3 and k1
+            )
+        )
+        self._rows.append(row)
+        self._sizes.append(n)
+        self._epochs.append(epoch)
+
+    def _observe_heads(
+        self, heads_new: dict[str, torch.Tensor], heads_old: dict[str, torch.Tensor], eps: float
+    ) -> None:
+        names = [h for h in self.heads if h in heads_new]
+        first = heads_new[names[0]]
+        dt = acc_dtype(first.device)
+        n = first.numel()
+        new = torch.stack([heads_new[h].reshape(-1) for h in names]).to(dt)
+        old = torch.stack([heads_old[h].reshape(-1) for h in names]).to(dt)
+        lr = new - old
+        r, d, k3 = _ratio_terms(lr)
+        counts = torch.stack((d > eps, d < -eps, torch.isnan(lr))).sum(2).to(dt)
+        r_min, r_max = torch.aminmax(r, dim=1)
+        mat = torch.cat((k3.sum(1, keepdim=True), counts.T, r_max[:, None], r_min[:, None]), dim=1)
+        for j, head in enumerate(names):
+            self._head_rows[head].append(mat[j])
+            self._head_sizes[head] += n
