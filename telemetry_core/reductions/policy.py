@@ -14,8 +14,8 @@ Numerical care:
 * Nothing is clamped. NaN inputs give NaN ratio/KL statistics and NaN clip fractions (a NaN sample
   can be neither inside nor outside the clip range), and are counted in ``logratio_nan``. A
   log-ratio of +inf gives ``ratio_max = inf`` and k3 = +inf (its limit), counted in ``logratio_inf``.
-* The ratio's std comes from float64 power sums of ``r - 1`` (the natural pivot of a ratio), which
-  add exactly across minibatches; it loses precision only if ``|mean - 1|`` exceeds ~1e6 stds.
+* The ratio's std: each minibatch's mean and centred sum of squares (two-pass, float64), merged
+  across minibatches by Chan's exact formula, so many minibatches give what one big batch would.
 
 Definitions (population statistics over every sample of every minibatch of the update unless said):
 
@@ -57,10 +57,13 @@ from telemetry_core.schema import PolicyStats
 
 __all__ = ["PolicyReducer"]
 
-# Row of one minibatch (joint log-ratio), float64 on the device.
-_SUM_D, _SUM_D2, _SUM_K3, _SUM_K1, _N_HI, _N_LO, _N_NAN, _N_INF, _SUM_NESS = range(9)
-_N_SUMS = 9  # the columns above add across minibatches
-_R_MAX, _R_MIN, _ESS, _MEAN_K3, _MEAN_K1 = range(9, 14)
+# Row of one minibatch (joint log-ratio), float64 on the device. The first columns add across
+# minibatches; the ratio's mean and central sum of squares are merged by Chan's formula.
+_N, _SUM_D, _SUM_K3, _SUM_K1, _N_HI, _N_LO, _N_NAN, _N_INF, _SUM_NESS = range(9)
+_N_SUMS = 9
+_MEAN_R, _M2_R, _R_MAX, _R_MIN = range(9, 13)
+# Layout of the transferred summary: the sums above, then these.
+_S_M2, _S_R_MAX, _S_R_MIN, _S_ESS_MIN, _S_K3_MAX, _S_K1_MAX = range(9, 15)
 # Row of one head in one minibatch.
 _H_SUM_K3, _H_N_HI, _H_N_LO, _H_N_NAN, _H_R_MAX, _H_R_MIN = range(6)
 
@@ -216,16 +219,22 @@ class PolicyReducer:
         with torch.no_grad():
             if self._rows:
                 rows = torch.stack(self._rows)
+                sums = rows[:, :_N_SUMS].sum(0)
+                n_b = rows[:, _N]
+                mean_r = (n_b * rows[:, _MEAN_R]).sum() / sums[_N]
+                dev = rows[:, _MEAN_R] - mean_r
+                m2 = (rows[:, _M2_R] + n_b * dev * dev).sum()  # Chan: exact merge of central sums
                 out["policy.summary"] = torch.cat(
                     (
-                        rows[:, :_N_SUMS].sum(0),
+                        sums,
                         torch.stack(
                             (
+                                m2,
                                 rows[:, _R_MAX].amax(),
                                 rows[:, _R_MIN].amin(),
-                                rows[:, _ESS].amin(),
-                                rows[:, _MEAN_K3].amax(),
-                                rows[:, _MEAN_K1].amax(),
+                                (rows[:, _SUM_NESS] / n_b).amin(),
+                                (rows[:, _SUM_K3] / n_b).amax(),
+                                (rows[:, _SUM_K1] / n_b).amax(),
                             )
                         ),
                     )
@@ -266,16 +275,15 @@ class PolicyReducer:
             s = host["policy.summary"]
             n = float(sum(self._sizes))
             stats.samples = int(n)
-            mean_d = s[_SUM_D] / n
-            var = s[_SUM_D2] / n - mean_d * mean_d
-            stats.ratio_mean = 1.0 + mean_d
+            stats.ratio_mean = 1.0 + s[_SUM_D] / n  # from r - 1: no rounding of 1 + tiny
+            var = s[_S_M2] / n
             stats.ratio_std = math.sqrt(max(var, 0.0)) if var == var else math.nan
-            stats.ratio_max, stats.ratio_min = s[_N_SUMS], s[_N_SUMS + 1]
+            stats.ratio_max, stats.ratio_min = s[_S_R_MAX], s[_S_R_MIN]
             stats.ess = s[_SUM_NESS] / n
-            stats.ess_min = s[_N_SUMS + 2]
+            stats.ess_min = s[_S_ESS_MIN]
             stats.kl_k3_mean = s[_SUM_K3] / n
             stats.kl_k1_mean = s[_SUM_K1] / n
-            stats.kl_k3_max, stats.kl_k1_max = s[_N_SUMS + 3], s[_N_SUMS + 4]
+            stats.kl_k3_max, stats.kl_k1_max = s[_S_K3_MAX], s[_S_K1_MAX]
             stats.logratio_nan, stats.logratio_inf = int(s[_N_NAN]), int(s[_N_INF])
             poisoned = s[_N_NAN] > 0
             stats.clip_fraction_high = math.nan if poisoned else s[_N_HI] / n
@@ -319,19 +327,20 @@ class PolicyReducer:
         lr = new.reshape(-1).to(dt) - old.reshape(-1).to(dt)
         n = lr.numel()
         r, d, k3 = _ratio_terms(lr)
-        sums = torch.stack((d, d * d, k3, -lr)).sum(1)
+        sums = torch.stack((d, k3, -lr)).sum(1)
         counts = torch.stack((d > eps, d < -eps, torch.isnan(lr), torch.isinf(lr))).sum(1).to(dt)
         w = torch.exp(lr - lr.amax())  # ESS is scale-free: weights relative to the largest
         ws = torch.stack((w, w * w)).sum(1)
         n_ess = ws[0] * ws[0] / ws[1]  # n_b * ESS_b
+        mean_r = r.mean()
+        centred = r - mean_r
         r_min, r_max = torch.aminmax(r)
         row = torch.cat(
             (
+                torch.full((1,), float(n), dtype=dt, device=lr.device),
                 sums,
                 counts,
-                n_ess.reshape(1),
-                torch.stack((r_max, r_min, n_ess / n)),
-                sums[2:4] / n,  # minibatch means of k3 and k1
+                torch.stack((n_ess, mean_r, (centred * centred).sum(), r_max, r_min)),
             )
         )
         self._rows.append(row)
