@@ -117,7 +117,8 @@ def moment_row(x: torch.Tensor) -> torch.Tensor:
     pivot = flat.mean()
     c = flat - pivot
     c2 = c * c
-    sums = torch.stack((c, c2, c2 * c, c2 * c2)).sum(1)
+    # Separate sums, not one stacked (4, n) reduction: a rollout buffer can be large.
+    sums = torch.stack((c.sum(), c2.sum(), (c2 * c).sum(), (c2 * c2).sum()))
     lo, hi = torch.aminmax(flat)
     counts = torch.stack((flat > 0, torch.isnan(flat))).sum(1).to(dt)
     head = torch.full((1,), float(n), dtype=dt, device=flat.device)
