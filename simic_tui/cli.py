@@ -1,24 +1,271 @@
-"""simic-tui command line: attach | replay | export | demo."""
+"""simic-tui command line: attach | replay | export | demo.
+
+Every failure the operator can cause (a malformed address, a missing or unreadable connection file, a
+damaged recording, an incompatible schema, a missing demo) ends in one plain sentence on stderr and
+a non-zero exit code, never a traceback. An unreachable trainer is not a failure: the dashboard
+opens in a visible "connecting…" state and keeps retrying.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
 
 from simic_tui import __version__
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+EXIT_USAGE = 2
+EXIT_FAIL = 1
+
+EPILOG = """\
+examples:
+  simic-tui demo                                  train the demo PPO and watch it
+  simic-tui attach 127.0.0.1:5555                 attach to a local trainer
+  simic-tui attach gpu-box:5555 --connection-file run.json
+  simic-tui replay runs/demo.simrec               replay a recording
+  simic-tui export runs/demo.simrec --format jsonl > demo.jsonl
+"""
+
+
+class CliError(Exception):
+    """A message for the operator; printed without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simic-tui", description="Live PPO training-health dashboard")
+    parser = argparse.ArgumentParser(
+        prog="simic-tui",
+        description="Live PPO training-health dashboard for telemetry_core streams.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"simic-tui {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("attach", help="attach to a running trainer (HOST:PORT)")
-    sub.add_parser("replay", help="replay a recording")
-    sub.add_parser("export", help="export a recording")
-    sub.add_parser("demo", help="train a recurrent PPO under telemetry and watch it")
+
+    attach = sub.add_parser(
+        "attach",
+        help="attach to a running trainer (HOST:PORT)",
+        description="Attach to a trainer's telemetry stream. A local trainer's connection file (key, "
+        "command port, session) is found by port; for a remote trainer copy its connection file and "
+        "pass it with --connection-file. Without one the dashboard watches but cannot send commands.",
+    )
+    attach.add_argument("address", metavar="HOST:PORT", help="the trainer's PUB address, e.g. 127.0.0.1:5555")
+    attach.add_argument(
+        "--connection-file", metavar="FILE", help="the trainer's connection file (JSON, mode 0600)"
+    )
+
+    replay = sub.add_parser(
+        "replay",
+        help="replay a recording",
+        description="Replay a recording (written by TelemetryHub(record=...) or demo --record). A "
+        "truncated or corrupt file shows what could be read and says what was skipped.",
+    )
+    replay.add_argument("file", metavar="FILE")
+    replay.add_argument("--at", type=int, metavar="STEP", help="open at this update (default: the last)")
+    replay.add_argument("--play", action="store_true", help="start playing from --at (or the start)")
+    replay.add_argument("--speed", type=float, default=10.0, help="playback speed, x the recorded pace (10)")
+
+    export = sub.add_parser(
+        "export",
+        help="export a recording",
+        description="Export a recording. --format jsonl writes one JSON object per snapshot (its "
+        "fields plus session and seq) to stdout or --output. JSON has no NaN or infinity: non-finite "
+        "numbers are written as null, like undefined statistics.",
+    )
+    export.add_argument("file", metavar="FILE")
+    export.add_argument("--format", choices=["jsonl"], help="output format (jsonl)")
+    export.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
+    export.add_argument(
+        "--tensorboard", metavar="DIR", help="write TensorBoard scalars and histograms to DIR instead"
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a recurrent PPO under telemetry and watch it",
+        description="Start the demo trainer (python -m telemetry_core.demo) in a child process and "
+        "attach the dashboard to it; quitting the dashboard stops the trainer. With --headless only "
+        "the trainer runs, in the foreground.",
+    )
+    demo.add_argument("--headless", action="store_true", help="run only the trainer, in the foreground")
+    demo.add_argument("--port", type=int, help="PUB port (the command port is PORT+1); default: a free one")
+    demo.add_argument("--updates", type=int, help="PPO updates to run")
+    demo.add_argument("--seed", type=int, help="random seed")
+    demo.add_argument("--record", metavar="FILE", help="also record the stream to FILE")
+    demo.add_argument(
+        "--inject",
+        action="append",
+        metavar="KIND[@UPDATE]",
+        help="inject a pathology (entropy-collapse, kl-spike, nan-gradients, ...); repeatable",
+    )
+    demo.add_argument("--log", metavar="FILE", help="where the trainer's output goes (default: a temp file)")
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def _attach(args: argparse.Namespace) -> int:
+    from simic_tui.target import TargetError, resolve_target
+
+    try:
+        target = resolve_target(args.address, args.connection_file)
+    except TargetError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return _run_live(target)
+
+
+def _run_live(target, trainer=None) -> int:  # type: ignore[no-untyped-def]
+    from simic_tui.app import SimicApp
+    from simic_tui.client import TelemetryClient
+    from simic_tui.store import TelemetryStore
+
+    store = TelemetryStore()
+    client = TelemetryClient(target, store)
+    app = SimicApp(store, client=client, trainer=trainer)
+    app.run()
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from simic_tui.app import SimicApp
+    from simic_tui.replay import ReplayError, ReplaySource, load_recording
+    from simic_tui.store import TelemetryStore
+
+    try:
+        loaded = load_recording(args.file)
+    except ReplayError as exc:
+        raise CliError(str(exc)) from None
+    notice = loaded.notice()
+    if not loaded.frames:
+        raise CliError(f"{args.file}: no snapshot could be read{': ' + notice if notice else ''}")
+    if notice:
+        print(f"simic-tui: {notice}", file=sys.stderr)
+    store = TelemetryStore()
+    source = ReplaySource(loaded, store, speed=args.speed)
+    if args.at is not None:
+        index = next(
+            (i for i, (_, s) in enumerate(loaded.frames) if s.step >= args.at), len(loaded.frames) - 1
+        )
+        source.seek(index + 1)
+    else:
+        source.seek(1 if args.play else source.total)
+    if args.play:
+        source.playing = True
+    SimicApp(store, replay=source, banner=notice).run()
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from simic_tui.export import export_jsonl
+    from simic_tui.replay import ReplayError
+
+    if args.tensorboard:
+        return _export_tensorboard(args)
+    if args.format != "jsonl":
+        raise CliError("export needs --format jsonl (or --tensorboard DIR)", EXIT_USAGE)
+    try:
+        if args.output:
+            with open(args.output, "wb") as out:
+                loaded = export_jsonl(args.file, out)
+        else:
+            loaded = export_jsonl(args.file, sys.stdout.buffer)
+            sys.stdout.flush()
+    except ReplayError as exc:
+        raise CliError(str(exc)) from None
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output or 'stdout'}: {exc.strerror or exc}") from None
+    notice = loaded.notice()
+    where = f" to {args.output}" if args.output else ""
+    print(f"simic-tui: exported {len(loaded.frames)} snapshot(s){where}", file=sys.stderr)
+    if notice:
+        print(f"simic-tui: {notice}", file=sys.stderr)
+    return 0
+
+
+def _export_tensorboard(args: argparse.Namespace) -> int:
+    try:  # trainer-side integration, imported only on request (it may need tensorboard/torch)
+        from telemetry_core.integrations.tensorboard import export_recording  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise CliError(
+            f"TensorBoard export is not available here ({exc}); install it with pip install 'simic-tui[tensorboard]'"
+        ) from None
+    try:
+        written = export_recording(args.file, args.tensorboard)
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"simic-tui: wrote TensorBoard events to {args.tensorboard} ({written} snapshot(s))", file=sys.stderr
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from simic_tui.demo import DemoError, DemoTrainer, demo_available, free_port_pair, trainer_command
+
+    reason = demo_available()
+    if reason:
+        raise CliError(f"cannot run the demo: {reason}")
+    if args.port is not None and not 0 < args.port < 65535:
+        raise CliError("--port must be from 1 to 65534 (the command port is PORT+1)", EXIT_USAGE)
+    try:
+        port = args.port or free_port_pair()
+    except DemoError as exc:
+        raise CliError(str(exc)) from None
+    command = trainer_command(
+        port, updates=args.updates, seed=args.seed, record=args.record, inject=args.inject
+    )
+    if args.headless:
+        proc = subprocess.Popen(command)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the child got the same Ctrl-C; let it finish cleanly
+            try:
+                return proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait()
+
+    from simic_tui.target import resolve_target
+
+    trainer = DemoTrainer(command, log_path=Path(args.log) if args.log else None).start()
+    try:
+        target = resolve_target(f"127.0.0.1:{port}")
+        target = replace(
+            target,
+            require_pid=trainer.pid,
+            cmd=None,
+            key=None,
+            session=None,
+            connection_file=None,
+            note=f"waiting for the demo trainer to start (its log: {trainer.log_path})",
+        )
+        _run_live(target, trainer=trainer)
+    finally:
+        if trainer.poll() is None:
+            print("simic-tui: stopping the demo trainer…", file=sys.stderr)
+        code = trainer.stop()
+    if code not in (0, None, -2, 130):
+        print(
+            f"simic-tui: the demo trainer exited with code {code}; its log: {trainer.log_path}",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +274,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    print(f"simic-tui {args.command}: not built yet in this version", file=sys.stderr)
-    return 2
+    handlers = {"attach": _attach, "replay": _replay, "export": _export, "demo": _demo}
+    started = time.monotonic()
+    try:
+        return handlers[args.command](args)
+    except CliError as exc:
+        print(f"simic-tui {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: say so plainly; the traceback only on request
+        if os.environ.get("SIMIC_TUI_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"simic-tui {args.command}: internal error after {time.monotonic() - started:.1f} s: {exc!r} "
+            "(set SIMIC_TUI_DEBUG=1 for the traceback; please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""SimicApp: the dashboard. A live client or a replay feeds the store; a timer redraws from it.
+
+Data flow: the client worker (or the replay cursor) writes into :class:`~simic_tui.store.TelemetryStore`
+as frames arrive; a 10 Hz timer (:meth:`SimicApp.tick`) drains the store's events into
+notifications and, unless the display is paused, asks the active screen to redraw from the store.
+Widgets never see individual messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.screen import ModalScreen, Screen
+
+from simic_tui.client import LinkState, LinkStatus, TelemetryClient
+from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, LIVE_ONLY, REPLAY_BINDINGS, REPLAY_ONLY
+from simic_tui.replay import ReplaySource
+from simic_tui.screens.anomaly_log import AnomalyLogScreen
+from simic_tui.screens.dashboard import DashboardScreen
+from simic_tui.screens.debug import DebugScreen
+from simic_tui.screens.help import HelpScreen
+from simic_tui.screens.thresholds import ThresholdsScreen
+from simic_tui.store import TelemetryStore
+from simic_tui.widgets.base import View
+from simic_tui.widgets.header import HeaderModel
+
+__all__ = ["SimicApp", "TrainerProcess"]
+
+
+class TrainerProcess:
+    """What the app needs to know about a demo trainer child (see simic_tui.demo)."""
+
+    def poll(self) -> int | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class SimicApp(App[None]):
+    """The dashboard; construct it with a store and either a client or a replay source."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "simic-tui"
+    BINDINGS = APP_BINDINGS
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [
+        (0, "-compact"),
+        (110, "-medium"),
+        (180, "-wide"),
+    ]
+    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (36, "-tall")]
+    NOTIFICATION_TIMEOUT = 8.0
+
+    def __init__(
+        self,
+        store: TelemetryStore,
+        *,
+        client: TelemetryClient | None = None,
+        replay: ReplaySource | None = None,
+        status: LinkStatus | None = None,
+        trainer: TrainerProcess | None = None,
+        banner: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        tick_hz: float = 10.0,
+        run_client: bool = True,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.client = client
+        self.replay = replay
+        self.trainer = trainer
+        self.clock = clock
+        self.tick_hz = tick_hz
+        self.run_client = run_client
+        self.static_banner = banner
+        self.trainer_note = ""
+        if status is not None:
+            self._status = status
+        elif client is not None:
+            self._status = client.status
+        else:
+            self._status = LinkStatus(
+                state=LinkState.REPLAY if replay else LinkState.CONNECTING, since=clock()
+            )
+        self.display_paused = False
+        self._paused_at_count = 0
+        self._last_tick = clock()
+        self.dashboard = DashboardScreen(id="dashboard")
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    @property
+    def status(self) -> LinkStatus:
+        return self.client.status if self.client is not None else self._status
+
+    def get_default_screen(self) -> Screen:
+        return self.dashboard
+
+    def on_mount(self) -> None:
+        self.set_interval(1.0 / self.tick_hz, self.tick, name="redraw")
+        if self.client is not None and self.run_client:
+            self.run_network()
+
+    @work(exclusive=True, group="network", name="telemetry-client", exit_on_error=False)
+    async def run_network(self) -> None:
+        """The one long-lived worker that owns the sockets (see simic_tui.client)."""
+        assert self.client is not None
+        await self.client.run()
+
+    def current_view(self) -> View:
+        return View.of(self.store)
+
+    # -- the timer --------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Advance a replay, surface events, and redraw the active screen from the store."""
+        now = self.clock()
+        dt, self._last_tick = now - self._last_tick, now
+        if self.replay is not None:
+            self.replay.advance(dt)
+        self._check_trainer()
+        self._notify_events()
+        screen = self.screen
+        self.dashboard.show_header(self.header_model(), self.banners())
+        if self.display_paused:
+            return
+        under_modal = (
+            isinstance(screen, ModalScreen)
+            and len(self.screen_stack) > 1
+            and self.screen_stack[-2] is self.dashboard
+        )
+        if screen is self.dashboard or under_modal:
+            self.dashboard.show_panels(self.current_view())
+        elif isinstance(screen, (DebugScreen, ThresholdsScreen, AnomalyLogScreen)) and screen.is_mounted:
+            screen.refresh_view()
+
+    def header_model(self) -> HeaderModel:
+        replay = ""
+        if self.replay is not None:
+            r = self.replay
+            mark = "▶ replay" if r.playing else "‖ replay"
+            replay = f"{mark} {r.position}/{r.total} at {r.speed:g}×"
+        return HeaderModel(
+            store=self.store,
+            status=self.status,
+            lease=self.lease_text(),
+            profile=self.client.profile_note if self.client is not None else "",
+            paused=self.display_paused,
+            paused_behind=self.store.count - self._paused_at_count if self.display_paused else 0,
+            replay=replay,
+            commands_note=self.client.status.commands_note if self.client is not None else "",
+        )
+
+    def banners(self) -> list[str]:
+        out = [self.static_banner, self.status.banner, self.trainer_note]
+        return [b for b in out if b]
+
+    def lease_text(self) -> str:
+        return self.client.lease.describe() if self.client is not None else ""
+
+    def _notify_events(self, limit: int = 4) -> None:
+        events = self.store.drain_events()
+        for event in events[:limit]:
+            self.notify(event.message, severity=event.severity, timeout=self.NOTIFICATION_TIMEOUT)  # type: ignore[arg-type]
+        if len(events) > limit:
+            self.notify(f"… and {len(events) - limit} more (a: anomaly log)", severity="warning")
+
+    def _check_trainer(self) -> None:
+        if self.trainer is None or self.trainer_note:
+            return
+        code = self.trainer.poll()
+        if code is not None:
+            log = f"; its log: {self.trainer.log_path}" if self.trainer.log_path else ""
+            verb = "finished" if code == 0 else f"exited with code {code}"
+            self.trainer_note = (
+                f"The demo trainer {verb}{log}. The dashboard keeps what it received; q quits."
+            )
+
+    # -- actions the screens forward -----------------------------------------------------------------
+    def _command(self, send: Callable[[], str]) -> None:
+        if self.client is None:
+            self.notify("commands go to a live trainer; this is a replay", severity="warning")
+            return
+        reason = send()
+        if reason:
+            self.notify(reason, severity="warning")
+
+    def request_debug(self) -> None:
+        if self.client is not None:
+            self._command(self.client.request_debug)
+        if not isinstance(self.screen, DebugScreen):
+            self.push_screen(DebugScreen())
+
+    def set_level(self, level: str) -> None:
+        assert level in ("NORMAL", "MINIMAL")
+        if self.client is not None:
+            self._command(partial(self.client.set_level, level))
+            if not self.client.status.commands_note:
+                self.notify(f"asked the trainer for level {level}…")
+        else:
+            self._command(lambda: "")
+
+    def request_profile(self) -> None:
+        if self.client is not None:
+            self._command(self.client.request_profile)
+            if not self.client.status.commands_note:
+                self.notify("asked the trainer for a profile capture…")
+        else:
+            self._command(lambda: "")
+
+    def toggle_pause(self) -> None:
+        self.display_paused = not self.display_paused
+        self._paused_at_count = self.store.count
+        self.tick()
+
+    def open_anomaly_log(self) -> None:
+        self.push_screen(AnomalyLogScreen(self.store))
+
+    def open_thresholds(self) -> None:
+        self.push_screen(ThresholdsScreen(self.store))
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(replay=self.replay is not None))
+
+    def replay_toggle(self) -> None:
+        if self.replay is not None:
+            self.replay.toggle()
+            self._last_tick = self.clock()
+            self.tick()
+
+    def replay_step(self, delta: int) -> None:
+        if self.replay is not None:
+            self.replay.step(delta)
+            self.tick()
+
+    def replay_seek(self, position: int | None) -> None:
+        if self.replay is not None:
+            self.replay.playing = False
+            self.replay.seek(self.replay.total if position is None else position)
+            self.tick()
+
+    def replay_speed(self, direction: int) -> None:
+        if self.replay is not None:
+            speed = self.replay.change_speed(direction)
+            self.notify(f"replay speed {speed:g}×", timeout=2)
+            self.tick()
+
+    # -- command palette: the same bindings, by name ------------------------------------------------------
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        replay = self.replay is not None
+        for binding in [*DASHBOARD_BINDINGS, *(REPLAY_BINDINGS if replay else [])]:
+            action = binding.action.split("(")[0]
+            if (
+                (action in LIVE_ONLY and replay)
+                or (action in REPLAY_ONLY and not replay)
+                or action == "unzoom"
+            ):
+                continue
+            key = binding.key_display or binding.key
+            yield SystemCommand(
+                f"{binding.description} ({key})",
+                binding.tooltip,
+                partial(self._run_dashboard_action, binding.action),
+            )
+
+    def _run_dashboard_action(self, action: str) -> Any:
+        if self.screen is not self.dashboard:
+            self.pop_screen()
+        return self.run_action(action, self.dashboard)

@@ -1,0 +1,770 @@
+"""The network side of the dashboard: one long-lived async worker owns SUB + DEALER.
+
+``TelemetryClient.run()`` runs on the UI's event loop (a Textual worker) and is the only code that
+touches the sockets. It subscribes first, then asks the trainer for its recent history and backfills,
+dropping frames older than what the store already holds (ZeroMQ's "Clone" pattern). It tracks the
+link (connecting / live / stale / disconnected / incompatible), recognises a trainer restart by its new
+session id, counts every refused frame, renews the operator's DEBUG lease, and writes everything into
+the :class:`~simic_tui.store.TelemetryStore`. Widgets read the store on a timer; nothing here draws.
+
+Commands are queued by the UI (:meth:`request_debug`, :meth:`set_level`, ...) and sent by the worker,
+signed with the connection file's key; replies are verified before they are decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from simic_tui.store import StoreEvent, TelemetryStore
+from simic_tui.target import AttachTarget
+from telemetry_core.protocol import (
+    MAX_FRAME_BYTES,
+    TOPIC_HEARTBEAT,
+    TOPIC_SNAPSHOT,
+    FrameError,
+    IncompatibleVersion,
+    decode_body,
+    decode_envelope,
+    encode_envelope,
+    new_command,
+    sign,
+    verify,
+)
+from telemetry_core.schema import (
+    SCHEMA_MAJOR,
+    SCHEMA_MINOR,
+    Ack,
+    Envelope,
+    Heartbeat,
+    History,
+    Nack,
+    Snapshot,
+)
+
+__all__ = ["DebugLease", "LeasePhase", "LinkState", "LinkStatus", "TelemetryClient"]
+
+
+class LinkState(str, enum.Enum):
+    CONNECTING = "connecting"
+    LIVE = "live"
+    STALE = "stale"
+    DISCONNECTED = "disconnected"
+    INCOMPATIBLE = "incompatible"
+    REPLAY = "replay"
+
+
+@dataclass
+class LinkStatus:
+    """What the header says about the link; written by the client (or the replay), read on a timer."""
+
+    state: LinkState = LinkState.CONNECTING
+    endpoint: str = ""
+    detail: str = ""  # e.g. "retry 4", "no heartbeat for 5 s"
+    since: float = 0.0  # clock time of the last state change
+    last_frame_at: float | None = None  # clock time of the last decoded frame (snapshot or heartbeat)
+    connect_retries: int = 0
+    restarts: int = 0  # trainer restarts seen (new session ids)
+    their_version: tuple[int, int] | None = None  # an incompatible trainer's schema version
+    banner: str = ""  # a problem the operator must see (incompatible schema, authentication)
+    commands_note: str = ""  # why commands are unavailable ('' when they are)
+
+    def set(self, state: LinkState, now: float, detail: str = "") -> None:
+        if state != self.state:
+            self.since = now
+        self.state = state
+        self.detail = detail
+
+    @property
+    def commands_enabled(self) -> bool:
+        return not self.commands_note
+
+
+class LeasePhase(str, enum.Enum):
+    NONE = "none"
+    PENDING = "pending"
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    RELEASED = "released"
+    REFUSED = "refused"
+
+
+@dataclass
+class DebugLease:
+    """The operator's DEBUG lease: pending -> acknowledged at step N -> expired / released."""
+
+    phase: LeasePhase = LeasePhase.NONE
+    command_id: str = ""
+    effective_step: int | None = None
+    lease_until: int | None = None
+    reason: str = ""
+    last_sent: float = 0.0
+
+    def describe(self) -> str:
+        if self.phase == LeasePhase.PENDING:
+            return "DEBUG lease pending…"
+        if self.phase == LeasePhase.ACTIVE:
+            until = f", until step {self.lease_until}" if self.lease_until is not None else ""
+            return f"DEBUG lease acknowledged at step {self.effective_step}{until}"
+        if self.phase == LeasePhase.EXPIRED:
+            return (
+                f"DEBUG lease expired{f' at step {self.lease_until}' if self.lease_until is not None else ''}"
+            )
+        if self.phase == LeasePhase.RELEASED:
+            return "DEBUG lease released"
+        if self.phase == LeasePhase.REFUSED:
+            return f"DEBUG lease refused: {self.reason}"
+        return ""
+
+
+@dataclass
+class _Pending:
+    action: str
+    sent_at: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class TelemetryClient:
+    """SUB + DEALER in one coroutine; see the module docstring for the behaviour."""
+
+    def __init__(
+        self,
+        target: AttachTarget,
+        store: TelemetryStore,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stale_after: float = 3.0,
+        history_timeout: float = 3.0,
+        reply_timeout: float = 5.0,
+        lease_updates: int = 100,
+        lease_seconds: float = 15.0,
+        profile_updates: int = 3,
+        rescan_interval: float = 1.0,
+        client_name: str | None = None,
+    ) -> None:
+        self.target = target
+        self.store = store
+        self.clock = clock
+        self.stale_after = stale_after
+        self.history_timeout = history_timeout
+        self.reply_timeout = reply_timeout
+        self.lease_updates = lease_updates
+        self.lease_seconds = lease_seconds
+        self.profile_updates = profile_updates
+        self.rescan_interval = rescan_interval
+        self.client_name = client_name or f"simic-tui-{uuid.uuid4().hex[:8]}"
+        self.status = LinkStatus(endpoint=target.pub, since=clock())
+        self.lease = DebugLease()
+        self.profile_note = ""
+        self.session: str | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sub: zmq.asyncio.Socket | None = None
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._queue: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(maxlen=64)
+        self._pending: dict[str, _Pending] = {}
+        self._live_buffer: collections.deque[Envelope] = collections.deque(maxlen=4096)
+        self._history_since: float | None = None  # wanting history since (live frames are held)
+        self._history_sent = False
+        self._stopping = False
+        self._last_rescan = 0.0
+        self._cmd_seq = 0
+        self._reply_auth_failures = 0
+        self._update_commands_note()
+
+    # ------------------------------------------------------------------------------------------
+    # UI-facing API (called from the same event loop; the worker sends)
+    # ------------------------------------------------------------------------------------------
+    def commands_unavailable(self) -> str:
+        """'' when a command can be sent now, else the reason in plain words."""
+        self._update_commands_note()
+        return self.status.commands_note
+
+    def request_debug(self) -> str:
+        """Ask for a DEBUG lease; returns '' or the reason it cannot be sent."""
+        reason = self.commands_unavailable()
+        if reason:
+            return reason
+        if self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
+            return ""
+        self.lease = DebugLease(phase=LeasePhase.PENDING)
+        self._queue.append(
+            ("lease_debug", {"updates": self.lease_updates, "lease_seconds": self.lease_seconds})
+        )
+        return ""
+
+    def set_level(self, level: str) -> str:
+        """Set the trainer's level (NORMAL / MINIMAL); an active DEBUG lease is released first."""
+        reason = self.commands_unavailable()
+        if reason:
+            return reason
+        if self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
+            self._queue.append(("release", {}))
+            self.lease = DebugLease(phase=LeasePhase.RELEASED, effective_step=self.lease.effective_step)
+        self._queue.append(("set_level", {"level": level}))
+        return ""
+
+    def request_profile(self) -> str:
+        reason = self.commands_unavailable()
+        if reason:
+            return reason
+        self.profile_note = "profile requested…"
+        self._queue.append(("profile", {"profile_updates": self.profile_updates}))
+        return ""
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    # ------------------------------------------------------------------------------------------
+    # The worker
+    # ------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until :meth:`stop` (or cancellation); never raises for anything the network does."""
+        self._ctx = zmq.asyncio.Context()
+        try:
+            self._open_sockets()
+            poller = zmq.asyncio.Poller()
+            self._register(poller)
+            while not self._stopping:
+                events = dict(await poller.poll(timeout=100))
+                if self._sub is not None and self._sub in events:
+                    await self._drain_sub()
+                if self._dealer is not None and self._dealer in events:
+                    await self._drain_dealer()
+                if self._monitor is not None and self._monitor in events:
+                    await self._drain_monitor()
+                if self._housekeeping():
+                    self._close_sockets()
+                    self._open_sockets()
+                    poller = zmq.asyncio.Poller()
+                    self._register(poller)
+                await self._send_queued()
+        finally:
+            if self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
+                with contextlib.suppress(Exception):
+                    self._send_now("release", {})
+            self._close_sockets()
+            self._ctx.term()
+            self._ctx = None
+
+    def _register(self, poller: zmq.asyncio.Poller) -> None:
+        for sock in (self._sub, self._dealer, self._monitor):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+
+    def _curve(self, sock: zmq.Socket) -> None:
+        t = self.target
+        if t.curve:
+            assert t.curve_server_public and t.curve_client_public and t.curve_client_secret
+            sock.curve_serverkey = t.curve_server_public.encode()
+            sock.curve_publickey = t.curve_client_public.encode()
+            sock.curve_secretkey = t.curve_client_secret.encode()
+
+    def _open_sockets(self) -> None:
+        assert self._ctx is not None
+        t = self.target
+        sub = self._ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
+        sub.setsockopt(zmq.RCVHWM, 10_000)
+        sub.setsockopt(zmq.RECONNECT_IVL, 250)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sub.ipv6 = t.ipv6
+        self._curve(sub)
+        self._monitor = sub.get_monitor_socket(
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_CONNECT_RETRIED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
+        sub.setsockopt(zmq.SUBSCRIBE, TOPIC_SNAPSHOT)
+        sub.setsockopt(zmq.SUBSCRIBE, TOPIC_HEARTBEAT)
+        sub.connect(t.pub)
+        self._sub = sub
+        self._dealer = None
+        if t.can_command:
+            dealer = self._ctx.socket(zmq.DEALER)
+            dealer.linger = 0
+            dealer.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
+            dealer.setsockopt(zmq.IMMEDIATE, 1)  # refuse to queue while no trainer is connected
+            dealer.setsockopt(zmq.SNDHWM, 64)
+            dealer.ipv6 = t.ipv6
+            self._curve(dealer)
+            assert t.cmd is not None
+            dealer.connect(t.cmd)
+            self._dealer = dealer
+        self.status.endpoint = t.pub
+        self._update_commands_note()
+
+    def _close_sockets(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sub.disable_monitor()
+        for sock in (self._monitor, self._sub, self._dealer):
+            if sock is not None:
+                sock.close(linger=0)
+        self._sub = self._dealer = self._monitor = None
+
+    def _update_commands_note(self) -> None:
+        t = self.target
+        if self.status.state == LinkState.INCOMPATIBLE and self.status.their_version is not None:
+            major, minor = self.status.their_version
+            note = f"commands disabled: the trainer speaks schema {major}.{minor}, this dashboard {SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+        elif not t.can_command:
+            note = t.note or "commands disabled: no connection file"
+        elif self.session is None:
+            note = "commands wait for the first frame from the trainer"
+        elif t.session is not None and t.session != self.session:
+            note = (
+                f"commands disabled: the connection file is for session {t.session[:8]}, the trainer streams "
+                f"session {self.session[:8]} (an old file? pass the current one with --connection-file)"
+            )
+        else:
+            note = ""
+        self.status.commands_note = note
+
+    # -- receiving --------------------------------------------------------------------------------
+    async def _drain_sub(self, budget: int = 2000) -> None:
+        assert self._sub is not None
+        for _ in range(budget):
+            try:
+                frames = self._sub.recv_multipart(flags=zmq.NOBLOCK)
+                if isinstance(frames, asyncio.Future):
+                    frames = await frames
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                self.store.counters.note_bad("socket_error")
+                return
+            self._on_sub_frames(frames)
+
+    def _on_sub_frames(self, frames: list[bytes]) -> None:
+        store = self.store
+        if len(frames) != 2:
+            store.counters.note_bad("frame_count")
+            store.version += 1
+            return
+        topic, data = frames
+        if topic not in (TOPIC_SNAPSHOT, TOPIC_HEARTBEAT):
+            store.counters.note_bad("unknown_topic")
+            store.version += 1
+            return
+        try:
+            env = decode_envelope(data)
+        except IncompatibleVersion as exc:
+            self._on_incompatible(exc)
+            return
+        except FrameError as exc:
+            store.counters.note_bad(exc.code)
+            store.version += 1
+            return
+        expected = "snapshot" if topic == TOPIC_SNAPSHOT else "heartbeat"
+        if env.kind != expected:
+            store.counters.note_bad("wrong_topic")
+            store.version += 1
+            return
+        now = self.clock()
+        if not self._accept_session(env):
+            return
+        self.status.last_frame_at = now
+        if self.status.state != LinkState.LIVE:
+            self.status.set(LinkState.LIVE, now)
+            self.status.banner = ""
+            self.status.their_version = None
+            self._update_commands_note()
+        if env.kind == "heartbeat":
+            try:
+                hb = decode_body(env)
+            except FrameError as exc:
+                store.counters.note_bad(exc.code)
+                store.version += 1
+                return
+            assert isinstance(hb, Heartbeat)
+            store.note_heartbeat(env, hb)
+            return
+        if self._history_since is not None:
+            self._live_buffer.append(env)  # held until the history reply (or its timeout)
+            return
+        self._ingest(env)
+
+    def _ingest(self, env: Envelope, *, backfill: bool = False) -> None:
+        try:
+            snap = decode_body(env)
+        except FrameError as exc:
+            self.store.counters.note_bad(exc.code)
+            self.store.version += 1
+            return
+        assert isinstance(snap, Snapshot)
+        self.store.ingest(env, snap, quiet=backfill, backfill=backfill)
+        self._track_lease(snap)
+
+    def _accept_session(self, env: Envelope) -> bool:
+        """Adopt the first session; a different one later is a trainer restart: reset and say so."""
+        if self.session == env.session:
+            return True
+        old = self.session
+        self.session = env.session
+        if self.target.session != env.session:
+            before = self.target
+            self.target = self.target.reload()
+            curve = (before.curve_client_public, before.curve_server_public, before.cmd)
+            if curve != (self.target.curve_client_public, self.target.curve_server_public, self.target.cmd):
+                self._reopen_needed = True
+        if old is not None:
+            self.status.restarts += 1
+            self.store.reset(env.session)
+            self.lease = DebugLease()
+            self.profile_note = ""
+            self._pending.clear()
+            self._live_buffer.clear()
+            self.store.events.append(
+                StoreEvent(
+                    "reset",
+                    f"trainer restarted: new session {env.session[:8]} (was {old[:8]}); history reset",
+                    "warning",
+                )
+            )
+        else:
+            self.store.session = env.session
+        self._update_commands_note()
+        self._ask_history()
+        return True
+
+    def _on_incompatible(self, exc: IncompatibleVersion) -> None:
+        now = self.clock()
+        self.store.counters.note_bad("incompatible")
+        self.store.version += 1
+        self.status.their_version = (exc.major, exc.minor)
+        self.status.last_frame_at = now
+        self.status.banner = (
+            f"Incompatible trainer: it speaks schema {exc.major}.{exc.minor}, this dashboard speaks "
+            f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}. Its frames are refused and commands are disabled; install the "
+            "simic-tui release that matches the trainer."
+        )
+        self.status.set(LinkState.INCOMPATIBLE, now)
+        self._update_commands_note()
+
+    async def _drain_dealer(self, budget: int = 256) -> None:
+        assert self._dealer is not None
+        for _ in range(budget):
+            try:
+                frames = self._dealer.recv_multipart(flags=zmq.NOBLOCK)
+                if isinstance(frames, asyncio.Future):
+                    frames = await frames
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                self.store.counters.note_bad("socket_error")
+                return
+            self._on_reply(frames)
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        store = self.store
+        key = self.target.key
+        if len(frames) != 2 or key is None:
+            store.counters.note_bad("frame_count")
+            store.version += 1
+            return
+        mac, data = frames
+        if not mac:
+            self._on_unsigned_reply(data)
+            return
+        if not verify(key, mac, data):
+            store.counters.note_bad("bad_signature")
+            store.version += 1
+            self._reply_auth_failures += 1
+            self.status.banner = (
+                "Replies from the trainer fail authentication: the connection file's key does not match "
+                "this trainer (a wrong or stale key file?)."
+            )
+            return
+        try:
+            env = decode_envelope(data)
+            body = decode_body(env)
+        except IncompatibleVersion as exc:
+            self._on_incompatible(exc)
+            return
+        except FrameError as exc:
+            store.counters.note_bad(exc.code)
+            store.version += 1
+            return
+        if isinstance(body, History):
+            self._on_history(env, body)
+        elif isinstance(body, Ack):
+            self._on_ack(body)
+        elif isinstance(body, Nack):
+            self._on_nack(body)
+        else:
+            store.counters.note_bad("unexpected_kind")
+            store.version += 1
+
+    def _on_unsigned_reply(self, data: bytes) -> None:
+        """The trainer's constant, unsigned refusal of a badly signed command: say what to do."""
+        try:
+            env = decode_envelope(data)
+            body = decode_body(env)
+        except FrameError as exc:
+            self.store.counters.note_bad(exc.code)
+            self.store.version += 1
+            return
+        if not isinstance(body, Nack) or body.code not in ("unsigned", "bad_signature"):
+            self.store.counters.note_bad("unsigned")
+            self.store.version += 1
+            return
+        self._pending.clear()
+        if self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
+            self.lease = DebugLease(phase=LeasePhase.REFUSED, reason="bad signature")
+        self.status.banner = (
+            "The trainer refused our commands: their signature does not match its key. The connection "
+            "file is wrong or stale (did the trainer restart?); pass the current one with --connection-file."
+        )
+        self.store.events.append(StoreEvent("command", "trainer refused the command: bad signature", "error"))
+        self.store.version += 1
+
+    def _on_history(self, env: Envelope, hist: History) -> None:
+        """One chunk of a backfill; the live frames held meanwhile are applied after the last one."""
+        last_chunk = hist.chunk >= hist.chunks - 1
+        if last_chunk:
+            for cid in [cid for cid, p in self._pending.items() if p.action == "history"]:
+                del self._pending[cid]
+        if env.session != self.session:
+            return
+        for frame in hist.frames:
+            try:
+                fenv = decode_envelope(frame)
+            except FrameError as exc:
+                self.store.counters.note_bad(exc.code)
+                continue
+            if fenv.session != self.session or fenv.kind != "snapshot":
+                continue
+            self._ingest(fenv, backfill=True)
+        if last_chunk:
+            self._finish_backfill()
+        elif self._history_since is not None:
+            self._history_since = self.clock()  # more chunks coming: keep holding live frames
+
+    def _finish_backfill(self) -> None:
+        self._history_since = None
+        self._history_sent = False
+        buffered = list(self._live_buffer)
+        self._live_buffer.clear()
+        for env in buffered:
+            self._ingest(env)
+        self.store.version += 1
+
+    def _on_ack(self, ack: Ack) -> None:
+        pending = self._pending.pop(ack.command_id, None)
+        action = pending.action if pending else ack.action
+        store = self.store
+        if action in ("lease_debug", "renew"):
+            if self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
+                if self.lease.effective_step is None or action == "lease_debug":
+                    self.lease.effective_step = ack.effective_step
+                self.lease.lease_until = ack.lease_until
+                first = self.lease.phase == LeasePhase.PENDING
+                self.lease.phase = LeasePhase.ACTIVE
+                if first:
+                    store.events.append(StoreEvent("command", self.lease.describe(), "information"))
+        elif action == "release":
+            store.events.append(StoreEvent("command", "DEBUG lease released", "information"))
+        elif action == "set_level":
+            at = f" from step {ack.effective_step}" if ack.effective_step is not None else ""
+            level = ack.level or (pending.fields.get("level") if pending else "") or ""
+            store.events.append(StoreEvent("command", f"level {level} acknowledged{at}", "information"))
+        elif action == "profile":
+            at = f" from step {ack.effective_step}" if ack.effective_step is not None else ""
+            self.profile_note = f"profile acknowledged{at}: waiting for the trace…"
+            store.events.append(StoreEvent("command", self.profile_note, "information"))
+        store.version += 1
+
+    def _on_nack(self, nack: Nack) -> None:
+        pending = self._pending.pop(nack.command_id, None)
+        action = pending.action if pending else "command"
+        reason = f"{nack.reason} ({nack.code})"
+        if nack.code == "bad_signature":
+            reason += ": the connection file's key does not match this trainer"
+        if action in ("lease_debug", "renew") and self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
+            self.lease.phase = LeasePhase.REFUSED if action == "lease_debug" else LeasePhase.EXPIRED
+            self.lease.reason = reason
+        if action == "profile":
+            self.profile_note = f"profile refused: {reason}"
+        self.store.events.append(StoreEvent("command", f"trainer refused {action}: {reason}", "error"))
+        self.store.version += 1
+
+    def _track_lease(self, snap: Snapshot) -> None:
+        """The trainer's snapshots say when the lease really ended (N updates, or not renewed)."""
+        lease = self.lease
+        if lease.phase != LeasePhase.ACTIVE or lease.effective_step is None:
+            return
+        if snap.step < lease.effective_step:
+            return
+        if snap.level.lease_until is not None:
+            lease.lease_until = snap.level.lease_until
+            return
+        lease.phase = LeasePhase.EXPIRED
+        self.store.events.append(StoreEvent("command", self.lease.describe(), "warning"))
+
+    async def _drain_monitor(self) -> None:
+        assert self._monitor is not None
+        while True:
+            try:
+                msg = self._monitor.recv_multipart(flags=zmq.NOBLOCK)
+                if isinstance(msg, asyncio.Future):
+                    msg = await msg
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            try:
+                event = parse_monitor_message(msg)["event"]
+            except Exception:  # a malformed monitor message is not worth a crash
+                continue
+            self._on_monitor(event)
+
+    def _on_monitor(self, event: int) -> None:
+        now = self.clock()
+        st = self.status
+        if event == zmq.EVENT_CONNECTED:
+            if st.state in (LinkState.DISCONNECTED, LinkState.CONNECTING):
+                st.set(LinkState.CONNECTING, now, "connected, waiting for the first frame")
+            if self.session is not None:
+                self._ask_history()  # reconnected: backfill what was missed
+        elif event == zmq.EVENT_DISCONNECTED:
+            if st.state != LinkState.INCOMPATIBLE:
+                st.set(LinkState.DISCONNECTED, now, "connection lost, reconnecting…")
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            st.connect_retries += 1
+            if st.state in (LinkState.CONNECTING, LinkState.DISCONNECTED):
+                st.detail = f"retrying (attempt {st.connect_retries})"
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            st.banner = (
+                "The trainer refused the encrypted handshake (CURVE): pass its current connection file "
+                "with --connection-file."
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or self.target.curve
+                else "The trainer requires CURVE encryption: pass its connection file with --connection-file."
+            )
+        self.store.version += 1
+
+    # -- housekeeping and sending -------------------------------------------------------------------
+    _reopen_needed = False
+
+    def _housekeeping(self) -> bool:
+        """Timers: stale link, history timeout, reply timeouts, lease renewal, connection-file rescan.
+
+        Returns True when the sockets must be reopened (new key material after a restart).
+        """
+        now = self.clock()
+        st = self.status
+        if (
+            st.state == LinkState.LIVE
+            and st.last_frame_at is not None
+            and now - st.last_frame_at > self.stale_after
+        ):
+            st.set(LinkState.STALE, now)
+        if st.state == LinkState.STALE and st.last_frame_at is not None:
+            st.detail = f"no heartbeat for {now - st.last_frame_at:.0f} s"
+        if self._history_since is not None:
+            if now - self._history_since > self.history_timeout:
+                self.store.events.append(
+                    StoreEvent("info", "no history from the trainer: showing live frames only", "warning")
+                )
+                self._finish_backfill()
+            elif not self._history_sent and not any(a == "history" for a, _ in self._queue):
+                self._queue.appendleft(("history", {"since_seq": self.store.last_seq}))
+        for cid, pending in list(self._pending.items()):
+            if now - pending.sent_at > self.reply_timeout:
+                del self._pending[cid]
+                self.store.events.append(
+                    StoreEvent(
+                        "command", f"no reply to {pending.action} after {self.reply_timeout:.0f} s", "warning"
+                    )
+                )
+                if pending.action == "lease_debug" and self.lease.phase == LeasePhase.PENDING:
+                    self.lease = DebugLease(phase=LeasePhase.REFUSED, reason="no reply from the trainer")
+                if pending.action == "profile":
+                    self.profile_note = "profile: no reply from the trainer"
+                self.store.version += 1
+        if self.lease.phase == LeasePhase.ACTIVE and now - self.lease.last_sent > self.lease_seconds / 3:
+            self._queue.append(
+                ("renew", {"updates": self.lease_updates, "lease_seconds": self.lease_seconds})
+            )
+            self.lease.last_sent = now
+        reopen = self._reopen_needed
+        self._reopen_needed = False
+        if not self.target.can_command and now - self._last_rescan > self.rescan_interval:
+            self._last_rescan = now
+            fresh = self.target.reload()
+            if fresh.can_command:
+                self.target = fresh
+                reopen = True
+                if self.session is not None:
+                    self._ask_history()
+        if reopen:
+            self._update_commands_note()
+        return reopen
+
+    def _ask_history(self) -> None:
+        """Hold live snapshots and ask for what came before them (the Clone pattern)."""
+        if not self.target.can_command:
+            return
+        if self._history_since is None:
+            self._history_since = self.clock()
+        self._history_sent = False
+        self._queue = collections.deque(((a, f) for a, f in self._queue if a != "history"), maxlen=64)
+        self._queue.appendleft(("history", {"since_seq": self.store.last_seq}))
+
+    async def _send_queued(self) -> None:
+        while self._queue:
+            action, fields = self._queue.popleft()
+            self._send_now(action, fields)
+
+    def _send_now(self, action: str, fields: dict[str, Any]) -> None:
+        t = self.target
+        now = self.clock()
+        if self._dealer is None or t.key is None or self.session is None:
+            if action == "history":
+                self._finish_backfill()
+            return
+        cmd = new_command(action, session=self.session, client=self.client_name, **fields)
+        self._cmd_seq += 1
+        data = encode_envelope(
+            "command",
+            cmd,
+            session=self.session,
+            seq=self._cmd_seq,
+            step=self.store.latest.step if self.store.latest else 0,
+        )
+        try:
+            self._dealer.send_multipart([sign(t.key, data), data], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            if action == "history":
+                return  # not connected yet: housekeeping retries until the history timeout
+            self.store.events.append(
+                StoreEvent(
+                    "command", f"{action} not sent: the trainer's command port is not reachable", "error"
+                )
+            )
+            if action == "lease_debug":
+                self.lease = DebugLease(phase=LeasePhase.REFUSED, reason="command port not reachable")
+            self.store.version += 1
+            return
+        self._pending[cmd.id] = _Pending(action, now, fields)
+        if action == "history":
+            self._history_sent = True
+        if action in ("lease_debug", "renew"):
+            self.lease.last_sent = now
+            if action == "lease_debug":
+                self.lease.command_id = cmd.id

@@ -1,0 +1,134 @@
+"""The main screen: header, banner, the five health panels and the anomaly log, the footer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from textual.app import ComposeResult
+from textual.containers import Grid
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from simic_tui.keys import DASHBOARD_BINDINGS, LIVE_ONLY, REPLAY_BINDINGS, REPLAY_ONLY
+from simic_tui.widgets.advantage import AdvantagePanel
+from simic_tui.widgets.anomalies import AnomalyPanel
+from simic_tui.widgets.base import Panel, View
+from simic_tui.widgets.gradients import GradientsPanel
+from simic_tui.widgets.header import Banner, HeaderModel, StatusHeader
+from simic_tui.widgets.lstm import LSTMPanel
+from simic_tui.widgets.policy import PolicyPanel
+from simic_tui.widgets.value import ValuePanel
+
+if TYPE_CHECKING:
+    from simic_tui.app import SimicApp
+
+__all__ = ["PANEL_IDS", "DashboardScreen", "TooSmall"]
+
+PANEL_IDS = ("policy", "value", "advantage", "gradients", "lstm")
+MIN_SIZE = (80, 24)
+
+
+class TooSmall(Static):
+    """Covers the screen when the terminal is below the minimum size."""
+
+
+class DashboardScreen(Screen):
+    """Five panels on a grid whose shape follows the terminal's width (breakpoint classes)."""
+
+    BINDINGS: ClassVar = [*DASHBOARD_BINDINGS, *REPLAY_BINDINGS]
+    AUTO_FOCUS = None
+
+    @property
+    def simic(self) -> SimicApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        yield StatusHeader(id="header")
+        yield Banner(id="banner")
+        with Grid(id="panels"):
+            yield PolicyPanel(id="policy", classes="panel")
+            yield ValuePanel(id="value", classes="panel")
+            yield AdvantagePanel(id="advantage", classes="panel")
+            yield GradientsPanel(id="gradients", classes="panel")
+            yield LSTMPanel(id="lstm", classes="panel")
+            yield AnomalyPanel(id="anomalies", classes="panel")
+        yield TooSmall(
+            f"The terminal is too small for simic-tui.\n\nIt needs at least {MIN_SIZE[0]}×{MIN_SIZE[1]}; "
+            "enlarge the window or reduce the font size.\n\nData keeps arriving meanwhile. q quits.",
+            id="too-small",
+        )
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.simic.tick()
+
+    def on_resize(self) -> None:
+        w, h = self.size
+        self.set_class(w < MIN_SIZE[0] or h < MIN_SIZE[1], "-too-small")
+
+    # -- drawing -------------------------------------------------------------------------------------
+    def show_header(self, model: HeaderModel, banners: list[str]) -> None:
+        self.query_one(StatusHeader).show(model)
+        self.query_one(Banner).show(banners)
+
+    def show_panels(self, view: View) -> None:
+        for panel in self.query(Panel):
+            panel.refresh_from(view)
+
+    # -- keys ------------------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        replay = self.simic.replay is not None
+        if action in LIVE_ONLY and replay:
+            return False
+        if action in REPLAY_ONLY and not replay:
+            return False
+        return not (action == "unzoom" and self.maximized is None)
+
+    def action_debug(self) -> None:
+        self.simic.request_debug()
+
+    def action_set_level(self, level: str) -> None:
+        self.simic.set_level(level)
+
+    def action_profile(self) -> None:
+        self.simic.request_profile()
+
+    def action_toggle_pause(self) -> None:
+        self.simic.toggle_pause()
+
+    def action_panel(self, number: int) -> None:
+        """First press focuses the panel, the second zooms it (and a third restores)."""
+        panel = self.query_one(f"#{PANEL_IDS[number - 1]}", Panel)
+        if self.maximized is panel:
+            self.minimize()
+        elif self.maximized is not None or panel.has_focus:
+            panel.focus()
+            self.maximize(panel, container=False)
+        else:
+            panel.focus()
+        self.refresh_bindings()
+
+    def action_unzoom(self) -> None:
+        self.minimize()
+        self.refresh_bindings()
+
+    def action_anomalies(self) -> None:
+        self.simic.open_anomaly_log()
+
+    def action_thresholds(self) -> None:
+        self.simic.open_thresholds()
+
+    def action_play_pause(self) -> None:
+        self.simic.replay_toggle()
+
+    def action_step(self, delta: int) -> None:
+        self.simic.replay_step(delta)
+
+    def action_seek_start(self) -> None:
+        self.simic.replay_seek(1)
+
+    def action_seek_end(self) -> None:
+        self.simic.replay_seek(None)
+
+    def action_speed(self, direction: int) -> None:
+        self.simic.replay_speed(direction)

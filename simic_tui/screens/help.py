@@ -1,0 +1,99 @@
+"""Help: every key (from the same Binding lists as the Footer and the palette), glyphs and colours."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, DEBUG_BINDINGS, REPLAY_BINDINGS
+
+__all__ = ["HelpScreen", "key_table"]
+
+
+def _key(binding: Binding) -> str:
+    if binding.key_display:
+        return binding.key_display
+    names = {"question_mark": "?", "escape": "Esc", "home": "Home", "end": "End", "space": "Space"}
+    return "/".join(names.get(k, k) for k in binding.key.split(","))
+
+
+def key_table(title: str, bindings: list[Binding]) -> Content:
+    lines: list[Content] = [Content.styled(title, "bold $accent")]
+    for b in bindings:
+        lines.append(
+            Content.assemble(
+                (f"  {_key(b):<7}", "bold"), (f"{b.description:<11}", ""), (b.tooltip, "$text-muted")
+            )
+        )
+    return Content("\n").join(lines)
+
+
+LEGEND = Content("\n").join(
+    [
+        Content.styled("Colours and glyphs", "bold $accent"),
+        Content.assemble(("  0.82  ", ""), ("healthy: inside every threshold", "$text-muted")),
+        Content.assemble(
+            ("  0.31▲ ", "$warning"), ("warning: past the trainer's warning threshold", "$text-muted")
+        ),
+        Content.assemble(
+            ("  0.04✖ COLLAPSE ", "bold $error"),
+            ("critical: an alarm; the panel's border turns heavy", "$text-muted"),
+        ),
+        Content.assemble(
+            ("  —     ", "$text-muted"),
+            ("undefined (e.g. explained variance of constant returns)", "$text-muted"),
+        ),
+        Content.assemble(
+            ("  NaN   ", "bold $error"),
+            ("not a number: the trainer computed NaN (always critical)", "$text-muted"),
+        ),
+        Content.assemble(
+            ("  ×     ", "$accent"), ("in a sparkline: a NaN/inf update; blank: not measured", "$text-muted")
+        ),
+        Content.assemble(
+            ("  ˆ     ", "$warning"), ("under the KL sparkline: a target-KL early stop", "$text-muted")
+        ),
+        Content.styled(
+            "  Every limit comes from the Thresholds the trainer sends with each snapshot (t lists them),\n"
+            "  so the dashboard and the trainer's anomaly detector never disagree.",
+            "$text-muted",
+        ),
+        Content.styled("Link", "bold $accent"),
+        Content.styled(
+            "  ● live  ○ stale (no heartbeat for 3 s)  ✖ disconnected (reconnecting)  ◌ connecting…\n"
+            "  bad frames: refused frames (counted, never drawn); missed: sequence gaps the backfill\n"
+            "  could not fill; dropped: snapshots the trainer's queue dropped.",
+            "$text-muted",
+        ),
+        Content.styled("Command palette", "bold $accent"),
+        Content.styled("  ctrl+p lists every action above by name.", "$text-muted"),
+    ]
+)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS: ClassVar = [
+        Binding("escape,question_mark,q", "dismiss", "Close", id="help_close", tooltip="Close the help"),
+    ]
+
+    def __init__(self, replay: bool) -> None:
+        super().__init__()
+        self.replay = replay
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-body"):
+            yield Static(Content.styled("simic-tui help  (Esc closes)", "bold"), id="help-title")
+            yield Static(key_table("Keys", [*DASHBOARD_BINDINGS, *APP_BINDINGS]), classes="help-section")
+            if self.replay:
+                yield Static(key_table("Replay", REPLAY_BINDINGS), classes="help-section")
+            yield Static(key_table("DEBUG screen", DEBUG_BINDINGS), classes="help-section")
+            yield Static(LEGEND, classes="help-section")
+
+    def action_dismiss(self) -> None:  # type: ignore[override]
+        self.dismiss(None)

@@ -1,0 +1,221 @@
+"""The panel base class and the line builder every panel uses.
+
+A panel is a focusable, maximisable ``Static`` that rebuilds its text from the store when the store
+changed (or its size did), on the app's timer: never per message. Each panel returns *rows* with a
+priority, and shows as many as fit its height, so one renderer serves 80x24 and 200x60 alike.
+Colours come from theme variables and verdicts (see :mod:`simic_tui.judge`); every alarm also has a
+glyph and a word, so the panel reads the same with NO_COLOR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from textual.content import Content
+from textual.widgets import Static
+
+from simic_tui.fmt import chart, fmt_num, sparkline
+from simic_tui.judge import GLYPH, STYLE, Verdict, panel_anomalies, worst
+from simic_tui.store import TelemetryStore
+from telemetry_core.config import Thresholds
+from telemetry_core.schema import Snapshot
+
+__all__ = ["ChartSpec", "Line", "Panel", "Row", "View", "fit_rows"]
+
+LABEL = "$text-muted"
+
+
+@dataclass
+class View:
+    """What a panel draws from: the store and, for convenience, its latest snapshot."""
+
+    store: TelemetryStore
+    snap: Snapshot | None
+    thresholds: Thresholds | None
+
+    @classmethod
+    def of(cls, store: TelemetryStore) -> View:
+        snap = store.latest
+        return cls(store, snap, snap.thresholds if snap is not None else None)
+
+
+class Line:
+    """A one-line Content built from labelled, judged values."""
+
+    __slots__ = ("parts", "width")
+
+    def __init__(self) -> None:
+        self.parts: list[str | tuple[str, str]] = []
+        self.width = 0
+
+    def add(self, text: str, style: str = "") -> Line:
+        self.parts.append((text, style) if style else text)
+        self.width += len(text)
+        return self
+
+    def label(self, text: str, width: int = 0) -> Line:
+        return self.add(text.ljust(width) if width else text, LABEL)
+
+    def pad_to(self, column: int) -> Line:
+        if self.width < column:
+            self.add(" " * (column - self.width))
+        return self
+
+    def val(
+        self,
+        value: Any,
+        verdict: Verdict = Verdict.OK,
+        *,
+        fmt: Callable[[Any], str] = fmt_num,
+        width: int = 0,
+        word: str = "",
+    ) -> Line:
+        """A value in its verdict's colour, followed by the verdict's glyph (and word for alarms)."""
+        text = fmt(value) + GLYPH[verdict]
+        if word and verdict >= Verdict.WARN:
+            text += f" {word}"
+        if width:
+            text = text.rjust(width)
+        return self.add(text, STYLE[verdict])
+
+    def spark(
+        self, values: np.ndarray, width: int, present: np.ndarray | None = None, style: str = "$accent"
+    ) -> Line:
+        if width > 0:
+            self.add(sparkline(values, width, present), style)
+        return self
+
+    def build(self) -> Content:
+        return Content.assemble(*self.parts)
+
+
+@dataclass(order=True)
+class Row:
+    """A line with a priority (lower shows first when space is short) and its position."""
+
+    priority: int
+    order: int
+    line: Content = field(compare=False)
+
+
+def fit_rows(rows: list[Row], height: int) -> list[Content]:
+    """The rows that fit ``height``, most important first, shown in their natural order."""
+    if height <= 0:
+        return []
+    keep = sorted(rows)[:height]
+    return [r.line for r in sorted(keep, key=lambda r: r.order)]
+
+
+@dataclass
+class ChartSpec:
+    """A history chart a panel draws in the rows it has to spare (taller terminals, zoomed panels)."""
+
+    title: str
+    column: str  # store column
+    marks: dict[float, str] = field(default_factory=dict)  # threshold level -> its name
+
+
+class Rows:
+    """Collects rows in display order."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+
+    def add(self, line: Line | Content | str, priority: int = 5) -> None:
+        content = line.build() if isinstance(line, Line) else Content(line) if isinstance(line, str) else line
+        self.rows.append(Row(priority, len(self.rows), content))
+
+
+class Panel(Static):
+    """A health panel: numbered, focusable, zoomable, redrawn from the store on the app's timer."""
+
+    ALLOW_MAXIMIZE = True
+    can_focus = True
+    NUMBER: ClassVar[int] = 0
+    TITLE: ClassVar[str] = ""
+    KEY: ClassVar[str] = ""  # panel name in judge.PANEL_KINDS
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("", **kwargs)
+        self._drawn_key: tuple[int, int, int] | None = None
+        self.state = Verdict.NA
+        self.border_title = f"{self.NUMBER} {self.TITLE}" if self.NUMBER else self.TITLE
+
+    def on_resize(self) -> None:
+        self._drawn_key = None
+        app = self.app
+        view = getattr(app, "current_view", None)
+        if view is not None:
+            self.refresh_from(view())
+
+    def refresh_from(self, view: View) -> None:
+        """Rebuild when the store or the size changed since the last draw."""
+        width, height = self.content_region.width, self.content_region.height
+        key = (view.store.version, width, height)
+        if key == self._drawn_key:
+            return
+        self._drawn_key = key
+        rows = Rows()
+        verdicts: list[Verdict] = []
+        if view.snap is None:
+            rows.add(Line().label("waiting for the first snapshot…"))
+        else:
+            verdicts = self.build(rows, view, width)
+            spare = height - len(rows.rows)
+            spec = self.chart_spec(view) if spare >= 4 else None
+            if spec is not None:
+                self._add_chart(rows, view, spec, width, spare)
+        lines = fit_rows(rows.rows, height)
+        self.update(Content("\n").join(line.truncate(width, ellipsis=True) for line in lines))
+        self._set_state(view, verdicts)
+
+    def _set_state(self, view: View, verdicts: list[Verdict]) -> None:
+        alarms = panel_anomalies(view.snap, self.KEY)
+        state = worst(verdicts)
+        if alarms:
+            state = max(state, Verdict.CRIT if alarms[0].severity == "critical" else Verdict.WARN)
+        self.state = state
+        self.set_class(state == Verdict.WARN, "-warn")
+        self.set_class(state == Verdict.CRIT, "-crit")
+        title = f"{self.NUMBER} {self.TITLE}" if self.NUMBER else self.TITLE
+        if alarms:
+            words = []
+            for a in alarms:
+                word = a.kind.replace("_", " ").upper()
+                if a.head:
+                    word += f" ({a.head})"
+                if word not in words:
+                    words.append(word)
+            title += (
+                f" {GLYPH[Verdict.CRIT if alarms[0].severity == 'critical' else Verdict.WARN]} "
+                + ", ".join(words)
+            )
+        elif state >= Verdict.WARN:
+            title += f" {GLYPH[state]}"
+        self.border_title = title
+
+    def build(self, rows: Rows, view: View, width: int) -> list[Verdict]:
+        """Add this panel's rows; return the verdicts shown (the border takes the worst)."""
+        raise NotImplementedError
+
+    def chart_spec(self, view: View) -> ChartSpec | None:
+        """The history this panel charts when it has rows to spare (None: no chart)."""
+        return None
+
+    def _add_chart(self, rows: Rows, view: View, spec: ChartSpec, width: int, spare: int) -> None:
+        store = view.store
+        axis = 8
+        plot_w = max(width - axis, 1)
+        values = store.series(spec.column)
+        lines, lo, hi = chart(values, plot_w, spare - 1, store.present(spec.column), spec.marks)
+        shown = min(len(values), plot_w)
+        title = Line().label(f"{spec.title}, last {shown} updates")
+        for level, name in spec.marks.items():
+            title.label("  ┈ ").label(f"{name} {fmt_num(level)}")
+        rows.add(title, 9)
+        for i, text in enumerate(lines):
+            tick = fmt_num(hi) if i == 0 else fmt_num(lo) if i == len(lines) - 1 else ""
+            rows.add(Line().label(tick.rjust(axis - 1) + " ").add(text, "$accent"), 9)

@@ -1,0 +1,141 @@
+"""The status header (run, step, phase, level, link, counts) and the banner for problems.
+
+Segments have priorities: on a narrow terminal the least important ones are dropped whole rather
+than cut mid-word. Nothing here reads a clock: ages and rates come from the status and the store,
+whose clocks are injectable, so snapshot tests are deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from textual.content import Content
+from textual.widgets import Static
+
+from simic_tui.client import LinkState, LinkStatus
+from simic_tui.fmt import fmt_count
+from simic_tui.store import TelemetryStore
+
+__all__ = ["Banner", "HeaderModel", "StatusHeader", "fit_segments"]
+
+SEP = " │ "
+
+
+@dataclass
+class HeaderModel:
+    """Everything the header shows, gathered by the app each tick."""
+
+    store: TelemetryStore
+    status: LinkStatus
+    lease: str = ""  # lease description ('' when none)
+    profile: str = ""
+    paused: bool = False
+    paused_behind: int = 0  # snapshots ingested since the display froze
+    replay: str = ""  # replay position / speed ('' when live)
+    commands_note: str = ""
+
+
+Segment = tuple[int, list[tuple[str, str]]]  # (priority, [(text, style)])
+
+
+def fit_segments(segments: Sequence[Segment], width: int) -> Content:
+    """Join segments with separators, dropping the least important until the line fits."""
+    keep = list(segments)
+    while keep:
+        total = sum(len(t) for _, parts in keep for t, _ in parts) + len(SEP) * (len(keep) - 1) + 1
+        if total <= width or len(keep) == 1:
+            break
+        drop = max(range(len(keep)), key=lambda i: (keep[i][0], i))
+        del keep[drop]
+    pieces: list[tuple[str, str] | str] = [" "]
+    for i, (_, parts) in enumerate(keep):
+        if i:
+            pieces.append((SEP, "$text-muted"))
+        pieces.extend(parts)
+    return Content.assemble(*pieces).truncate(width, ellipsis=True)
+
+
+_STATE = {
+    LinkState.CONNECTING: ("◌ connecting…", "bold $warning"),
+    LinkState.LIVE: ("● live", "bold $success"),
+    LinkState.STALE: ("○ stale", "bold $warning"),
+    LinkState.DISCONNECTED: ("✖ disconnected", "bold $error"),
+    LinkState.INCOMPATIBLE: ("✖ incompatible", "bold $error"),
+    LinkState.REPLAY: ("▶ replay", "bold $accent"),
+}
+
+
+class StatusHeader(Static):
+    """Two lines: what is being watched, and how the link is doing."""
+
+    DEFAULT_CSS = "StatusHeader { height: 2; }"
+
+    def show(self, model: HeaderModel) -> None:
+        width = max(self.size.width, 20)
+        store, status = model.store, model.status
+        snap = store.latest
+        line1: list[Segment] = [(0, [("simic-tui", "bold $accent")])]
+        if snap is not None:
+            line1.append((1, [(snap.run.name or "(unnamed run)", "bold")]))
+            if store.session:
+                line1.append((6, [("session ", "$text-muted"), (store.session[:8], "")]))
+            planned = snap.run.planned_updates
+            step = [("step ", "$text-muted"), (str(snap.step), "bold")]
+            if planned:
+                step += [(f"/{planned}", ""), (f" ({100 * snap.step / planned:.0f}%)", "$text-muted")]
+            line1.append((0, step))
+            line1.append((4, [("phase ", "$text-muted"), (snap.phase, "")]))
+            level_style = "bold $warning" if snap.level.level == "DEBUG" else "bold"
+            line1.append((0, [("level ", "$text-muted"), (snap.level.level, level_style)]))
+            line1.append((3, [(snap.level.reason, "$text-muted")]))
+        else:
+            line1.append((1, [("no snapshot yet", "$text-muted")]))
+
+        text, style = _STATE[status.state]
+        state: list[tuple[str, str]] = [(text, style)]
+        if model.replay:
+            state = [(model.replay, style)]
+        elif status.state == LinkState.INCOMPATIBLE and status.their_version:
+            state.append((f" (schema {status.their_version[0]}.{status.their_version[1]})", "$error"))
+        elif status.detail:
+            state.append((f" {status.detail}", "$text-muted"))
+        line2: list[Segment] = [(0, state)]
+        if not model.replay:
+            line2.append((5, [(f"{store.rate():.1f} upd/s", "")]))
+        c = store.counters
+        bad_style = "bold $error" if c.bad_frames else ""
+        bad: list[tuple[str, str]] = [("bad frames ", "$text-muted"), (fmt_count(c.bad_frames), bad_style)]
+        if c.bad_frames and width >= 150:
+            codes = ", ".join(f"{k} {v}" for k, v in c.bad_by_code.most_common(3))
+            bad.append((f" ({codes})", "$text-muted"))
+        line2.append((2, bad))
+        dropped = snap.counters.snapshots_dropped if snap is not None else 0
+        line2.append(
+            (3, [("missed ", "$text-muted"), (fmt_count(c.missed), "bold $warning" if c.missed else "")])
+        )
+        line2.append(
+            (3, [("dropped ", "$text-muted"), (fmt_count(dropped), "bold $warning" if dropped else "")])
+        )
+        if model.lease:
+            line2.append((1, [(model.lease, "bold $warning")]))
+        if model.profile:
+            line2.append((2, [(model.profile, "$accent")]))
+        if model.commands_note and not model.replay:
+            line2.append((7, [(model.commands_note, "$text-muted")]))
+        if model.paused:
+            behind = f", {model.paused_behind} new" if model.paused_behind else ""
+            line2.insert(1, (0, [(f"‖ PAUSED (display{behind}; p resumes)", "bold reverse $warning")]))
+        self.update(Content("\n").join([fit_segments(line1, width), fit_segments(line2, width)]))
+
+
+class Banner(Static):
+    """Problems the operator must see: incompatible schema, authentication, a damaged recording."""
+
+    DEFAULT_CSS = "Banner { height: auto; display: none; }"
+
+    def show(self, messages: Sequence[str]) -> None:
+        text = "\n".join(f"✖ {m}" for m in messages if m)
+        self.display = bool(text)
+        if text:
+            self.update(Content(text))

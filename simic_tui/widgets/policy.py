@@ -1,0 +1,145 @@
+"""Policy panel: per-head entropy, KL (k3) with early-stop markers, clipping, ratios, ESS."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from simic_tui.fmt import fmt_num, fmt_pct
+from simic_tui.judge import (
+    Verdict,
+    judge_entropy,
+    judge_high,
+    judge_kl,
+    judge_low,
+    judge_ratio_max,
+    judge_ratio_min,
+)
+from simic_tui.widgets.base import ChartSpec, Line, Panel, Rows, View
+
+__all__ = ["PolicyPanel"]
+
+L = 9  # label column
+
+
+class PolicyPanel(Panel):
+    NUMBER = 1
+    TITLE = "Policy"
+    KEY = "policy"
+
+    def build(self, rows: Rows, view: View, width: int) -> list[Verdict]:
+        snap, thr, store = view.snap, view.thresholds, view.store
+        assert snap is not None and thr is not None
+        pol = snap.policy
+        verdicts: list[Verdict] = []
+        if pol is None:
+            rows.add(Line().label("not measured at this level (OFF)"), 1)
+            return verdicts
+        wide = width >= 60
+
+        # entropy per head, normalised by log|A|: the collapse alarm lives here
+        heads = list(pol.entropy_normalized) or list(snap.run.heads)
+        head_w = max((len(h) for h in heads), default=4) + 1
+        for i, head in enumerate(heads):
+            value = pol.entropy_normalized.get(head)
+            v = judge_entropy(thr, head, value)
+            verdicts.append(v)
+            word = (
+                "COLLAPSE"
+                if v == Verdict.CRIT and value is not None and math.isfinite(value)
+                else ("LOW" if v == Verdict.WARN else "")
+            )
+            line = Line().label("entropy" if i == 0 else "", L).label(head.ljust(head_w))
+            line.val(value, v, width=6, word=word)
+            if wide:
+                nats = pol.entropy.get(head)
+                line.add(f" {fmt_num(nats)} nats", "$text-muted")
+            line.add(" ")
+            col = f"policy.entropy_normalized.{head}"
+            line.spark(store.series(col), width - line.width, store.present(col))
+            rows.add(line, 1)
+
+        # KL k3: mean (judged) and max, history, early stops
+        kv = judge_kl(thr, pol.kl_k3_mean)
+        verdicts.append(kv)
+        line = Line().label("KL k3", L)
+        if width >= 44:
+            line.label("mean ")
+        line.val(pol.kl_k3_mean, kv, word="SPIKE" if kv == Verdict.CRIT else "")
+        line.label(" max ").val(pol.kl_k3_max, judge_high(pol.kl_k3_max)).add(" ")
+        spark_col = line.width
+        spark_w = max(width - spark_col, 0)
+        line.spark(store.series("policy.kl_k3_mean"), spark_w, store.present("policy.kl_k3_mean"))
+        rows.add(line, 1)
+        if spark_w > 0:
+            stops = store.series("policy.early_stopped", spark_w)
+            marks = "".join("ˆ" if s == 1.0 else " " for s in np.nan_to_num(stops, nan=0.0))
+            if "ˆ" in marks:
+                rows.add(
+                    Line().label("early stop").pad_to(spark_col).add(marks.rjust(spark_w), "$warning"), 6
+                )
+
+        # clipping, ratios, ESS
+        cv = judge_high(pol.clip_fraction, warn=thr.clip_fraction_warning)
+        rmax = judge_ratio_max(thr, pol.ratio_max)
+        rmin = judge_ratio_min(thr, pol.ratio_min)
+        ess = judge_low(pol.ess, warn=thr.ess_warning)
+        verdicts += [cv, rmax, rmin, ess]
+        line = Line().label("clip", L).val(pol.clip_fraction, cv, fmt=fmt_pct)
+        if width < 50:
+            line.label("  ESS ").val(pol.ess, ess)
+        else:
+            for head, value in pol.head_clip_fraction.items():
+                hv = judge_high(value, warn=thr.clip_fraction_warning)
+                line.label(f"  {head} ").val(value, hv, fmt=fmt_pct)
+        rows.add(line, 2)
+        line = (
+            Line().label("ratio", L).val(pol.ratio_min, rmin, word="COLLAPSE" if rmin == Verdict.CRIT else "")
+        )
+        line.label(" – ").val(pol.ratio_max, rmax, word="EXPLOSION" if rmax == Verdict.CRIT else "")
+        line.label("  std ").val(pol.ratio_std)
+        if width >= 50:
+            line.label("  ESS ").val(pol.ess, ess)
+        rows.add(line, 2)
+
+        # this update's early stop
+        if pol.early_stopped:
+            line = Line().label("stopped", L).add("early stop", "$warning")
+            line.label(" at epoch ").val(pol.early_stop_epoch).label(" KL ").val(pol.early_stop_kl)
+        else:
+            line = Line().label("stopped", L).label(f"no early stop ({pol.epochs} epochs)")
+        rows.add(line, 3)
+
+        line = (
+            Line().label("loss", L).val(pol.policy_loss).label(f"   {pol.epochs} ep × {pol.minibatches} mb")
+        )
+        line.label("  clip ε ").val(pol.clip_range)
+        rows.add(line, 4)
+
+        if wide:
+            line = (
+                Line().label("KL k1", L).label("mean ").val(pol.kl_k1_mean).label(" max ").val(pol.kl_k1_max)
+            )
+            if pol.kl_k3_per_epoch:
+                line.label("  k3/epoch ").add(" ".join(fmt_num(x, 2) for x in pol.kl_k3_per_epoch))
+            rows.add(line, 5)
+            for head in heads:
+                hmax = pol.head_ratio_max.get(head)
+                hmin = pol.head_ratio_min.get(head)
+                line = Line().label(f"  {head}".ljust(L + head_w))
+                line.label("ratio ").val(hmin, judge_ratio_min(thr, hmin)).label("–").val(
+                    hmax, judge_ratio_max(thr, hmax)
+                )
+                line.label("  KL ").val(pol.head_kl_k3.get(head))
+                rows.add(line, 6)
+        return verdicts
+
+    def chart_spec(self, view: View) -> ChartSpec | None:
+        thr = view.thresholds
+        assert thr is not None
+        return ChartSpec(
+            "KL k3 mean",
+            "policy.kl_k3_mean",
+            {thr.kl_spike_warning: "spike", thr.kl_spike_critical: "critical"},
+        )
