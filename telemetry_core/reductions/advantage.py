@@ -46,8 +46,8 @@ __all__ = [
 QUANTILE_MAX_EXACT = 1 << 20
 
 # Layout of a moment row: one group's count, pivot (its mean), power sums of (x - pivot) of order
-# 1..4, min, max, count of x > 0, count of NaN.
-MOMENT_ROW = ("n", "pivot", "s1", "s2", "s3", "s4", "min", "max", "n_pos", "n_nan")
+# 1..4, min, max, count of x > 0, count of NaN, plain sum (the mean's fallback when x holds +-inf).
+MOMENT_ROW = ("n", "pivot", "s1", "s2", "s3", "s4", "min", "max", "n_pos", "n_nan", "sum")
 # Layout of a merged moment vector (what crosses to the host).
 _MERGED = ("n", "mean", "m2", "m3", "m4", "min", "max", "n_pos", "n_nan")
 
@@ -122,20 +122,23 @@ def moment_row(x: torch.Tensor) -> torch.Tensor:
     lo, hi = torch.aminmax(flat)
     counts = torch.stack((flat > 0, torch.isnan(flat))).sum(1).to(dt)
     head = torch.full((1,), float(n), dtype=dt, device=flat.device)
-    return torch.cat((head, pivot.reshape(1), sums, torch.stack((lo, hi)), counts))
+    return torch.cat((head, pivot.reshape(1), sums, torch.stack((lo, hi)), counts, flat.sum().reshape(1)))
 
 
 def merge_moment_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Merge a (G, 10) stack of moment rows into [n, mean, M2, M3, M4, min, max, n_pos, n_nan].
+    """Merge a (G, 11) stack of moment rows into [n, mean, M2, M3, M4, min, max, n_pos, n_nan].
 
     ``M_k`` is the k-th central sum of the union: with ``d = pivot_g - mean``,
     ``sum_i (x_i - mean)^k = sum_j C(k, j) d^(k-j) s_j`` where ``s_0 = n_g`` (binomial theorem), so the
-    merge is exact in exact arithmetic and loses nothing measurable in float64.
+    merge is exact in exact arithmetic and loses nothing measurable in float64. With an infinite
+    value the pivots are infinite and the re-centred mean NaN; the mean then falls back to the plain
+    sum (inf, as numpy gives) while the central sums stay NaN.
     """
     n, p, s1, s2, s3, s4 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4], rows[:, 5]
     total = n.sum()
     mean = (n * p + s1).sum() / total
     d = p - mean
+    mean = torch.where(torch.isnan(mean), rows[:, 10].sum() / total, mean)
     d2 = d * d
     m2 = s2 + 2 * d * s1 + n * d2
     m3 = s3 + 3 * d * s2 + 3 * d2 * s1 + n * d2 * d
