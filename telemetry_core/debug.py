@@ -14,8 +14,10 @@ Decisions, and why:
   over the finite elements of every call with Chan's parallel update in float32 (gradients may be
   fp16/bf16: each is widened to a float32 working copy one parameter at a time, never to float64),
   ``norm`` is the mean over calls of the per-call L2 norm (as ``GradientStats.param_norms``).
-  Cost per backward: one ``torch._foreach_norm`` for all norms plus about 16 elementwise/reduction
-  kernels per parameter tensor; memory: one float32 copy of the largest gradient at a time.
+  Cost per backward: one ``torch._foreach_norm`` for all norms plus about 20 elementwise/reduction
+  kernels per parameter tensor; transient memory: a float32 working copy and its masks, one
+  parameter at a time. Parameters without a (dense) gradient in a backward are a counted skip
+  (``DebugReport.skipped``; their row's ``calls`` says how often they had one).
 * **Numerical report.** Per-parameter flags and maxima travel, names are resolved on the host.
   Non-finite gradients come from the table's NaN/inf counts; weights are checked once, in
   ``pending`` (after the update's last optimizer step): a non-finite weight never heals by itself,
@@ -31,10 +33,11 @@ Decisions, and why:
   over (policy, value, each head loss): **2 + number of head losses extra backward passes, once per
   update** (first minibatch only; later calls are counted and skipped). ``.grad`` is untouched (no
   accumulation), no ``create_graph``; the loop's own backward then runs on the retained graph.
-  Measured on a 2-core CPU (loaded machine) with an LSTM actor-critic (obs 32, hidden 128, two heads
-  of 4 and 3 actions, critic; 16 envs x 32 steps per minibatch): each extra pass costs about one
-  normal backward (0.8-1.0x), so the whole conflict computation with two head losses costs about
-  3.6x one backward, once per update.
+  Measured on the 2-core CPU while other jobs loaded it (preliminary; medians of 30 interleaved
+  repeats, three runs), LSTM actor-critic with 137k parameters (obs 32, hidden 128, heads of 4
+  and 3 actions, critic), minibatch 32 steps x 16 envs, relative to the loop's one backward:
+  conflict (4 extra passes) 3.6-4.4x, once per update; per-layer table 0.6-0.75x per backward;
+  ``observe_minibatch`` <= 0.1x per minibatch; ``pending`` + transfer + ``build`` 0.2-0.45x, once.
 
 The hub calls ``observe_*`` only at DEBUG; :meth:`reset` also accepts the update's level and turns
 every ``observe_*`` into a no-op below DEBUG, so a hub that always forwards costs nothing.
@@ -68,6 +71,8 @@ _NC = 6
 # Fixed outlier payload columns (then actions, then the joint row's per-head differences).
 _P_SCORE, _P_INDEX, _P_MB, _P_EPOCH, _P_DIFF = range(5)
 _P_FIXED = 5
+# Gradients up to this many elements reduce their five count masks in one stacked kernel.
+_STACK_MASKS_MAX = 1 << 20
 
 
 def _named(named_params: Any) -> list[tuple[str, torch.Tensor]]:
@@ -122,6 +127,22 @@ def _check_logprob(arg: str, t: Any, like: torch.Tensor | None = None) -> torch.
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """Half-precision inputs are widened to float32 (no overflow, exact differences); others kept."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _float32_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor L2 norms as float32 with fused ``_foreach_norm`` calls (half inputs accumulate in
+    float32, so fp16 gradients cannot overflow; float64 ones are reduced in float64, then cast)."""
+    wide = [i for i, g in enumerate(grads) if g.dtype == torch.float64]
+    if not wide:
+        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    narrow = [i for i in range(len(grads)) if grads[i].dtype != torch.float64]
+    if narrow:
+        for i, n in zip(narrow, torch._foreach_norm([grads[i] for i in narrow], 2, dtype=torch.float32)):
+            out[i] = n
+    for i, n in zip(wide, torch._foreach_norm([grads[i] for i in wide], 2)):
+        out[i] = n.to(torch.float32)
+    return [n for n in out if n is not None]
 
 
 def _safe_exp(x: float) -> float:
@@ -187,8 +208,24 @@ class DebugDiagnostics:
         self.small = th.grad_small_rel * self.max_grad_norm
         self.large = th.grad_large_rel * self.max_grad_norm
         self.k = int(th.outlier_top_k)
-        self.device = self.params[0].device
+        self.device = torch.device("meta")
         self.reset()
+
+    def _follow_device(self) -> None:
+        """Accumulate where the model lives; rebuild constants when it moved (``model.to()`` keeps
+        the Parameter objects). Called by :meth:`reset`, so never inside an update."""
+        dev = self.params[0].device
+        if dev == self.device:
+            return
+        self.device = dev
+        f32 = torch.float32
+        self._neutral_f = torch.cat([torch.zeros(2, dtype=f32, device=dev), torch.full((1,), _INF, device=dev),
+                                     torch.full((1,), -_INF, device=dev)])  # fmt: skip
+        self._neutral_c = torch.zeros(5, dtype=torch.int64, device=dev)
+        self._zero_f = torch.zeros((), dtype=f32, device=dev)
+        self._zero_i = torch.zeros((), dtype=torch.int64, device=dev)
+        numel = torch.tensor([p.numel() for p in self.train_params], dtype=torch.int64)
+        self._numel = numel.to(dev, non_blocking=True)
 
     # ------------------------------------------------------------------------------------------
     # protocol
@@ -196,7 +233,8 @@ class DebugDiagnostics:
     def reset(self, level: TelemetryLevel | int | str | None = None) -> None:
         """Start an update. With a level below DEBUG, every ``observe_*`` of the update is a no-op."""
         self.active = level is None or TelemetryLevel.parse(level) >= TelemetryLevel.DEBUG
-        dev, p = self.device, len(self.train_params)
+        self._follow_device()
+        p = len(self.train_params)
         self._calls = 0
         self._grad_calls = [0] * p  # per trainable parameter: calls that had a gradient (host)
         self._acc_f: torch.Tensor | None = None
@@ -214,8 +252,6 @@ class DebugDiagnostics:
         self._conflict: dict[str, Any] | None = None
         self._conflict_skipped = 0
         self._layout: dict[str, Any] | None = None
-        self._neutral_f = torch.tensor([0.0, 0.0, _INF, -_INF], dtype=torch.float32, device=dev)
-        self._neutral_c = torch.zeros(_NC, dtype=torch.int64, device=dev)
 
     def pending(self, level: TelemetryLevel | int | str) -> dict[str, torch.Tensor]:
         """Device tensors for the hub's single transfer; empty below DEBUG."""
@@ -284,7 +320,7 @@ class DebugDiagnostics:
                 "before optimizer.zero_grad()"
             )
         dev = self.device
-        norms = [n.to(dev, non_blocking=True) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)]
+        norms = [n.to(dev, non_blocking=True) for n in _float32_norms(grads)]
         rows_f: list[torch.Tensor] = []
         rows_c: list[torch.Tensor] = []
         for g in grads:
@@ -293,44 +329,47 @@ class DebugDiagnostics:
             rows_c.append(c.to(dev, non_blocking=True))
         call_norm = torch.stack(norms)
         self._pre_clip.append(torch.linalg.vector_norm(call_norm))
-        # Scatter into parameter order with neutral rows for parameters without a gradient.
+        # Parameter order, with neutral rows (nothing seen) for parameters without a gradient.
         p = len(self.train_params)
         if len(present) == p:
-            f_call, c_call, n_call = torch.stack(rows_f), torch.stack(rows_c), call_norm
+            f_call, raw, n_call, numel = torch.stack(rows_f), torch.stack(rows_c), call_norm, self._numel
         else:
             pos = dict(zip(present, range(len(present))))
-            zero = self._neutral_f.new_zeros(())
             f_call = torch.stack([rows_f[pos[j]] if j in pos else self._neutral_f for j in range(p)])
-            c_call = torch.stack([rows_c[pos[j]] if j in pos else self._neutral_c for j in range(p)])
-            n_call = torch.stack([norms[pos[j]] if j in pos else zero for j in range(p)])
+            raw = torch.stack([rows_c[pos[j]] if j in pos else self._neutral_c for j in range(p)])
+            n_call = torch.stack([norms[pos[j]] if j in pos else self._zero_f for j in range(p)])
+            numel = torch.stack([self._numel[j] if j in pos else self._zero_i for j in range(p)])
+        fin, nan, zero_all, small_all, large = raw.unbind(1)
+        nonfin = numel - fin
+        c_call = torch.stack([fin, zero_all - nonfin, small_all - zero_all, large, nan, nonfin - nan], 1)
         for j in present:
             self._grad_calls[j] += 1
         self._calls += 1
         self._fold(f_call, c_call, n_call)
 
     def _param_stats(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One parameter's gradient: floats (mean, M2, min, max) over finite elements, int64 counts."""
-        x = g.reshape(-1)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # float32 working copy: no overflow in sums or squares, never float64
-        n = x.numel()
+        """One gradient: floats (mean, M2, min, max) over finite elements; raw int64 counts
+        (finite, NaN, |g| == 0 or non-finite, |g| < small or non-finite, finite |g| > large).
+
+        The non-finite slots are zeroed once (``xf``) so every mask below is over finite values
+        plus a known number of zeros, which :meth:`observe_gradients` subtracts for all
+        parameters at once. Small tensors stack their masks into one reduction (fewer kernels);
+        large ones reduce each mask alone (no 5-byte-per-element stack).
+        """
+        x = _wide(g.reshape(-1))  # float32 working copy of half grads: no overflow, never float64
         fin = torch.isfinite(x)
-        n_fin = fin.sum()
-        n_nan = torch.isnan(x).sum()
         xf = torch.where(fin, x, 0.0)
-        mean = xf.sum() / n_fin.clamp_min(1)
+        ab = xf.abs()
+        masks = (fin, torch.isnan(x), ab == 0, ab < self.small, ab > self.large)
+        if x.numel() <= _STACK_MASKS_MAX:
+            counts = torch.stack(masks).sum(1)
+        else:
+            counts = torch.stack([m.sum() for m in masks])
+        mean = xf.sum() / counts[0].clamp_min(1)
         m2 = torch.where(fin, x - mean, 0.0).square().sum()
         mn = torch.where(fin, x, _INF).amin()
         mx = torch.where(fin, x, -_INF).amax()
-        ab = xf.abs()
-        zero_all = (ab == 0).sum()  # exact zeros plus the non-finite slots zeroed above
-        nonfin = n - n_fin
-        zero = zero_all - nonfin
-        small = (ab < self.small).sum() - zero_all  # 0 < |g| < small, finite only
-        large = (ab > self.large).sum()  # finite only (non-finite slots are 0 here)
-        floats = torch.stack([mean, m2, mn, mx]).to(torch.float32)
-        counts = torch.stack([n_fin, zero, small, large, n_nan, nonfin - n_nan])
-        return floats, counts
+        return torch.stack([mean, m2, mn, mx]).to(torch.float32), counts
 
     def _fold(self, f: torch.Tensor, c: torch.Tensor, norms: torch.Tensor) -> None:
         """Merge one call's per-parameter rows into the update accumulators (Chan's parallel update)."""
