@@ -19,12 +19,19 @@ from textual.app import App, SystemCommand
 from textual.screen import ModalScreen, Screen
 
 from simic_tui.client import LinkState, LinkStatus, TelemetryClient
-from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, LIVE_ONLY, REPLAY_BINDINGS, REPLAY_ONLY
+from simic_tui.keys import (
+    APP_BINDINGS,
+    DASHBOARD_BINDINGS,
+    LIVE_ONLY,
+    PALETTE_TITLES,
+    REPLAY_BINDINGS,
+    REPLAY_ONLY,
+)
 from simic_tui.replay import ReplaySource
 from simic_tui.screens.anomaly_log import AnomalyLogScreen
 from simic_tui.screens.dashboard import DashboardScreen
 from simic_tui.screens.debug import DebugScreen
-from simic_tui.screens.help import HelpScreen
+from simic_tui.screens.help import HelpScreen, key_name
 from simic_tui.screens.thresholds import ThresholdsScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.widgets.base import View
@@ -263,9 +270,10 @@ class SimicApp(App[None]):
                 or action == "unzoom"
             ):
                 continue
-            key = binding.key_display or binding.key
+            key = key_name(binding)
+            title = PALETTE_TITLES.get(binding.id or "", binding.description)
             yield SystemCommand(
-                f"{binding.description} ({key})",
+                f"{title} ({key})",
                 binding.tooltip,
                 partial(self._run_dashboard_action, binding.action),
             )

@@ -525,6 +525,8 @@ class TelemetryClient:
             self.store.version += 1
             return
         self._pending.clear()
+        if self._history_since is not None:
+            self._finish_backfill()  # the history request was refused too: show live frames
         if self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
             self.lease = DebugLease(phase=LeasePhase.REFUSED, reason="bad signature")
         self.status.banner = (

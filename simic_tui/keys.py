@@ -1,7 +1,9 @@
 """Every key of the dashboard, declared once.
 
 The Footer, the help screen and the command palette all read these lists, so they cannot disagree
-(posting's habit: ``Binding(..., id=..., tooltip=...)``). Ids are stable names for keymaps.
+(posting's habit: ``Binding(..., id=..., tooltip=...)``). Ids are stable names for keymaps. Keys
+that come in runs (1-5, ←/→, +/-) share one Footer entry so the Footer fits 80 columns; the help
+screen and the palette list each one.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ __all__ = [
     "DASHBOARD_BINDINGS",
     "DEBUG_BINDINGS",
     "LIVE_ONLY",
+    "PALETTE_TITLES",
     "REPLAY_BINDINGS",
     "REPLAY_ONLY",
 ]
 
-_PANELS = Binding.Group("Panels", compact=True)
-_STEP = Binding.Group("Step", compact=True)
-
 APP_BINDINGS: list[Binding] = [
-    Binding("q", "quit", "Quit", id="quit", tooltip="Quit the dashboard (a demo trainer is stopped cleanly)"),
-    Binding("question_mark", "help", "Help", key_display="?", id="help", tooltip="Keys, colours and glyphs"),
+    Binding(
+        "question_mark", "app.help", "Help", key_display="?", id="help", tooltip="Keys, colours and glyphs"
+    ),
+    Binding(
+        "q", "app.quit", "Quit", id="quit", tooltip="Quit the dashboard (a demo trainer is stopped cleanly)"
+    ),
 ]
 
 DASHBOARD_BINDINGS: list[Binding] = [
@@ -34,12 +38,18 @@ DASHBOARD_BINDINGS: list[Binding] = [
         tooltip="Request a DEBUG lease from the trainer (renewed while you keep it) and open the DEBUG screen",
     ),
     Binding(
-        "n", "set_level('NORMAL')", "Normal", id="level_normal", tooltip="Set the trainer's level to NORMAL"
+        "n",
+        "set_level('NORMAL')",
+        "Level",
+        key_display="n/m",
+        id="level_normal",
+        tooltip="Set the trainer's level to NORMAL",
     ),
     Binding(
         "m",
         "set_level('MINIMAL')",
         "Minimal",
+        show=False,
         id="level_minimal",
         tooltip="Set the trainer's level to MINIMAL",
     ),
@@ -55,45 +65,59 @@ DASHBOARD_BINDINGS: list[Binding] = [
         "p", "toggle_pause", "Pause", id="pause_display", tooltip="Freeze the display; data keeps arriving"
     ),
     Binding(
-        "1", "panel(1)", "Policy", id="panel_policy", group=_PANELS, tooltip="Focus Policy (again: zoom)"
+        "1", "panel(1)", "Panels", key_display="1-5", id="panel_policy", tooltip="Focus Policy (again: zoom)"
     ),
-    Binding("2", "panel(2)", "Value", id="panel_value", group=_PANELS, tooltip="Focus Value (again: zoom)"),
+    Binding("2", "panel(2)", "Value", show=False, id="panel_value", tooltip="Focus Value (again: zoom)"),
     Binding(
         "3",
         "panel(3)",
         "Advantage",
+        show=False,
         id="panel_advantage",
-        group=_PANELS,
         tooltip="Focus Advantage (again: zoom)",
     ),
     Binding(
         "4",
         "panel(4)",
         "Gradients",
+        show=False,
         id="panel_gradients",
-        group=_PANELS,
         tooltip="Focus Gradients (again: zoom)",
     ),
-    Binding("5", "panel(5)", "LSTM", id="panel_lstm", group=_PANELS, tooltip="Focus LSTM (again: zoom)"),
+    Binding("5", "panel(5)", "LSTM", show=False, id="panel_lstm", tooltip="Focus LSTM (again: zoom)"),
     Binding("escape", "unzoom", "Unzoom", show=False, id="unzoom", tooltip="Restore a zoomed panel"),
-    Binding("a", "anomalies", "Anomalies", id="anomaly_log", tooltip="The full anomaly log"),
-    Binding("t", "thresholds", "Thresholds", id="thresholds", tooltip="The trainer's thresholds and why"),
+    Binding("a", "anomalies", "Log", id="anomaly_log", tooltip="The full anomaly log"),
+    Binding(
+        "t", "thresholds", "Limits", id="thresholds", tooltip="The trainer's thresholds (limits) and why"
+    ),
 ]
 
 REPLAY_BINDINGS: list[Binding] = [
     Binding("space", "play_pause", "Play", id="replay_play", tooltip="Play or pause the replay"),
+    Binding("left", "step(-1)", "Step", key_display="←→", id="replay_back", tooltip="One update back"),
     Binding(
-        "left", "step(-1)", "Back", key_display="←", id="replay_back", group=_STEP, tooltip="One update back"
+        "right",
+        "step(1)",
+        "Forward",
+        show=False,
+        key_display="→",
+        id="replay_forward",
+        tooltip="One update on",
+    ),
+    Binding("home", "seek_start", "Start", show=False, id="replay_start", tooltip="Go to the first update"),
+    Binding("end", "seek_end", "End", show=False, id="replay_end", tooltip="Go to the last update"),
+    Binding(
+        "plus,equals_sign", "speed(1)", "Speed", key_display="+-", id="replay_faster", tooltip="Replay faster"
     ),
     Binding(
-        "right", "step(1)", "Fwd", key_display="→", id="replay_forward", group=_STEP, tooltip="One update on"
+        "minus",
+        "speed(-1)",
+        "Slower",
+        show=False,
+        key_display="-",
+        id="replay_slower",
+        tooltip="Replay slower",
     ),
-    Binding("home", "seek_start", "Start", id="replay_start", show=False, tooltip="Go to the first update"),
-    Binding("end", "seek_end", "End", id="replay_end", show=False, tooltip="Go to the last update"),
-    Binding(
-        "plus,equals_sign", "speed(1)", "Faster", key_display="+", id="replay_faster", tooltip="Replay faster"
-    ),
-    Binding("minus", "speed(-1)", "Slower", key_display="-", id="replay_slower", tooltip="Replay slower"),
 ]
 
 DEBUG_BINDINGS: list[Binding] = [
@@ -103,5 +127,22 @@ DEBUG_BINDINGS: list[Binding] = [
 ]
 
 # Actions that only make sense with a live trainer, or only in a replay (hidden otherwise).
-LIVE_ONLY = frozenset({"set_level", "profile"})
+LIVE_ONLY = frozenset({"set_level", "profile", "toggle_pause"})  # in a replay, space pauses
 REPLAY_ONLY = frozenset({"play_pause", "step", "seek_start", "seek_end", "speed"})
+
+# Command-palette titles for bindings whose Footer label stands for a run of keys.
+PALETTE_TITLES: dict[str, str] = {
+    "level_normal": "Level NORMAL",
+    "level_minimal": "Level MINIMAL",
+    "anomaly_log": "Anomaly log",
+    "thresholds": "Thresholds",
+    "panel_policy": "Focus/zoom Policy",
+    "panel_value": "Focus/zoom Value",
+    "panel_advantage": "Focus/zoom Advantage",
+    "panel_gradients": "Focus/zoom Gradients",
+    "panel_lstm": "Focus/zoom LSTM",
+    "replay_back": "Step back",
+    "replay_forward": "Step forward",
+    "replay_faster": "Replay faster",
+    "replay_slower": "Replay slower",
+}

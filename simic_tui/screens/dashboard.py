@@ -9,7 +9,7 @@ from textual.containers import Grid
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from simic_tui.keys import DASHBOARD_BINDINGS, LIVE_ONLY, REPLAY_BINDINGS, REPLAY_ONLY
+from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, LIVE_ONLY, REPLAY_BINDINGS, REPLAY_ONLY
 from simic_tui.widgets.advantage import AdvantagePanel
 from simic_tui.widgets.anomalies import AnomalyPanel
 from simic_tui.widgets.base import Panel, View
@@ -35,7 +35,7 @@ class TooSmall(Static):
 class DashboardScreen(Screen):
     """Five panels on a grid whose shape follows the terminal's width (breakpoint classes)."""
 
-    BINDINGS: ClassVar = [*DASHBOARD_BINDINGS, *REPLAY_BINDINGS]
+    BINDINGS: ClassVar = [*APP_BINDINGS, *DASHBOARD_BINDINGS, *REPLAY_BINDINGS]
     AUTO_FOCUS = None
 
     @property
@@ -64,6 +64,7 @@ class DashboardScreen(Screen):
 
     def on_resize(self) -> None:
         w, h = self.size
+        self.query_one(Footer).show_command_palette = w >= 110
         self.set_class(w < MIN_SIZE[0] or h < MIN_SIZE[1], "-too-small")
 
     # -- drawing -------------------------------------------------------------------------------------

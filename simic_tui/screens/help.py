@@ -13,14 +13,26 @@ from textual.widgets import Static
 
 from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, DEBUG_BINDINGS, REPLAY_BINDINGS
 
-__all__ = ["HelpScreen", "key_table"]
+__all__ = ["HelpScreen", "key_name", "key_table"]
 
 
-def _key(binding: Binding) -> str:
-    if binding.key_display:
-        return binding.key_display
-    names = {"question_mark": "?", "escape": "Esc", "home": "Home", "end": "End", "space": "Space"}
-    return "/".join(names.get(k, k) for k in binding.key.split(","))
+_NAMES = {
+    "question_mark": "?",
+    "escape": "Esc",
+    "home": "Home",
+    "end": "End",
+    "space": "Space",
+    "left": "←",
+    "right": "→",
+    "plus": "+",
+    "equals_sign": "=",
+    "minus": "-",
+}
+
+
+def key_name(binding: Binding) -> str:
+    """Each key itself (the Footer's shared entries like "1-5" are spelled out here)."""
+    return "/".join(_NAMES.get(k, k) for k in binding.key.split(","))
 
 
 def key_table(title: str, bindings: list[Binding]) -> Content:
@@ -28,7 +40,7 @@ def key_table(title: str, bindings: list[Binding]) -> Content:
     for b in bindings:
         lines.append(
             Content.assemble(
-                (f"  {_key(b):<7}", "bold"), (f"{b.description:<11}", ""), (b.tooltip, "$text-muted")
+                (f"  {key_name(b):<7}", "bold"), (f"{b.description:<11}", ""), (b.tooltip, "$text-muted")
             )
         )
     return Content("\n").join(lines)
