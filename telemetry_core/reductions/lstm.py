@@ -21,7 +21,7 @@ semantics: the deterministic path is what saturates). At NORMAL it runs on
 Cost, measured side by side (CPU, 1 thread, a heavily loaded 2-core machine, so preliminary): the
 replay costs 2.3-2.8x an ``nn.LSTM`` forward over the same rows (the fused kernel steps in C++; the
 replay launches ~13 kernels per step from Python). At NORMAL, 64 sampled rows of 256-512 cost
-0.3-0.7x one full-batch forward (T = 1-64, 1-2 layers, hidden 64-128); at DEBUG, all rows, 1.4-2.4x.
+0.3-0.75x one full-batch forward (T = 1-64, 1-2 layers, hidden 64-128); at DEBUG, all rows, 1.4-2.4x.
 Once per update, not per minibatch. State statistics alone: ~1 ms.
 """
 
