@@ -71,13 +71,21 @@ class GradientStats(_S):
     total_norm_max: float = NAN  # ... max over calls
     total_norm_last: float = NAN  # ... of the last call
     clip_rate: float = NAN  # share of calls whose pre-clip norm exceeded max_grad_norm
-    max_abs: float = NAN  # max |g| over all elements and calls
-    nan_count: int = 0  # NaN gradient elements, summed over calls
-    inf_count: int = 0  # +-inf gradient elements, summed over calls
+    max_abs: float = NAN  # max |g| over all elements and calls (NaN if any element is NaN)
+    # NaN / +-inf gradient elements, summed over calls. Exactly 0 for a tensor without any (its norm
+    # says so, from every element); otherwise counted on the examined elements and scaled to the
+    # tensor, at least 1 per affected tensor, exact for tensors examined in full or entirely NaN.
+    nan_count: int = 0
+    inf_count: int = 0
+    nan_params: int = 0  # parameter tensors holding a NaN gradient, summed over calls (exact)
+    inf_params: int = 0  # ... holding +-inf (and no NaN), summed over calls (exact)
+    skipped_params: int = 0  # parameters whose .grad was None in a call of this update (skipped)
     # NORMAL and above:
-    zero_fraction: float | None = None  # share of exactly-zero gradient elements (all calls)
-    hist_counts: list[int] = []  # [zero, (0,e0), [e0,e1), ..., [e_last, inf)] of |g|, finite only
-    param_norms: list[float] = []  # per parameter, mean over calls; order of RunInfo.param_names
+    zero_fraction: float | None = None  # share of exactly-zero (+-0) elements among the examined ones
+    hist_counts: list[int] = []  # [zero, (0,e0), [e0,e1), ..., [e_last, inf)] of examined |g|, finite only
+    examined_elements: int = 0  # gradient elements binned into hist_counts, summed over calls
+    total_elements: int = 0  # gradient elements observed, summed over calls
+    param_norms: list[float] = []  # per parameter, mean over calls that had its grad (NaN: none did)
     group_norms: dict[str, float] = {}  # per named group, L2 norm (mean over calls)
     group_norms_normalized: dict[str, float] = {}  # group norm / sqrt(numel of group)
     group_ratios: dict[str, float] = {}  # normalised group norm / normalised whole-model norm
@@ -85,6 +93,7 @@ class GradientStats(_S):
     exploding_count: int = 0  # parameters above grad_exploding_rel x max_grad_norm (max over calls)
     ema_total_norm: float | None = None  # EMA of the pre-clip total norm
     ema_drift: float | None = None  # |x - ema| / (ema + eps); None during warm-up
+    group_ema_drift: dict[str, float] = {}  # per group, drift of its norm; groups in warm-up are absent
 
 
 class PolicyStats(_S):
