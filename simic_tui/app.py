@@ -8,6 +8,7 @@ Widgets never see individual messages.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 
 from textual import work
 from textual.app import App, SystemCommand
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
 
 from simic_tui.client import LinkState, LinkStatus, TelemetryClient
@@ -144,7 +146,8 @@ class SimicApp(App[None]):
         if screen is self.dashboard or under_modal:
             self.dashboard.show_panels(self.current_view())
         elif isinstance(screen, (DebugScreen, ThresholdsScreen, AnomalyLogScreen)) and screen.is_mounted:
-            screen.refresh_view()
+            with contextlib.suppress(NoMatches):  # a screen being composed or torn down
+                screen.refresh_view()
 
     def header_model(self) -> HeaderModel:
         replay = ""
@@ -191,7 +194,8 @@ class SimicApp(App[None]):
     # -- actions the screens forward -----------------------------------------------------------------
     def _command(self, send: Callable[[], str]) -> None:
         if self.client is None:
-            self.notify("commands go to a live trainer; this is a replay", severity="warning")
+            what = "this is a replay" if self.replay is not None else "no trainer connection"
+            self.notify(f"commands go to a live trainer; {what}", severity="warning")
             return
         reason = send()
         if reason:

@@ -13,6 +13,7 @@ from textual.widgets import DataTable, Footer, Static
 from simic_tui.fmt import fmt_clock, fmt_num
 from simic_tui.store import TelemetryStore
 from simic_tui.widgets.anomalies import severity_cell
+from simic_tui.widgets.cells import rich_cell
 
 __all__ = ["AnomalyLogScreen"]
 
@@ -72,8 +73,8 @@ class AnomalyLogScreen(Screen):
             table.add_row(
                 fmt_clock(entry.wall_time),
                 str(a.step),
-                Content.styled(sev, style),
-                Content.styled(a.kind + (f" ({a.head})" if a.head else ""), style),
+                rich_cell(self.app, sev, style),
+                rich_cell(self.app, a.kind + (f" ({a.head})" if a.head else ""), style),
                 value,
                 a.message,
                 a.action,

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from textual.app import ComposeResult
 from textual.containers import Grid
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
@@ -36,7 +37,7 @@ class DashboardScreen(Screen):
     """Five panels on a grid whose shape follows the terminal's width (breakpoint classes)."""
 
     BINDINGS: ClassVar = [*APP_BINDINGS, *DASHBOARD_BINDINGS, *REPLAY_BINDINGS]
-    AUTO_FOCUS = None
+    AUTO_FOCUS = ""  # no panel is focused until the operator picks one (1-5)
 
     @property
     def simic(self) -> SimicApp:
@@ -69,8 +70,12 @@ class DashboardScreen(Screen):
 
     # -- drawing -------------------------------------------------------------------------------------
     def show_header(self, model: HeaderModel, banners: list[str]) -> None:
-        self.query_one(StatusHeader).show(model)
-        self.query_one(Banner).show(banners)
+        try:
+            header, banner = self.query_one(StatusHeader), self.query_one(Banner)
+        except NoMatches:  # not composed yet, or being torn down
+            return
+        header.show(model)
+        banner.show(banners)
 
     def show_panels(self, view: View) -> None:
         for panel in self.query(Panel):

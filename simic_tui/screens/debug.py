@@ -9,23 +9,33 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from simic_tui.fmt import fmt_count, fmt_num, fmt_pct
-from simic_tui.judge import STYLE, Verdict, judge_high, judge_low, judge_nonfinite_count, max_grad_norm_of
+from simic_tui.fmt import fmt_count, fmt_limit, fmt_num, fmt_pct, sparkline
+from simic_tui.judge import (
+    GLYPH,
+    STYLE,
+    Verdict,
+    judge_high,
+    judge_low,
+    judge_nonfinite_count,
+    max_grad_norm_of,
+)
 from simic_tui.keys import DEBUG_BINDINGS
 from simic_tui.widgets.base import Line
+from simic_tui.widgets.cells import rich_cell
 from telemetry_core.config import Thresholds
 from telemetry_core.schema import DebugReport, LayerRow, Snapshot
 
 if TYPE_CHECKING:
     from simic_tui.app import SimicApp
 
-__all__ = ["LAYER_COLUMNS", "DebugScreen", "conflict_text", "numerical_text", "outliers_text"]
+__all__ = ["LAYER_COLUMNS", "DebugScreen", "conflict_text", "layer_cell", "numerical_text", "outliers_text"]
 
 # (key, label, attribute, formatter); the table sorts by the attribute's raw value.
 LAYER_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -54,25 +64,26 @@ def _sort_value(row: LayerRow, attr: str) -> tuple[int, Any]:
     return (0, value)
 
 
-def _cell(row: LayerRow, attr: str, thr: Thresholds, cap: float | None) -> Content:
+def layer_cell(row: LayerRow, attr: str, thr: Thresholds, cap: float | None) -> tuple[str, str]:
+    """The text and theme style of one cell of the per-layer table (limits from ``thr``)."""
     value = getattr(row, attr)
     if attr == "name":
         bad = row.nan or row.inf or not math.isfinite(row.norm)
-        return Content.styled(value + (" ✖" if bad else ""), STYLE[Verdict.CRIT] if bad else "")
+        return value + (" ✖" if bad else ""), STYLE[Verdict.CRIT] if bad else ""
     if attr == "numel":
-        return Content(fmt_count(value))
+        return fmt_count(value), ""
     if attr in ("nan", "inf"):
-        v = judge_nonfinite_count(value)
-        return Content.styled(str(value), STYLE[v])
+        return str(value), STYLE[judge_nonfinite_count(value)]
     if attr in _FRACTIONS:
         v = judge_high(value, warn=0.0) if attr == "large_frac" else judge_high(value)
-        return Content.styled(fmt_pct(value, 1) + ("▲" if v == Verdict.WARN else ""), STYLE[v])
+        return fmt_pct(value, 1) + GLYPH[v], STYLE[v]
     if attr == "norm" and cap:
         v = judge_high(value, crit=thr.grad_exploding_rel * cap)
         if v == Verdict.OK:
             v = judge_low(value, warn=thr.grad_vanishing_rel * cap)
-        return Content.styled(fmt_num(value) + {Verdict.WARN: "▲", Verdict.CRIT: "✖"}.get(v, ""), STYLE[v])
-    return Content.styled(fmt_num(value), STYLE[judge_high(value)])
+        return fmt_num(value) + GLYPH[v], STYLE[v]
+    v = judge_high(value)
+    return fmt_num(value) + GLYPH[v], STYLE[v]
 
 
 def numerical_text(report: DebugReport) -> Content:
@@ -118,15 +129,9 @@ def numerical_text(report: DebugReport) -> Content:
         loss.label(f"  ({seen} losses, ").val(bad, judge_nonfinite_count(bad)).label(" non-finite)")
     lines.append(loss.build())
     if n.pre_clip_norms:
-        import numpy as np
-
-        from simic_tui.fmt import sparkline
-
         vals = np.asarray(n.pre_clip_norms, dtype=np.float64)
-        line = Line().label(f"{'pre-clip norms':<19}").add(sparkline(vals, 32), "$accent")
-        line.label(f"  {len(vals)} backward(s), max ").val(
-            float(np.nanmax(vals)) if np.isfinite(vals).any() else math.nan
-        )
+        line = Line().label(f"{'pre-clip norms':<19}").add(sparkline(vals, 24), "$accent")
+        line.label(f" {len(vals)}× max ").val(float(np.nanmax(vals)) if np.isfinite(vals).any() else math.nan)
         lines.append(line.build())
     skipped = getattr(report, "skipped", 0)
     if skipped:
@@ -156,20 +161,16 @@ def outliers_text(report: DebugReport, limit: int = 4) -> Content:
         for i in range(min(limit, len(o.ratios))):
             ratio = o.ratios[i]
             v = Verdict.CRIT if not math.isfinite(ratio) else Verdict.OK
-            line = (
-                Line()
-                .label(f"  #{o.indices[i] if i < len(o.indices) else '?':<6}")
-                .label("r ")
-                .val(ratio, v, width=6)
-            )
+            index = o.indices[i] if i < len(o.indices) else "?"
+            line = Line().label(f"  #{index:<5}").label("r ").val(ratio, v, width=5)
             if i < len(o.logp_diff):
-                line.label("  Δlogp ").val(o.logp_diff[i], width=6)
+                line.label(" Δ ").val(o.logp_diff[i], width=6)
             if i < len(o.actions) and o.actions[i] >= 0:
-                line.label(f"  action {o.actions[i]}")
+                line.label(f" a{o.actions[i]}")
             epochs = getattr(o, "epochs", [])
             mbs = getattr(o, "minibatches", [])
             if i < len(epochs) and i < len(mbs):
-                line.label(f"  ep {epochs[i]} mb {mbs[i]}")
+                line.label(f" ep{epochs[i]}/mb{mbs[i]}")
             lines.append(line.build())
     return Content("\n").join(lines)
 
@@ -198,9 +199,11 @@ def conflict_text(report: DebugReport, thr: Thresholds) -> Content:
     for head, value in getattr(c, "head_value_cosines", {}).items():
         lines.append(cos(f"{head} vs value", value))
     lines.append(
+        Content.styled(f"below {fmt_limit(limit)}: the terms pull the shared trunk apart", "$text-muted")
+    )
+    lines.append(
         Content.styled(
-            f"below {fmt_num(limit)}: the terms pull the shared trunk apart · {c.shared_params} shared tensors · "
-            f"{c.extra_backward_passes} extra backward pass(es)",
+            f"{c.shared_params} shared tensors · {c.extra_backward_passes} extra backward pass(es)",
             "$text-muted",
         )
     )
@@ -322,7 +325,8 @@ class DebugScreen(Screen):
             selected = table.coordinate_to_cell_key((cursor, 0)).row_key.value
         table.clear()
         for row in rows:
-            table.add_row(*(_cell(row, a, thr, cap) for _, _, a in LAYER_COLUMNS), key=row.name)
+            cells = (layer_cell(row, a, thr, cap) for _, _, a in LAYER_COLUMNS)
+            table.add_row(*(rich_cell(self.app, text, style) for text, style in cells), key=row.name)
         if selected is not None:
             names = [r.name for r in rows]
             if selected in names:

@@ -11,7 +11,7 @@ from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from simic_tui.fmt import fmt_num
+from simic_tui.fmt import fmt_limit, fmt_num
 from simic_tui.judge import phase_of_snapshot
 from simic_tui.store import TelemetryStore
 from telemetry_core.config import threshold_reasons
@@ -21,7 +21,7 @@ __all__ = ["ThresholdsScreen"]
 
 def _value(value: object) -> str:
     if isinstance(value, float):
-        return fmt_num(value, 4)
+        return fmt_limit(value)
     if isinstance(value, (tuple, list)):
         return ", ".join(_value(v) for v in value)
     if isinstance(value, dict):

@@ -41,9 +41,14 @@ class PolicyPanel(Panel):
         # entropy per head, normalised by log|A|: the collapse alarm lives here
         heads = list(pol.entropy_normalized) or list(snap.run.heads)
         head_w = max((len(h) for h in heads), default=4) + 1
+        # Below the collapse limit is critical only once the detector says so (it waits
+        # entropy_patience updates); until then the value is a warning, so both sides agree.
+        collapsed = {a.head for a in snap.anomalies if a.kind == "entropy_collapse"}
         for i, head in enumerate(heads):
             value = pol.entropy_normalized.get(head)
             v = judge_entropy(thr, head, value)
+            if v == Verdict.CRIT and value is not None and math.isfinite(value) and head not in collapsed:
+                v = Verdict.WARN
             verdicts.append(v)
             word = (
                 "COLLAPSE"

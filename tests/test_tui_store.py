@@ -1,0 +1,195 @@
+"""The dashboard's store, formatting and verdicts: bounded, honest about NaN/None, thresholds from the stream."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simic_tui.fmt import chart, fmt_num, fmt_pct, sparkline
+from simic_tui.judge import Verdict, grad_total, judge_entropy, judge_ev, judge_kl
+from simic_tui.replay import ReplaySource, load_recording
+from simic_tui.store import TelemetryStore, flatten_snapshot
+from telemetry_core.config import Thresholds
+from telemetry_core.protocol import encode_envelope
+from telemetry_core.schema import Anomaly, Snapshot
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from build_recording import Run
+
+RECORDING = Path(__file__).parent / "fixtures" / "ppo_run.simrec"
+
+
+def envelope(snap: Snapshot, seq: int, session: str = "s1"):
+    from telemetry_core.protocol import decode_envelope
+
+    return decode_envelope(encode_envelope("snapshot", snap, session=session, seq=seq, step=snap.step))
+
+
+def test_ring_keeps_the_last_capacity_updates_in_order() -> None:
+    run = Run()
+    store = TelemetryStore(capacity=16)
+    for k in range(40):
+        store.ingest(envelope(run.snapshot(k % 120, k + 1), k + 1), run.snapshot(k % 120, k + 1))
+    assert store.count == 40 and store.size == 16
+    assert list(store.steps()) == list(range(24, 40))
+    assert list(store.steps(5)) == list(range(35, 40))
+    kl = store.series("policy.kl_k3_mean")
+    assert kl.shape == (16,) and np.isfinite(kl).all()
+    assert store.series("no.such.metric", 4).shape == (4,)
+    assert not store.present("no.such.metric", 4).any()
+
+
+def test_missing_sections_are_gaps_and_nan_is_kept_distinct() -> None:
+    run = Run()
+    store = TelemetryStore(capacity=8)
+    full = run.snapshot(5, 1)
+    store.ingest(envelope(full, 1), full)
+    bare = Snapshot(step=6, wall_time=1.0)  # a MINIMAL/OFF-like snapshot: no sections at all
+    store.ingest(envelope(bare, 2), bare)
+    nan = run.snapshot(60, 3)  # the NaN-gradient update
+    store.ingest(envelope(nan, 3), nan)
+    present = store.present("gradients.total_norm")
+    values = store.series("gradients.total_norm")
+    assert list(present) == [True, False, True]
+    assert math.isfinite(values[0]) and math.isnan(values[2])
+    assert sparkline(values, 3, present)[1] == " "  # not measured: blank
+    assert sparkline(values, 3, present)[2] == "×"  # NaN: marked
+    ev = store.series("value.explained_variance")
+    assert math.isnan(ev[2])  # None (undefined) becomes a gap in the history, never a number
+
+
+def test_older_and_duplicate_frames_are_dropped_and_gaps_counted() -> None:
+    run = Run()
+    store = TelemetryStore()
+    for seq in (1, 2, 3, 2, 3, 7, 8):
+        snap = run.snapshot(seq, seq)
+        store.ingest(envelope(snap, seq), snap)
+    assert store.count == 5
+    assert store.counters.older_dropped == 2
+    assert store.counters.missed == 3  # 4, 5 and 6 never came
+
+
+def test_anomaly_log_is_bounded_and_notifies_each_onset_once() -> None:
+    run = Run()
+    store = TelemetryStore(anomaly_capacity=3)
+    for k in range(36, 46):  # the entropy collapse fires on 39..43
+        snap = run.snapshot(k, k)
+        store.ingest(envelope(snap, k), snap)
+    assert store.anomaly_total == 5
+    assert len(store.anomalies) == 3
+    assert [e.anomaly.step for e in store.recent_anomalies()] == [43, 42, 41]
+    onsets = [e for e in store.drain_events() if e.kind == "anomaly"]
+    assert len(onsets) == 1 and "entropy_collapse (force) at step 39" in onsets[0].message
+    assert onsets[0].severity == "error"
+
+
+def test_rate_uses_the_injected_clock() -> None:
+    now = [100.0]
+    store = TelemetryStore(clock=lambda: now[0])
+    run = Run()
+    for k in range(20):
+        now[0] += 0.1
+        snap = run.snapshot(k, k + 1)
+        store.ingest(envelope(snap, k + 1), snap)
+    assert store.rate(window=5.0) == pytest.approx(20 / 5.0)
+    now[0] += 10
+    assert store.rate() == 0.0
+
+
+def test_replay_steps_back_and_forth_like_a_live_run() -> None:
+    loaded = load_recording(RECORDING)
+    store = TelemetryStore(capacity=50)
+    replay = ReplaySource(loaded, store)
+    replay.seek(len(loaded.frames))
+    assert store.count == len(loaded.frames) and store.size == 50
+    replay.seek(45)  # beyond the ring: rebuilt
+    assert store.latest is not None and store.latest.step == loaded.frames[44][1].step
+    assert list(store.steps())[-1] == store.latest.step
+    replay.step(-1)  # within the ring: rolled back
+    assert store.latest.step == loaded.frames[43][1].step
+    assert store.count == 44
+    total = store.anomaly_total
+    replay.step(+1)
+    assert store.count == 45
+    assert store.anomaly_total >= total
+    debug_step = store.latest_debug[0] if store.latest_debug else None
+    assert debug_step is None or debug_step <= store.latest.step
+
+
+def test_flatten_covers_every_section_and_per_head_metrics() -> None:
+    snap = Run().snapshot(95, 1)
+    cols = dict(flatten_snapshot(snap))
+    for name in (
+        "policy.entropy_normalized.force",
+        "policy.kl_k3_mean",
+        "value.explained_variance",
+        "gradients.total_norm",
+        "gradients.group_norms.lstm",
+        "lstm.gate_saturation.forget",
+        "advantage.raw.skew",
+        "advantage.returns.p90",
+        "episodes.return_mean",
+    ):
+        assert name in cols, name
+
+
+def test_formatting_is_honest() -> None:
+    assert fmt_num(None) == "—"
+    assert fmt_num(math.nan) == "NaN"
+    assert fmt_num(math.inf) == "inf" and fmt_num(-math.inf) == "-inf"
+    assert fmt_num(0.0) == "0"
+    assert fmt_num(0.012345) == "0.0123"
+    assert fmt_num(12345678.0) == "1.2e7"
+    assert fmt_num(3e-6) == "3.0e-6"
+    assert fmt_pct(0.123) == "12%" and fmt_pct(None) == "—"
+    rows, lo, hi = chart(np.array([0.0, 1.0, math.nan, 2.0]), 4, 2, marks={1.5: "limit"})
+    assert len(rows) == 2 and all(len(r) == 4 for r in rows)
+    assert rows[1][2] == "×" and lo == 0.0 and hi == 2.0
+
+
+def test_verdicts_follow_the_thresholds_in_the_stream() -> None:
+    """Change a threshold and the verdict changes: the dashboard has no numbers of its own."""
+    thr = Thresholds()
+    assert judge_entropy(thr, "force", 0.05) == Verdict.CRIT
+    assert judge_entropy(thr, "force", 0.15) == Verdict.WARN
+    assert judge_entropy(thr, "force", 0.5) == Verdict.OK
+    assert judge_entropy(thr, "force", None) == Verdict.NA
+    assert judge_entropy(thr, "force", math.nan) == Verdict.CRIT
+    lenient = dataclasses.replace(thr, entropy_collapse_per_head={"force": 0.01}, entropy_warning=0.02)
+    assert judge_entropy(lenient, "force", 0.05) == Verdict.OK
+    assert judge_kl(thr, 0.06) == Verdict.WARN and judge_kl(thr, 0.2) == Verdict.CRIT
+    assert (
+        judge_kl(dataclasses.replace(thr, kl_spike_warning=0.1, kl_spike_critical=0.3), 0.2) == Verdict.WARN
+    )
+    snap = Run().snapshot(100, 1)  # late phase: limit ev_late
+    assert judge_ev(thr, snap, thr.ev_late - 0.01) == Verdict.WARN
+    assert judge_ev(thr, snap, thr.ev_late + 0.01) == Verdict.OK
+    cap = snap.gradients.max_grad_norm
+    assert grad_total(thr, snap, cap * thr.grad_total_exploding_critical_rel * 1.01) == Verdict.CRIT
+    assert grad_total(thr, snap, cap * thr.grad_total_exploding_rel * 1.01) == Verdict.WARN
+    assert grad_total(thr, snap, cap * thr.grad_total_vanishing_rel * 0.5) == Verdict.WARN
+    assert grad_total(thr, snap, cap) == Verdict.OK
+
+
+def test_bad_bytes_never_raise_from_the_store() -> None:
+    store = TelemetryStore()
+    for data in (
+        b"",
+        b"\x80\x04junk",
+        b"\x00" * 10,
+        encode_envelope(
+            "snapshot",
+            Anomaly(kind="x", severity="y", step=1, message="", action=""),
+            session="s",
+            seq=1,
+            step=1,
+        ),
+    ):
+        assert store.ingest_bytes(data) is None
+    assert store.counters.bad_frames == 4
+    assert store.count == 0
