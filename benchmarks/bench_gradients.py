@@ -7,6 +7,8 @@ and repeated (medians):
 * ``bare``      ``torch.stack(torch._foreach_norm(grads)).tolist()``
 * ``minimal``   GradientReducer at MINIMAL: observe + pending + transfer + build
 * ``normal``    the same at NORMAL (every statistic the snapshot carries)
+* ``normal/8``  an update of 8 backwards at NORMAL, per backward (the per-update reduction and the
+                transfer are shared by every backward of a PPO update; ``bare`` syncs every time)
 * ``exact``     NORMAL with ``sample_size=None`` (every element binned; reference, not the default)
 
 and counts host materialisations per update (``item``/``tolist``/``cpu``/``numpy``/``__bool__``/
@@ -23,19 +25,15 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from telemetry_core.config import TelemetryLevel, Thresholds  # noqa: E402
-from telemetry_core.reductions.gradients import GradientReducer  # noqa: E402
-from telemetry_core.reductions.transfer import transfer  # noqa: E402
+from telemetry_core.config import TelemetryLevel, Thresholds
+from telemetry_core.reductions.gradients import GradientReducer
+from telemetry_core.reductions.transfer import transfer
 
 MATERIALISING = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"}
 
@@ -99,10 +97,11 @@ def run_size(
     def bare() -> None:
         torch.stack(torch._foreach_norm(grads)).tolist()
 
-    def update(reducer: GradientReducer, level: TelemetryLevel) -> Callable[[], None]:
+    def update(reducer: GradientReducer, level: TelemetryLevel, calls: int = 1) -> Callable[[], None]:
         def go() -> None:
             reducer.reset()
-            reducer.observe(level)
+            for _ in range(calls):
+                reducer.observe(level)
             reducer.build(transfer(reducer.pending(level)), level)
 
         return go
@@ -111,6 +110,7 @@ def run_size(
         "bare": bare,
         "minimal": update(fast, TelemetryLevel.MINIMAL),
         "normal": update(fast, TelemetryLevel.NORMAL),
+        "normal/8": update(fast, TelemetryLevel.NORMAL, 8),
     }
     if exact:
         cases["exact"] = update(full, TelemetryLevel.NORMAL)
@@ -128,6 +128,7 @@ def run_size(
             sync()
             times[name].append(clock() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med["normal/8"] /= 8
     syncs = {}
     for name in ("bare", "normal"):
         with SyncCounter() as counter:
@@ -171,7 +172,8 @@ def main() -> None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\n{name} {str(dtype).removeprefix('torch.')}")
         print(
-            f"{'params':>11} {'bare ms':>9} {'minimal':>16} {'normal':>16} {'exact':>16}  syncs/update (bare, normal)"
+            f"{'params':>11} {'bare ms':>9} {'minimal':>16} {'normal':>16} {'normal/8':>16} {'exact':>16}"
+            "  syncs/update (bare, normal)"
         )
         for total, reps in sizes:
             exact = not args.no_exact and not (args.quick and total > 1_000_000)
@@ -182,7 +184,8 @@ def main() -> None:
                 return f"{m[key] * 1e3:8.2f} {m[key] / b:5.2f}x" if key in m else f"{'-':>15}"
 
             print(
-                f"{int(m['_n']):>11,} {b * 1e3:9.3f} {cell('minimal'):>16} {cell('normal'):>16} {cell('exact'):>16}"
+                f"{int(m['_n']):>11,} {b * 1e3:9.3f} {cell('minimal'):>16} {cell('normal'):>16}"
+                f" {cell('normal/8'):>16} {cell('exact'):>16}"
                 f"  {int(m['_syncs_bare'])}, {int(m['_syncs_normal'])}"
             )
 

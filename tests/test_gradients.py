@@ -725,3 +725,19 @@ def test_cuda_no_sync_and_matches_reference() -> None:
                 assert_matches(stats, ref_stats(calls, 0.5, groups), rel=1e-5)
             else:
                 assert stats.nan_params == 1 and stats.nan_count >= 1 and math.isnan(stats.max_abs)
+
+
+def test_zero_element_parameters_are_ignored() -> None:
+    gen = torch.Generator().manual_seed(12)
+    named = make_params({"a": (6, 3), "empty": (0, 4), "b": (5,)})
+    calls = [[random_grad((6, 3), gen), torch.zeros(0, 4), random_grad((5,), gen)] for _ in range(2)]
+    for sample_size in (None, 8):
+        reducer = GradientReducer(
+            named, max_grad_norm=0.5, thresholds=TH, groups={"ab": [0, 1, 2]}, sample_size=sample_size
+        )
+        stats = run(reducer, calls)
+        assert math.isnan(stats.param_norms[1]) and stats.skipped_params == 0
+        ref = ref_stats(calls, 0.5, {"ab": [0, 1, 2]})
+        for key in ("total_norm", "max_abs", "clip_rate"):
+            assert close(getattr(stats, key), ref[key]), key
+        assert close(stats.group_norms["ab"], ref["group_norms"]["ab"])

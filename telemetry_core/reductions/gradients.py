@@ -4,51 +4,62 @@ What is computed, and from which elements
 -----------------------------------------
 Exact, from every element of every gradient, on every observed backward:
 
-* per-parameter L2 norm (``torch._foreach_norm``, float32 accumulation, one fused pass) and from it the
-  pre-clip total norm (as ``clip_grad_norm_`` computes it), the clip flag, group norms, their
+* per-parameter L2 norm (``torch._foreach_norm``, float32 accumulation, one fused pass) and from it
+  the pre-clip total norm (as ``clip_grad_norm_`` computes it), the clip flag, group norms, their
   sqrt(numel)-normalised values and ratios, and the vanishing / exploding parameter counts;
 * per-parameter max |g| (``aminmax`` on CPU, ``_foreach_norm(ord=inf)`` on CUDA: one more pass);
-* which tensors hold a NaN (their L2 norm is NaN) or an Inf (their max |g| is inf): ``nan_params`` /
-  ``inf_params``.
+* which tensors hold a NaN (their L2 norm is NaN) or an Inf (their max |g| is inf): ``nan_params``
+  / ``inf_params``. A tensor holding both counts as NaN (its max |g| is NaN).
 
-From a bounded, systematic sample of elements (all elements with ``sample_size=None``): the
-magnitude histogram, the zero fraction and the NaN / Inf *element* counts. Each parameter
-contributes every ``stride``-th element (at least ``MIN_PER_PARAM`` elements or all of it, else its
-share of ``sample_size``), starting at an offset that rotates with every call, so successive
-backwards look at different elements. The element counts are then scaled to the tensor, with
-exactness where it matters: a tensor without NaN reports exactly 0 (its norm is finite), a tensor
-with a NaN reports at least 1, a tensor examined in full or entirely NaN reports the exact count.
-``examined_elements`` / ``total_elements`` say how much was binned.
+From a bounded, systematic sample (every element with ``sample_size=None``): the magnitude
+histogram, the zero fraction and the NaN / Inf *element* counts. Each parameter contributes every
+``stride``-th element (all of it or at least ``MIN_PER_PARAM``, else its share of ``sample_size``),
+from an offset that rotates with every call, so successive backwards examine different elements.
+Element counts are scaled to the tensor with exactness where it matters: a tensor without NaN
+reports exactly 0 (its norm says so), one with a NaN at least 1, one examined in full or entirely NaN
+the exact count. ``examined_elements`` / ``total_elements`` say how much was binned. The default
+``sample_size="auto"`` is numel/512 clamped to [4096, 32768] elements per backward.
 
-Why a sample (measured on the 2-core AMD EPYC CPU of this project, float32, LSTM-sized matrices)
-----------------------------------------------------------------------------------------------
-In units of one bare ``torch._foreach_norm`` pass over the same gradients (10M-45M elements):
-``aminmax`` 0.6-1.5, ``amax`` 1.1, ``count_nonzero`` 1.1-2.1, ``_foreach_norm(ord=inf)`` 3.9-10 (its
-CPU path is not vectorised), ``_foreach_norm(ord=0)`` 1.5-4.6, an elementwise op into a reused buffer
-(compare, bitwise and, ``nan_to_num``) 2-3, ``isnan().sum()`` 10, and every per-element binning kernel
-20-35: ``torch.histogram`` 31-50, ``torch.histc`` 19-37, ``torch.bucketize`` 29-58, ``torch.compile``
-of the whole fused set 11-14 (after 15-52 s of compilation). An exact histogram of every element
-therefore costs 20x or more by itself, and exact NaN, Inf and zero counts another 2-4x each, against
-a target of 3x for everything. The design keeps what is exact *and* cheap (two passes: the L2 norms
-and max |g|) and bins a sample of at most ``sample_size`` elements per call, whose cost does not
-grow with the model. ``sample_size=None`` bins every element (exact, roughly 20-40x bare on this
-CPU); it is what the tests compare against float64 references.
+Why a sample, and why this shape (measured on this project's 2-core AMD EPYC CPU, float32)
+----------------------------------------------------------------------------------------
+In units of one bare ``torch._foreach_norm`` pass over the same 10M-45M elements: ``aminmax`` 0.6-1.5,
+``amax`` 1.1, ``count_nonzero`` 1.1-2.1, ``_foreach_norm(ord=inf)`` 3.9-10 and ``ord=0`` 1.5-4.6
+(their CPU paths are not vectorised), an elementwise op into a reused buffer (compare, bitwise and,
+``nan_to_num``) 2-3, ``isnan().sum()`` 10, and every per-element binning kernel 20-58:
+``torch.histogram`` 31-50, ``torch.histc`` 19-37, ``torch.bucketize`` 29-58; ``torch.compile`` of the
+whole set fused into one kernel 11-14 after 15-52 s of compilation. An exact histogram of every
+element thus costs 20x by itself, and exact NaN, Inf and zero counts 2-4x each, against a target of
+3x for everything. So the design keeps what is exact *and* cheap (two passes: L2 norms and max |g|)
+and bins a sample whose cost does not grow with the model (about 12 ns per sampled element).
+``sample_size=None`` bins every element (40-55x bare); the tests compare it with float64 references.
+Interleaving the norm and ``aminmax`` per 256K-element chunk so the second read hits cache saved
+~0.25x single-threaded but collapsed with two threads on a loaded machine: rejected.
 
-Histogram and categories in one pass: the absolute value of a float is monotone in its bit pattern
-with the sign bit cleared, so one ``bucketize`` of ``bits & 0x7F..F`` against the bit patterns of the
-edges (each rounded *up* into the gradient's dtype, so ``|g| >= edge`` holds exactly) sorts every
-element into zero, (0, e0), [e0, e1), ..., [e_last, inf), +-inf or NaN at once, for float16,
-bfloat16, float32 and float64 alike, on CPU and CUDA (``bincount`` on CPU; on CUDA ``index_add_``,
-because CUDA ``bincount`` syncs to size its output).
+One pass for all categories: |x| is monotone in the float's bit pattern with the sign bit cleared,
+so one ``bucketize`` of ``bits & 0x7F..F`` against the edges' bit patterns (each rounded *up* into
+the gradient's dtype, so ``|g| >= edge`` holds exactly) sorts every element into zero, (0, e0),
+[e0, e1), ..., [e_last, inf), +-inf or NaN at once, for float16, bfloat16, float32 and float64, on
+CPU and CUDA (``bincount`` on CPU; ``index_add_`` on CUDA, whose ``bincount`` syncs to size its output).
+
+Per call vs per update: ``observe`` only records per-parameter vectors (norms, extremes, sample
+category counts: ~13 kernels + 2 per parameter). Every reduction over parameters and calls
+(totals, clip rate, groups, vanishing/exploding, NaN/Inf estimates, histogram) runs once per update
+in ``pending``, vectorised over the calls (~60 small kernels, folded every ``FOLD_EVERY`` calls to bound
+memory), into one float64 vector for the hub's single transfer. Measured with one thread (thread
+CPU time, machine loaded, so preliminary): NORMAL costs 2.0-2.5x bare at 10M and 40M parameters;
+at 1M the fixed ~0.5 ms of small kernels makes it 3-5x for a one-backward update and 1.8x per
+backward in an update of 8 backwards (``benchmarks/bench_gradients.py``).
 
 Precision: norms accumulate in float32 (``_foreach_norm(..., dtype=torch.float32)`` for float16 and
-bfloat16, so squares that overflow float16 do not), never through a float64 copy of the gradients.
+bfloat16, so squares that overflow float16 do not), never through a float64 copy of the gradients;
+like ``clip_grad_norm_``, a gradient above ~1.8e19 has a square beyond float32 and an inf norm.
 Gradients are grouped by (device, dtype) like ``torch.nn.utils.clip_grad_norm_``.
 
-Parameters whose ``.grad`` is None (frozen or unused in that backward) are skipped and counted in
-``skipped_params``; their per-parameter norm is NaN when they had no gradient in any call of the
-update (not measured, so neither vanishing nor zero), and they contribute nothing to total and group
-norms, exactly as ``clip_grad_norm_`` ignores them. Zero-element parameters are ignored.
+Parameters whose ``.grad`` is None (frozen, or unused by that backward) are skipped and counted in
+``skipped_params``; their per-parameter norm is the mean over the calls that had a gradient, NaN when
+none did (not measured: neither zero nor vanishing), and they add nothing to total and group norms,
+exactly as ``clip_grad_norm_`` ignores them. A call in which no parameter has a gradient is not a
+call (observe before backward). Zero-element parameters are ignored (norm NaN).
 """
 
 from __future__ import annotations
@@ -273,7 +284,7 @@ class _Row:
 
 
 # Layout of the float64 vector that goes through the transfer ("grad.stats").
-_SUMS = ("total", "clipped", "nan_params", "inf_params", "inf_est", "nan_est", "model_normalized")
+_SUMS = ("total", "clipped", "inf_params", "nan_params", "inf_est", "nan_est", "model_normalized")
 _MAXES = ("total_max", "max_abs", "vanishing", "exploding")
 _HEAD = len(_SUMS) + len(_MAXES) + 1  # + last total
 FOLD_EVERY = 64  # calls kept as rows before they are folded (bounds memory on long updates)
@@ -551,7 +562,7 @@ class GradientReducer:
             torch.stack(
                 [total.sum(), (total > self.max_grad_norm).sum()]
             ).double(),  # float64 sets cat's dtype
-            flags.sum((0, 1)).flip(0),  # nan_params, inf_params
+            flags.sum((0, 1)),  # inf_params, nan_params
             est.sum((0, 1)),  # inf_est, nan_est
             (total * (presentf @ numel).rsqrt()).sum().unsqueeze(0),  # model normalised norm
             total.amax().unsqueeze(0),
@@ -609,8 +620,7 @@ class GradientReducer:
             plan = b.rounds[round_index] = sample_plan(b.numels, self.sample_size, round_index)
         views = []
         for g, (offset, stride, count) in zip(gs, plan):
-            flat = g.view(-1) if g.is_contiguous() else g.reshape(-1)
-            views.append(flat[offset : offset + count * stride : stride])
+            views.append(g.reshape(-1)[offset : offset + count * stride : stride])  # a view if contiguous
         sample = torch.cat(views)
         idx = torch.bucketize(sample.view(b.int_dtype) & b.mask, b.boundaries, right=True)
         idx += b.slot_offset
