@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from telemetry_core.demo.cli import DEFAULT_INJECT_FRACTION, INJECTION_KINDS, Injection, parse_injection
+
 if TYPE_CHECKING:
     from telemetry_core.demo.agent import RecurrentAgent
 
@@ -61,19 +63,6 @@ __all__ = [
     "Pathology",
     "parse_injection",
 ]
-
-DEFAULT_INJECT_FRACTION = 0.3
-
-
-@dataclass(frozen=True)
-class Injection:
-    """A requested pathology: its kind and the update it starts at (None: 30% of the plan)."""
-
-    kind: str
-    update: int | None = None
-
-    def __str__(self) -> str:
-        return self.kind if self.update is None else f"{self.kind}@{self.update}"
 
 
 class Pathology:
@@ -229,24 +218,8 @@ _KINDS: dict[str, type[Pathology]] = {
         LSTMExplosion,
     )
 }
-INJECTION_KINDS: tuple[str, ...] = tuple(_KINDS)
-
-
-def parse_injection(text: str) -> Injection:
-    """Parse ``KIND`` or ``KIND@UPDATE``; raise ValueError with the valid choices on bad input."""
-    kind, sep, at = str(text).strip().partition("@")
-    kind = kind.strip().lower().replace("_", "-")
-    if kind not in _KINDS:
-        raise ValueError(f"unknown injection {kind!r}; choose one of {', '.join(INJECTION_KINDS)}")
-    if not sep:
-        return Injection(kind)
-    try:
-        update = int(at)
-    except ValueError:
-        raise ValueError(f"injection update must be an integer >= 1, got {at!r} in {text!r}") from None
-    if update < 1:
-        raise ValueError(f"injection update must be >= 1 (updates count from 1), got {update}")
-    return Injection(kind, update)
+if set(_KINDS) != set(INJECTION_KINDS):  # the torch-free CLI lists the same kinds
+    raise ImportError(f"inject.py implements {sorted(_KINDS)} but cli.py lists {sorted(INJECTION_KINDS)}")
 
 
 @dataclass

@@ -48,13 +48,23 @@ import torch
 from torch import nn, optim
 
 from telemetry_core.demo.agent import RecurrentAgent
+from telemetry_core.demo.cli import Injection
 from telemetry_core.demo.env import ACTION_HEADS, DEFAULT_FORCE_LEVELS, make_vector_env
-from telemetry_core.demo.inject import Injection, Injector
+from telemetry_core.demo.inject import Injector
 
 if TYPE_CHECKING:
     from telemetry_core.hub import TelemetryHub
 
-__all__ = ["DemoConfig", "UpdateRecord", "iter_train", "make_agent", "summarize", "train"]
+__all__ = [
+    "HUB_GROUPS",
+    "DemoConfig",
+    "UpdateRecord",
+    "iter_train",
+    "make_agent",
+    "make_hub",
+    "summarize",
+    "train",
+]
 
 
 @dataclass
@@ -85,6 +95,7 @@ class DemoConfig:
     force_levels: tuple[float, ...] = DEFAULT_FORCE_LEVELS
     max_episode_steps: int = 500
     device: str = "cpu"
+    lstm_telemetry_steps: int = 32  # time steps of LSTM inputs handed to the hub for gate saturation
     torch_threads: int | None = 1  # process-wide; tiny nets run fastest on one thread (None: leave it)
 
     @property
@@ -93,7 +104,15 @@ class DemoConfig:
 
     def validate(self) -> DemoConfig:
         """Raise ValueError naming the field when a value cannot work; return self."""
-        positive = ("num_updates", "num_envs", "num_steps", "num_minibatches", "update_epochs", "lstm_hidden")
+        positive = (
+            "num_updates",
+            "num_envs",
+            "num_steps",
+            "num_minibatches",
+            "update_epochs",
+            "lstm_hidden",
+            "lstm_telemetry_steps",
+        )
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"DemoConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -149,6 +168,35 @@ def make_agent(cfg: DemoConfig) -> RecurrentAgent:
     torch.manual_seed(cfg.seed)
     agent = RecurrentAgent(2, ACTION_HEADS, encoder_sizes=cfg.encoder_sizes, lstm_hidden=cfg.lstm_hidden)
     return agent.to(cfg.device)
+
+
+HUB_GROUPS: dict[str, str] = {
+    "encoder": "encoder.",
+    "lstm": "lstm.",
+    "direction": "heads.direction.",
+    "force": "heads.force.",
+    "critic": "critic.",
+}
+
+
+def make_hub(agent: RecurrentAgent, cfg: DemoConfig, **kwargs: Any) -> TelemetryHub:
+    """A TelemetryHub wired to this agent and config (heads, cap, plan, groups, LSTM).
+
+    ``kwargs`` go to :class:`~telemetry_core.hub.TelemetryHub` (``bind``, ``record``, ``config``,
+    ``run_name``, ``strict``...).
+    """
+    from telemetry_core.hub import TelemetryHub
+
+    kwargs.setdefault("run_name", "demo")
+    return TelemetryHub(
+        agent,
+        heads=dict(agent.head_sizes),
+        max_grad_norm=cfg.max_grad_norm,
+        total_updates=cfg.num_updates,
+        groups=dict(HUB_GROUPS),
+        lstm=agent.lstm,
+        **kwargs,
+    )
 
 
 def train(
@@ -310,7 +358,8 @@ def iter_train(
                 for start in range(0, B, envs_per_batch):
                     mb_envs = env_inds[start : start + envs_per_batch]
                     mb_inds = torch.as_tensor(flat_inds[:, mb_envs].ravel(), device=device)
-                    reset_steps = np.flatnonzero(dones_host[:, mb_envs].any(axis=1)).tolist()
+                    # time steps t > 0 where an episode of this minibatch begins (host flags, no sync)
+                    reset_steps = (np.flatnonzero(dones_host[1:, mb_envs].any(axis=1)) + 1).tolist()
                     mb_state = (initial_lstm_state[0][:, mb_envs], initial_lstm_state[1][:, mb_envs])
                     unroll = agent.unroll(b_obs[mb_inds], mb_state, b_dones[mb_inds], reset_steps)
                     out = agent.policy(unroll.hidden, actions=b_actions[mb_inds])
@@ -401,10 +450,14 @@ def iter_train(
 
             snapshot = None
             if hub is not None:
+                # Gate saturation is replayed from the LSTM's weights over the last minibatch's
+                # inputs, up to its first mid-sequence reset (so the replay sees exactly what the
+                # LSTM saw) and at most lstm_telemetry_steps steps (the replay's cost is per step).
+                gate_steps = min([cfg.lstm_telemetry_steps, *reset_steps])
                 snapshot = hub.end_update(
                     update,
                     lstm_state=next_lstm_state,
-                    lstm_inputs=unroll.lstm_inputs.detach(),
+                    lstm_inputs=unroll.lstm_inputs[:gate_steps].detach(),
                     lstm_input_state=(
                         unroll.lstm_input_state[0].detach(),
                         unroll.lstm_input_state[1].detach(),
