@@ -741,3 +741,17 @@ def test_zero_element_parameters_are_ignored() -> None:
         for key in ("total_norm", "max_abs", "clip_rate"):
             assert close(getattr(stats, key), ref[key]), key
         assert close(stats.group_norms["ab"], ref["group_norms"]["ab"])
+
+
+def test_sparse_gradients_are_counted_skips() -> None:
+    emb = nn.Embedding(10, 4, sparse=True)
+    head = nn.Linear(4, 2)
+    named = [("emb.weight", emb.weight), ("head.weight", head.weight), ("head.bias", head.bias)]
+    head(emb(torch.tensor([1, 2, 3]))).sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.is_sparse
+    reducer = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups={}, sample_size=None)
+    reducer.observe(L.NORMAL)
+    stats = reducer.build(transfer(reducer.pending(L.NORMAL)), L.NORMAL)
+    assert stats.skipped_params == 1 and math.isnan(stats.param_norms[0])
+    dense = [None, head.weight.grad, head.bias.grad]
+    assert close(stats.total_norm, ref_stats([dense], 0.5, {})["total_norm"])

@@ -55,7 +55,7 @@ bfloat16, so squares that overflow float16 do not), never through a float64 copy
 like ``clip_grad_norm_``, a gradient above ~1.8e19 has a square beyond float32 and an inf norm.
 Gradients are grouped by (device, dtype) like ``torch.nn.utils.clip_grad_norm_``.
 
-Parameters whose ``.grad`` is None (frozen, or unused by that backward) are skipped and counted in
+Parameters whose ``.grad`` is None (frozen, or unused by that backward) or sparse are skipped and counted in
 ``skipped_params``; their per-parameter norm is the mean over the calls that had a gradient, NaN when
 none did (not measured: neither zero nor vanishing), and they add nothing to total and group norms,
 exactly as ``clip_grad_norm_`` ignores them. A call in which no parameter has a gradient is not a
@@ -265,6 +265,7 @@ class _Plan:
 
     home: torch.device
     present: list[int]  # parameter indices in bucket order (the order of the per-call vectors)
+    skipped: list[int]  # parameters without a usable gradient: None, or not strided (sparse)
     buckets: list[_Bucket]
     identity: bool  # present == range(P): per-call vectors need no scatter
     param_index: torch.Tensor  # present position -> parameter index (home device)
@@ -415,13 +416,13 @@ class GradientReducer:
         if level <= TelemetryLevel.OFF:
             return
         grads = [p.grad for p in self.params]
-        key = tuple(None if g is None else (g.dtype, g.device) for g in grads)
+        key = tuple(None if g is None else (g.dtype, g.device, g.layout) for g in grads)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._make_plan(grads)
             self._plans[key] = plan
-        if len(plan.present) < len(grads):
-            self.skipped.update(i for i, g in enumerate(grads) if g is None)
+        if plan.skipped:
+            self.skipped.update(plan.skipped)
         if not plan.present:
             return  # no gradient at all (observe before backward?): counted as skipped, not a call
         if self._home is None:
@@ -636,8 +637,12 @@ class GradientReducer:
     def _make_plan(self, grads: list[torch.Tensor | None]) -> _Plan:
         """Buckets by (device, dtype) and device constants for one pattern of present gradients."""
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        skipped = []
         for i, g in enumerate(grads):
-            if g is None or g.numel() == 0:
+            if g is None or g.layout != torch.strided:  # sparse gradients: a counted skip, not a crash
+                skipped.append(i)
+                continue
+            if g.numel() == 0:
                 continue
             if g.shape != self.params[i].shape:
                 raise ValueError(
@@ -667,6 +672,7 @@ class GradientReducer:
         return _Plan(
             home=home,
             present=present,
+            skipped=skipped,
             buckets=buckets,
             identity=present == list(range(len(self.params))),
             param_index=_to_device(torch.tensor(present, dtype=torch.int64), home),
