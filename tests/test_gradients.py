@@ -219,20 +219,27 @@ def test_every_statistic_matches_float64_reference(seed: int) -> None:
 
 
 def test_hist_edges_are_exact_at_the_boundaries() -> None:
-    """Values exactly at, just above and just below every edge land where float64 says."""
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        vals = []
-        for e in TH.grad_hist_edges:
-            t = torch.tensor(e, dtype=torch.float64).to(dtype)
-            up = torch.nextafter(t.double(), torch.tensor(math.inf, dtype=torch.float64)).to(dtype)
-            vals += [t, up, -t]
-            if dtype in (torch.float32, torch.float64):
-                vals.append(torch.nextafter(t, torch.tensor(0.0, dtype=dtype)))
-        g = torch.stack(vals).to(dtype)
+    """The nearest value to every edge and its two neighbours (in the gradient's own dtype), both
+    signs, land in the bin float64 says."""
+    int_of = {
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+        torch.float32: torch.int32,
+        torch.float64: torch.int64,
+    }
+    for dtype, int_dtype in int_of.items():
+        patterns = set()
+        for e in TH.grad_hist_edges:  # (edges below a dtype's smallest subnormal round to 0 there)
+            bits = int(torch.tensor(e, dtype=torch.float64).to(dtype).view(int_dtype))
+            patterns |= {b for b in (bits - 1, bits, bits + 1) if b >= 0}
+        g = torch.tensor(sorted(patterns), dtype=int_dtype).view(dtype)
+        g = torch.cat([g, -g])
         named = [("w", nn.Parameter(torch.zeros(g.shape, dtype=dtype)))]
         reducer = GradientReducer(named, max_grad_norm=1.0, thresholds=TH, groups={}, sample_size=None)
         stats = run(reducer, [[g]])
-        assert stats.hist_counts == ref_stats([[g]], 1.0, {})["hist_counts"], dtype
+        want = ref_stats([[g]], 1.0, {})["hist_counts"]
+        assert stats.hist_counts == want, dtype
+        assert sum(1 for c in want[1:] if c) >= 5  # the values really straddle the edges
 
 
 def test_category_boundaries_round_edges_up_into_each_dtype() -> None:
