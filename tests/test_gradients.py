@@ -688,7 +688,14 @@ def train_and_compare(device: torch.device) -> None:
         opt.zero_grad(set_to_none=True)
         agent(x).backward()
         calls.append([None if p.grad is None else p.grad.detach().cpu().clone() for _, p in named])
-        reducer.observe(L.NORMAL)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")  # observe must not sync
+        try:
+            reducer.observe(L.NORMAL)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
         clip_norms.append(float(nn.utils.clip_grad_norm_(agent.parameters(), 0.5)))
         opt.step()
     stats = reducer.build(transfer(reducer.pending(L.NORMAL)), L.NORMAL)
@@ -716,13 +723,14 @@ def test_cuda_no_sync_and_matches_reference() -> None:
             )
             calls = [[random_grad(p.shape, gen, dtype) for _, p in named] for _ in range(3)]
             calls[1][0].view(-1)[0] = math.nan
+            on_gpu = [[g.cuda() for g in grads] for grads in calls]  # blocking copies: outside the check
             reducer.reset()
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                for grads in calls:
+                for grads in on_gpu:
                     for (_, p), g in zip(named, grads):
-                        p.grad = g.cuda()
+                        p.grad = g
                     reducer.observe(L.NORMAL)
                 pending = reducer.pending(L.NORMAL)
             finally:
