@@ -442,6 +442,7 @@ class Publisher:
         self._seen: dict[str, float] = {}  # command id -> monotonic time it may be forgotten
         self._auth_nacks: dict[str, bytes] = {}
         self._atexit: Callable[[], None] | None = None
+        self._auth: Any = None  # the ZAP handler (CURVE only), owned by the publisher thread
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -724,6 +725,7 @@ class Publisher:
                     auth = ThreadAuthenticator(ctx, log=log.getChild("zap"))
                     auth.start()
                     auth.configure_curve_callback(ZAP_DOMAIN.decode(), _AllowList(self._curve_allowed))
+                    self._auth = auth
                 pub, router = self._make_sockets(ctx, sockets)
                 for sock in sockets:
                     monitors.append(

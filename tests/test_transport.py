@@ -57,6 +57,7 @@ class Dashboard:
         *,
         curve: tuple[bytes, bytes] | bool | None = None,
         connect_sub: bool = True,
+        rcvhwm: int = 100000,
     ) -> None:
         self.ctx = zmq.Context()
         self.key = info.key_bytes
@@ -75,7 +76,8 @@ class Dashboard:
                 sock.setsockopt(zmq.CURVE_SERVERKEY, info.curve_server_public.encode())  # type: ignore[union-attr]
                 sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
                 sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        self.sub.setsockopt(zmq.RCVHWM, 100000)
+        self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.dealer.setsockopt(zmq.SNDTIMEO, 3000)  # a refused connection fails the test, never hangs it
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         if connect_sub:
             self.sub.connect(info.pub)
@@ -168,16 +170,16 @@ def wire(struct: msgspec.Struct) -> bytes:
     return msgspec.msgpack.encode(struct)
 
 
-@pytest.fixture(autouse=True)
-def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+@pytest.fixture(autouse=True, name="runtime_dir")
+def runtime_dir_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "runtime"
     path.mkdir(mode=0o700)
     monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(path))
     return path
 
 
-@pytest.fixture
-def make() -> Any:
+@pytest.fixture(name="make")
+def make_fixture() -> Any:
     """Publisher factory on ephemeral loopback ports; everything is closed at teardown."""
     made: list[Any] = []
 
@@ -191,8 +193,8 @@ def make() -> Any:
         obj.close()
 
 
-@pytest.fixture
-def dashboards() -> Any:
+@pytest.fixture(name="dashboards")
+def dashboards_fixture() -> Any:
     made: list[Dashboard] = []
 
     def factory(info: protocol.ConnectionInfo, **kw: Any) -> Dashboard:
@@ -225,7 +227,7 @@ def test_snapshots_arrive_in_order_exactly_as_encoded(make: Any, dashboards: Any
         assert env.step == orig.step
         assert frame == returned  # the hub hands exactly these bytes to the recorder
         assert wire(snap) == wire(orig)
-    assert pub.counters.published == 20
+    assert wait_for(lambda: pub.counters.published == 20)  # counted just after the send
     assert pub.counters.dropped == 0
 
 
@@ -403,7 +405,7 @@ def test_history_since_seq_limit_and_chunks(make: Any, dashboards: Any) -> None:
     time.sleep(0.6)
     none = _history(dash, since_seq=40)
     assert len(none) == 1 and none[0].frames == [] and none[0].latest_seq == 40
-    assert pub.counters.history_frames == 25 + 3
+    assert wait_for(lambda: pub.counters.history_frames == 25 + 3)
 
 
 def test_history_respects_its_byte_cap(make: Any, dashboards: Any) -> None:
