@@ -122,7 +122,7 @@ def decode_envelope(data: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Envelop
         raise FrameError("malformed", "pickle payload refused (frames are msgpack, never pickle)")
     try:
         env = _ENVELOPE_DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise FrameError("malformed", f"not an envelope: {exc}") from None
     except RecursionError:  # msgspec refuses deep nesting (even inside the raw body) this way
         raise FrameError("malformed", "not an envelope: nested too deeply") from None
@@ -139,7 +139,7 @@ def decode_body(env: Envelope) -> Any:
     """Decode an envelope's body into the Struct its ``kind`` names."""
     try:
         return _BODY_DECODERS[env.kind].decode(env.body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise FrameError("malformed", f"bad {env.kind} body: {exc}") from None
     except RecursionError:
         raise FrameError("malformed", f"bad {env.kind} body: nested too deeply") from None
