@@ -127,6 +127,18 @@ class Thresholds:
     entropy_clear_factor: float = _t(
         1.5, "hysteresis: a collapsed head clears only above this multiple of its limit"
     )
+    entropy_critical_fraction: float = _t(
+        0.2,
+        "a collapsed head below this fraction of its limit is critical: deterministic, which an "
+        "entropy bonus of the right sign does not allow (anomaly detector)",
+    )
+    entropy_drop_fraction: float = _t(
+        0.6,
+        "a head whose entropy falls below this fraction of its recent median is collapsing "
+        "(warning): healthy demo runs never fell below 0.68, a wrong-sign ent_coef reaches 0.54 "
+        "two updates after onset, long before the absolute limit",
+    )
+    entropy_baseline_window: int = _t(10, "updates in each head's rolling entropy baseline (median)")
     # ---- policy: KL, ratios, clipping ----------------------------------------------------------
     kl_target: float = _t(0.01, "typical PPO KL target per update (Schulman; SB3 and Spinning Up defaults)")
     kl_spike_warning: float = _t(
@@ -147,6 +159,12 @@ class Thresholds:
     )
     ratio_collapse: float = _t(
         0.1, "min ratio below this: an action's probability fell 10x within one update (reference)"
+    )
+    ratio_explosion_critical: float = _t(
+        20.0, "max ratio above this is critical: a log-prob moved 3 nats, no clipped update does that"
+    )
+    ratio_collapse_critical: float = _t(
+        0.01, "min ratio below this is critical: an action's probability fell 100x in one update"
     )
     ratio_warning_high: float = _t(2.0, "max ratio above this is shown yellow: far outside a 0.2 clip range")
     ratio_warning_low: float = _t(0.5, "min ratio below this is shown yellow")
@@ -170,6 +188,14 @@ class Thresholds:
         20.0, "value loss above this multiple of its rolling median is value_collapse (critic blown)"
     )
     value_baseline_window: int = _t(20, "updates in the rolling value-loss baseline (median)")
+    value_returns_std_min: float = _t(
+        1e-6, "value_collapse's std rule needs returns that vary: return std above this"
+    )
+    baseline_min_updates: int = _t(
+        5,
+        "rolling baselines (KL, value loss, gradient and LSTM norms, entropy) give no relative "
+        "verdict before this many updates",
+    )
     # ---- gradients (relative to max_grad_norm) -----------------------------------------------
     grad_hist_edges: tuple[float, ...] = _t(
         (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
@@ -193,11 +219,20 @@ class Thresholds:
     grad_vanishing_param_fraction: float = _t(
         0.5, "more than this fraction of parameters vanishing: gradient_vanishing"
     )
+    grad_total_relative_factor: float = _t(
+        10.0,
+        "gradient_exploding also needs the pre-clip norm above this multiple of its rolling median: "
+        "with unnormalised returns healthy runs sit at 60-300x max_grad_norm, but never jump >6x",
+    )
+    grad_baseline_window: int = _t(20, "updates in the rolling pre-clip gradient norm baseline (median)")
     clip_rate_warning: float = _t(
         0.9, "share of minibatches clipped above this is shown yellow: the cap limits learning"
     )
     grad_ema_momentum: float = _t(0.99, "EMA momentum of gradient drift tracking (reference)")
     grad_drift: float = _t(0.5, "|x - ema| / ema above this is gradient_drift (reference)")
+    grad_drift_patience: int = _t(
+        3, "consecutive updates of drift above grad_drift before gradient_drift fires (one-off noise)"
+    )
     grad_drift_warmup: int = _t(10, "no drift verdict before this many updates (review L4)")
     # ---- LSTM -----------------------------------------------------------------------------------
     lstm_norm_max: float = _t(100.0, "h or c L2 norm above this: state explosion (reference)")
@@ -213,6 +248,13 @@ class Thresholds:
         0.9, "more than this fraction of gates saturated: lstm_unhealthy (gradients cannot flow)"
     )
     lstm_gate_sample: int = _t(64, "rows of the batch used for gate saturation at NORMAL (DEBUG uses all)")
+    lstm_relative_factor: float = _t(
+        3.0,
+        "lstm_unhealthy's state explosion also needs the h/c L2 norm above this multiple of its "
+        "largest recent value: a healthy counting LSTM holds |c| in the hundreds and grows its state "
+        "<1.8x within 20 updates; demo lstm-explosion jumps 6x",
+    )
+    lstm_baseline_window: int = _t(20, "updates in the rolling LSTM state-norm baselines (largest value)")
     # ---- advantages -------------------------------------------------------------------------------
     adv_skew_warning: float = _t(3.0, "|skew| of raw advantages above this is shown yellow: outliers")
     adv_kurtosis_warning: float = _t(
