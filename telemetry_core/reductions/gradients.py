@@ -407,7 +407,7 @@ class GradientReducer:
 
     @property
     def skipped_params(self) -> int:
-        """Parameters whose ``.grad`` was None in at least one observed call of this update."""
+        """Parameters whose ``.grad`` was None (or sparse) in at least one observed call of this update."""
         return len(self.skipped)
 
     @torch.no_grad()
