@@ -410,6 +410,8 @@ class TelemetryClient:
         assert isinstance(snap, Snapshot)
         self.store.ingest(env, snap, quiet=backfill, backfill=backfill)
         self._track_lease(snap)
+        if snap.profile_trace and not backfill:
+            self.profile_note = f"profile trace: {snap.profile_trace}"
 
     def _accept_session(self, env: Envelope) -> bool:
         """Adopt the first session; a different one later is a trainer restart: reset and say so."""

@@ -20,6 +20,7 @@ __all__ = [
     "PANEL_KINDS",
     "STYLE",
     "Verdict",
+    "anomaly_verdict",
     "grad_total",
     "judge_entropy",
     "judge_ev",
@@ -119,11 +120,19 @@ def judge_kl(thr: Thresholds, value: float | None) -> Verdict:
 
 
 def judge_ratio_max(thr: Thresholds, value: float | None) -> Verdict:
-    return judge_high(value, warn=thr.ratio_warning_high, crit=thr.ratio_explosion)
+    """Yellow past the display warning; red past the critical explosion limit (when the trainer's
+    Thresholds have one; older ones only know ``ratio_explosion``)."""
+    crit = getattr(thr, "ratio_explosion_critical", thr.ratio_explosion)
+    return judge_high(value, warn=min(thr.ratio_warning_high, crit), crit=crit)
 
 
 def judge_ratio_min(thr: Thresholds, value: float | None) -> Verdict:
-    return judge_low(value, warn=thr.ratio_warning_low, crit=thr.ratio_collapse)
+    crit = getattr(thr, "ratio_collapse_critical", thr.ratio_collapse)
+    return judge_low(value, warn=max(thr.ratio_warning_low, crit), crit=crit)
+
+
+def anomaly_verdict(anomaly: Anomaly) -> Verdict:
+    return Verdict.CRIT if anomaly.severity == "critical" else Verdict.WARN
 
 
 def phase_of_snapshot(snap: Snapshot) -> Phase:

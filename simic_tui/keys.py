@@ -35,7 +35,7 @@ DASHBOARD_BINDINGS: list[Binding] = [
         "debug",
         "DEBUG",
         id="debug_lease",
-        tooltip="Request a DEBUG lease from the trainer (renewed while you keep it) and open the DEBUG screen",
+        tooltip="Request a DEBUG lease (renewed while you keep it); open the DEBUG screen",
     ),
     Binding(
         "n",
@@ -59,7 +59,7 @@ DASHBOARD_BINDINGS: list[Binding] = [
         "Profile",
         key_display="P",
         id="profile",
-        tooltip="Capture a torch.profiler trace of the next updates; shows where the trace was written",
+        tooltip="Capture a torch.profiler trace; the header shows where it went",
     ),
     Binding(
         "p", "toggle_pause", "Pause", id="pause_display", tooltip="Freeze the display; data keeps arriving"
@@ -130,8 +130,12 @@ DEBUG_BINDINGS: list[Binding] = [
 LIVE_ONLY = frozenset({"set_level", "profile", "toggle_pause"})  # in a replay, space pauses
 REPLAY_ONLY = frozenset({"play_pause", "step", "seek_start", "seek_end", "speed"})
 
-# Command-palette titles for bindings whose Footer label stands for a run of keys.
+# Names on the help screen and in the command palette where the Footer's short label would not do.
 PALETTE_TITLES: dict[str, str] = {
+    "debug_lease": "DEBUG lease",
+    "profile": "Profile",
+    "pause_display": "Pause display",
+    "unzoom": "Unzoom",
     "level_normal": "Level NORMAL",
     "level_minimal": "Level MINIMAL",
     "anomaly_log": "Anomaly log",

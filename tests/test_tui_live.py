@@ -16,6 +16,7 @@ import pytest
 
 from simic_tui.app import SimicApp
 from simic_tui.client import LeasePhase, LinkState, TelemetryClient
+from simic_tui.keys import DASHBOARD_BINDINGS
 from simic_tui.screens.debug import DebugScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.target import resolve_target
@@ -203,6 +204,10 @@ async def test_commands_without_a_connection_file_say_why_instead_of_failing() -
             await pilot.pause()
             assert any("commands disabled" in m and "--connection-file" in m for m in notes(app))
             assert not any(c.action == "set_level" for c in trainer.commands)
+            await pilot.press("question_mark")  # live help lists the trainer commands too
+            shown = "\n".join(str(s.content) for s in app.screen.query(".help-section"))
+            for binding in DASHBOARD_BINDINGS:
+                assert binding.tooltip in shown, binding.id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +346,12 @@ async def test_d_reaches_a_real_hub_whose_level_changes_and_the_acknowledgement_
             await until(pilot, lambda: client.lease.phase == LeasePhase.ACTIVE, timeout=30, what="ack")
             effective = client.lease.effective_step
             assert effective is not None
+            await until(
+                pilot,
+                lambda: any(f"DEBUG lease acknowledged at step {effective}" in m for m in notes(app)),
+                what="the acknowledgement's notification",
+            )
             await until(pilot, lambda: loop.hub.level.name == "DEBUG", timeout=30, what="hub at DEBUG")
-            assert any(f"DEBUG lease acknowledged at step {effective}" in m for m in notes(app))
             await until(
                 pilot,
                 lambda: (

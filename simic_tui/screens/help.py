@@ -11,7 +11,14 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, DEBUG_BINDINGS, REPLAY_BINDINGS
+from simic_tui.keys import (
+    APP_BINDINGS,
+    DASHBOARD_BINDINGS,
+    DEBUG_BINDINGS,
+    LIVE_ONLY,
+    PALETTE_TITLES,
+    REPLAY_BINDINGS,
+)
 
 __all__ = ["HelpScreen", "key_name", "key_table"]
 
@@ -38,10 +45,9 @@ def key_name(binding: Binding) -> str:
 def key_table(title: str, bindings: list[Binding]) -> Content:
     lines: list[Content] = [Content.styled(title, "bold $accent")]
     for b in bindings:
+        name = PALETTE_TITLES.get(b.id or "", b.description)
         lines.append(
-            Content.assemble(
-                (f"  {key_name(b):<7}", "bold"), (f"{b.description:<11}", ""), (b.tooltip, "$text-muted")
-            )
+            Content.assemble((f"  {key_name(b):<6}", "bold"), (f"{name:<19}", ""), (b.tooltip, "$text-muted"))
         )
     return Content("\n").join(lines)
 
@@ -101,7 +107,10 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
             yield Static(Content.styled("simic-tui help  (Esc closes)", "bold"), id="help-title")
-            yield Static(key_table("Keys", [*DASHBOARD_BINDINGS, *APP_BINDINGS]), classes="help-section")
+            keys = [*DASHBOARD_BINDINGS, *APP_BINDINGS]
+            if self.replay:  # commands go to a live trainer only
+                keys = [b for b in keys if b.action.split("(")[0] not in LIVE_ONLY]
+            yield Static(key_table("Keys", keys), classes="help-section")
             if self.replay:
                 yield Static(key_table("Replay", REPLAY_BINDINGS), classes="help-section")
             yield Static(key_table("DEBUG screen", DEBUG_BINDINGS), classes="help-section")

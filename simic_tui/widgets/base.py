@@ -96,7 +96,7 @@ class Line:
 class Row:
     """A line with a priority (lower shows first when space is short) and its position."""
 
-    priority: int
+    priority: float
     order: int
     line: Content = field(compare=False)
 
@@ -124,7 +124,7 @@ class Rows:
     def __init__(self) -> None:
         self.rows: list[Row] = []
 
-    def add(self, line: Line | Content | str, priority: int = 5) -> None:
+    def add(self, line: Line | Content | str, priority: float = 5) -> None:
         content = line.build() if isinstance(line, Line) else Content(line) if isinstance(line, str) else line
         self.rows.append(Row(priority, len(self.rows), content))
 

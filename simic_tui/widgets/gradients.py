@@ -110,12 +110,13 @@ class GradientsPanel(Panel):
             line.label(f" peak {peak}")
             rows.add(line, 2)
             bar_w = max(width - L - 14 - 6, 4)
-            for label, count in zip(labels, counts):
+            rank = {i: r for r, i in enumerate(sorted(range(len(counts)), key=lambda i: -counts[i]))}
+            for i, (label, count) in enumerate(zip(labels, counts)):
                 n = count / top * bar_w
                 bar = "█" * int(n) + ("▌" if n - int(n) >= 0.5 else "")
                 line = Line().label(f"  {label}".ljust(L + 12)).add(bar.ljust(bar_w), "$accent")
                 line.label(f" {fmt_pct(count / total)}".rjust(6))
-                rows.add(line, 7)
+                rows.add(line, 7 + rank[i] / 100)  # short of rows: the fullest bins stay
 
         dv = judge_high(g.ema_drift, warn=thr.grad_drift) if g.ema_drift is not None else Verdict.NA
         verdicts.append(dv)

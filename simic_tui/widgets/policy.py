@@ -9,6 +9,7 @@ import numpy as np
 from simic_tui.fmt import fmt_num, fmt_pct
 from simic_tui.judge import (
     Verdict,
+    anomaly_verdict,
     judge_entropy,
     judge_high,
     judge_kl,
@@ -41,20 +42,20 @@ class PolicyPanel(Panel):
         # entropy per head, normalised by log|A|: the collapse alarm lives here
         heads = list(pol.entropy_normalized) or list(snap.run.heads)
         head_w = max((len(h) for h in heads), default=4) + 1
-        # Below the collapse limit is critical only once the detector says so (it waits
-        # entropy_patience updates); until then the value is a warning, so both sides agree.
-        collapsed = {a.head for a in snap.anomalies if a.kind == "entropy_collapse"}
+        # A head below its limit is a warning until the detector (which waits entropy_patience
+        # updates) reports entropy_collapse; from then on the anomaly's severity rules, so the
+        # panel and the detector never disagree.
+        collapsed = {a.head: anomaly_verdict(a) for a in snap.anomalies if a.kind == "entropy_collapse"}
         for i, head in enumerate(heads):
             value = pol.entropy_normalized.get(head)
             v = judge_entropy(thr, head, value)
-            if v == Verdict.CRIT and value is not None and math.isfinite(value) and head not in collapsed:
+            finite = value is not None and math.isfinite(value)
+            if finite and head in collapsed:
+                v = collapsed[head]
+            elif finite and v == Verdict.CRIT:
                 v = Verdict.WARN
             verdicts.append(v)
-            word = (
-                "COLLAPSE"
-                if v == Verdict.CRIT and value is not None and math.isfinite(value)
-                else ("LOW" if v == Verdict.WARN else "")
-            )
+            word = "COLLAPSE" if finite and head in collapsed else "LOW" if v == Verdict.WARN else ""
             line = Line().label("entropy" if i == 0 else "", L).label(head.ljust(head_w))
             line.val(value, v, width=6, word=word)
             if wide:

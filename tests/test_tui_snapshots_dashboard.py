@@ -1,0 +1,45 @@
+"""SVG snapshots of the dashboard's states, fed from the committed recording.
+
+Deterministic by construction: frozen clocks (no ages, no rates that move), fixed terminal sizes,
+UTC for wall-clock columns, no cursor blink, colours on. Regenerate after an intended change with
+``python -m pytest tests/test_tui_snapshots_dashboard.py --snapshot-update`` and look at the report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import states  # noqa: E402
+
+SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
+
+
+@pytest.fixture(autouse=True)
+def _deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("TEXTUAL_THEME", raising=False)
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize(
+    "state", ["healthy", "entropy_collapse", "kl_spike", "nan", "debug", "stale", "disconnected", "incompatible"]
+)
+def test_dashboard_state(snap_compare, state: str, size: str) -> None:  # type: ignore[no-untyped-def]
+    """The main screen in each state the issue names, at the compact and the large size."""
+    assert snap_compare(states.build(state), press=states.STATES[state].press, terminal_size=SIZES[size])
+
+
+@pytest.mark.parametrize("size", [(120, 40), (200, 60)])
+def test_layout_breakpoints(snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+    """The medium and wide layouts (Textual breakpoints) with the same data."""
+    assert snap_compare(states.build("kl_spike"), press=("right",), terminal_size=size)
