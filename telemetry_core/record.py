@@ -133,7 +133,7 @@ def iter_records(data: bytes, start: int, rec: Recording) -> Iterator[bytes]:
     resyncing = False
     while pos < n:
         if n - pos < _LEN.size:
-            rec.truncated = True
+            rec.truncated = not resyncing  # a corrupt last record is corrupt, not truncated
             return
         length, lcrc = _LEN.unpack_from(data, pos)
         if lcrc != _crc(data[pos : pos + 8]) or length > MAX_RECORD_BYTES:
@@ -190,9 +190,13 @@ class Recorder:
         self._thread.start()
 
     def put(self, frame: bytes) -> None:
-        if self._closed or os.getpid() != self._pid:
+        if os.getpid() != self._pid:
             return
         with self._cv:
+            if self._closed:
+                if self.error is not None:  # recording stopped on a disk error: count what is lost
+                    self.dropped += 1
+                return
             if len(self._queue) >= self._max_queue:
                 self._queue.popleft()
                 self.dropped += 1
@@ -211,12 +215,14 @@ class Recorder:
             try:
                 for frame in batch:
                     self._writer.write(frame)
-                    self.written += 1
                 self._writer.flush()
+                self.written += len(batch)  # counted once flushed: buffered is not written
             except OSError as exc:  # disk full, file removed: stop writing, keep training
                 self.error = f"recording to {self.path} stopped: {exc}"
                 with self._cv:
-                    self.dropped += len(self._queue)
+                    # The failed batch counts as dropped (part of it may have reached the disk;
+                    # the reader recovers those), and so does everything still queued.
+                    self.dropped += len(batch) + len(self._queue)
                     self._queue.clear()
                     self._closed = True
                 break
