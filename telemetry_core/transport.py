@@ -560,9 +560,12 @@ class Publisher:
     def set_status(
         self, step: int, level: str | int | TelemetryLevel, counters: Counters | None = None
     ) -> None:
-        """What heartbeats report between snapshots: the current step, level and hub counters."""
+        """What heartbeats report between snapshots: the current step, level and hub counters.
+
+        ``counters=None`` keeps the hub counters last given (or those of the last snapshot).
+        """
         name = level.name if isinstance(level, TelemetryLevel) else str(level)
-        self._status = (int(step), name, counters)
+        self._status = (int(step), name, counters if counters is not None else self._status[2])
 
     def poll_commands(self) -> list[tuple[bytes, Command]]:
         """Commands that passed every check since the last call, oldest first. Non-blocking."""

@@ -248,6 +248,10 @@ def test_heartbeat_reports_status_and_last_seq(make: Any, dashboards: Any) -> No
     assert hb.level == "DEBUG" and hb.run_name == "hb-run" and hb.uptime > 0
     assert hb.counters.records_written == 7 and hb.counters.telemetry_errors == 2
     assert hb.counters.snapshots_published == 3
+    pub.set_status(42, "NORMAL")  # without counters: the hub's last counters are kept
+    while hb.step != 42:
+        _, hb = dash.wait_heartbeat()
+    assert hb.level == "NORMAL" and hb.counters.records_written == 7
 
 
 def test_heartbeats_flow_without_snapshots(make: Any, dashboards: Any) -> None:
