@@ -531,6 +531,54 @@ def test_trainer_restart_on_the_same_port_gives_a_connected_dashboard_a_new_sess
     assert wait_for(lambda: second.counters.commands_accepted == 1)
 
 
+def test_dashboard_killed_mid_stream_then_a_new_one_backfills(make: Any, dashboards: Any) -> None:
+    """SIGKILL a dashboard process (no clean close) while it streams and commands."""
+    pub = make()
+    script = textwrap.dedent(
+        f"""
+        import sys, time, zmq
+        sys.path.insert(0, {str(ROOT)!r})
+        from telemetry_core import protocol
+        info = protocol.read_connection_file({str(pub.connection_path)!r})
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB); sub.setsockopt(zmq.SUBSCRIBE, b""); sub.connect(info.pub)
+        dealer = ctx.socket(zmq.DEALER); dealer.connect(info.cmd)
+        sub.recv_multipart()
+        print("ready", flush=True)
+        while True:
+            sub.recv_multipart()
+            cmd = protocol.new_command("history", session=info.session)
+            env = protocol.encode_envelope("command", cmd, session=info.session, seq=0, step=0)
+            dealer.send_multipart([protocol.sign(info.key_bytes, env), env])
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        for step in range(50):
+            pub.publish_snapshot(full_snapshot(step))
+            time.sleep(0.002)
+        proc.kill()
+        proc.wait(5)
+        for step in range(50, 100):
+            pub.publish_snapshot(full_snapshot(step))
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert wait_for(lambda: pub.counters.published == 100)
+    assert pub.network and pub.counters.errors == 0
+    fresh = dashboards(pub.connection_info)
+    fresh.send(fresh.command("history", since_seq=0))
+    frames = []
+    while True:
+        _, history = verified_reply(fresh)
+        frames += history.frames
+        if history.chunk == history.chunks - 1:
+            break
+    assert [protocol.decode_envelope(f).seq for f in frames] == list(range(1, 101))
+
+
 def test_close_returns_within_a_second_with_messages_queued(make: Any) -> None:
     pub = make(queue_size=10000, pub_hwm=1000)
     ctx = zmq.Context()
