@@ -64,6 +64,7 @@ _STATE_VERSION = 1
 _BASELINES: dict[str, str] = {
     "kl": "kl_baseline_window",
     "value_loss": "value_baseline_window",
+    "value_std": "value_baseline_window",
     "grad_norm": "grad_baseline_window",
     "lstm_h_norm": "lstm_baseline_window",
     "lstm_c_norm": "lstm_baseline_window",
@@ -625,46 +626,64 @@ class AnomalyDetector:
     def _value_collapse(self, snap: Snapshot, step: int, phase: Phase) -> Anomaly | None:
         """``value_collapse``: the critic stopped tracking returns.
 
-        Critical: after warm-up, std(values) / std(returns) below ``value_std_collapse_ratio`` while
-        the returns vary (std above ``value_returns_std_min``): the critic predicts a constant (a
-        reset or zeroed output layer, dead units). Not judged in warm-up, where a fresh critic
-        legitimately predicts a near-constant. Return std comes from ``ValueStats.return_std``,
-        else from the advantage section's returns.
-        Warning: the value loss exceeds ``value_loss_relative_factor`` x the median of the last
-        ``value_baseline_window`` updates: the critic was blown away. Flagged losses stay out of
-        the baseline.
+        Constant critic: after warm-up, std(values) / std(returns) below
+        ``value_std_collapse_ratio`` while the returns vary (std above ``value_returns_std_min``),
+        *and* std(values) below ``value_std_drop_fraction`` x its median over the last
+        ``value_baseline_window`` updates - the critic's spread collapsed (a reset or zeroed output
+        layer, dead units). Critical against a known baseline; a warning before one exists. The
+        drop condition matters: once a task is solved nearly every return is the same, rare
+        failures inflate std(returns), and a critic that rightly predicts one value would
+        otherwise look collapsed. Not judged in warm-up, where a fresh critic may be flat. Return
+        std comes from ``ValueStats.return_std``, else from the advantage section's returns.
+
+        Blown critic (warning): the value loss exceeds ``value_loss_relative_factor`` x its median
+        over the last ``value_baseline_window`` updates and, when the return std is known, the
+        returns' variance (worse than predicting their mean under either loss convention).
+
+        Values flagged against a known baseline stay out of it.
         """
         t = self.thresholds
         v = snap.value
         if v is None:
             return None
-        loss = _finite(v.value_loss)
         vstd = _finite(v.value_std)
         rstd = _finite(v.return_std)
         if rstd is None and snap.advantage is not None and _count(snap.advantage.returns.count):
             rstd = _finite(snap.advantage.returns.std)
         found: Anomaly | None = None
-        if (
-            phase is not Phase.WARMUP
-            and vstd is not None
-            and rstd is not None
-            and rstd > t.value_returns_std_min
-            and vstd / rstd < t.value_std_collapse_ratio
-        ):
-            ratio = vstd / rstd
-            found = self._anomaly(
-                "value_collapse",
-                CRITICAL,
-                step,
-                f"The critic predicts almost a constant: value std {_fmt(vstd)} is {_fmt(ratio)} of "
-                f"the return std {_fmt(rstd)}, so advantages are raw returns.",
-                value=ratio,
-                threshold=t.value_std_collapse_ratio,
+        if vstd is not None:
+            base = self._baseline("value_std")
+            flat = (
+                phase is not Phase.WARMUP
+                and rstd is not None
+                and rstd > t.value_returns_std_min
+                and vstd / rstd < t.value_std_collapse_ratio
+                and (base is None or vstd < t.value_std_drop_fraction * base)
             )
+            if flat and rstd is not None:
+                ratio = vstd / rstd
+                was = f" (recent median {_fmt(base)})" if base is not None else ""
+                found = self._anomaly(
+                    "value_collapse",
+                    CRITICAL if base is not None else WARNING,
+                    step,
+                    f"The critic predicts almost a constant: value std {_fmt(vstd)}{was} is "
+                    f"{_fmt(ratio)}x the return std {_fmt(rstd)}, so advantages are raw returns.",
+                    value=ratio,
+                    threshold=t.value_std_collapse_ratio,
+                )
+            if not flat or base is None:
+                self._base["value_std"].append(vstd)
+        loss = _finite(v.value_loss)
         if loss is None:
             return found
         base = self._baseline("value_loss")
-        if base is not None and base > 0 and loss > t.value_loss_relative_factor * base:
+        if (
+            base is not None
+            and base > 0
+            and loss > t.value_loss_relative_factor * base
+            and (rstd is None or loss > rstd * rstd)
+        ):
             return found or self._anomaly(
                 "value_collapse",
                 WARNING,
@@ -682,7 +701,9 @@ class AnomalyDetector:
 
         Limits by phase (warm-up / early / mid / late, ``config.phase_of``): a young critic may be
         worse than a constant, a late one must be useful. An undefined EV (None: the returns have
-        zero variance) is not low and resets the count; NaN holds it (no verdict).
+        zero variance) is not low and resets the count, and so does EV of nearly constant returns
+        (std below ``ev_return_cv_min`` x |mean|, from the advantage section's returns: a solved
+        task's critic is accurate to a few hundredths and still scores EV -3); NaN holds it.
         """
         t = self.thresholds
         v = snap.value
@@ -694,6 +715,12 @@ class AnomalyDetector:
         ev = _finite(v.explained_variance)
         if ev is None:
             return None
+        r = snap.advantage.returns if snap.advantage is not None else None
+        if r is not None and _count(r.count):
+            rmean, rstd = _finite(r.mean), _finite(r.std)
+            if rmean is not None and rstd is not None and rstd < t.ev_return_cv_min * abs(rmean):
+                self._ev_below = 0  # nearly constant returns: EV is noise, like the undefined case
+                return None
         limit = t.ev_limit(phase)
         self._ev_below = self._ev_below + 1 if ev < limit else 0
         if self._ev_below < t.ev_patience:

@@ -133,10 +133,10 @@ class Thresholds:
         "entropy bonus of the right sign does not allow (anomaly detector)",
     )
     entropy_drop_fraction: float = _t(
-        0.6,
+        0.5,
         "a head whose entropy falls below this fraction of its recent median is collapsing "
-        "(warning): healthy demo runs never fell below 0.68, a wrong-sign ent_coef reaches 0.54 "
-        "two updates after onset, long before the absolute limit",
+        "(warning): healthy demo runs never fell below 0.62; the demo's wrong-sign ent_coef is at "
+        "0.54 two updates after onset and 0.32 after three, long before the absolute limit",
     )
     entropy_baseline_window: int = _t(10, "updates in each head's rolling entropy baseline (median)")
     # ---- policy: KL, ratios, clipping ----------------------------------------------------------
@@ -190,6 +190,16 @@ class Thresholds:
     value_baseline_window: int = _t(20, "updates in the rolling value-loss baseline (median)")
     value_returns_std_min: float = _t(
         1e-6, "value_collapse's std rule needs returns that vary: return std above this"
+    )
+    value_std_drop_fraction: float = _t(
+        0.2,
+        "value_collapse's std rule also needs std(values) below this fraction of its recent median: "
+        "a solved task's critic rightly predicts ~one value while rare failures inflate std(returns)",
+    )
+    ev_return_cv_min: float = _t(
+        0.01,
+        "ev_low is not judged when std(returns) < this x |mean(returns)|: EV of nearly constant "
+        "returns is noise (a solved demo scores EV -3 with value errors of 0.03)",
     )
     baseline_min_updates: int = _t(
         5,
