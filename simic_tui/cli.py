@@ -18,7 +18,7 @@ from pathlib import Path
 
 from simic_tui import __version__
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "demo_command", "launch_demo", "main"]
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -125,15 +125,13 @@ def _attach(args: argparse.Namespace) -> int:
     return _run_live(target)
 
 
-def _run_live(target, trainer=None) -> int:  # type: ignore[no-untyped-def]
+def _run_live(target) -> int:  # type: ignore[no-untyped-def]
     from simic_tui.app import SimicApp
     from simic_tui.client import TelemetryClient
     from simic_tui.store import TelemetryStore
 
     store = TelemetryStore()
-    client = TelemetryClient(target, store)
-    app = SimicApp(store, client=client, trainer=trainer)
-    app.run()
+    SimicApp(store, client=TelemetryClient(target, store)).run()
     return 0
 
 
@@ -213,24 +211,61 @@ def _export_tensorboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from simic_tui.demo import DemoError, DemoTrainer, demo_available, free_port_pair, trainer_command
+def demo_command(args: argparse.Namespace) -> tuple[list[str], int]:
+    """The trainer's command line for ``simic-tui demo`` (validated without importing torch)."""
+    from simic_tui.demo import DemoError, demo_available, free_port_pair, trainer_command
 
     reason = demo_available()
     if reason:
         raise CliError(f"cannot run the demo: {reason}")
     if args.port is not None and not 0 < args.port < 65535:
         raise CliError("--port must be from 1 to 65534 (the command port is PORT+1)", EXIT_USAGE)
+    if args.updates is not None and args.updates < 1:
+        raise CliError("--updates must be at least 1", EXIT_USAGE)
+    from telemetry_core.demo.cli import parse_injection  # torch-free by contract
+
+    for item in args.inject or []:
+        try:
+            parse_injection(item)
+        except ValueError as exc:
+            raise CliError(f"--inject {item}: {exc}", EXIT_USAGE) from None
     try:
         port = args.port or free_port_pair()
     except DemoError as exc:
         raise CliError(str(exc)) from None
-    command = trainer_command(
+    return trainer_command(
         port, updates=args.updates, seed=args.seed, record=args.record, inject=args.inject
+    ), port
+
+
+def launch_demo(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Start the trainer child and build the dashboard attached to it: (app, trainer)."""
+    from simic_tui.app import SimicApp
+    from simic_tui.client import TelemetryClient
+    from simic_tui.demo import DemoTrainer
+    from simic_tui.store import TelemetryStore
+    from simic_tui.target import resolve_target
+
+    command, port = demo_command(args)
+    trainer = DemoTrainer(command, log_path=Path(args.log) if args.log else None).start()
+    target = replace(
+        resolve_target(f"127.0.0.1:{port}"),
+        require_pid=trainer.pid,  # only this child's connection file, never a stale one
+        cmd=None,
+        key=None,
+        session=None,
+        connection_file=None,
+        note=f"waiting for the demo trainer to start (its log: {trainer.log_path})",
     )
+    store = TelemetryStore()
+    return SimicApp(store, client=TelemetryClient(target, store), trainer=trainer), trainer
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import subprocess
+
     if args.headless:
+        command, _ = demo_command(args)
         proc = subprocess.Popen(command)
         try:
             return proc.wait()
@@ -240,31 +275,19 @@ def _demo(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 return proc.wait()
-
-    from simic_tui.target import resolve_target
-
-    trainer = DemoTrainer(command, log_path=Path(args.log) if args.log else None).start()
+    app, trainer = launch_demo(args)
     try:
-        target = resolve_target(f"127.0.0.1:{port}")
-        target = replace(
-            target,
-            require_pid=trainer.pid,
-            cmd=None,
-            key=None,
-            session=None,
-            connection_file=None,
-            note=f"waiting for the demo trainer to start (its log: {trainer.log_path})",
-        )
-        _run_live(target, trainer=trainer)
+        app.run()
     finally:
         if trainer.poll() is None:
             print("simic-tui: stopping the demo trainer…", file=sys.stderr)
         code = trainer.stop()
-    if code not in (0, None, -2, 130):
+    if code not in (0, None):
         print(
             f"simic-tui: the demo trainer exited with code {code}; its log: {trainer.log_path}",
             file=sys.stderr,
         )
+        return EXIT_FAIL
     return 0
 
 
