@@ -66,6 +66,7 @@ class SimicApp(App[None]):
     ]
     VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (36, "-tall")]
     NOTIFICATION_TIMEOUT = 8.0
+    NOTIFY_COOLDOWN = 30.0  # seconds before the same anomaly (kind, head) toasts again
 
     def __init__(
         self,
@@ -101,6 +102,7 @@ class SimicApp(App[None]):
         self.display_paused = False
         self._paused_at_count = 0
         self._last_tick = clock()
+        self._notified: dict[tuple[str, str | None], float] = {}
         self.dashboard = DashboardScreen(id="dashboard")
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -173,12 +175,40 @@ class SimicApp(App[None]):
     def lease_text(self) -> str:
         return self.client.lease.describe() if self.client is not None else ""
 
-    def _notify_events(self, limit: int = 4) -> None:
-        events = self.store.drain_events()
-        for event in events[:limit]:
-            self.notify(event.message, severity=event.severity, timeout=self.NOTIFICATION_TIMEOUT)  # type: ignore[arg-type]
-        if len(events) > limit:
-            self.notify(f"… and {len(events) - limit} more (a: anomaly log)", severity="warning")
+    def _notify_events(self) -> None:
+        """Toasts for what happened since the last tick, without burying the panels.
+
+        Critical anomalies get a toast each (the same kind and head at most once per
+        ``NOTIFY_COOLDOWN`` seconds of the app's clock); warnings of one tick share a single toast;
+        command results and link events always get their own.
+        """
+        now = self.clock()
+        warnings: list[str] = []
+        for event in self.store.drain_events():
+            a = event.anomaly
+            if a is None:
+                self.notify(event.message, severity=event.severity, timeout=self.NOTIFICATION_TIMEOUT)  # type: ignore[arg-type]
+                continue
+            key = (a.kind, a.head)
+            if now - self._notified.get(key, -1e18) < self.NOTIFY_COOLDOWN:
+                continue
+            self._notified[key] = now
+            if a.severity == "critical":
+                self.notify(event.message, severity="error", timeout=self.NOTIFICATION_TIMEOUT)
+            else:
+                warnings.append(a.kind + (f" ({a.head})" if a.head else ""))
+        if len(warnings) == 1:
+            self.notify(
+                f"warning: {warnings[0]} (a: anomaly log)",
+                severity="warning",
+                timeout=self.NOTIFICATION_TIMEOUT,
+            )
+        elif warnings:
+            self.notify(
+                f"{len(warnings)} new warnings: {', '.join(warnings)} (a: anomaly log)",
+                severity="warning",
+                timeout=self.NOTIFICATION_TIMEOUT,
+            )
 
     def _check_trainer(self) -> None:
         if self.trainer is None or self.trainer_note:

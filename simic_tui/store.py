@@ -298,13 +298,9 @@ class TelemetryStore:
             if not quiet and (anomaly.kind, anomaly.head) not in before:
                 severity = "error" if anomaly.severity == "critical" else "warning"
                 where = f" ({anomaly.head})" if anomaly.head else ""
+                message = anomaly.message if len(anomaly.message) <= 110 else anomaly.message[:109] + "…"
                 self.events.append(
-                    StoreEvent(
-                        "anomaly",
-                        f"{anomaly.kind}{where} at step {anomaly.step}: {anomaly.message}",
-                        severity,
-                        anomaly,
-                    )
+                    StoreEvent("anomaly", f"{anomaly.kind}{where} at step {anomaly.step}: {message}", severity, anomaly)
                 )
 
     def truncate(
