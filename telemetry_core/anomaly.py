@@ -4,10 +4,11 @@ Every kind of ``config.ANOMALY_KINDS`` except ``rank_divergence`` (the multi-ran
 that one) is checked here, from the update's own statistics as they appear in the Snapshot, so no
 check is dead code (review C1, C2, H2: the reference system had entropy and KL checks that were never
 fed). The trainer computes; the detector judges. Its only arithmetic of its own is a few rolling
-baselines of values it is given (medians of KL, value loss, gradient norm, LSTM state norm and
-per-head entropy; the mean episode return), kept on the host with ``state_dict``/``load_state_dict``
-so a resumed run keeps them. A value judged anomalous does not enter its baseline, so a sustained
-pathology stays flagged instead of becoming the new normal.
+baselines of values it is given (medians of KL, value loss, value std, gradient norm and per-head
+entropy; the largest recent LSTM state norm; the mean episode return), kept on the host with
+``state_dict``/``load_state_dict`` so a resumed run keeps them. A value judged anomalous against a
+known baseline does not enter it, so a sustained pathology stays flagged instead of becoming the
+new normal. It is torch-free (it reads Structs), so a replayed recording can be re-judged too.
 
 Reporting: ``check`` returns every anomaly *active* in this update, at most one per kind (per head for
 entropy), so the dashboard can show what is wrong now; ``onsets`` holds the subset that was not active
@@ -19,16 +20,17 @@ flagged as its own kind within a few updates of onset (calibrated on the recurre
 
 * ``critical``: the run is broken: non-finite numbers; a gradient norm far above the clipping cap
   *and* an order of magnitude above its own recent level; a policy step far outside any trust
-  region; a critic predicting a constant; a head with essentially zero entropy; an LSTM state that
-  jumped far above its limits and its recent level, or gates saturated almost everywhere.
+  region; a critic whose spread collapsed to a constant; a head with essentially zero entropy; an
+  LSTM state that jumped far above its limits and its recent level, or gates saturated almost
+  everywhere. Where a rule needs a baseline, it is only critical once the baseline is known.
 * ``warning``: worth a look, and the only severity of signals that healthy runs also produce now
   and then (EMA drift, explained variance, return dips, moderate KL, ratio or gradient excursions).
 
 Absolute limits alone do not work for gradients and LSTM state: a healthy run's pre-clip norm can sit
 at 60x ``max_grad_norm`` for its whole life when returns are unnormalised, and an LSTM that learned to
 count can hold |c| in the hundreds. There the absolute limit is a floor and the verdict needs a jump
-relative to the run's own rolling median too (until ``baseline_min_updates`` are known, the absolute
-limit decides alone).
+relative to the run's own recent level too (until ``baseline_min_updates`` are known, the absolute
+limit alone gives a warning).
 
 Missing statistics (``None``, sections absent at MINIMAL, NaN defaults of unmeasured fields) skip
 their checks; genuinely non-finite measured values are ``numerical_instability`` and nothing else.
