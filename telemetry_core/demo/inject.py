@@ -15,10 +15,11 @@ kl-spike               learning rate x 40 for one   the first minibatch's step m
                        update                       far outside the trust region: the next
                                                     minibatches' KL is large (the loop's target-KL
                                                     early stop then fires)
-ratio-explosion        policy heads' weights        the rollout's old log-probs came from another
-                       perturbed between rollout    policy than the learner's (an unsynchronised
-                       and optimisation             actor, a checkpoint reloaded mid-update), so
-                                                    pi_new/pi_old is huge on the first minibatches
+ratio-explosion        each head's action order     the learner rates each stored action by the
+                       reversed between rollout     probability the actor gave its mirror image
+                       and optimisation (an         (pi_new/pi_old = p_old(mirror)/p_old(a)):
+                       actor/learner label          rare actions' ratios explode on the first
+                       mismatch)                    minibatch, common ones collapse, KL jumps
 value-collapse         critic head re-initialised   the critic predicts one constant for every
                        to zero before the rollout   state (a checkpoint loaded without its value
                                                     head): std(values) = 0, value loss jumps
@@ -30,10 +31,10 @@ exploding-gradients    critic head weights x 100    the value error grows ~100x 
                                                     scaled weights again: pre-clip norm ~1e3-1e4
                                                     x max_grad_norm; clipping hides it from the
                                                     optimiser, not from the telemetry
-lstm-explosion         LSTM weights x 8 and forget  pre-activations leave the linear range of the
-                       and input gate biases +6     sigmoids (gates pinned at 0/1) and the cell
-                                                    becomes an integrator (f=1, i=1): |c| grows
-                                                    with episode length, h saturates
+lstm-explosion         both LSTM bias vectors       every gate's pre-activation gains +10: gates
+                       filled with 5 (an init slip  pinned at 1 (saturated, no gradient), g ~ +1,
+                       meant for the forget slice)  so the cell adds ~1 per step and never
+                                                    forgets: |c| grows with episode length
 =====================  ==========================  =============================================
 
 Weight changes are made under ``torch.no_grad()`` and leave the optimiser's state alone, as a real
@@ -43,7 +44,6 @@ checkpoint mix-up would. All mechanisms act once except entropy-collapse, whose 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -124,22 +124,26 @@ class KLSpike(Pathology):
 
 
 class RatioExplosion(Pathology):
-    """Behaviour/learner mismatch: perturb the policy heads after the rollout was collected."""
+    """Actor/learner action-order mismatch: the heads' outputs are reversed after the rollout.
+
+    Between collecting the rollout and optimising on it, each head's output rows (weights and bias)
+    are put in reverse order, as when the learner maps action indices differently from the actor
+    (left/right swapped by a refactor, a checkpoint from an environment with another action order).
+    The learner then rates every stored action by the probability the actor gave to its mirror
+    image, so pi_new/pi_old = p_old(mirror)/p_old(action): actions that were rare become likely and
+    their ratios explode (common ones collapse), and so does the KL. Weights stay reversed (the
+    actor is the learner here): the next rollouts act on the swapped policy until PPO relearns.
+    """
 
     kind = "ratio-explosion"
-    noise = 1.0  # std of the added noise relative to 1/sqrt(fan_in), i.e. logits move by O(1) per unit of h
 
     def after_rollout(self, update: int, agent: RecurrentAgent) -> bool:
         if not self.active(update):
             return False
-        generator = torch.Generator(device="cpu").manual_seed(update)
         with torch.no_grad():
             for head in agent.heads.values():
-                fan_in = head.weight.shape[1]
-                noise = torch.randn(head.weight.shape, generator=generator) * (
-                    self.noise * 4 / math.sqrt(fan_in)
-                )
-                head.weight.add_(noise.to(head.weight.device))
+                head.weight.copy_(head.weight.flip(0))
+                head.bias.copy_(head.bias.flip(0))
         return True
 
 
@@ -187,22 +191,25 @@ class ExplodingGradients(Pathology):
 
 
 class LSTMExplosion(Pathology):
-    """LSTM weights scaled and forget/input gate biases raised: saturated gates, integrating cell."""
+    """LSTM biases filled with a large constant: every gate pinned open, the cell an integrator.
+
+    The classic initialisation slip: ``bias.data.fill_(5.0)`` meant for the forget-gate slice, applied
+    to the whole stacked bias (input, forget, cell, output) of both bias vectors. Each gate's
+    pre-activation gains +10: input, forget and output gates sit at sigmoid(10) ~ 0.99995
+    (saturated: no gradient flows through them), the candidate ``g = tanh(10 + ...)`` ~ +1, so the
+    cell adds ~1 per step and never forgets (``c_t ~ t``: its norm grows with episode length) and
+    ``h = o * tanh(c)`` is pinned near 1 whatever the input (the memory stops carrying information).
+    """
 
     kind = "lstm-explosion"
-    scale = 8.0
-    gate_bias = 6.0
+    bias = 5.0
 
     def before_rollout(self, update: int, agent: RecurrentAgent) -> bool:
         if not self.active(update):
             return False
-        lstm = agent.lstm
-        hidden = lstm.hidden_size
         with torch.no_grad():
-            lstm.weight_ih_l0.mul_(self.scale)
-            lstm.weight_hh_l0.mul_(self.scale)
-            # PyTorch gate order in the stacked bias: input, forget, cell (g), output.
-            lstm.bias_ih_l0[: 2 * hidden].add_(self.gate_bias)
+            agent.lstm.bias_ih_l0.fill_(self.bias)
+            agent.lstm.bias_hh_l0.fill_(self.bias)
         return True
 
 

@@ -150,6 +150,7 @@ class UpdateRecord:
     approx_kl: float  # k3 estimator, mean over minibatches
     max_kl: float
     clip_fraction: float
+    ratio_max: float  # largest pi_new/pi_old of any sample in any minibatch
     grad_norm: float  # pre-clip global norm, mean over minibatches
     grad_norm_max: float
     explained_variance: float  # of the rollout's values for its returns (NaN if returns are constant)
@@ -431,7 +432,14 @@ def iter_train(
 
                     # The loop's one host sync per minibatch: KL for the early stop, norm for the guard.
                     row = torch.stack(
-                        [approx_kl, grad_norm, pg_loss.detach(), v_loss.detach(), clip_fraction]
+                        [
+                            approx_kl,
+                            grad_norm,
+                            pg_loss.detach(),
+                            v_loss.detach(),
+                            clip_fraction,
+                            ratio.detach().max(),
+                        ]
                         + [out.head_entropies[h].detach().mean() for h in heads]
                     ).tolist()
                     stats.append(row)
@@ -479,10 +487,11 @@ def iter_train(
                 episode_length=float(np.mean(episode_lengths)) if episode_lengths else math.nan,
                 policy_loss=float(table[:, 2].mean()),
                 value_loss=float(table[:, 3].mean()),
-                entropy={h: float(table[:, 5 + i].mean()) for i, h in enumerate(heads)},
+                entropy={h: float(table[:, 6 + i].mean()) for i, h in enumerate(heads)},
                 approx_kl=float(table[:, 0].mean()),
                 max_kl=float(table[:, 0].max()),
                 clip_fraction=float(table[:, 4].mean()),
+                ratio_max=float(table[:, 5].max()),
                 grad_norm=float(table[:, 1].mean()),
                 grad_norm_max=float(table[:, 1].max()),
                 explained_variance=explained_variance,
