@@ -864,6 +864,7 @@ class Publisher:
                     self._thread_error = exc
                 self._warn_once("loop", f"telemetry publisher: unexpected error (counted): {exc!r}")
                 log.debug("publisher error", exc_info=True)
+                time.sleep(0.01)  # a persistent error must not turn into a busy loop
 
     # -- snapshots, heartbeats, replies --------------------------------------------------------
 
