@@ -13,7 +13,6 @@ signed with the connection file's key; replies are verified before they are deco
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import enum
@@ -54,6 +53,21 @@ from telemetry_core.schema import (
 )
 
 __all__ = ["DebugLease", "LeasePhase", "LinkState", "LinkStatus", "TelemetryClient"]
+
+
+_SHADOWS: dict[int, zmq.Socket] = {}
+
+
+def _sync(sock: zmq.asyncio.Socket) -> zmq.Socket:
+    """The same socket through the blocking API, for NOBLOCK calls that must fail *now*.
+
+    zmq.asyncio reports EAGAIN of a NOBLOCK send through the returned future, after the fact; the
+    worker wants to know at once that the trainer is unreachable. Same thread, same socket: safe.
+    """
+    shadow = _SHADOWS.get(sock.underlying)
+    if shadow is None:
+        shadow = _SHADOWS[sock.underlying] = zmq.Socket.shadow(sock.underlying)
+    return shadow
 
 
 class LinkState(str, enum.Enum):
@@ -168,6 +182,7 @@ class TelemetryClient:
         self.lease = DebugLease()
         self.profile_note = ""
         self.session: str | None = None
+        self._session_confirmed = False  # a frame of ``session`` has arrived (not just the file's word)
         self._ctx: zmq.asyncio.Context | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._dealer: zmq.asyncio.Socket | None = None
@@ -236,6 +251,13 @@ class TelemetryClient:
             self._open_sockets()
             poller = zmq.asyncio.Poller()
             self._register(poller)
+            if self.target.can_command and self.target.session:
+                # The connection file names the session: ask for history at once instead of waiting
+                # for the first live frame (a trainer between updates may not publish for a while).
+                self.session = self.target.session
+                self._session_confirmed = False
+                self._update_commands_note()
+                self._ask_history()
             while not self._stopping:
                 events = dict(await poller.poll(timeout=100))
                 if self._sub is not None and self._sub in events:
@@ -315,6 +337,7 @@ class TelemetryClient:
                 self._sub.disable_monitor()
         for sock in (self._monitor, self._sub, self._dealer):
             if sock is not None:
+                _SHADOWS.pop(sock.underlying, None)
                 sock.close(linger=0)
         self._sub = self._dealer = self._monitor = None
 
@@ -341,9 +364,7 @@ class TelemetryClient:
         assert self._sub is not None
         for _ in range(budget):
             try:
-                frames = self._sub.recv_multipart(flags=zmq.NOBLOCK)
-                if isinstance(frames, asyncio.Future):
-                    frames = await frames
+                frames = _sync(self._sub).recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError:
@@ -416,8 +437,12 @@ class TelemetryClient:
     def _accept_session(self, env: Envelope) -> bool:
         """Adopt the first session; a different one later is a trainer restart: reset and say so."""
         if self.session == env.session:
+            self._session_confirmed = True
             return True
-        old = self.session
+        old = self.session if self._session_confirmed else None  # a stale connection file is no restart
+        if old is None and self.store.count:
+            self.store.reset(env.session)  # history of the file's session: not this trainer's
+        self._session_confirmed = True
         self.session = env.session
         if self.target.session != env.session:
             before = self.target
@@ -463,9 +488,7 @@ class TelemetryClient:
         assert self._dealer is not None
         for _ in range(budget):
             try:
-                frames = self._dealer.recv_multipart(flags=zmq.NOBLOCK)
-                if isinstance(frames, asyncio.Future):
-                    frames = await frames
+                frames = _sync(self._dealer).recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError:
@@ -546,6 +569,7 @@ class TelemetryClient:
                 del self._pending[cid]
         if env.session != self.session:
             return
+        self._session_confirmed = True  # signed by this session's key holder
         for frame in hist.frames:
             try:
                 fenv = decode_envelope(frame)
@@ -625,9 +649,7 @@ class TelemetryClient:
         assert self._monitor is not None
         while True:
             try:
-                msg = self._monitor.recv_multipart(flags=zmq.NOBLOCK)
-                if isinstance(msg, asyncio.Future):
-                    msg = await msg
+                msg = _sync(self._monitor).recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError:
@@ -752,7 +774,7 @@ class TelemetryClient:
             step=self.store.latest.step if self.store.latest else 0,
         )
         try:
-            self._dealer.send_multipart([sign(t.key, data), data], flags=zmq.NOBLOCK)
+            _sync(self._dealer).send_multipart([sign(t.key, data), data], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             if action == "history":
                 return  # not connected yet: housekeeping retries until the history timeout

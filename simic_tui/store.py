@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,60 +77,127 @@ class FrameCounters:
 
 
 # ---------------------------------------------------------------------------------------------
-# Flattening: Struct -> (column name, float) pairs, with per-type plans computed once
+# Flattening: Struct -> (column, float) with per-type plans resolved to column indices once
 # ---------------------------------------------------------------------------------------------
 
-_PLANS: dict[type, tuple[tuple[str, str], ...]] = {}
+_PLANS: dict[type, tuple[tuple[int, str, bool, bool], ...]] = {}
+_NAN = math.nan
 
 
-def _plan(struct_type: type) -> tuple[tuple[str, str], ...]:
-    """(field, how) for the scalar and dict-of-scalar fields of a Struct type."""
+def _plan(struct_type: type) -> tuple[tuple[int, str, bool, bool], ...]:
+    """(position in astuple, field name, is a dict of scalars, may be None) per numeric field."""
     plan = _PLANS.get(struct_type)
     if plan is not None:
         return plan
-    out: list[tuple[str, str]] = []
-    for f in msgspec.structs.fields(struct_type):
-        t = f.type
-        text = str(t)
-        if t in (float, int, bool) or text in ("float | None", "int | None", "bool | None"):
-            out.append((f.name, "scalar"))
-        elif text.startswith("dict[str, float") or text.startswith("dict[str, int"):
-            out.append((f.name, "dict"))
+    out: list[tuple[int, str, bool, bool]] = []
+    for pos, f in enumerate(msgspec.structs.fields(struct_type)):
+        text = str(f.type)
+        if f.type in (float, int, bool):
+            out.append((pos, f.name, False, False))
+        elif text in ("float | None", "int | None", "bool | None"):
+            out.append((pos, f.name, False, True))
+        elif text.startswith(("dict[str, float", "dict[str, int")):
+            out.append((pos, f.name, True, True))
     plan = tuple(out)
     _PLANS[struct_type] = plan
     return plan
 
 
-def _num(value: Any) -> float:
-    if value is None:
-        return math.nan
-    return float(value)
+class _StructPlan:
+    """One Struct type under one prefix: its columns, resolved once, and how to read them fast."""
+
+    __slots__ = ("dicts", "get_optional", "get_plain", "optional_cols", "plain_cols")
+
+    def __init__(self, flat: _Flattener, prefix: str, struct_type: type) -> None:
+        plain = [
+            (pos, name) for pos, name, is_dict, optional in _plan(struct_type) if not is_dict and not optional
+        ]
+        optional = [(pos, name) for pos, name, is_dict, opt in _plan(struct_type) if not is_dict and opt]
+        self.plain_cols = [flat.col(f"{prefix}.{name}") for _, name in plain]
+        self.optional_cols = [flat.col(f"{prefix}.{name}") for _, name in optional]
+        self.get_plain = _getter([pos for pos, _ in plain])
+        self.get_optional = _getter([pos for pos, _ in optional])
+        self.dicts = [
+            (pos, f"{prefix}.{name}", "None" in str(ftype))
+            for (pos, name, is_dict, _), ftype in zip(_plan(struct_type), _types(struct_type))
+            if is_dict
+        ]
 
 
-def _flatten_struct(prefix: str, obj: Any, out: list[tuple[str, float]]) -> None:
-    for name, how in _plan(type(obj)):
-        value = getattr(obj, name)
-        if how == "scalar":
-            out.append((f"{prefix}.{name}", _num(value)))
-        else:
-            for key, item in value.items():
-                out.append((f"{prefix}.{name}.{key}", _num(item)))
+def _types(struct_type: type) -> list[type]:
+    """The declared type of each planned field, in plan order."""
+    fields = msgspec.structs.fields(struct_type)
+    return [fields[pos].type for pos, _, _, _ in _plan(struct_type)]
+
+
+def _getter(positions: list[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    if not positions:
+        return lambda t: ()
+    if len(positions) == 1:
+        (p,) = positions
+        return lambda t: (t[p],)
+    return operator.itemgetter(*positions)
+
+
+class _Flattener:
+    """Turns snapshots into (column indices, values); column names are resolved once each."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, int] = {}
+        self._plans: dict[tuple[str, type], _StructPlan] = {}
+        self._keyed: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+
+    def col(self, name: str) -> int:
+        j = self.columns.get(name)
+        if j is None:
+            j = self.columns[name] = len(self.columns)
+        return j
+
+    def _struct(self, prefix: str, obj: Any, idx: list[int], vals: list[Any]) -> None:
+        plan = self._plans.get((prefix, type(obj)))
+        if plan is None:
+            plan = self._plans[(prefix, type(obj))] = _StructPlan(self, prefix, type(obj))
+        t = msgspec.structs.astuple(obj)
+        idx.extend(plan.plain_cols)
+        vals.extend(plan.get_plain(t))
+        if plan.optional_cols:
+            idx.extend(plan.optional_cols)
+            vals.extend([_NAN if v is None else v for v in plan.get_optional(t)])
+        for pos, name, nullable in plan.dicts:
+            mapping = t[pos]
+            if not mapping:
+                continue
+            keys = tuple(mapping)
+            cols = self._keyed.get((name, keys))
+            if cols is None:
+                cols = self._keyed[(name, keys)] = [self.col(f"{name}.{k}") for k in keys]
+            idx.extend(cols)
+            if nullable:
+                vals.extend([_NAN if v is None else v for v in mapping.values()])
+            else:
+                vals.extend(mapping.values())
+
+    def flatten(self, snap: Snapshot) -> tuple[list[int], list[Any]]:
+        idx = [self.col("update_seconds"), self.col("anomalies")]
+        vals: list[Any] = [snap.update_seconds, len(snap.anomalies)]
+        for section in _SECTIONS:
+            obj = getattr(snap, section, None)
+            if obj is not None:
+                self._struct(section, obj, idx, vals)
+        adv = snap.advantage
+        if adv is not None:
+            self._struct("advantage.raw", adv.raw, idx, vals)
+            self._struct("advantage.normalized", adv.normalized, idx, vals)
+            self._struct("advantage.returns", adv.returns, idx, vals)
+        return idx, vals
 
 
 def flatten_snapshot(snap: Snapshot) -> list[tuple[str, float]]:
     """Every scalar of a snapshot as ``(column, value)``; None becomes NaN (a gap in the history)."""
-    out: list[tuple[str, float]] = [("update_seconds", _num(snap.update_seconds))]
-    for section in _SECTIONS:
-        obj = getattr(snap, section, None)
-        if obj is not None:
-            _flatten_struct(section, obj, out)
-    adv = snap.advantage
-    if adv is not None:
-        _flatten_struct("advantage.raw", adv.raw, out)
-        _flatten_struct("advantage.normalized", adv.normalized, out)
-        _flatten_struct("advantage.returns", adv.returns, out)
-    out.append(("anomalies", float(len(snap.anomalies))))
-    return out
+    flat = _Flattener()
+    idx, vals = flat.flatten(snap)
+    names = {j: name for name, j in flat.columns.items()}
+    return [(names[j], float(v)) for j, v in zip(idx, vals)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +243,8 @@ class TelemetryStore:
         self.anomalies: collections.deque[AnomalyEntry] = collections.deque(maxlen=self.anomaly_capacity)
         self.anomaly_total = 0
         self.profile_traces: list[tuple[int, str]] = []
-        self._cols: dict[str, int] = {}
+        self._flat = _Flattener()
+        self._cols = self._flat.columns
         self._data = np.full((self.capacity, _INITIAL_COLUMNS), np.nan)
         self._present = np.zeros((self.capacity, _INITIAL_COLUMNS), dtype=np.bool_)
         self._steps = np.zeros(self.capacity, dtype=np.int64)
@@ -235,7 +304,7 @@ class TelemetryStore:
             self.counters.missed += env.seq - self.last_seq - 1
         self.last_seq = env.seq
         pos = self.count % self.capacity
-        self._write_row(pos, flatten_snapshot(snap))
+        self._write_row(pos, *self._flat.flatten(snap))
         self._steps[pos] = snap.step
         self._seqs[pos] = env.seq
         self.count += 1
@@ -260,16 +329,9 @@ class TelemetryStore:
         self.version += 1
         return True
 
-    def _write_row(self, pos: int, pairs: list[tuple[str, float]]) -> None:
-        cols = self._cols
-        idx = []
-        vals = []
-        for name, value in pairs:
-            j = cols.get(name)
-            if j is None:
-                j = self._add_column(name)
-            idx.append(j)
-            vals.append(value)
+    def _write_row(self, pos: int, idx: list[int], vals: list[float]) -> None:
+        if len(self._cols) > self._data.shape[1]:
+            self._grow(len(self._cols))
         row = self._data[pos]
         row.fill(np.nan)
         row[idx] = vals
@@ -277,18 +339,15 @@ class TelemetryStore:
         present.fill(False)
         present[idx] = True
 
-    def _add_column(self, name: str) -> int:
-        j = len(self._cols)
-        if j >= self._data.shape[1]:
-            width = self._data.shape[1]
-            grown = np.full((self.capacity, width * 2), np.nan)
-            grown[:, :width] = self._data
-            self._data = grown
-            mask = np.zeros((self.capacity, width * 2), dtype=np.bool_)
-            mask[:, :width] = self._present
-            self._present = mask
-        self._cols[name] = j
-        return j
+    def _grow(self, needed: int) -> None:
+        width = self._data.shape[1]
+        new_width = max(width * 2, needed)
+        grown = np.full((self.capacity, new_width), np.nan)
+        grown[:, :width] = self._data
+        self._data = grown
+        mask = np.zeros((self.capacity, new_width), dtype=np.bool_)
+        mask[:, :width] = self._present
+        self._present = mask
 
     def _log_anomalies(self, env: Envelope, snap: Snapshot, quiet: bool) -> None:
         before = {(a.kind, a.head) for a in self.previous.anomalies} if self.previous else set()
@@ -300,7 +359,12 @@ class TelemetryStore:
                 where = f" ({anomaly.head})" if anomaly.head else ""
                 message = anomaly.message if len(anomaly.message) <= 110 else anomaly.message[:109] + "…"
                 self.events.append(
-                    StoreEvent("anomaly", f"{anomaly.kind}{where} at step {anomaly.step}: {message}", severity, anomaly)
+                    StoreEvent(
+                        "anomaly",
+                        f"{anomaly.kind}{where} at step {anomaly.step}: {message}",
+                        severity,
+                        anomaly,
+                    )
                 )
 
     def truncate(

@@ -375,3 +375,22 @@ async def test_heartbeats_keep_the_link_live_between_snapshots() -> None:
             assert client.status.state == LinkState.LIVE
             assert store.counters.heartbeats >= 5
             assert isinstance(store.last_heartbeat, Heartbeat)
+
+
+async def test_a_command_to_an_unreachable_command_port_fails_at_once_and_says_why() -> None:
+    port, dead = free_port(), free_port()
+    target = AttachTarget(
+        host="127.0.0.1",
+        port=port,
+        pub=f"tcp://127.0.0.1:{port}",
+        cmd=f"tcp://127.0.0.1:{dead}",  # nothing listens: ZeroMQ would queue forever without IMMEDIATE
+        session="abc",
+        key=os.urandom(32),
+    )
+    store = TelemetryStore()
+    async with Running(TelemetryClient(target, store, history_timeout=0.5)) as client:
+        await wait_until(lambda: client.commands_unavailable() == "", what="session from the connection file")
+        assert client.request_debug() == ""
+        await wait_until(lambda: client.lease.phase == LeasePhase.REFUSED, what="refusal")
+        assert "not reachable" in client.lease.reason
+        assert any("not reachable" in e.message for e in store.drain_events())

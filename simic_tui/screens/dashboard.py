@@ -60,6 +60,8 @@ class DashboardScreen(Screen):
         )
         yield Footer(compact=True)
 
+    _panels: list[Panel] | None = None
+
     def on_mount(self) -> None:
         self.simic.tick()
 
@@ -78,7 +80,9 @@ class DashboardScreen(Screen):
         banner.show(banners)
 
     def show_panels(self, view: View) -> None:
-        for panel in self.query(Panel):
+        if self._panels is None:
+            self._panels = list(self.query(Panel))
+        for panel in self._panels:
             panel.refresh_from(view)
 
     # -- keys ------------------------------------------------------------------------------------------

@@ -96,11 +96,7 @@ class AdvantagePanel(Panel):
             if ep.count:
                 line.val(ep.count).label(" done  R ").val(ep.return_mean).label(" [").val(ep.return_min)
                 line.label(", ").val(ep.return_max).label("]  len ").val(ep.length_mean).add(" ")
-                line.spark(
-                    store.series("episodes.return_mean"),
-                    width - line.width,
-                    store.present("episodes.return_mean"),
-                )
+                line.spark_of(store, "episodes.return_mean", width - line.width)
             else:
                 line.label("none finished in this rollout")
             rows.add(line, 2)

@@ -22,9 +22,18 @@ class AnomalyPanel(Panel):
     KEY = "anomalies"
     can_focus = False
 
+    def data_key(self, view: View) -> object:
+        """The log only changes when anomalies arrive (or a replay rolls back); not every update."""
+        snap = view.snap
+        return (
+            view.store.anomaly_total,
+            view.store.session,
+            tuple((a.kind, a.severity) for a in snap.anomalies) if snap else (),
+        )
+
     def build(self, rows: Rows, view: View, width: int) -> list[Verdict]:
         store = view.store
-        entries: list[AnomalyEntry] = store.recent_anomalies(200)
+        entries: list[AnomalyEntry] = store.recent_anomalies(max(self.content_region.height, 1))
         self.border_title = f"Anomalies ({store.anomaly_total})  a: full log"
         if not entries:
             rows.add(Line().label("none so far"), 1)

@@ -88,6 +88,12 @@ class Line:
             self.add(sparkline(values, width, present), style)
         return self
 
+    def spark_of(self, store: TelemetryStore, column: str, width: int, style: str = "$accent") -> Line:
+        """A sparkline of the last ``width`` updates of a store column (only those rows are read)."""
+        if width > 0:
+            self.add(sparkline(store.series(column, width), width, store.present(column, width)), style)
+        return self
+
     def build(self) -> Content:
         return Content.assemble(*self.parts)
 
@@ -140,7 +146,7 @@ class Panel(Static):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
-        self._drawn_key: tuple[int, int, int] | None = None
+        self._drawn_key: tuple[object, int, int] | None = None
         self.state = Verdict.NA
         self.border_title = f"{self.NUMBER} {self.TITLE}" if self.NUMBER else self.TITLE
 
@@ -154,7 +160,7 @@ class Panel(Static):
     def refresh_from(self, view: View) -> None:
         """Rebuild when the store or the size changed since the last draw."""
         width, height = self.content_region.width, self.content_region.height
-        key = (view.store.version, width, height)
+        key = (self.data_key(view), width, height)
         if key == self._drawn_key:
             return
         self._drawn_key = key
@@ -197,6 +203,10 @@ class Panel(Static):
             title += f" {GLYPH[state]}"
         self.border_title = title
 
+    def data_key(self, view: View) -> object:
+        """What this panel's text depends on; it is rebuilt only when this changes."""
+        return view.store.version
+
     def build(self, rows: Rows, view: View, width: int) -> list[Verdict]:
         """Add this panel's rows; return the verdicts shown (the border takes the worst)."""
         raise NotImplementedError
@@ -209,8 +219,8 @@ class Panel(Static):
         store = view.store
         axis = 8
         plot_w = max(width - axis, 1)
-        values = store.series(spec.column)
-        lines, lo, hi = chart(values, plot_w, spare - 1, store.present(spec.column), spec.marks)
+        values = store.series(spec.column, plot_w)
+        lines, lo, hi = chart(values, plot_w, spare - 1, store.present(spec.column, plot_w), spec.marks)
         shown = min(len(values), plot_w)
         title = Line().label(f"{spec.title}, last {shown} updates")
         for level, name in spec.marks.items():

@@ -52,9 +52,7 @@ class GradientsPanel(Panel):
         if width >= 56:
             line.label("  max ").val(g.total_norm_max, grad_total(thr, snap, g.total_norm_max))
         line.add(" ")
-        line.spark(
-            store.series("gradients.total_norm"), width - line.width, store.present("gradients.total_norm")
-        )
+        line.spark_of(store, "gradients.total_norm", width - line.width)
         rows.add(line, 1)
 
         nv = judge_nonfinite_count(g.nan_count)

@@ -40,7 +40,7 @@ class LSTMPanel(Panel):
         line.label(" rms ").val(s.h_rms, judge_high(s.h_rms)).label(" max ").val(
             s.h_max_abs, judge_high(s.h_max_abs)
         ).add(" ")
-        line.spark(store.series("lstm.h_norm"), width - line.width, store.present("lstm.h_norm"))
+        line.spark_of(store, "lstm.h_norm", width - line.width)
         rows.add(line, 1)
         line = (
             Line()
@@ -52,7 +52,7 @@ class LSTMPanel(Panel):
         if width >= 56:
             line.label(" mean ").val(s.c_mean, judge_high(s.c_mean))
         line.add(" ")
-        line.spark(store.series("lstm.c_norm"), width - line.width, store.present("lstm.c_norm"))
+        line.spark_of(store, "lstm.c_norm", width - line.width)
         rows.add(line, 1)
 
         if s.gate_saturation:

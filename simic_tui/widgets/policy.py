@@ -63,7 +63,7 @@ class PolicyPanel(Panel):
                 line.add(f" {fmt_num(nats)} nats", "$text-muted")
             line.add(" ")
             col = f"policy.entropy_normalized.{head}"
-            line.spark(store.series(col), width - line.width, store.present(col))
+            line.spark_of(store, col, width - line.width)
             rows.add(line, 1)
 
         # KL k3: mean (judged) and max, history, early stops
@@ -76,7 +76,7 @@ class PolicyPanel(Panel):
         line.label(" max ").val(pol.kl_k3_max, judge_high(pol.kl_k3_max)).add(" ")
         spark_col = line.width
         spark_w = max(width - spark_col, 0)
-        line.spark(store.series("policy.kl_k3_mean"), spark_w, store.present("policy.kl_k3_mean"))
+        line.spark_of(store, "policy.kl_k3_mean", spark_w)
         rows.add(line, 1)
         if spark_w > 0:
             stops = store.series("policy.early_stopped", spark_w)

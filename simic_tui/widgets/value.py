@@ -42,11 +42,7 @@ class ValuePanel(Panel):
             if width < 50
             else f"  limit {fmt_limit(limit)} ({phase.value}) "
         )
-        line.spark(
-            store.series("value.explained_variance"),
-            width - line.width,
-            store.present("value.explained_variance"),
-        )
+        line.spark_of(store, "value.explained_variance", width - line.width)
         rows.add(line, 1)
 
         lv = judge_high(val.value_loss)
@@ -59,7 +55,7 @@ class ValuePanel(Panel):
             .val(val.value_loss_max, judge_high(val.value_loss_max))
         )
         line.add(" ")
-        line.spark(store.series("value.value_loss"), width - line.width, store.present("value.value_loss"))
+        line.spark_of(store, "value.value_loss", width - line.width)
         rows.add(line, 1)
 
         # critic spread vs returns: the value_collapse check's own ratio
