@@ -227,7 +227,8 @@ class TelemetryStore:
         self.counters = FrameCounters()
         self.events: collections.deque[StoreEvent] = collections.deque(maxlen=256)
         self.version = 0
-        self._ingest_times: collections.deque[float] = collections.deque(maxlen=4096)
+        # Ingest counts per tenth of a second of the store's clock (bounded), for the header's rate.
+        self._ingest_buckets: collections.deque[list[int]] = collections.deque(maxlen=600)
         self._reset_data()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -325,7 +326,12 @@ class TelemetryStore:
         self.counters.snapshots += 1
         if backfill:
             self.counters.backfilled += 1
-        self._ingest_times.append(self.clock())
+        tenth = int(self.clock() * 10)
+        buckets = self._ingest_buckets
+        if buckets and buckets[-1][0] == tenth:
+            buckets[-1][1] += 1
+        else:
+            buckets.append([tenth, 1])
         self.version += 1
         return True
 
@@ -440,12 +446,12 @@ class TelemetryStore:
 
     def rate(self, window: float = 5.0) -> float:
         """Snapshots ingested per second over the last ``window`` seconds of the store's clock."""
-        now = self.clock()
+        oldest = int((self.clock() - window) * 10)
         recent = 0
-        for t in reversed(self._ingest_times):
-            if now - t > window:
+        for tenth, count in reversed(self._ingest_buckets):
+            if tenth <= oldest:
                 break
-            recent += 1
+            recent += count
         return recent / window
 
     def drain_events(self) -> list[StoreEvent]:

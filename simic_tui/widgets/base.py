@@ -175,7 +175,8 @@ class Panel(Static):
             if spec is not None:
                 self._add_chart(rows, view, spec, width, spare)
         lines = fit_rows(rows.rows, height)
-        self.update(Content("\n").join(line.truncate(width, ellipsis=True) for line in lines))
+        # The grid fixes the panel's size: no layout pass for a new text, only a repaint.
+        self.update(Content("\n").join(line.truncate(width, ellipsis=True) for line in lines), layout=False)
         self._set_state(view, verdicts)
 
     def _set_state(self, view: View, verdicts: list[Verdict]) -> None:

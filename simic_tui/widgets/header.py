@@ -70,6 +70,7 @@ class StatusHeader(Static):
     """Two lines: what is being watched, and how the link is doing."""
 
     DEFAULT_CSS = "StatusHeader { height: 2; }"
+    _shown: Content | None = None
 
     def show(self, model: HeaderModel) -> None:
         width = max(self.size.width, 20)
@@ -126,7 +127,10 @@ class StatusHeader(Static):
         if model.paused:
             behind = f", {model.paused_behind} new" if model.paused_behind else ""
             line2.insert(1, (0, [(f"‖ PAUSED (display{behind}; p resumes)", "bold reverse $warning")]))
-        self.update(Content("\n").join([fit_segments(line1, width), fit_segments(line2, width)]))
+        content = Content("\n").join([fit_segments(line1, width), fit_segments(line2, width)])
+        if self._shown is None or not content.is_same(self._shown):  # only when text or style changed
+            self._shown = content
+            self.update(content, layout=False)
 
 
 class Banner(Static):
@@ -134,8 +138,13 @@ class Banner(Static):
 
     DEFAULT_CSS = "Banner { height: auto; display: none; }"
 
+    _text = ""
+
     def show(self, messages: Sequence[str]) -> None:
         text = "\n".join(f"✖ {m}" for m in messages if m)
+        if text == self._text:
+            return
+        self._text = text
         self.display = bool(text)
         if text:
             self.update(Content(text))
