@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-import states  # noqa: E402
+import states
 
 SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
 
@@ -32,7 +32,8 @@ def _deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(
-    "state", ["healthy", "entropy_collapse", "kl_spike", "nan", "debug", "stale", "disconnected", "incompatible"]
+    "state",
+    ["healthy", "entropy_collapse", "kl_spike", "nan", "debug", "stale", "disconnected", "incompatible"],
 )
 def test_dashboard_state(snap_compare, state: str, size: str) -> None:  # type: ignore[no-untyped-def]
     """The main screen in each state the issue names, at the compact and the large size."""
@@ -43,3 +44,9 @@ def test_dashboard_state(snap_compare, state: str, size: str) -> None:  # type: 
 def test_layout_breakpoints(snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
     """The medium and wide layouts (Textual breakpoints) with the same data."""
     assert snap_compare(states.build("kl_spike"), press=("right",), terminal_size=size)
+
+
+def test_alarms_read_without_colour(snap_compare, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """NO_COLOR: the entropy collapse still reads as ✖ COLLAPSE, a heavy border and a titled alarm."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert snap_compare(states.build("entropy_collapse"), press=("right",), terminal_size=(80, 24))

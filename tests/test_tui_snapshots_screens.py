@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-import states  # noqa: E402
+import states
 
 SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
 

@@ -93,20 +93,17 @@ class PolicyPanel(Panel):
         ess = judge_low(pol.ess, warn=thr.ess_warning)
         verdicts += [cv, rmax, rmin, ess]
         line = Line().label("clip", L).val(pol.clip_fraction, cv, fmt=fmt_pct)
-        if width < 50:
-            line.label("  ESS ").val(pol.ess, ess)
-        else:
-            for head, value in pol.head_clip_fraction.items():
-                hv = judge_high(value, warn=thr.clip_fraction_warning)
-                line.label(f"  {head} ").val(value, hv, fmt=fmt_pct)
+        for head, value in pol.head_clip_fraction.items():
+            hv = judge_high(value, warn=thr.clip_fraction_warning)
+            line.label(f"  {head} ").val(value, hv, fmt=fmt_pct)
         rows.add(line, 2)
         line = (
             Line().label("ratio", L).val(pol.ratio_min, rmin, word="COLLAPSE" if rmin == Verdict.CRIT else "")
         )
         line.label(" – ").val(pol.ratio_max, rmax, word="EXPLOSION" if rmax == Verdict.CRIT else "")
-        line.label("  std ").val(pol.ratio_std)
+        line.label("  ESS ").val(pol.ess, ess)
         if width >= 50:
-            line.label("  ESS ").val(pol.ess, ess)
+            line.label("  std ").val(pol.ratio_std)
         rows.add(line, 2)
 
         # this update's early stop
