@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -42,15 +42,14 @@ from simic_tui.widgets.header import HeaderModel
 __all__ = ["SimicApp", "TrainerProcess"]
 
 
-class TrainerProcess:
-    """What the app needs to know about a demo trainer child (see simic_tui.demo)."""
+@runtime_checkable
+class TrainerProcess(Protocol):
+    """What the app needs to know about a trainer it started (``simic-tui demo``)."""
 
-    def poll(self) -> int | None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def poll(self) -> int | None: ...
 
     @property
-    def log_path(self) -> Path | None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def log_path(self) -> Path | None: ...
 
 
 class SimicApp(App[None]):

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import telemetry_core
-from simic_tui.app import TrainerProcess
 
 __all__ = ["DemoError", "DemoTrainer", "demo_available", "free_port_pair", "trainer_command"]
 
@@ -78,8 +77,9 @@ def trainer_command(
     return cmd
 
 
-class DemoTrainer(TrainerProcess):
-    """The trainer child of ``simic-tui demo``: started in its own session, stopped cleanly."""
+class DemoTrainer:
+    """The trainer child of ``simic-tui demo`` (a :class:`~simic_tui.app.TrainerProcess`): started in
+    its own session, stopped cleanly."""
 
     def __init__(self, command: list[str], *, log_path: Path | None = None) -> None:
         self.command = command

@@ -369,3 +369,18 @@ async def test_d_reaches_a_real_hub_whose_level_changes_and_the_acknowledgement_
             assert f"acknowledged at step {effective}" in title
             await pilot.press("escape", "n")
             await until(pilot, lambda: loop.hub.level.name == "NORMAL", timeout=30, what="hub back at NORMAL")
+
+
+async def test_an_unreachable_trainer_shows_connecting_and_keeps_retrying() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    store = TelemetryStore()
+    app = SimicApp(store, client=TelemetryClient(resolve_target(f"127.0.0.1:{port}"), store))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.client.status.connect_retries >= 2, what="retries")
+        header = str(app.dashboard.query_one("#header").content)
+        assert "connecting…" in header and "retrying (attempt" in header
+        assert "waiting for the first snapshot" in text(app.dashboard.query_one("#policy", Panel))
