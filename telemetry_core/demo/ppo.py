@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn, optim
 
+from telemetry_core.config import TelemetryLevel
 from telemetry_core.demo.agent import RecurrentAgent
 from telemetry_core.demo.cli import Injection
 from telemetry_core.demo.env import ACTION_HEADS, DEFAULT_FORCE_LEVELS, make_vector_env
@@ -95,7 +96,7 @@ class DemoConfig:
     force_levels: tuple[float, ...] = DEFAULT_FORCE_LEVELS
     max_episode_steps: int = 500
     device: str = "cpu"
-    lstm_telemetry_steps: int = 32  # time steps of LSTM inputs handed to the hub for gate saturation
+    lstm_telemetry_steps: int = 8  # LSTM input steps handed to the hub (gate replay costs per step)
     torch_threads: int | None = 1  # process-wide; tiny nets run fastest on one thread (None: leave it)
 
     @property
@@ -346,7 +347,8 @@ def iter_train(
                     episode_returns=torch.tensor(episode_returns, device=device) if finished_any else None,
                     episode_lengths=torch.tensor(episode_lengths, device=device) if finished_any else None,
                 )
-            debug_terms = hub is not None and int(hub.level) >= 3  # TelemetryLevel.DEBUG
+            # Per-head surrogates only feed the DEBUG head-to-head gradient conflict: skip them below.
+            debug_terms = hub is not None and hub.level >= TelemetryLevel.DEBUG
 
             # ---- optimise the policy and value network -------------------------------------------
             stats: list[list[float]] = []
