@@ -766,10 +766,10 @@ def test_gradient_vanishing_total_is_critical_and_param_fraction_is_a_warning() 
 def test_gradient_drift_waits_for_warmup_and_patience() -> None:
     det = detector()
     assert det.check(healthy(1, gradients={"ema_drift": None})) == []
-    assert det.check(healthy(2, gradients={"ema_drift": 0.9})) == []
-    assert det.check(healthy(3, gradients={"ema_drift": 0.9})) == []
-    (a,) = det.check(healthy(4, gradients={"ema_drift": 0.9, "ema_total_norm": 1.2}))
-    assert (a.kind, a.severity, a.threshold) == ("gradient_drift", WARNING, 0.5) and "EMA 1.2" in a.message
+    assert det.check(healthy(2, gradients={"ema_drift": 2.5})) == []
+    assert det.check(healthy(3, gradients={"ema_drift": 2.5})) == []
+    (a,) = det.check(healthy(4, gradients={"ema_drift": 2.5, "ema_total_norm": 1.2}))
+    assert (a.kind, a.severity, a.threshold) == ("gradient_drift", WARNING, 2.0) and "EMA 1.2" in a.message
     assert det.check(healthy(5, gradients={"ema_drift": 0.1})) == []
 
 

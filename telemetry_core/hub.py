@@ -1,0 +1,605 @@
+"""TelemetryHub: the one object a training loop holds.
+
+The loop hands tensors over as it runs; every statistic is reduced on the device; at
+``end_update`` one host transfer materialises the whole update, the anomaly detector judges it,
+and the snapshot goes out (publisher thread, recorder thread) without the training thread ever
+waiting. Commands from dashboards (DEBUG leases, level changes, profiles) are applied at update
+boundaries only and acknowledged with the step at which they take effect.
+
+Errors inside telemetry are logged once per kind, counted in the snapshot's counters and never
+raised into training; ``strict=True`` (for tests) re-raises them.
+
+Typical use (see README for the ~10 lines a CleanRL-style loop adds)::
+
+    with TelemetryHub(agent, heads={"direction": 2, "force": 3}, max_grad_norm=0.5,
+                      total_updates=num_updates, lstm=agent.lstm) as hub:
+        for update in range(num_updates):
+            ...rollout, GAE...
+            hub.observe_rollout(advantages=b_adv, returns=b_returns, values=b_values)
+            for epoch in range(update_epochs):
+                for mb in minibatches:
+                    ...loss...
+                    loss.backward()
+                    hub.observe_gradients(loss)
+                    nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
+                    optimizer.step(); optimizer.zero_grad()
+                    hub.observe_minibatch(new_logprob=..., old_logprob=..., advantages=mb_adv,
+                                          clip_range=0.2, epoch=epoch)
+            hub.end_update(update, lstm_state=(h, c))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import torch
+from torch import nn
+
+from telemetry_core import protocol
+from telemetry_core.anomaly import AnomalyDetector
+from telemetry_core.config import (
+    TelemetryConfig,
+    TelemetryLevel,
+    phase_of,
+)
+from telemetry_core.debug import DebugDiagnostics
+from telemetry_core.ema import GradientEMA
+from telemetry_core.record import Recorder
+from telemetry_core.reductions.advantage import AdvantageReducer
+from telemetry_core.reductions.episodes import EpisodeReducer
+from telemetry_core.reductions.gradients import GradientReducer, resolve_groups
+from telemetry_core.reductions.lstm import LSTMReducer
+from telemetry_core.reductions.policy import PolicyReducer
+from telemetry_core.reductions.transfer import transfer
+from telemetry_core.reductions.value import ValueReducer
+from telemetry_core.schema import (
+    Ack,
+    Command,
+    Counters,
+    LevelInfo,
+    Nack,
+    RunInfo,
+    Snapshot,
+)
+
+__all__ = ["TelemetryHub"]
+
+log = logging.getLogger("telemetry_core")
+
+T = TypeVar("T")
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+DEFAULT_LEASE_UPDATES = 50
+DEFAULT_LEASE_SECONDS = 15.0
+
+
+class TelemetryHub:
+    """Collects one PPO update's statistics on the device and publishes them once per update.
+
+    Args:
+        model: the ``nn.Module`` being trained (its named parameters are observed), or an iterable of
+            ``(name, parameter)`` pairs.
+        heads: action head name -> number of actions (order = columns of ``actions``).
+        max_grad_norm: the loop's gradient clipping cap (gradient limits are relative to it).
+        total_updates: planned number of updates (training phase, performance checks).
+        config: levels, escalation, thresholds (default :class:`TelemetryConfig`).
+        bind: ZeroMQ endpoint for the PUB socket (commands on port + 1); ``None`` for no network.
+        record: path of a recording file for every published frame, or ``None``.
+        run_name: shown on the dashboard and written to the connection file.
+        groups: named parameter groups (name -> parameters, a module prefix, or prefixes); default:
+            one group per top-level child module (e.g. encoder / lstm / actor / critic).
+        lstm: the policy's ``nn.LSTM`` (enables gate saturation).
+        strict: re-raise telemetry errors (tests); by default they are logged once and counted.
+        publisher_options: extra keyword arguments for :class:`telemetry_core.transport.Publisher`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[tuple[str, nn.Parameter]],
+        *,
+        heads: Mapping[str, int],
+        max_grad_norm: float,
+        total_updates: int | None = None,
+        config: TelemetryConfig | None = None,
+        bind: str | None = DEFAULT_BIND,
+        record: str | Path | None = None,
+        run_name: str = "run",
+        groups: Mapping[str, Any] | None = None,
+        lstm: nn.LSTM | None = None,
+        strict: bool = False,
+        publisher_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.strict = strict
+        self.config = config if config is not None else TelemetryConfig()
+        self.thresholds = self.config.thresholds
+        if not isinstance(heads, Mapping) or not heads:
+            raise ValueError("heads must be a non-empty mapping: head name -> number of actions")
+        for name, n in heads.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"heads[{name!r}] must be a positive int (number of actions), got {n!r}")
+        self.heads = dict(heads)
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+            raise TypeError(f"max_grad_norm must be a number, got {max_grad_norm!r}")
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm!r}")
+        self.max_grad_norm = float(max_grad_norm)
+        if total_updates is not None and (not isinstance(total_updates, int) or total_updates < 1):
+            raise ValueError(f"total_updates must be a positive int or None, got {total_updates!r}")
+        self.total_updates = total_updates
+        self.run_name = run_name
+
+        named = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
+        if not named:
+            raise ValueError("model has no parameters to observe")
+        self._named = named
+        group_spec = groups if groups is not None else _default_groups(named)
+        group_index = resolve_groups(named, group_spec)
+        device = named[0][1].device
+
+        th = self.thresholds
+        self._grads = GradientReducer(
+            named, max_grad_norm=self.max_grad_norm, thresholds=th, groups=group_index
+        )
+        self._policy = PolicyReducer(self.heads, th)
+        self._value = ValueReducer()
+        self._adv = AdvantageReducer()
+        self._lstm = LSTMReducer(lstm, th)
+        self._episodes = EpisodeReducer()
+        self._debug = DebugDiagnostics(named, self.heads, th, max_grad_norm=self.max_grad_norm)
+        self._ema = GradientEMA(
+            momentum=th.grad_ema_momentum, warmup=th.grad_drift_warmup
+        )
+        self.detector = AnomalyDetector(th, total_updates=total_updates, heads=self.heads)
+
+        self.session = protocol.new_session_id()
+        self.counters = Counters()
+        self._error_kinds: set[str] = set()
+        self._seq = 0
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self.run_info = RunInfo(
+            name=run_name,
+            heads=self.heads,
+            param_names=[n for n, _ in named],
+            param_numels=[p.numel() for _, p in named],
+            groups={g: sum(named[i][1].numel() for i in idx) for g, idx in group_index.items()},
+            planned_updates=total_updates,
+            world_size=1,
+            rank=0,
+            device=str(device),
+            max_grad_norm=self.max_grad_norm,
+        )
+
+        # Operator lease (wall-clock side; the step side lives in config.override_until).
+        self._lease_deadline: float | None = None
+        self._lease_seconds = DEFAULT_LEASE_SECONDS
+        self._profile: Any = None
+        self._profile_remaining = 0
+        self._profile_path: str | None = None
+        self._profile_done: str | None = None
+        self._pending_acks: list[tuple[Any, Ack | Nack]] = []
+
+        self._step = 0
+        self._last_end = time.perf_counter()
+        self._level, self._reason = self.config.effective(0)
+        self._closed = False
+
+        self.publisher = None
+        if bind is not None:
+            from telemetry_core.transport import Publisher
+
+            self.publisher = Publisher(
+                bind,
+                session=self.session,
+                run_name=run_name,
+                strict=strict,
+                **dict(publisher_options or {}),
+            )
+            self.publisher.start()
+            self.publisher.set_status(0, self._level.name)
+        self.recorder = Recorder(record, session=self.session) if record is not None else None
+        self._reset_reducers()
+
+    # ------------------------------------------------------------------------------------------
+    # properties
+    # ------------------------------------------------------------------------------------------
+    @property
+    def level(self) -> TelemetryLevel:
+        """The effective level of the update in progress."""
+        return self._level
+
+    @property
+    def level_reason(self) -> str:
+        return self._reason
+
+    @property
+    def endpoints(self) -> tuple[str, str] | None:
+        """(pub, cmd) endpoints actually bound, or None without a network."""
+        if self.publisher is None:
+            return None
+        return self.publisher.endpoints
+
+    # ------------------------------------------------------------------------------------------
+    # error guard
+    # ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _guard(self, where: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            self.counters.telemetry_errors += 1
+            key = f"{where}:{type(exc).__name__}"
+            if key not in self._error_kinds:
+                self._error_kinds.add(key)
+                log.warning("telemetry error in %s (training continues): %s", where, exc)
+            if self.strict:
+                raise
+
+    def _call(self, where: str, fn: Callable[[], T]) -> T | None:
+        with self._guard(where):
+            return fn()
+        return None
+
+    # ------------------------------------------------------------------------------------------
+    # observation (hot path: no host syncs)
+    # ------------------------------------------------------------------------------------------
+    def observe_rollout(
+        self,
+        *,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        values: torch.Tensor,
+        episode_returns: Sequence[float] | torch.Tensor | None = None,
+        episode_lengths: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        """Once per update, on the rollout buffer (raw GAE advantages, returns, value predictions)."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("observe_rollout"):
+            self._value.observe_rollout(values, returns, level=self._level)
+            self._adv.observe_rollout(advantages, returns, level=self._level)
+            if episode_returns is not None:
+                self._episodes.observe(episode_returns, episode_lengths, level=self._level)
+
+    def observe_loss_terms(
+        self,
+        *,
+        policy_loss: torch.Tensor | None = None,
+        value_loss: torch.Tensor | None = None,
+        head_losses: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Before ``backward``: separate loss terms for DEBUG gradient conflict (no-op below DEBUG)."""
+        if self._level < TelemetryLevel.DEBUG:
+            return
+        with self._guard("observe_loss_terms"):
+            self._debug.observe_loss_terms(
+                policy_loss=policy_loss, value_loss=value_loss, head_losses=head_losses
+            )
+
+    def observe_gradients(self, loss: torch.Tensor | None = None) -> None:
+        """After ``loss.backward()``, before clipping."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("observe_gradients"):
+            self._grads.observe(self._level)
+            if self._level >= TelemetryLevel.DEBUG:
+                self._debug.observe_gradients(loss)
+
+    def observe_minibatch(
+        self,
+        *,
+        new_logprob: torch.Tensor,
+        old_logprob: torch.Tensor,
+        advantages: torch.Tensor | None = None,
+        clip_range: float,
+        epoch: int,
+        head_new_logprobs: Mapping[str, torch.Tensor] | None = None,
+        head_old_logprobs: Mapping[str, torch.Tensor] | None = None,
+        head_entropies: Mapping[str, torch.Tensor] | None = None,
+        actions: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        indices: torch.Tensor | Sequence[int] | None = None,
+        policy_loss: torch.Tensor | None = None,
+        value_loss: torch.Tensor | None = None,
+    ) -> None:
+        """After each minibatch: log-probs (joint and per head), entropies, advantages, losses."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("observe_minibatch"):
+            self._policy.observe(
+                new_logprob=new_logprob,
+                old_logprob=old_logprob,
+                clip_range=clip_range,
+                epoch=epoch,
+                head_new_logprobs=head_new_logprobs,
+                head_old_logprobs=head_old_logprobs,
+                head_entropies=head_entropies,
+                policy_loss=policy_loss,
+                level=self._level,
+            )
+            if value_loss is not None:
+                self._value.observe_minibatch(value_loss, level=self._level)
+            if advantages is not None and self._level >= TelemetryLevel.NORMAL:
+                self._adv.observe_minibatch(advantages)
+            if self._level >= TelemetryLevel.DEBUG:
+                self._debug.observe_minibatch(
+                    new_logprob,
+                    old_logprob,
+                    head_new_logprobs=head_new_logprobs,
+                    head_old_logprobs=head_old_logprobs,
+                    actions=actions,
+                    indices=indices,
+                    epoch=epoch,
+                )
+
+    def early_stop(self, *, epoch: int, kl: torch.Tensor | float | None = None) -> None:
+        """The loop's target-KL early stop fired at ``epoch``."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("early_stop"):
+            self._policy.early_stop(epoch, kl)
+
+    # ------------------------------------------------------------------------------------------
+    # the update boundary
+    # ------------------------------------------------------------------------------------------
+    def end_update(
+        self,
+        step: int,
+        *,
+        lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lstm_inputs: torch.Tensor | None = None,
+        lstm_input_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Snapshot | None:
+        """Close update ``step``: one host transfer, detection, publish; apply queued commands.
+
+        Returns the published :class:`Snapshot` (``None`` at OFF, or if telemetry failed).
+        """
+        now = time.perf_counter()
+        update_seconds = now - self._last_end
+        self._last_end = now
+        level = self._level
+        snapshot: Snapshot | None = None
+        if level > TelemetryLevel.OFF and os.getpid() == self._pid:
+            with self._guard("end_update"):
+                snapshot = self._collect(step, level, update_seconds, lstm_state, lstm_inputs, lstm_input_state)
+        self._step = step
+        with self._guard("commands"):
+            self._boundary(step)
+        self._reset_reducers()
+        return snapshot
+
+    def _collect(
+        self,
+        step: int,
+        level: TelemetryLevel,
+        update_seconds: float,
+        lstm_state: tuple[torch.Tensor, torch.Tensor] | None,
+        lstm_inputs: torch.Tensor | None,
+        lstm_input_state: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> Snapshot:
+        if lstm_state is not None and level >= TelemetryLevel.NORMAL:
+            h, c = lstm_state
+            self._lstm.observe(h, c, inputs=lstm_inputs, input_state=lstm_input_state, level=level)
+        pending: dict[str, torch.Tensor] = {}
+        reducers = (self._grads, self._policy, self._value, self._adv, self._lstm, self._episodes, self._debug)
+        for reducer in reducers:
+            pending.update(reducer.pending(level))
+        host = transfer(pending)  # the one host transfer of the update
+
+        grads = self._grads.build(host, level)
+        if grads is not None and grads.calls:
+            normal = level >= TelemetryLevel.NORMAL
+            drift = self._ema.update(grads.total_norm, grads.group_norms if normal else None)
+            grads.ema_total_norm = self._ema.value
+            grads.ema_drift = drift if normal else None
+            if normal:
+                grads.group_ema_drift = {k: v for k, v in self._ema.extras_drift.items() if v is not None}
+        self.counters.inputs_skipped += getattr(self._grads, "skipped_params", 0)
+        debug = self._debug.build(host, level)
+        if debug is not None:
+            self.counters.inputs_skipped += debug.skipped
+        snapshot = Snapshot(
+            step=step,
+            wall_time=time.time(),
+            phase=phase_of(step, self.total_updates, self.thresholds).value,
+            update_seconds=update_seconds,
+            level=self._level_info(step),
+            gradients=grads,
+            policy=self._policy.build(host, level),
+            value=self._value.build(host, level),
+            advantage=self._adv.build(host, level),
+            lstm=self._lstm.build(host, level),
+            episodes=self._episodes.build(host, level),
+            debug=debug,
+            thresholds=self.thresholds,
+            run=self.run_info,
+            profile_trace=self._take_profile_trace(),
+        )
+        snapshot.anomalies = self.detector.check(snapshot)
+        # Escalate on onsets only: a capture window per new anomaly, not DEBUG for as long as a
+        # persistent one lasts (the operator can lease more from the dashboard).
+        for anomaly in self.detector.onsets:
+            self.config.escalate(anomaly.kind, step + 1)
+        self._publish(snapshot)
+        return snapshot
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        snapshot.counters = self._counters_now()
+        if self.publisher is not None:
+            frame = self.publisher.publish_snapshot(snapshot)
+        else:
+            self._seq += 1
+            frame = protocol.encode_envelope(
+                "snapshot", snapshot, session=self.session, seq=self._seq, step=snapshot.step
+            )
+            self.counters.snapshots_published += 1
+        if self.recorder is not None and frame is not None:
+            self.recorder.put(frame)
+
+    def _counters_now(self) -> Counters:
+        c = msgspec.structs.replace(self.counters)
+        if self.publisher is not None:
+            c = self.publisher.counters.to_schema(c)
+        if self.recorder is not None:
+            c.records_written = self.recorder.written
+            c.records_dropped = self.recorder.dropped
+        return c
+
+    def _level_info(self, step: int) -> LevelInfo:
+        return LevelInfo(
+            level=self._level.name,
+            reason=self._reason,
+            lease_until=self.config.override_until if self.config.override_level is not None else None,
+            escalations=self.config.active_escalations(step),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # commands, leases, profiles — at update boundaries only
+    # ------------------------------------------------------------------------------------------
+    def _boundary(self, step: int) -> None:
+        nxt = step + 1
+        if self.publisher is not None:
+            for peer, command in self.publisher.poll_commands():
+                reply = self._apply(command, nxt)
+                self.publisher.reply(peer, reply)
+        if self._lease_deadline is not None and time.monotonic() > self._lease_deadline:
+            self.config.clear_override()
+            self._lease_deadline = None
+            log.info("DEBUG lease not renewed: reverting at step %d", nxt)
+        self._advance_profile()
+        self._level, self._reason = self.config.effective(nxt)
+        if self.config.override_level is None:
+            self._lease_deadline = None
+        if self.publisher is not None:
+            self.publisher.set_status(step, self._level.name, self._counters_now())
+
+    def _apply(self, command: Command, effective_step: int) -> Ack | Nack:
+        """Apply one authenticated command; it takes effect from ``effective_step``."""
+        action = command.action
+        if action in ("lease_debug", "renew"):
+            if action == "renew" and self.config.override_level != TelemetryLevel.DEBUG:
+                return Nack(command_id=command.id, reason="no DEBUG lease to renew", code="no_lease")
+            updates = command.updates or DEFAULT_LEASE_UPDATES
+            if updates < 1 or updates > 100_000:
+                return Nack(command_id=command.id, reason=f"lease of {updates} updates refused", code="bad_value")
+            seconds = command.lease_seconds or DEFAULT_LEASE_SECONDS
+            until = effective_step + updates
+            self.config.set_override(
+                TelemetryLevel.DEBUG, until_step=until, reason=f"operator lease until step {until}"
+            )
+            self._lease_seconds = max(1.0, min(float(seconds), 3600.0))
+            self._lease_deadline = time.monotonic() + self._lease_seconds
+            return Ack(
+                command_id=command.id, action=action, effective_step=effective_step, level="DEBUG",
+                lease_until=until, message=f"DEBUG from step {effective_step} until step {until}",
+            )
+        if action == "release":
+            self.config.clear_override()
+            self._lease_deadline = None
+            return Ack(command_id=command.id, action=action, effective_step=effective_step,
+                       level=self.config.effective(effective_step)[0].name, message="lease released")
+        if action == "set_level":
+            try:
+                level = TelemetryLevel.parse(command.level or "")
+            except ValueError as exc:
+                return Nack(command_id=command.id, reason=str(exc), code="bad_value")
+            self._lease_deadline = None
+            if level == self.config.level:
+                self.config.clear_override()
+            else:
+                self.config.set_override(level, until_step=None, reason=f"operator set {level.name}")
+            return Ack(command_id=command.id, action=action, effective_step=effective_step,
+                       level=level.name, message=f"level {level.name} from step {effective_step}")
+        if action == "profile":
+            k = command.profile_updates or 3
+            if not 1 <= k <= 100:
+                return Nack(command_id=command.id, reason=f"profile of {k} updates refused", code="bad_value")
+            if self._profile is not None:
+                return Nack(command_id=command.id, reason="a profile is already being captured", code="busy")
+            self._start_profile(k)
+            return Ack(command_id=command.id, action=action, effective_step=effective_step,
+                       message=f"profiling {k} updates from step {effective_step}")
+        return Nack(command_id=command.id, reason=f"unknown action {action!r}", code="unknown_action")
+
+    def _start_profile(self, updates: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        directory = protocol.connection_dir() / "profiles"
+        directory.mkdir(parents=True, exist_ok=True)
+        self._profile_path = str(directory / f"{self.session}-{int(time.time())}.trace.json")
+        self._profile = profile(activities=activities, record_shapes=False)
+        self._profile.start()
+        self._profile_remaining = updates
+
+    def _advance_profile(self) -> None:
+        if self._profile is None:
+            return
+        self._profile_remaining -= 1
+        if self._profile_remaining > 0:
+            return
+        prof, self._profile = self._profile, None
+        prof.stop()
+        prof.export_chrome_trace(self._profile_path)
+        self._profile_done = self._profile_path
+
+    def _take_profile_trace(self) -> str | None:
+        done, self._profile_done = self._profile_done, None
+        return done
+
+    # ------------------------------------------------------------------------------------------
+    def _reset_reducers(self) -> None:
+        for reducer in (self._grads, self._policy, self._value, self._adv, self._lstm, self._episodes):
+            reducer.reset()
+        self._debug.reset(self._level)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Host-side state worth checkpointing (EMA, detector history)."""
+        return {"ema": self._ema.state_dict(), "detector": self.detector.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._ema.load_state_dict(state["ema"])
+        self.detector.load_state_dict(state["detector"])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._profile is not None:
+            with contextlib.suppress(Exception):
+                self._profile.stop()
+            self._profile = None
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def __enter__(self) -> TelemetryHub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def _default_groups(named: Sequence[tuple[str, nn.Parameter]]) -> dict[str, list[str]]:
+    """One group per top-level child module: 'encoder.0.weight' -> group 'encoder'."""
+    groups: dict[str, list[str]] = {}
+    for name, _ in named:
+        top = name.split(".", 1)[0]
+        groups.setdefault(top, [top + "."] if "." in name else [name])
+    return groups
+
