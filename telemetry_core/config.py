@@ -287,9 +287,33 @@ class Thresholds:
     perf_window: int = _t(10, "updates in the rolling mean of episode returns")
     # ---- distributed ------------------------------------------------------------------------------
     rank_divergence: float = _t(
-        3.0, "a rank whose key statistic is this many MADs from the rank median diverges"
+        5.0,
+        "a rank whose grad norm, KL, entropy or value loss lies more than this many robust sigmas "
+        "(1.4826 x MAD, at least the typical cross-rank MAD of recent updates) from the rank median "
+        "diverges; with 2 ranks the pair's half-spread is judged against its recent level. 3 flagged "
+        "4-10% of updates of simulated healthy 4-8 rank runs, 5 about 1% (before patience)",
     )
-    rank_straggler: float = _t(1.5, "a rank whose update time exceeds this multiple of the median straggles")
+    rank_divergence_min_rel: float = _t(
+        0.25,
+        "a divergent rank must also differ from the rank median by more than this fraction of it: "
+        "ranks within 25% agree, however tight their usual spread (identical DDP gradients)",
+    )
+    rank_divergence_patience: int = _t(
+        2,
+        "consecutive updates a rank must stay that far on one statistic before rank_divergence fires "
+        "(a broken rank stays broken; one-off noise does not); NaN/inf fire at once",
+    )
+    rank_baseline_window: int = _t(
+        20, "updates in each statistic's rolling typical cross-rank spread (median of per-update MADs)"
+    )
+    rank_straggler: float = _t(
+        1.5,
+        "a rank whose rollout time (the part of an update without collectives; else its update time) "
+        "exceeds this multiple of the other ranks' median straggles",
+    )
+    rank_straggler_min_seconds: float = _t(
+        0.05, "a straggler must also be this many seconds slower: smaller gaps are scheduling noise"
+    )
     # ---- ratio outliers (DEBUG) -----------------------------------------------------------------
     outlier_top_k: int = _t(8, "worst samples per head listed in the ratio-outlier diagnostic")
     # ---- per-layer gradient table and gradient conflict (DEBUG) ------------------------------------

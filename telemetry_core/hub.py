@@ -100,6 +100,12 @@ class TelemetryHub:
         lstm: the policy's ``nn.LSTM`` (enables gate saturation).
         strict: re-raise telemetry errors (tests); by default they are logged once and counted.
         publisher_options: extra keyword arguments for :class:`telemetry_core.transport.Publisher`.
+        distributed: aggregate across torch.distributed ranks (:mod:`telemetry_core.distributed`):
+            None (default) when torch.distributed is initialised, True to require it, False never.
+            Must be the same on every rank (construction is collective). Under it only rank 0
+            binds and publishes (other ranks get ``bind=None``) and other ranks record to
+            ``<name>.rank<R><suffix>``; every rank changes level when rank 0 says so.
+        process_group: the group to aggregate over (default: the default process group).
     """
 
     def __init__(
@@ -117,6 +123,8 @@ class TelemetryHub:
         lstm: nn.LSTM | None = None,
         strict: bool = False,
         publisher_options: Mapping[str, Any] | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         self.strict = strict
         self.config = config if config is not None else TelemetryConfig()
@@ -193,6 +201,34 @@ class TelemetryHub:
         self._level, self._reason = self.config.effective(0)
         self._closed = False
 
+        # Multi-rank: one all_gather per update (telemetry_core.distributed); rank 0 alone binds.
+        self._ranks: Any = None
+        self._rollout_at: float | None = None
+        self._timing = (math.nan, math.nan)
+        self._began = time.perf_counter()
+        if distributed is not False:
+            from telemetry_core import distributed as tdist
+
+            if tdist.distributed_ready():
+                word, reason = tdist.plan_level(self.config, 0)
+                self._ranks = tdist.RankAggregator(
+                    heads=list(self.heads),
+                    thresholds=th,
+                    device=device,
+                    initial=word,
+                    initial_reason=reason,
+                    group=process_group,
+                )
+                self.run_info.world_size, self.run_info.rank = self._ranks.world_size, self._ranks.rank
+                self._level, self._reason = self._ranks.level_now() or (self._level, self._reason)
+                if not self._ranks.leads:
+                    bind = None
+                    if record is not None:
+                        path = Path(record)
+                        record = path.with_name(f"{path.stem}.rank{self._ranks.rank}{path.suffix}")
+            elif distributed:
+                raise ValueError("distributed=True but torch.distributed is not initialised")
+
         self.publisher = None
         if bind is not None:
             from telemetry_core.transport import Publisher
@@ -262,6 +298,8 @@ class TelemetryHub:
         episode_lengths: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
         """Once per update, on the rollout buffer (raw GAE advantages, returns, value predictions)."""
+        if self._rollout_at is None:  # end of the rollout: the rank-straggler clock (distributed.py)
+            self._rollout_at = time.perf_counter()
         if self._level == TelemetryLevel.OFF:
             return
         with self._guard("observe_rollout"):
@@ -364,16 +402,26 @@ class TelemetryHub:
         """
         now = time.perf_counter()
         update_seconds = now - self._last_end
+        rollout_at, self._rollout_at = self._rollout_at, None
+        self._timing = (update_seconds, rollout_at - self._began if rollout_at is not None else math.nan)
         self._last_end = now
         level = self._level
         snapshot: Snapshot | None = None
-        if level > TelemetryLevel.OFF and os.getpid() == self._pid:
-            with self._guard("end_update"):
-                snapshot = self._collect(step, level, update_seconds, lstm_state, lstm_inputs, lstm_input_state)
+        try:
+            if level > TelemetryLevel.OFF and os.getpid() == self._pid:
+                with self._guard("end_update"):
+                    snapshot = self._collect(
+                        step, level, update_seconds, lstm_state, lstm_inputs, lstm_input_state
+                    )
+        finally:
+            if self._ranks is not None and os.getpid() == self._pid:
+                with self._guard("ranks"):  # every rank joins this update's collective, whatever happened
+                    self._ranks.settle()
         self._step = step
         with self._guard("commands"):
             self._boundary(step)
         self._reset_reducers()
+        self._began = time.perf_counter()  # the next update's own work starts here (after the collective)
         return snapshot
 
     def _collect(
@@ -392,6 +440,15 @@ class TelemetryHub:
         reducers = (self._grads, self._policy, self._value, self._adv, self._lstm, self._episodes, self._debug)
         for reducer in reducers:
             pending.update(reducer.pending(level))
+        if self._ranks is not None and self._ranks.enabled:  # all_gather on the device, read in the transfer
+            pending["ranks.gathered"] = self._ranks.launch(
+                pending,
+                grads=self._grads,
+                policy=self._policy,
+                value=self._value,
+                update_seconds=self._timing[0],
+                rollout_seconds=self._timing[1],
+            )
         host = transfer(pending)  # the one host transfer of the update
 
         grads = self._grads.build(host, level)
@@ -423,11 +480,17 @@ class TelemetryHub:
             run=self.run_info,
             profile_trace=self._take_profile_trace(),
         )
-        snapshot.anomalies = self.detector.check(snapshot)
+        rank_anomalies: list[Any] = []
+        if self._ranks is not None:
+            snapshot.ranks, rank_anomalies = self._ranks.finish(host.get("ranks.gathered"), step)
+        snapshot.anomalies = self.detector.check(snapshot) + rank_anomalies
         # Escalate on onsets only: a capture window per new anomaly, not DEBUG for as long as a
-        # persistent one lasts (the operator can lease more from the dashboard).
-        for anomaly in self.detector.onsets:
-            self.config.escalate(anomaly.kind, step + 1)
+        # persistent one lasts (the operator can lease more from the dashboard). Across ranks,
+        # rank 0 decides and its level reaches every rank one update later (distributed.py).
+        if self._ranks is None or not self._ranks.enabled or self._ranks.leads:
+            onsets = self.detector.onsets + (self._ranks.judge.onsets if self._ranks is not None else [])
+            for anomaly in onsets:
+                self.config.escalate(anomaly.kind, step + 1 + self._level_lag)
         self._publish(snapshot)
         return snapshot
 
@@ -468,18 +531,31 @@ class TelemetryHub:
         nxt = step + 1
         if self.publisher is not None:
             for peer, command in self.publisher.poll_commands():
-                reply = self._apply(command, nxt)
+                reply = self._apply(command, nxt + self._level_lag)
                 self.publisher.reply(peer, reply)
         if self._lease_deadline is not None and time.monotonic() > self._lease_deadline:
             self.config.clear_override()
             self._lease_deadline = None
             log.info("DEBUG lease not renewed: reverting at step %d", nxt)
         self._advance_profile()
-        self._level, self._reason = self.config.effective(nxt)
+        ranks = self._ranks if self._ranks is not None and self._ranks.enabled else None
+        if ranks is None:
+            self._level, self._reason = self.config.effective(nxt)
+        else:  # adopt what rank 0 sent in this update's vector; rank 0 plans the update after next
+            if ranks.leads:
+                from telemetry_core.distributed import plan_level
+
+                ranks.plan(*plan_level(self.config, nxt + 1))
+            self._level, self._reason = ranks.level_now() or (self._level, self._reason)
         if self.config.override_level is None:
             self._lease_deadline = None
         if self.publisher is not None:
             self.publisher.set_status(step, self._level.name, self._counters_now())
+
+    @property
+    def _level_lag(self) -> int:
+        """Updates between rank 0's decision and the level change: 1 when ranks sync their level."""
+        return 1 if self._ranks is not None and self._ranks.enabled else 0
 
     def _apply(self, command: Command, effective_step: int) -> Ack | Nack:
         """Apply one authenticated command; it takes effect from ``effective_step``."""

@@ -305,16 +305,26 @@ class DebugReport(_S):
 
 
 class RankStats(_S):
+    """The update's key statistics of every torch.distributed rank (telemetry_core.distributed).
+
+    Gathered by one collective per update; each rank's value is exactly what that rank's own
+    snapshot says (NaN: not measured on that rank, or genuinely NaN). Summaries are over the ranks
+    whose value is finite (NaN when none is).
+    """
+
     world_size: int = 1
-    keys: list[str] = []  # statistic names, in order
-    per_rank: dict[str, list[float]] = {}  # key -> value of each rank
+    keys: list[str] = []  # statistic names, in order (distributed.stat_keys)
+    per_rank: dict[str, list[float]] = {}  # key -> value of each rank, rank order
     mean: dict[str, float] = {}
     min: dict[str, float] = {}
     max: dict[str, float] = {}
-    divergent_ranks: list[int] = []
+    median: dict[str, float] = {}
+    divergent_ranks: list[int] = []  # non-finite where others are finite, or far from the rank median
     straggler_ranks: list[int] = []
+    flags: dict[str, list[int]] = {}  # key -> ranks flagged on that statistic (cells to highlight)
+    straggle_key: str = ""  # the time judged for stragglers: rollout_seconds or update_seconds
     enabled: bool = True
-    disabled_reason: str = ""
+    disabled_reason: str = ""  # why aggregation is off (layout mismatch), shown by the dashboard
 
 
 # ---- run context --------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ gradient by NaN and one bad observation would destroy every weight. The step is 
 record; the telemetry sees the NaN gradients either way. Turn it off to watch a run die of it (the
 sampler tolerates NaN logits, so the loop still does not crash).
 
+Multi-rank (``torchrun``, ``DemoConfig.distributed``): each rank steps its own environments with its
+own seed and the gradients are averaged after ``hub.observe_gradients`` (which therefore sees each
+rank's own gradients: a rank with NaN ones is named by the hub's cross-rank aggregation), in one
+all_reduce per minibatch that also averages the early-stop KL so every rank stops together.
+
 Time-limit truncation is not failure: at a truncated step the reward is topped up with the discounted
 value of the final observation (run through the LSTM from the state of that step), as SB3 does;
 CleanRL treats it as termination, which makes 500-step episodes look unpredictable to the critic
@@ -58,11 +63,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HUB_GROUPS",
+    "RANK_SEED_STRIDE",
     "DemoConfig",
     "UpdateRecord",
     "iter_train",
     "make_agent",
     "make_hub",
+    "rank_and_world",
     "summarize",
     "train",
 ]
@@ -98,6 +105,10 @@ class DemoConfig:
     device: str = "cpu"
     lstm_telemetry_steps: int = 8  # LSTM input steps handed to the hub (gate replay costs per step)
     torch_threads: int | None = 1  # process-wide; tiny nets run fastest on one thread (None: leave it)
+    # Data-parallel over torch.distributed ranks (None: when it is initialised, e.g. under torchrun):
+    # each rank steps its own environments (seed + RANK_SEED_STRIDE x rank) and gradients are
+    # averaged DDP-style, in one all_reduce per minibatch that also carries the early-stop KL.
+    distributed: bool | None = None
 
     @property
     def batch_size(self) -> int:
@@ -232,8 +243,12 @@ def iter_train(
         torch.set_num_threads(cfg.torch_threads)
     agent = agent if agent is not None else make_agent(cfg)
     heads = list(agent.head_sizes)
-    rng = np.random.default_rng(cfg.seed)
-    sampler = torch.Generator(device=device).manual_seed(cfg.seed)
+    rank, world = rank_and_world(cfg)
+    seed = cfg.seed + RANK_SEED_STRIDE * rank  # rank 0 (and a single process) keeps cfg.seed
+    if world > 1:
+        _broadcast_parameters(agent)  # every rank starts from rank 0's weights, as DDP does
+    rng = np.random.default_rng(seed)
+    sampler = torch.Generator(device=device).manual_seed(seed)
     optimizer = optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
     envs = make_vector_env(cfg.num_envs, cfg.force_levels, cfg.max_episode_steps)
     try:
@@ -249,7 +264,7 @@ def iter_train(
         values = torch.zeros((T, B), device=device)
         dones_host = np.zeros((T, B), dtype=bool)  # the same flags on the host: reset steps, no sync
 
-        first_obs, _ = envs.reset(seed=cfg.seed)
+        first_obs, _ = envs.reset(seed=seed)
         next_obs = torch.as_tensor(first_obs, device=device)
         next_done_host = np.zeros(B, dtype=bool)
         next_done = torch.zeros(B, device=device)
@@ -414,7 +429,9 @@ def iter_train(
                     optimizer.zero_grad()
                     loss.backward()
                     if hub is not None:
-                        hub.observe_gradients(loss)
+                        hub.observe_gradients(loss)  # this rank's own gradients, before averaging
+                    if world > 1:  # every rank then clips, skips and early-stops on the same numbers
+                        approx_kl = _average_gradients(agent, approx_kl, world)
                     grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
                     if hub is not None:
                         hub.observe_minibatch(
@@ -508,6 +525,60 @@ def iter_train(
             )
     finally:
         envs.close()
+
+
+RANK_SEED_STRIDE = 10_007  # rank r seeds its environments, actions and minibatch order with seed + r x this
+
+
+def rank_and_world(cfg: DemoConfig) -> tuple[int, int]:
+    """(rank, world size) of this process for ``cfg.distributed``; (0, 1) without torch.distributed."""
+    import torch.distributed as dist
+
+    ready = dist.is_available() and dist.is_initialized()
+    if cfg.distributed and not ready:
+        raise ValueError("DemoConfig.distributed=True but torch.distributed is not initialised")
+    if cfg.distributed is False or not ready:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _broadcast_parameters(agent: nn.Module) -> None:
+    """Rank 0's weights to every rank (one flattened broadcast)."""
+    import torch.distributed as dist
+
+    params = [p.data for p in agent.parameters()]
+    flat = torch.cat([p.reshape(-1) for p in params])
+    dist.broadcast(flat, src=0)
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _average_gradients(agent: nn.Module, kl: torch.Tensor, world: int) -> torch.Tensor:
+    """DDP-style gradient averaging: one all_reduce of every gradient plus this minibatch's KL.
+
+    Returns the KL averaged over ranks, so every rank takes the same target-KL early stop (a rank
+    that stopped alone would leave the others waiting in the next all_reduce). A parameter without
+    a gradient contributes zeros, so every rank reduces the same layout.
+    """
+    import torch.distributed as dist
+
+    params = list(agent.parameters())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [kl.detach().reshape(1).to(grads[0].dtype)])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        averaged = flat[offset : offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = averaged.clone()
+        else:
+            p.grad.copy_(averaged)
+        offset += n
+    return flat[-1]
 
 
 def summarize(records: Sequence[UpdateRecord], window: int = 10) -> dict[str, float]:
