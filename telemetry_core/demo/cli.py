@@ -9,6 +9,12 @@ line exactly ``simic-tui attach HOST:PORT`` is printed and flushed on stdout; wi
 is the only line before the final summary. Ctrl-C (SIGINT) and SIGTERM stop training at once,
 close the hub (sockets, connection file, recording) and exit with status 0. Bad arguments exit
 with status 2 and a one-line reason.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins the process group (gloo on the CPU, NCCL
+with ``--device cuda``) and trains its own environments data-parallel; rank 0 alone binds, records
+and prints, so the output contract above holds for the launcher's output::
+
+    torchrun --standalone --nproc_per_node 4 -m telemetry_core.demo --updates 300
 """
 
 from __future__ import annotations
@@ -176,8 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from telemetry_core.config import TelemetryConfig, TelemetryLevel
     from telemetry_core.demo.ppo import DemoConfig, iter_train, make_agent, make_hub, summarize
 
-    cfg = DemoConfig(seed=args.seed, num_updates=args.updates, device=args.device)
-    if args.no_network:
+    try:
+        rank, device = _join_ranks(args.device)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = DemoConfig(seed=args.seed, num_updates=args.updates, device=device)
+    if rank != 0:  # under torchrun only rank 0 streams, records and prints
+        args.quiet, args.record = True, None
+    if args.no_network or rank != 0:
         bind = None
     elif args.bind is not None:
         bind = args.bind.strip()
@@ -195,13 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _leave_ranks()
         return 2
 
-    out = sys.stdout
+    out = sys.stdout if rank == 0 else None
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     records: list[Any] = []
     try:
-        _announce(hub, bind, args, out)
+        if out is not None:
+            _announce(hub, bind, args, out)
         for record in iter_train(cfg, hub=hub, agent=agent, injections=args.inject):
             records.append(record)
             if not args.quiet:
@@ -212,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         hub.close()
+        _leave_ranks()
+    if out is None:
+        return 0
     summary = summarize(records) if records else {}
     last = records[-1] if records else None
     done = f"{stopped} after update {last.update if last else 0}" if stopped else "finished"
@@ -225,6 +243,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"{done}: no update completed", file=out, flush=True)
     return 0
+
+
+def _join_ranks(device: str) -> tuple[int, str]:
+    """Under ``torchrun`` (WORLD_SIZE > 1 in the environment): join the process group.
+
+    gloo on the CPU, NCCL with ``--device cuda`` (each rank on ``cuda:LOCAL_RANK``). Returns this
+    rank and the device it trains on; (0, device) for a single process.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, device
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), device
+
+
+def _leave_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _announce(hub: Any, bind: str | None, args: argparse.Namespace, out: Any) -> None:
