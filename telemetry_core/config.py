@@ -314,6 +314,11 @@ class Thresholds:
     rank_straggler_min_seconds: float = _t(
         0.05, "a straggler must also be this many seconds slower: smaller gaps are scheduling noise"
     )
+    rank_straggler_patience: int = _t(
+        2,
+        "consecutive slow updates before a rank is a straggler: one-off pauses (GC, a checkpoint) "
+        "are not; 4 ranks on 2 loaded cores had single 2x rollouts in 1 of 4 updates",
+    )
     # ---- ratio outliers (DEBUG) -----------------------------------------------------------------
     outlier_top_k: int = _t(8, "worst samples per head listed in the ratio-outlier diagnostic")
     # ---- per-layer gradient table and gradient conflict (DEBUG) ------------------------------------

@@ -45,13 +45,15 @@ rank and at every update, whatever the level and whatever any dashboard does:
   own MAD says nothing; the pair diverges when its half-spread exceeds the limit set by the typical
   half-spread alone, and the rank named is the one that moved more from its own previous value
   (both, when neither has one).
-* **Stragglers** (warning): a rank whose rollout time (previous ``end_update`` to ``observe_rollout``:
-  the part of a PPO update that runs without collectives) exceeds ``rank_straggler`` x the median of
-  the *other* ranks' and is ``rank_straggler_min_seconds`` slower. Under synchronous gradient
-  averaging every rank's update takes the same wall time (fast ranks wait inside all-reduce), so the
-  update time is judged only when some rank has no rollout time.
+* **Stragglers** (warning): a rank whose rollout time (end of the previous ``end_update`` to
+  ``observe_rollout``: the part of a PPO update that runs without collectives) exceeds
+  ``rank_straggler`` x the median of the *other* ranks' and is ``rank_straggler_min_seconds`` slower,
+  for ``rank_straggler_patience`` updates in a row. Under synchronous gradient averaging every rank's
+  update takes the same wall time (fast ranks wait inside all-reduce), so the update time is judged
+  only when some rank has no rollout time.
 
-One anomaly per flagged rank (``Anomaly.rank``); the kind escalates on rank 0 like any other.
+One anomaly per flagged rank (``Anomaly.rank``); the kind escalates on rank 0 like any other, except
+for a rank that only straggles (DEBUG would measure nothing about slowness and slow every rank).
 """
 
 from __future__ import annotations
@@ -238,6 +240,7 @@ class RankJudge:
         self._usual: dict[str, dict[int, deque[float]]] = {k: {} for k in self.judged}
         self._far: dict[str, dict[int, int]] = {k: {} for k in self.judged}  # consecutive far updates
         self._active: set[int] = set()
+        self._slow: dict[int, int] = {}  # rank -> consecutive slow updates
         self.onsets: list[Anomaly] = []
 
     def typical_spread(self, key: str) -> float | None:
@@ -364,24 +367,25 @@ class RankJudge:
         rollout = col.get("rollout_seconds", [])
         time_key = "rollout_seconds" if rollout and len(_finite(rollout)) == n else "update_seconds"
         times = col.get(time_key, [])
-        if len(_finite(times)) >= 2:
-            for r, tr in enumerate(times):
-                others = [x for j, x in enumerate(times) if j != r and math.isfinite(x)]
-                if not math.isfinite(tr) or not others:
-                    continue
-                mo = statistics.median(others)
-                if tr > t.rank_straggler * mo and tr - mo > t.rank_straggler_min_seconds:
-                    stragglers.append(r)
-                    what = "rollout" if time_key == "rollout_seconds" else "update"
-                    flag(
-                        r,
-                        time_key,
-                        "warning",
-                        f"straggles: {what} {tr:.3f} s vs {mo:.3f} s median of the other ranks "
-                        f"({tr / mo if mo > 0 else math.inf:.1f}x, limit {t.rank_straggler:g}x)",
-                        tr,
-                        t.rank_straggler * mo,
-                    )
+        for r in range(n):
+            tr = times[r] if r < len(times) else math.nan
+            others = [x for j, x in enumerate(times) if j != r and math.isfinite(x)]
+            mo = statistics.median(others) if others else math.nan
+            slow = math.isfinite(tr) and tr > t.rank_straggler * mo and tr - mo > t.rank_straggler_min_seconds
+            self._slow[r] = self._slow.get(r, 0) + 1 if slow else 0
+            if slow and self._slow[r] >= t.rank_straggler_patience:
+                stragglers.append(r)
+                what = "rollout" if time_key == "rollout_seconds" else "update"
+                flag(
+                    r,
+                    time_key,
+                    "warning",
+                    f"straggles: {what} {tr:.3f} s vs {mo:.3f} s median of the other ranks "
+                    f"({tr / mo if mo > 0 else math.inf:.1f}x, limit {t.rank_straggler:g}x) for "
+                    f"{self._slow[r]} updates",
+                    tr,
+                    t.rank_straggler * mo,
+                )
         stats.straggle_key = time_key
         stats.straggler_ranks = stragglers
         stats.divergent_ranks = sorted(
@@ -407,8 +411,11 @@ class RankJudge:
                     rank=r,
                 )
             )
-        self.onsets = [a for a in anomalies if a.rank not in self._active]
-        self._active = {a.rank for a in anomalies if a.rank is not None}
+        # A straggler alone does not escalate: DEBUG measures nothing about its slowness and would
+        # slow every rank further. It becomes an onset once the rank also diverges.
+        judged = [a for a in anomalies if a.rank not in stragglers or a.rank in stats.divergent_ranks]
+        self.onsets = [a for a in judged if a.rank not in self._active]
+        self._active = {a.rank for a in judged if a.rank is not None}
         return stats, anomalies
 
     def _usual_level(self, key: str, rank: int) -> float | None:
