@@ -34,6 +34,7 @@ from simic_tui.screens.anomaly_log import AnomalyLogScreen
 from simic_tui.screens.dashboard import DashboardScreen
 from simic_tui.screens.debug import DebugScreen
 from simic_tui.screens.help import HelpScreen, key_name
+from simic_tui.screens.ranks import RanksScreen
 from simic_tui.screens.thresholds import ThresholdsScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.widgets.base import View
@@ -146,7 +147,10 @@ class SimicApp(App[None]):
         )
         if screen is self.dashboard or under_modal:
             self.dashboard.show_panels(self.current_view())
-        elif isinstance(screen, (DebugScreen, ThresholdsScreen, AnomalyLogScreen)) and screen.is_mounted:
+        elif (
+            isinstance(screen, (DebugScreen, ThresholdsScreen, AnomalyLogScreen, RanksScreen))
+            and screen.is_mounted
+        ):
             with contextlib.suppress(NoMatches):  # a screen being composed or torn down
                 screen.refresh_view()
 
@@ -263,6 +267,9 @@ class SimicApp(App[None]):
 
     def open_thresholds(self) -> None:
         self.push_screen(ThresholdsScreen(self.store))
+
+    def open_ranks(self) -> None:
+        self.push_screen(RanksScreen(self.store))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -53,7 +53,13 @@ PANEL_KINDS: dict[str, tuple[str, ...]] = {
     "policy": ("entropy_collapse", "kl_spike", "ratio_explosion", "ratio_collapse"),
     "value": ("value_collapse", "ev_low"),
     "advantage": ("performance_degradation",),
-    "gradients": ("numerical_instability", "gradient_exploding", "gradient_vanishing", "gradient_drift"),
+    "gradients": (
+        "numerical_instability",
+        "gradient_exploding",
+        "gradient_vanishing",
+        "gradient_drift",
+        "rank_divergence",  # the panel shows the rank spread (simic_tui.widgets.ranks)
+    ),
     "lstm": ("lstm_unhealthy",),
 }
 

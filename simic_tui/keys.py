@@ -90,6 +90,14 @@ DASHBOARD_BINDINGS: list[Binding] = [
     Binding(
         "t", "thresholds", "Limits", id="thresholds", tooltip="The trainer's thresholds (limits) and why"
     ),
+    Binding(
+        "r",
+        "ranks",
+        "Ranks",
+        show=False,
+        id="ranks",
+        tooltip="Every rank's statistics of a multi-rank (torchrun) run, and which rank diverges",
+    ),
 ]
 
 REPLAY_BINDINGS: list[Binding] = [
@@ -140,6 +148,7 @@ PALETTE_TITLES: dict[str, str] = {
     "level_minimal": "Level MINIMAL",
     "anomaly_log": "Anomaly log",
     "thresholds": "Thresholds",
+    "ranks": "Ranks",
     "panel_policy": "Focus/zoom Policy",
     "panel_value": "Focus/zoom Value",
     "panel_advantage": "Focus/zoom Advantage",

@@ -128,6 +128,9 @@ class DashboardScreen(Screen):
     def action_thresholds(self) -> None:
         self.simic.open_thresholds()
 
+    def action_ranks(self) -> None:
+        self.simic.open_ranks()
+
     def action_play_pause(self) -> None:
         self.simic.replay_toggle()
 

@@ -8,6 +8,7 @@ import math
 from simic_tui.fmt import SPARK_BLOCKS, fmt_limit, fmt_num, fmt_pct
 from simic_tui.judge import Verdict, grad_total, judge_high, judge_nonfinite_count, max_grad_norm_of
 from simic_tui.widgets.base import ChartSpec, Line, Panel, Rows, View
+from simic_tui.widgets.ranks import rank_rows
 
 __all__ = ["GradientsPanel", "hist_labels"]
 
@@ -67,6 +68,7 @@ class GradientsPanel(Panel):
         line.label(" / ").val(g.inf_count, iv, word="INF" if iv == Verdict.CRIT else "")
         line.label("  clip rate ").val(g.clip_rate, cr, fmt=fmt_pct)
         rows.add(line, 1)
+        verdicts += rank_rows(rows, snap, width)  # multi-rank runs only
 
         n_params = len(g.param_norms) or len(snap.run.param_names)
         van_v = judge_high(

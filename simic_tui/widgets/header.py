@@ -15,7 +15,9 @@ from textual.widgets import Static
 
 from simic_tui.client import LinkState, LinkStatus
 from simic_tui.fmt import fmt_count
+from simic_tui.judge import Verdict
 from simic_tui.store import TelemetryStore
+from simic_tui.widgets.ranks import rank_flags, ranks_of
 
 __all__ = ["Banner", "HeaderModel", "StatusHeader", "fit_segments"]
 
@@ -90,6 +92,16 @@ class StatusHeader(Static):
             level_style = "bold $warning" if snap.level.level == "DEBUG" else "bold"
             line1.append((0, [("level ", "$text-muted"), (snap.level.level, level_style)]))
             line1.append((3, [(snap.level.reason, "$text-muted")]))
+            rs = ranks_of(snap)
+            if rs is not None:  # multi-rank: how many, and the ranks flagged now
+                ranks: list[tuple[str, str]] = [("ranks ", "$text-muted"), (str(rs.world_size), "bold")]
+                if not rs.enabled:
+                    ranks.append((" ▲ not aggregated", "bold $warning"))
+                for f in rank_flags(snap)[:3]:
+                    ranks.append(
+                        (f" {f.text()}", "bold $error" if f.verdict == Verdict.CRIT else "bold $warning")
+                    )
+                line1.append((2, ranks))
         else:
             line1.append((1, [("no snapshot yet", "$text-muted")]))
 
