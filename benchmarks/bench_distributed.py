@@ -145,7 +145,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.updates, args.warmup, args.steps = 8, 2, 32
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "telemetry_core.hub"])
+    multiprocessing.set_forkserver_preload(
+        [
+            "torch",
+            "torch.distributed",
+            "torch._dynamo",  # Adam imports it on first use: 8 s per rank on a loaded machine
+            "telemetry_core.hub",
+            "telemetry_core.transport",
+            "telemetry_core.demo.ppo",
+        ]
+    )
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, gloo on CPU, one torch thread per rank")
     for world in args.ranks:
         with tempfile.TemporaryDirectory() as out:

@@ -22,11 +22,12 @@ rank and at every update, whatever the level and whatever any dashboard does:
    the next update's vector; at that update's boundary every rank (rank 0 included) adopts the level
    it received from rank 0. Every rank therefore changes level at the same step, one update later
    than a single-process hub would (commands are acknowledged with that step).
-4. **Layouts are compared once.** At construction the ranks all_gather a hash of the vector's layout
-   (statistic names, layout version) and rank 0's initial level. On a mismatch (different ``heads``,
-   different versions) aggregation and the level sync turn off on every rank with a warning naming
-   the ranks; no per-update collective is attempted, so nothing can hang. Each rank then keeps its
-   own level.
+4. **Layouts are compared once.** At construction, after a bounded rendezvous through the c10d
+   store (a hub built on some ranks only raises after :data:`HANDSHAKE_TIMEOUT`, naming the missing
+   ranks, instead of hanging), the ranks all_gather a hash of the vector's layout (statistic names,
+   layout version) and rank 0's initial level. On a mismatch (different ``heads``, different
+   versions) aggregation and the level sync turn off on every rank with a warning naming the ranks;
+   no per-update collective is attempted, so nothing can hang. Each rank then keeps its own level.
 5. **Only rank 0 binds.** Other ranks get ``bind=None`` (no sockets, no connection file) and record,
    if asked, to ``<name>.rank<R><suffix>``; their snapshots are still returned by ``end_update``.
 
@@ -63,6 +64,7 @@ import json
 import logging
 import math
 import statistics
+import time
 import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -77,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTROL_KEYS",
+    "HANDSHAKE_TIMEOUT",
     "JUDGED",
     "LAYOUT_VERSION",
     "LevelWord",
@@ -91,6 +94,7 @@ __all__ = [
 log = logging.getLogger("telemetry_core")
 
 LAYOUT_VERSION = 1
+HANDSHAKE_TIMEOUT = 120.0  # seconds a rank waits for every other rank's hub before raising
 MAD_SCALE = 1.4826  # MAD -> sigma of a normal distribution
 CONTROL_KEYS: tuple[str, ...] = ("ctl.level", "ctl.reason", "ctl.until")
 # Statistics judged for divergence (entropy.<head> for every head); counts and times are judged apart.
@@ -456,8 +460,11 @@ class RankAggregator:
     """Gathers every rank's key statistics once per update (see the module docstring).
 
     Construction is collective: every rank of ``group`` must build one (the hub does so when
-    torch.distributed is initialised, on every rank).
+    torch.distributed is initialised, on every rank); a rank that waits more than
+    :data:`HANDSHAKE_TIMEOUT` for the others raises a RuntimeError naming the missing ranks.
     """
+
+    _built = 0  # aggregators built in this process (rendezvous keys)
 
     def __init__(
         self,
@@ -498,9 +505,38 @@ class RankAggregator:
         return self.rank == 0
 
     # -- construction: one small collective --------------------------------------------------------
+    def _rendezvous(self) -> None:
+        """Wait (bounded) until every rank built its aggregator, through the c10d store, so that a hub
+        built on some ranks only (the usual ``if rank == 0:`` habit) raises instead of hanging in
+        the handshake collective. Only for the default group (its store is the one we can reach)."""
+        if self.group is not None:
+            return
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            store = _get_default_store()
+        except Exception:  # pragma: no cover - a torch without it: the collective alone
+            return
+        index = RankAggregator._built
+        RankAggregator._built += 1  # the n-th hub of every rank meets the n-th of the others
+        prefix = f"simic_telemetry/{index}/"
+        store.set(prefix + str(self.rank), str(self.layout_hash))
+        keys = [prefix + str(r) for r in range(self.world_size)]
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        while not store.check(keys):
+            if time.monotonic() > deadline:
+                missing = [r for r, k in enumerate(keys) if not store.check([k])]
+                raise RuntimeError(
+                    f"TelemetryHub under torch.distributed: {_ranks_text(missing)} built no hub within "
+                    f"{HANDSHAKE_TIMEOUT:g} s. Build one on every rank (only rank 0 binds and publishes), "
+                    "or pass distributed=False to the hubs for rank-local telemetry."
+                )
+            time.sleep(0.02)
+
     def _handshake(self) -> None:
         import torch
 
+        self._rendezvous()
         word, reason = self._next
         mine = torch.tensor(
             [float(self.layout_hash), float(len(self.layout)), float(LAYOUT_VERSION), *word.values()],
