@@ -50,9 +50,12 @@ sees and how — every number below is computed from the tensors SB3 itself uses
   terms (and per-head surrogates when head ratios are on).
 
 What SB3 hides or costs, plainly: the loss terms are replicas (checked each update, above); the
-minibatch statistics add a few small kernels per minibatch, next to the four ``.item()`` host syncs
-SB3's own loop already makes per minibatch; RecurrentPPO's padded rows are dropped with a boolean
-mask (a host sync, as SB3's own masked means are). Continuous (``Box``) action spaces are refused:
+callback adds a few small kernels per minibatch and no host sync to PPO (SB3's own loop makes four
+``.item()`` syncs per minibatch); for RecurrentPPO it finds the real (unpadded) rows once per
+minibatch with one ``nonzero`` (a sync; SB3's masked means make several) and selects by index. The
+hub's own per-minibatch reductions dominate the cost: ``benchmarks/bench_sb3.py`` measures it
+against SB3's 64x64 MLP, where a minibatch step is itself only a few milliseconds. At OFF the
+callback only counts episodes. Continuous (``Box``) action spaces are refused:
 the hub's heads are discrete (entropy is normalised by ``log(number of actions)``). SB3's
 ``train/*`` logger values are what the callback's own statistics compute (read fresh at the
 boundary, not one update late as a callback reading them at ``on_rollout_end`` would get them);
@@ -271,7 +274,7 @@ class SimicCallback(BaseCallback):
             with hub._guard("sb3.rollout"):
                 self._observe_rollout(level)
         self._ep_returns, self._ep_lengths = [], []
-        self._armed = True
+        self._armed = level > TelemetryLevel.OFF  # the level holds until this update's end_update
 
     def _on_training_end(self) -> None:
         self._finish_update()
@@ -478,7 +481,9 @@ class SimicCallback(BaseCallback):
         model = self.model
         sample, epoch, batch_inds, pad = self._current
         clip = self._clip_range
-        mask = sample.mask > 1e-8 if self.recurrent else None
+        # RecurrentPPO pads its sequences: the real rows, as indices (one host sync per minibatch,
+        # where SB3's own masked means make several), so every selection below is sync-free
+        mask = torch.nonzero(sample.mask > 1e-8).squeeze(1) if self.recurrent else None
 
         def masked_mean(t: torch.Tensor) -> torch.Tensor:
             return t.mean() if mask is None else t[mask].mean()
@@ -489,10 +494,12 @@ class SimicCallback(BaseCallback):
             adv = self._normalized_advantages(sample.advantages, mask)
             values_d = values.detach().flatten()
             policy_loss, value_loss = self._losses(new, old, adv, values_d, sample, mask, clip)
-            ent_loss = -masked_mean(entropy.detach()) if entropy is not None else -masked_mean(-new)
-            self._loss = policy_loss + model.ent_coef * ent_loss + model.vf_coef * value_loss
-            log_ratio = new - old
-            self._last_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio)  # SB3's early-stop KL
+            if level >= TelemetryLevel.DEBUG:  # SB3's total loss, for the DEBUG loss-finiteness check
+                ent_loss = -masked_mean(entropy.detach()) if entropy is not None else -masked_mean(-new)
+                self._loss = policy_loss + model.ent_coef * ent_loss + model.vf_coef * value_loss
+            if model.target_kl is not None:  # SB3's early-stop KL, computed as SB3 does (float32)
+                log_ratio = new - old
+                self._last_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio)
             self._last_epoch = epoch
 
             head_new, head_ent, actions = self._head_terms(sample, entropy)
@@ -525,7 +532,8 @@ class SimicCallback(BaseCallback):
         )
 
     def _normalized_advantages(self, adv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """SB3's advantage normalisation (PPO: only when the minibatch has more than one sample)."""
+        """SB3's advantage normalisation (PPO: only when the minibatch has more than one sample);
+        ``mask``: indices of the real rows of a RecurrentPPO minibatch."""
         if not self.model.normalize_advantage:
             return adv
         if mask is None:
