@@ -441,3 +441,53 @@ def test_errors_name_what_is_wrong() -> None:
         PPO("MlpPolicy", pendulum, n_steps=32, batch_size=32, device="cpu").learn(
             32, callback=SimicCallback(bind=None)
         )
+
+
+class DictObservation(gym.ObservationWrapper):
+    """The demo task's observation as a Dict space (SB3's MultiInputPolicy / DictRolloutBuffer)."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.observation_space = gym.spaces.Dict(
+            {"position": env.observation_space, "bias": gym.spaces.Box(-1.0, 1.0, (1,))}
+        )
+
+    def observation(self, observation: np.ndarray) -> dict[str, np.ndarray]:
+        return {"position": observation, "bias": np.ones(1, dtype=np.float32)}
+
+
+@pytest.mark.parametrize(
+    ("cls", "policy"), [(PPO, "MultiInputPolicy"), (RecurrentPPO, "MultiInputLstmPolicy")]
+)
+def test_dict_observations(cls: Any, policy: str) -> None:
+    env = make_vec_env(lambda: DictObservation(make_env()), n_envs=2, seed=10)
+    model = cls(policy, env, n_steps=32, batch_size=32, n_epochs=2, learning_rate=0.0, seed=10, device="cpu")
+    published, ref, cb = run(model, 2)
+    assert cb.mismatches == 0 and len(published) == 2
+    for (snap, logged), rollout in zip(published, ref.rollouts):
+        assert snap is not None and snap.policy is not None
+        assert all(kl < 1e-12 for kl in snap.policy.head_kl_k3.values()) and len(snap.policy.head_kl_k3) == 2
+        assert (snap.lstm is not None) == (cls is RecurrentPPO)
+        check_against_sb3_log(snap, logged)
+        check_rollout_stats(snap, rollout)
+
+
+def test_off_publishes_nothing_and_hands_the_hub_nothing() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=11)
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=32, n_epochs=2, seed=11, device="cpu")
+    hub = TelemetryHub(
+        model.policy,
+        heads={"action": 2},
+        max_grad_norm=0.5,
+        bind=None,
+        strict=True,
+        config=TelemetryConfig(level=TelemetryLevel.OFF, auto_escalate=False),
+    )
+    calls: list[str] = []
+    for name in ("observe_rollout", "observe_gradients", "observe_minibatch", "early_stop"):
+        original = getattr(hub, name)
+        setattr(hub, name, lambda *a, _n=name, _o=original, **k: (calls.append(_n), _o(*a, **k))[1])
+    published: list[Snapshot | None] = []
+    model.learn(32 * 2 * 2, callback=SimicCallback(hub, on_update=lambda s, logged: published.append(s)))
+    hub.close()
+    assert published == [None, None] and calls == [] and hub.counters.telemetry_errors == 0
