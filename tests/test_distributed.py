@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -28,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 
+from telemetry_core import protocol
 from telemetry_core.config import TelemetryConfig, TelemetryLevel, Thresholds
 from telemetry_core.distributed import (
     CONTROL_KEYS,
@@ -37,6 +40,7 @@ from telemetry_core.distributed import (
     plan_level,
     stat_keys,
 )
+from telemetry_core.record import read_recording
 from telemetry_core.schema import Snapshot
 
 pytestmark = pytest.mark.timeout(150)
@@ -535,7 +539,6 @@ def test_two_ranks_commands_to_rank_zero_change_every_rank_at_the_same_step(tmp_
     0: every rank changes level at the step each Ack names; at OFF the collective keeps running."""
     import zmq
 
-    from telemetry_core import protocol
     from telemetry_core.schema import Ack
 
     acks: list[Ack] = []
@@ -639,3 +642,24 @@ def test_a_hub_on_rank_zero_only_raises_instead_of_hanging(tmp_path: Path) -> No
     assert "rank 1 built no hub within 3 s" in results[0].error
     assert "distributed=False" in results[0].error
     assert [r.step for r in results[0].records] == [r.step for r in results[1].records] == [1, 2]
+
+
+def test_demo_under_torchrun_streams_and_records_from_rank_zero_only(tmp_path: Path) -> None:
+    """The README's command: ``torchrun ... -m telemetry_core.demo``; rank 0 alone prints the attach
+    line and records, and its snapshots carry both ranks."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    rec = tmp_path / "run.simrec"
+    env = {**os.environ, "SIMIC_RUNTIME_DIR": str(runtime), "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "telemetry_core.demo", "--updates", "3", "--port", "0", "--quiet", "--record", str(rec)]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("simic-tui attach 127.0.0.1:") for line in lines) == 1, done.stdout
+    assert lines[-1].startswith("finished: 3 updates"), done.stdout
+    bodies = [protocol.decode_body(protocol.decode_envelope(f)) for f in read_recording(rec).frames]
+    snaps = [b for b in bodies if isinstance(b, Snapshot)]
+    assert [s.step for s in snaps] == [1, 2, 3]
+    assert all(s.ranks is not None and s.ranks.world_size == 2 and s.run.world_size == 2 for s in snaps)
+    assert sorted(p.name for p in tmp_path.glob("*.simrec")) == ["run.simrec"]
