@@ -122,8 +122,8 @@ def _worker(rank: int, world: int, updates: int, warmup: int, out: str, env_step
         lines = [
             f"ranks {world}: {len(update_seconds['on'])}+{len(update_seconds['off'])} updates measured "
             f"({cfg.num_envs} envs x {cfg.num_steps} steps per rank, {L} floats per rank per update)",
-            f"  update              {upd * 1e3:8.1f} ms  (with aggregation {med(update_seconds['on']) * 1e3:.1f}, "
-            f"without {med(update_seconds['off']) * 1e3:.1f})",
+            f"  update              {upd * 1e3:8.1f} ms  (median of both hubs' updates; their medians "
+            f"differ by machine noise, not by the aggregation: see the paired line below)",
             f"  end_update off/on   {end_off * 1e3:8.2f} / {end_on * 1e3:.2f} ms",
             f"  aggregation adds    {(end_on - end_off) * 1e3:8.2f} ms = {(end_on - end_off) / upd:.4f} of the update",
             f"  launch (vector + all_gather, incl. waiting for the slowest rank) {gather * 1e3:.2f} ms = "

@@ -86,6 +86,7 @@ __all__ = [
     "RankAggregator",
     "RankJudge",
     "distributed_ready",
+    "group_size",
     "layout_hash",
     "plan_level",
     "stat_keys",
@@ -144,6 +145,13 @@ def distributed_ready() -> bool:
     except ImportError:  # pragma: no cover - torch builds without distributed
         return False
     return bool(dist.is_available() and dist.is_initialized())
+
+
+def group_size(group: Any = None) -> int:
+    """Ranks in ``group`` (the default group when None); a group of one needs no aggregation."""
+    import torch.distributed as dist
+
+    return int(dist.get_world_size(group))
 
 
 @dataclass(frozen=True)

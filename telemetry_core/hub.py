@@ -101,7 +101,8 @@ class TelemetryHub:
         strict: re-raise telemetry errors (tests); by default they are logged once and counted.
         publisher_options: extra keyword arguments for :class:`telemetry_core.transport.Publisher`.
         distributed: aggregate across torch.distributed ranks (:mod:`telemetry_core.distributed`):
-            None (default) when torch.distributed is initialised, True to require it, False never.
+            None (default) when torch.distributed is initialised with more than one rank, True to
+            require torch.distributed, False never.
             Must be the same on every rank (construction is collective). Under it only rank 0
             binds and publishes (other ranks get ``bind=None``) and other ranks record to
             ``<name>.rank<R><suffix>``; every rank changes level when rank 0 says so.
@@ -209,7 +210,7 @@ class TelemetryHub:
         if distributed is not False:
             from telemetry_core import distributed as tdist
 
-            if tdist.distributed_ready():
+            if tdist.distributed_ready() and tdist.group_size(process_group) > 1:
                 word, reason = tdist.plan_level(self.config, 0)
                 self._ranks = tdist.RankAggregator(
                     heads=list(self.heads),
