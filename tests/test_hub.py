@@ -1,0 +1,633 @@
+"""TelemetryHub end to end: real PyTorch updates of a recurrent multi-head actor-critic, real
+ZeroMQ sockets on loopback, real recordings.
+
+Covers issue 2 E (exactly one host materialisation per update) and issue 3 A/E/F and the hub rows
+of the fault table (commands applied at boundaries and acknowledged with their step, DEBUG lease
+by updates and by renewal deadline, auto-escalation per anomaly kind, telemetry errors never
+raised into training, port in use, fork, exit with messages queued, recording).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import torch
+import zmq
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from telemetry_core import protocol
+from telemetry_core.config import TelemetryConfig, TelemetryLevel
+from telemetry_core.hub import TelemetryHub
+from telemetry_core.record import read_recording
+from telemetry_core.schema import Ack, History, Nack, Snapshot
+
+pytestmark = pytest.mark.timeout(120)
+
+HEADS = {"direction": 2, "force": 3}
+OBS, HID, ENVS, T = 4, 16, 8, 6
+
+
+@pytest.fixture(autouse=True)
+def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "runtime"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(d))
+
+
+class Agent(nn.Module):
+    """Encoder -> LSTM -> one categorical head per action dimension + critic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(OBS, HID), nn.Tanh())
+        self.lstm = nn.LSTM(HID, HID)
+        self.heads = nn.ModuleDict({k: nn.Linear(HID, n) for k, n in HEADS.items()})
+        self.critic = nn.Linear(HID, 1)
+
+    def forward(self, obs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        x = self.encoder(obs)  # (T, B, H)
+        out, new_state = self.lstm(x, state)
+        logits = {k: head(out) for k, head in self.heads.items()}
+        return logits, self.critic(out).squeeze(-1), x, new_state
+
+
+class Loop:
+    """A real (tiny) recurrent PPO update on random rollouts, with every hub call in place."""
+
+    def __init__(self, hub_kwargs: dict[str, Any] | None = None, seed: int = 0, lr: float = 3e-3) -> None:
+        torch.manual_seed(seed)
+        self.agent = Agent()
+        self.opt = torch.optim.SGD(self.agent.parameters(), lr=lr)
+        kwargs: dict[str, Any] = {"bind": None, "strict": True, "total_updates": 100}
+        kwargs.update(hub_kwargs or {})
+        self.hub = TelemetryHub(
+            self.agent, heads=HEADS, max_grad_norm=0.5, lstm=self.agent.lstm, run_name="test", **kwargs
+        )
+        self.step = 0
+        self.nan_grad = False
+
+    def update(self, epochs: int = 2, minibatches: int = 3) -> Snapshot | None:
+        hub, agent = self.hub, self.agent
+        self.step += 1
+        obs = torch.randn(T, ENVS, OBS)
+        state0 = (torch.zeros(1, ENVS, HID), torch.zeros(1, ENVS, HID))
+        with torch.no_grad():
+            logits, values, _, final_state = agent(obs, state0)
+            actions = {k: torch.distributions.Categorical(logits=v).sample() for k, v in logits.items()}
+            old_head = {
+                k: torch.distributions.Categorical(logits=logits[k]).log_prob(actions[k]) for k in HEADS
+            }
+        rewards = torch.randn(T, ENVS)
+        returns = rewards.flip(0).cumsum(0).flip(0)
+        advantages = returns - values
+        hub.observe_rollout(
+            advantages=advantages.reshape(-1),
+            returns=returns.reshape(-1),
+            values=values.reshape(-1),
+            episode_returns=[10.0, 12.0, 9.5],
+            episode_lengths=[20, 25, 18],
+        )
+        env_ids = torch.arange(ENVS)
+        for epoch in range(epochs):
+            for chunk in env_ids.chunk(minibatches):
+                logits, new_values, _, _ = agent(obs[:, chunk], (state0[0][:, chunk], state0[1][:, chunk]))
+                dists = {k: torch.distributions.Categorical(logits=logits[k]) for k in HEADS}
+                new_head = {k: dists[k].log_prob(actions[k][:, chunk]).reshape(-1) for k in HEADS}
+                old_h = {k: old_head[k][:, chunk].reshape(-1) for k in HEADS}
+                ent = {k: dists[k].entropy().reshape(-1) for k in HEADS}
+                new_lp = sum(new_head.values())
+                old_lp = sum(old_h.values())
+                adv = advantages[:, chunk].reshape(-1)
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                ratio = (new_lp - old_lp).exp()
+                pg = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+                vl = 0.5 * (new_values - returns[:, chunk]).pow(2).mean()
+                loss = pg + 0.5 * vl - 0.01 * sum(e.mean() for e in ent.values())
+                hub.observe_loss_terms(policy_loss=pg, value_loss=vl)
+                self.opt.zero_grad()
+                loss.backward()
+                if self.nan_grad:  # a NaN gradient; the step is skipped, as AMP's GradScaler does
+                    agent.critic.weight.grad[0, 0] = math.nan
+                hub.observe_gradients(loss.detach())
+                nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
+                if not self.nan_grad:
+                    self.opt.step()
+                hub.observe_minibatch(
+                    new_logprob=new_lp.detach(),
+                    old_logprob=old_lp,
+                    advantages=adv,
+                    clip_range=0.2,
+                    epoch=epoch,
+                    head_new_logprobs={k: v.detach() for k, v in new_head.items()},
+                    head_old_logprobs=old_h,
+                    head_entropies={k: v.detach() for k, v in ent.items()},
+                    actions=torch.stack([actions[k][:, chunk].reshape(-1) for k in HEADS], 1),
+                    policy_loss=pg.detach(),
+                    value_loss=vl.detach(),
+                )
+        return hub.end_update(
+            self.step,
+            lstm_state=final_state,
+            lstm_inputs=agent.encoder(obs).detach(),
+            lstm_input_state=state0,
+        )
+
+    def close(self) -> None:
+        self.hub.close()
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    lp = Loop()
+    yield lp
+    lp.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One materialisation per update
+# ---------------------------------------------------------------------------------------------
+
+MATERIALISING = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__len__"}
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts every tensor method that moves data to the host (or branches on a tensor's value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = getattr(func, "__name__", "")
+        if name in MATERIALISING and name != "__len__":
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _counting_update(loop: Loop) -> tuple[Counter[str], Snapshot | None]:
+    """Run one update, counting materialisations inside the hub's calls only."""
+    counter = SyncCounter()
+    hub = loop.hub
+    originals = {}
+    for name in (
+        "observe_rollout",
+        "observe_loss_terms",
+        "observe_gradients",
+        "observe_minibatch",
+        "end_update",
+    ):
+        fn = getattr(hub, name)
+        originals[name] = fn
+
+        def wrapped(*a: Any, __fn: Any = fn, **k: Any) -> Any:
+            with counter:
+                return __fn(*a, **k)
+
+        setattr(hub, name, wrapped)
+    try:
+        snap = loop.update()
+    finally:
+        for name, fn in originals.items():
+            setattr(hub, name, fn)
+    return counter.calls, snap
+
+
+@pytest.mark.parametrize("level", ["MINIMAL", "NORMAL", "DEBUG"])
+def test_a_whole_update_materialises_exactly_once(level: str) -> None:
+    lp = Loop({"config": TelemetryConfig(level=TelemetryLevel[level], auto_escalate=False)})
+    try:
+        lp.update()  # warm-up update (first-call paths)
+        calls, snap = _counting_update(lp)
+    finally:
+        lp.close()
+    assert snap is not None and snap.level.level == level
+    # 2 epochs x 3 minibatches observed, one transfer at the end: the only host materialisation.
+    assert calls == Counter({"tolist": 1}), calls
+
+
+def test_off_computes_and_publishes_nothing() -> None:
+    lp = Loop({"config": TelemetryConfig(level=TelemetryLevel.OFF, auto_escalate=False)})
+    try:
+        calls, snap = _counting_update(lp)
+    finally:
+        lp.close()
+    assert snap is None and sum(calls.values()) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshot contents per level
+# ---------------------------------------------------------------------------------------------
+
+
+def test_normal_snapshot_holds_every_section_with_sane_values(loop: Loop) -> None:
+    snap = loop.update()
+    assert snap is not None
+    assert snap.step == 1 and snap.level.level == "NORMAL" and snap.phase == "warmup"
+    g, p, v, a, lstm, ep = snap.gradients, snap.policy, snap.value, snap.advantage, snap.lstm, snap.episodes
+    assert g is not None and g.calls == 6 and g.total_norm > 0 and 0 <= g.clip_rate <= 1
+    assert len(g.param_norms) == len(snap.run.param_names) == len(list(loop.agent.parameters()))
+    assert set(g.group_norms) == {"encoder", "lstm", "heads", "critic"}
+    assert p is not None and p.minibatches == 6 and p.epochs == 2 and set(p.entropy) == set(HEADS)
+    assert p.kl_k3_mean >= 0 and p.ratio_min <= 1 <= p.ratio_max
+    assert all(0 < e <= 1.0001 for e in p.entropy_normalized.values())
+    assert v is not None and v.explained_variance is not None and math.isfinite(v.value_loss)
+    assert a is not None and a.raw.count == T * ENVS and a.normalized.count == 2 * T * ENVS
+    assert lstm is not None and lstm.h_norm > 0 and set(lstm.gate_saturation) == {"input", "forget", "output"}
+    assert ep is not None and ep.count == 3 and ep.return_mean == pytest.approx((10 + 12 + 9.5) / 3)
+    assert snap.debug is None
+    assert snap.run.heads == HEADS and snap.run.max_grad_norm == 0.5
+    assert snap.thresholds == loop.hub.thresholds
+    # The snapshot is exactly what a dashboard decodes.
+    frame = protocol.encode_envelope("snapshot", snap, session="s", seq=1, step=1)
+    decoded = protocol.decode_body(protocol.decode_envelope(frame))
+    assert msgspec.msgpack.encode(decoded) == msgspec.msgpack.encode(snap)
+
+
+def test_minimal_leaves_out_the_distributions_and_debug_has_its_report() -> None:
+    lp = Loop({"config": TelemetryConfig(level=TelemetryLevel.MINIMAL, auto_escalate=False)})
+    try:
+        lp.hub.config.level = TelemetryLevel.DEBUG  # takes effect at the next boundary
+        snap = lp.update()
+        assert snap is not None and snap.level.level == "MINIMAL"
+        assert snap.gradients is not None and snap.policy is not None
+        assert snap.advantage is None and snap.lstm is None and snap.debug is None
+        assert snap.gradients.param_norms == [] and snap.gradients.hist_counts == []
+        snap = lp.update()
+        assert snap is not None and snap.level.level == "DEBUG" and snap.debug is not None
+        assert len(snap.debug.layers) == len(list(lp.agent.parameters()))
+        assert snap.debug.conflict is not None and snap.debug.conflict.policy_value_cosine is not None
+        assert snap.debug.outliers and snap.debug.outliers[0].head == "joint"
+    finally:
+        lp.close()
+
+
+def test_network_and_no_network_give_the_same_statistics() -> None:
+    a, b = Loop({"bind": None}, seed=3), Loop({"bind": "tcp://127.0.0.1:0"}, seed=3)
+    try:
+        for _ in range(3):
+            torch.manual_seed(100 + a.step)
+            sa = a.update()
+            torch.manual_seed(100 + b.step)
+            sb = b.update()
+            assert sa is not None and sb is not None
+            assert sa.policy == sb.policy and sa.gradients == sb.gradients and sa.value == sb.value
+    finally:
+        a.close()
+        b.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors never reach training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_counted_and_logged_once_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    lp = Loop({"strict": False})
+    try:
+        for _ in range(3):
+            lp.hub.observe_minibatch(
+                new_logprob=torch.zeros(4), old_logprob=torch.zeros(5), clip_range=0.2, epoch=0
+            )
+        snap = lp.update()
+        assert snap is not None and snap.counters.telemetry_errors == 3
+        warnings = [r for r in caplog.records if "telemetry error" in r.getMessage()]
+        assert len(warnings) == 1 and "old_logprob" in warnings[0].getMessage()
+    finally:
+        lp.close()
+
+
+def test_strict_mode_reraises_with_the_argument_named(loop: Loop) -> None:
+    with pytest.raises((ValueError, TypeError), match="old_logprob"):
+        loop.hub.observe_minibatch(
+            new_logprob=torch.zeros(4), old_logprob=torch.zeros(5), clip_range=0.2, epoch=0
+        )
+
+
+def test_constructor_rejects_bad_arguments_clearly() -> None:
+    agent = Agent()
+    with pytest.raises(ValueError, match="heads"):
+        TelemetryHub(agent, heads={}, max_grad_norm=0.5, bind=None)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TelemetryHub(agent, heads=HEADS, max_grad_norm=-1.0, bind=None)
+    with pytest.raises(ValueError, match="total_updates"):
+        TelemetryHub(agent, heads=HEADS, max_grad_norm=0.5, total_updates=0, bind=None)
+    with pytest.raises(ValueError, match=r"nothing|group|prefix|match"):
+        TelemetryHub(agent, heads=HEADS, max_grad_norm=0.5, groups={"actor": "nonexistent."}, bind=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto-escalation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nan_gradients_escalate_to_debug_for_their_duration_then_revert() -> None:
+    config = TelemetryConfig(escalation_updates={"numerical_instability": 2})
+    lp = Loop({"config": config, "strict": False})
+    try:
+        lp.update()
+        lp.nan_grad = True
+        snap = lp.update()
+        lp.nan_grad = False
+        assert snap is not None
+        kinds = {a.kind for a in snap.anomalies}
+        assert "numerical_instability" in kinds
+        assert snap.gradients is not None and snap.gradients.nan_count > 0
+        nxt = lp.update()
+        assert nxt is not None and nxt.level.level == "DEBUG"
+        assert nxt.level.reason.startswith("anomaly ") and "until step" in nxt.level.reason
+        assert nxt.debug is not None
+        levels = [lp.update().level.level for _ in range(3)]  # type: ignore[union-attr]
+        assert levels[-1] == "NORMAL"
+    finally:
+        lp.close()
+
+
+def test_auto_escalation_can_be_switched_off() -> None:
+    lp = Loop({"config": TelemetryConfig(auto_escalate=False), "strict": False})
+    try:
+        lp.nan_grad = True
+        lp.update()
+        nxt = lp.update()
+        assert nxt is not None and nxt.level.level == "NORMAL"
+    finally:
+        lp.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands over real sockets
+# ---------------------------------------------------------------------------------------------
+
+
+class Dashboard:
+    """A minimal real dashboard: SUB + DEALER speaking protocol.py, like simic_tui's client."""
+
+    def __init__(self, hub: TelemetryHub) -> None:
+        path = hub.publisher.connection_path
+        self.info = protocol.read_connection_file(path)
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(self.info.pub)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(self.info.cmd)
+        self.key = self.info.key_bytes
+
+    def send(self, action: str, **fields: Any) -> str:
+        cmd = protocol.new_command(action, session=self.info.session, client="test", **fields)
+        env = protocol.encode_envelope("command", cmd, session=self.info.session, seq=0, step=0)
+        self.dealer.send_multipart([protocol.sign(self.key, env), env])
+        return cmd.id
+
+    def reply(self, timeout: float = 5.0) -> Any:
+        if not self.dealer.poll(int(timeout * 1000)):
+            raise AssertionError("no reply")
+        mac, env = self.dealer.recv_multipart()
+        body = protocol.decode_body(protocol.decode_envelope(env))
+        if mac == b"":  # the trainer's constant refusal of a badly signed command: unsigned, echoes nothing
+            assert (
+                isinstance(body, Nack)
+                and body.command_id == ""
+                and body.code in ("unsigned", "bad_signature")
+            )
+        else:
+            assert protocol.verify(self.key, mac, env)
+        return body
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+def _deliver(lp: Loop) -> None:
+    """Give the publisher thread a moment to receive and check queued commands."""
+    deadline = time.monotonic() + 5
+    while not lp.hub.publisher._inbox and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_debug_lease_is_acknowledged_with_its_step_and_ends_after_its_updates() -> None:
+    lp = Loop({"bind": "tcp://127.0.0.1:0"})
+    dash = Dashboard(lp.hub)
+    try:
+        lp.update()
+        cid = dash.send("lease_debug", updates=2, lease_seconds=60)
+        _deliver(lp)
+        first = lp.update()  # step 2: the command is applied at its end
+        ack = dash.reply()
+        assert isinstance(ack, Ack) and ack.command_id == cid
+        assert ack.effective_step == 3 and ack.lease_until == 5 and ack.level == "DEBUG"
+        assert first is not None and first.level.level == "NORMAL"  # never mid-update
+        s3, s4, s5 = lp.update(), lp.update(), lp.update()
+        assert (
+            s3 is not None and s3.level.level == "DEBUG" and s3.level.reason == "operator lease until step 5"
+        )
+        assert s3.level.lease_until == 5 and s3.debug is not None
+        assert s4 is not None and s4.level.level == "DEBUG"
+        assert s5 is not None and s5.level.level == "NORMAL" and s5.debug is None
+    finally:
+        dash.close()
+        lp.close()
+
+
+LEASE_S = 4.0  # generous: updates of this loop take up to a second on a loaded 2-core machine
+
+
+def test_lease_that_is_not_renewed_expires_and_renewal_keeps_it() -> None:
+    lp = Loop({"bind": "tcp://127.0.0.1:0"})
+    dash = Dashboard(lp.hub)
+    try:
+        dash.send("lease_debug", updates=1000, lease_seconds=LEASE_S)
+        _deliver(lp)
+        lp.update()
+        assert isinstance(dash.reply(), Ack)
+        assert lp.update().level.level == "DEBUG"  # type: ignore[union-attr]
+        dash.send("renew", updates=1000, lease_seconds=LEASE_S)
+        _deliver(lp)
+        lp.update()
+        assert isinstance(dash.reply(), Ack)
+        assert lp.update().level.level == "DEBUG"  # type: ignore[union-attr]
+        time.sleep(LEASE_S + 0.2)  # the dashboard "died": no renewal within lease_seconds
+        lp.update()  # the boundary notices the missed renewal
+        assert lp.update().level.level == "NORMAL"  # type: ignore[union-attr]
+        dash.send("renew", updates=10)
+        _deliver(lp)
+        lp.update()
+        nack = dash.reply()
+        assert isinstance(nack, Nack) and nack.code == "no_lease"
+    finally:
+        dash.close()
+        lp.close()
+
+
+def test_set_level_release_profile_and_history() -> None:
+    lp = Loop({"bind": "tcp://127.0.0.1:0"})
+    dash = Dashboard(lp.hub)
+    try:
+        lp.update()
+        dash.send("set_level", level="minimal")
+        _deliver(lp)
+        lp.update()
+        ack = dash.reply()
+        assert isinstance(ack, Ack) and ack.level == "MINIMAL"
+        snap = lp.update()
+        assert (
+            snap is not None and snap.level.level == "MINIMAL" and snap.level.reason == "operator set MINIMAL"
+        )
+        dash.send("set_level", level="loud")
+        _deliver(lp)
+        lp.update()
+        nack = dash.reply()
+        assert isinstance(nack, Nack) and "loud" in nack.reason
+        dash.send("release")
+        _deliver(lp)
+        lp.update()
+        assert isinstance(dash.reply(), Ack)
+        assert lp.update().level.level == "NORMAL"  # type: ignore[union-attr]
+        # profile: torch.profiler for 2 updates; the trace path comes back in a snapshot
+        dash.send("profile", profile_updates=2)
+        _deliver(lp)
+        lp.update()
+        assert isinstance(dash.reply(), Ack)
+        traces = [s.profile_trace for s in (lp.update(), lp.update(), lp.update()) if s and s.profile_trace]
+        assert len(traces) == 1 and Path(traces[0]).stat().st_size > 0
+        # history: every published snapshot is available for backfill
+        dash.send("history", since_seq=0)
+        hist = dash.reply()
+        assert isinstance(hist, History) and len(hist.frames) == lp.step
+        steps = [protocol.decode_envelope(f).step for f in hist.frames]
+        assert steps == list(range(1, lp.step + 1))
+    finally:
+        dash.close()
+        lp.close()
+
+
+def test_unauthenticated_and_wrong_session_commands_change_nothing() -> None:
+    lp = Loop({"bind": "tcp://127.0.0.1:0"})
+    dash = Dashboard(lp.hub)
+    try:
+        lp.update()
+        cmd = protocol.new_command("lease_debug", session=dash.info.session, updates=5)
+        env = protocol.encode_envelope("command", cmd, session=dash.info.session, seq=0, step=0)
+        dash.dealer.send_multipart([protocol.sign(b"wrong key" * 4, env), env])
+        assert isinstance(dash.reply(), Nack)
+        dash.send("lease_debug", updates=5)  # correct key but ...
+        dash.info.session = "someone-else"
+        dash.send("lease_debug", updates=5)  # ... wrong session
+        time.sleep(0.3)
+        lp.update()
+        replies = [dash.reply(), dash.reply()]  # the refusal comes at once, the Ack at the boundary
+        assert sorted(type(r).__name__ for r in replies) == ["Ack", "Nack"]
+        (nack,) = [r for r in replies if isinstance(r, Nack)]
+        assert nack.code == "wrong_session"
+        snaps = [lp.update() for _ in range(2)]
+        assert snaps[-1] is not None and snaps[-1].counters.commands_rejected >= 2
+    finally:
+        dash.close()
+        lp.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------------------------
+
+
+def test_port_in_use_training_continues_without_network_or_strict_raises() -> None:
+    first = Loop({"bind": "tcp://127.0.0.1:0"})
+    try:
+        pub_endpoint = first.hub.endpoints.pub  # type: ignore[union-attr]
+        second = Loop({"bind": pub_endpoint, "strict": False})
+        try:
+            assert second.hub.publisher is not None and not second.hub.publisher.network
+            snap = second.update()
+            assert snap is not None and snap.gradients is not None
+        finally:
+            second.close()
+        with pytest.raises(Exception, match=r"in use|Address"):
+            Loop({"bind": pub_endpoint, "strict": True})
+    finally:
+        first.close()
+
+
+def test_close_returns_within_a_second_with_frames_queued() -> None:
+    lp = Loop({"bind": "tcp://127.0.0.1:0"})
+    dash = Dashboard(lp.hub)  # a subscriber that never reads
+    try:
+        snap = lp.update()
+        assert snap is not None
+        for i in range(300):
+            snap.step = i
+            lp.hub.publisher.publish_snapshot(snap)
+        connection_file = lp.hub.publisher.connection_path
+        assert connection_file is not None and connection_file.exists()
+        t0 = time.monotonic()
+        lp.close()
+        assert time.monotonic() - t0 < 1.0
+        assert not connection_file.exists()
+    finally:
+        dash.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_publishes() -> None:
+    lp = Loop({"bind": "tcp://127.0.0.1:0"})
+    dash = Dashboard(lp.hub)
+    try:
+        time.sleep(0.3)  # let the subscription reach the publisher
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a DataLoader-worker-like child: no torch math here (its thread pool is the parent's)
+            try:
+                snap = lp.hub.end_update(99)
+                frame = lp.hub.publisher.publish_snapshot(Snapshot(step=99, wall_time=0.0))
+                os.write(w, b"none" if snap is None and frame == b"" else b"sent")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(r, 4) == b"none"
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # only heartbeats, never the child's snapshot
+            if dash.sub.poll(100):
+                topic, env = dash.sub.recv_multipart()
+                assert topic == protocol.TOPIC_HEARTBEAT, protocol.decode_envelope(env).step
+        assert lp.update() is not None  # the parent still publishes
+    finally:
+        dash.close()
+        lp.close()
+
+
+def test_recording_holds_every_published_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "run.simrec"
+    lp = Loop({"record": path})
+    try:
+        snaps = [lp.update() for _ in range(4)]
+    finally:
+        lp.close()
+    rec = read_recording(path)
+    assert rec.session == lp.hub.session and not rec.problems
+    decoded = [protocol.decode_body(protocol.decode_envelope(f)) for f in rec.frames]
+    assert [d.step for d in decoded] == [1, 2, 3, 4]
+    for got, want in zip(decoded, snaps):
+        assert msgspec.msgpack.encode(got) == msgspec.msgpack.encode(want)
+    assert decoded[-1].counters.records_written >= 3
+
+
+def test_state_dict_round_trips_the_host_side_state(loop: Loop) -> None:
+    for _ in range(3):
+        loop.update()
+    state = loop.hub.state_dict()
+    other = Loop()
+    try:
+        other.hub.load_state_dict(state)
+        assert other.hub.state_dict() == state
+    finally:
+        other.close()
