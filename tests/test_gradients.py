@@ -772,3 +772,64 @@ def test_sparse_gradients_are_counted_skips() -> None:
     assert stats.skipped_params == 1 and math.isnan(stats.param_norms[0])
     dense = [None, head.weight.grad, head.bias.grad]
     assert close(stats.total_norm, ref_stats([dense], 0.5, {})["total_norm"])
+
+
+# --------------------------------------------------------------------------------------------
+# Deferred work: private samples, per-call cost
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_samples_are_private_copies_binned_at_the_end(layout: str) -> None:
+    """The sample is binned in pending(), so observe() copies it out: clipping, zeroing or the next
+    backward writing into the same gradient tensors must not change what the update reports. Also
+    for non-contiguous gradients (sampled through a flat copy instead of a strided view)."""
+    gen = torch.Generator().manual_seed(31)
+    shapes = {"lstm.w": (256, 64), "lstm.b": (256,), "actor.w": (3, 64), "critic.w": (1, 64), "s": ()}
+    named = make_params(shapes)
+    groups = default_groups(named)
+    reducer = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups=groups, sample_size=500)
+    calls = [[random_grad(p.shape, gen) for _, p in named] for _ in range(3)]
+    reducer.reset()
+    buffers = [torch.empty_like(g) for g in calls[0]]
+    if layout == "transposed":  # same values, column-major storage
+        buffers = [b if b.dim() < 2 else torch.empty(b.shape[::-1]).t() for b in buffers]
+    for grads in calls:
+        for (_, p), buf, g in zip(named, buffers, grads):
+            buf.copy_(g)
+            p.grad = buf  # the same tensors every call, like zero_grad(set_to_none=False)
+        reducer.observe(L.NORMAL)
+        for buf in buffers:
+            buf.mul_(0.0)  # in-place clipping / zeroing after observe
+    stats = reducer.build(transfer(reducer.pending(L.NORMAL)), L.NORMAL)
+    numels = [p.numel() for _, p in named]
+    examined = examined_indices(numels, list(range(len(named))), 500, list(range(3)))
+    assert_matches(stats, ref_stats(calls, 0.5, groups, examined))
+
+
+def test_observe_launches_a_fixed_small_number_of_kernels() -> None:
+    """Per backward on CPU: one fused norm, one aminmax and one strided view per tensor, one stack
+    and one cat; nothing else until pending() (a regression guard for the per-call dispatch cost)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class KernelCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(32)
+    named = make_params(SHAPES)
+    reducer = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups=default_groups(named))
+    for _, p in named:
+        p.grad = random_grad(p.shape, gen)
+    reducer.observe(L.NORMAL)  # the first call builds the plan
+    with KernelCounter() as counter:
+        reducer.observe(L.NORMAL)
+    n = len(named)
+    assert sorted(set(counter.ops)) == ["_foreach_norm", "aminmax", "as_strided", "cat", "stack"]
+    assert len(counter.ops) == 3 + 2 * n
+    assert reducer.build(transfer(reducer.pending(L.NORMAL)), L.NORMAL).calls == 2

@@ -41,14 +41,20 @@ the gradient's dtype, so ``|g| >= edge`` holds exactly) sorts every element into
 [e0, e1), ..., [e_last, inf), +-inf or NaN at once, for float16, bfloat16, float32 and float64, on
 CPU and CUDA (``bincount`` on CPU; ``index_add_`` on CUDA, whose ``bincount`` syncs to size its output).
 
-Per call vs per update: ``observe`` only records per-parameter vectors (norms, extremes, sample
-category counts: ~13 kernels + 2 per parameter). Every reduction over parameters and calls
-(totals, clip rate, groups, vanishing/exploding, NaN/Inf estimates, histogram) runs once per update
-in ``pending``, vectorised over the calls (~60 small kernels, folded every ``FOLD_EVERY`` calls to bound
-memory), into one float64 vector for the hub's single transfer. Measured with one thread (thread
-CPU time, machine loaded, so preliminary): NORMAL costs 2.0-2.5x bare at 10M and 40M parameters;
-at 1M the fixed ~0.5 ms of small kernels makes it 3-5x for a one-backward update and 1.8x per
-backward in an update of 8 backwards (``benchmarks/bench_gradients.py``).
+Per call vs per update: ``observe`` does only what must read this backward's gradients. Per
+(device, dtype) bucket: one fused ``_foreach_norm``, the extremes (one ``aminmax`` per tensor on CPU,
+its vectorised path; one fused ``_foreach_norm(inf)`` on CUDA), one ``stack`` of them, and a private
+copy of the sample (one strided view per tensor and one ``cat``): 4 + 2 per tensor dispatches on
+CPU, 5 + 1 per tensor on CUDA, no reduction. Binning the samples of every call (one ``bucketize``
+and one count for all of them) and every reduction over parameters and calls (totals, clip rate,
+groups, vanishing/exploding, NaN/Inf estimates, histogram) run once per update in ``pending``,
+vectorised over the calls (~80 small kernels, folded every ``FOLD_EVERY`` calls to bound memory:
+a sample and 3 floats per parameter per call), into one float64 vector for the hub's single
+transfer. Measured with one thread (thread CPU time, machine loaded, so preliminary): NORMAL costs
+2.0-2.5x bare at 10M and 40M parameters; at 1M the fixed small kernels make it 3-5x for a
+one-backward update and 1.8x per backward in an update of 8 backwards
+(``benchmarks/bench_gradients.py``). The histogram's binning is the largest part of what remains
+for a small model: about 12 ns per sampled element, ``sample_size`` elements per backward.
 
 Precision: norms accumulate in float32 (``_foreach_norm(..., dtype=torch.float32)`` for float16 and
 bfloat16, so squares that overflow float16 do not), never through a float64 copy of the gradients;
@@ -257,6 +263,7 @@ class _Bucket:
     mask: int
     slot_offset: torch.Tensor | None  # sampled mode: slot * nb for every sample element, on device
     rounds: dict[int, list[tuple[int, int, int]]]  # sample plans by round % ROTATION
+    width: int  # extremes per tensor in the per-call vector: 2 (CPU min, max) or 1 (max |g|)
 
 
 @dataclass
@@ -272,16 +279,22 @@ class _Plan:
     scale: torch.Tensor  # (P,) float64: numel / examined elements per parameter (0 if absent)
     numel: int  # elements of all present parameters
     examined: int  # elements binned per call
+    graph: bool  # some gradient requires grad (a create_graph backward)
 
 
 @dataclass
-class _Row:
-    """What one observe() call leaves for pending(): per-parameter vectors, nothing reduced yet."""
+class _Call:
+    """What one observe() call leaves for the fold, per bucket of its plan: nothing reduced yet.
 
-    norms: torch.Tensor  # (P,) float32 L2 norm; -inf for a parameter without a gradient in the call
-    ext: torch.Tensor  # (P, 2) float32 extremes: max |g| is ext.abs().amax(1); 0 where absent
-    cats: torch.Tensor  # (P, nb) int64 category counts of the examined elements
-    scale: torch.Tensor  # (P,) float64, the plan's
+    ``vecs[b]``: one stacked vector per bucket, ``[L2 norms (P_b), extremes (P_b * width)]`` where the
+    extremes are ``(min, max)`` pairs (CPU ``aminmax``) or max |g| (CUDA, width 1). ``samples[b]``:
+    a private copy of the sampled elements (sampled mode; binned in the fold) or the ``(P_b, nb)``
+    category counts already binned (every-element mode, where a copy would be the whole gradient).
+    """
+
+    plan: _Plan
+    vecs: list[torch.Tensor]
+    samples: list[torch.Tensor]
 
 
 # Layout of the float64 vector that goes through the transfer ("grad.stats").
@@ -401,7 +414,7 @@ class GradientReducer:
         self.skipped: set[int] = set()
         self.total_elements = 0
         self.examined_elements = 0
-        self._rows: list[_Row] = []
+        self._calls: list[_Call] = []
         self._partial: torch.Tensor | None = None
         self._home: torch.device | None = None
 
@@ -410,13 +423,17 @@ class GradientReducer:
         """Parameters whose ``.grad`` was None (or sparse) in at least one observed call of this update."""
         return len(self.skipped)
 
-    @torch.no_grad()
     def observe(self, level: TelemetryLevel) -> None:
-        """Record per-parameter statistics of the gradients now in ``p.grad``. No host sync."""
+        """Record per-parameter statistics of the gradients now in ``p.grad``. No host sync.
+
+        Per (device, dtype) bucket only what must read this backward's gradients: one fused L2 pass,
+        the extremes, one ``stack`` and one ``cat`` copying the sample out (4 + 2 * tensors ops on
+        CPU, 5 + tensors on CUDA, views included). Binning and every reduction wait for the fold.
+        """
         if level <= TelemetryLevel.OFF:
             return
         grads = [p.grad for p in self.params]
-        key = tuple(None if g is None else (g.dtype, g.device, g.layout) for g in grads)
+        key = tuple(None if g is None else (g.dtype, g.device, g.layout, g.requires_grad) for g in grads)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._make_plan(grads)
@@ -427,44 +444,37 @@ class GradientReducer:
             return  # no gradient at all (observe before backward?): counted as skipped, not a call
         if self._home is None:
             self._home = plan.home
-        home = self._home
         round_index = self._round
-        self._round = (self._round + 1) % ROTATION
-
-        norm_parts, ext_parts, cat_parts = [], [], []
-        for b in plan.buckets:
-            gs = [grads[i] for i in b.indices]
-            if b.dtype in _HALF:  # float32 accumulation and result: no float16 overflow of squares
-                norms = torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32))
-            else:
-                norms = torch.stack(torch._foreach_norm(gs, 2))
-            if b.device.type == "cpu":  # aminmax: one vectorised pass; CPU _foreach_norm(inf) is 4-10x slower
-                ext = torch.stack([t for g in gs for t in torch.aminmax(g)]).view(-1, 2)
-            else:  # one fused multi-tensor kernel
-                ext = torch.stack(torch._foreach_norm(gs, math.inf)).unsqueeze(1).expand(-1, 2)
-            cats = self._categories(b, gs, round_index)
-            if b.device != home or b.dtype != torch.float32:
-                norms = norms.to(home, torch.float32, non_blocking=True)
-                ext = ext.to(home, torch.float32, non_blocking=True)
-                cats = cats.to(home, non_blocking=True)
-            norm_parts.append(norms)
-            ext_parts.append(ext)
-            cat_parts.append(cats)
-        norms = norm_parts[0] if len(norm_parts) == 1 else torch.cat(norm_parts)
-        ext = ext_parts[0] if len(ext_parts) == 1 else torch.cat(ext_parts)
-        cats = cat_parts[0] if len(cat_parts) == 1 else torch.cat(cat_parts)
-        if not plan.identity:  # scatter into parameter order; -inf marks "no gradient this call"
-            n_params = len(self.params)
-            index = plan.param_index
-            norms = torch.full((n_params,), -math.inf, device=home).index_copy_(0, index, norms)
-            ext = torch.zeros(n_params, 2, device=home).index_copy_(0, index, ext)
-            cats = torch.zeros(n_params, self._nb, dtype=torch.int64, device=home).index_copy_(0, index, cats)
-        self._rows.append(_Row(norms, ext, cats, plan.scale))
+        self._round = (round_index + 1) % ROTATION
+        if plan.graph:  # gradients of a create_graph backward: record nothing on their graph
+            with torch.no_grad():
+                vecs, samples = self._per_call(plan, grads, round_index)
+        else:  # the usual case: no grad-mode switch (its Python context costs more than a kernel)
+            vecs, samples = self._per_call(plan, grads, round_index)
+        self._calls.append(_Call(plan, vecs, samples))
         self.calls += 1
         self.total_elements += plan.numel
         self.examined_elements += plan.examined
-        if len(self._rows) >= FOLD_EVERY:
+        if len(self._calls) >= FOLD_EVERY:
             self._fold()
+
+    def _per_call(
+        self, plan: _Plan, grads: list[torch.Tensor | None], round_index: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        vecs, samples = [], []
+        for b in plan.buckets:
+            gs = [grads[i] for i in b.indices]
+            if b.dtype in _HALF:  # float32 accumulation and result: no float16 overflow of squares
+                norms = torch._foreach_norm(gs, 2, dtype=torch.float32)
+            else:
+                norms = torch._foreach_norm(gs, 2)
+            if b.width == 2:  # CPU: aminmax is one vectorised pass; _foreach_norm(inf) is 4-10x slower
+                extremes = [t for g in gs for t in torch.aminmax(g)]
+            else:  # one fused multi-tensor kernel
+                extremes = torch._foreach_norm(gs, math.inf)
+            vecs.append(torch.stack([*norms, *extremes]))  # promotes half extremes to float32: exact
+            samples.append(self._sample(b, gs, round_index))
+        return vecs, samples
 
     def pending(self, level: TelemetryLevel) -> dict[str, torch.Tensor]:
         """``{"grad.stats": float64 vector}`` with every statistic of the update (empty if none)."""
@@ -522,32 +532,33 @@ class GradientReducer:
 
     # -- the per-update reduction -----------------------------------------------------------------
     def _fold(self) -> None:
-        """Reduce the stored rows into the partial statistics vector (all on the device).
+        """Reduce the stored calls into the partial statistics vector (all on the device).
 
         One pass of vectorised ops over (calls, parameters), whatever the number of calls: about
-        45 small kernels per update instead of as many per backward.
+        55 small kernels per update (binning the samples of every call included) instead of as
+        many per backward.
         """
-        if not self._rows:
+        if not self._calls:
             return
         assert self._home is not None
-        numel, member_t, member_numel = self._constants(self._home)
-        rows, self._rows = self._rows, []
-        if len(rows) == 1:
-            r = rows[0]
-            n, ext, k, scale = (
-                r.norms.unsqueeze(0),
-                r.ext.unsqueeze(0),
-                r.cats.unsqueeze(0),
-                r.scale.unsqueeze(0),
-            )
-        else:
-            n = torch.stack([r.norms for r in rows])  # (C, P)
-            ext = torch.stack([r.ext for r in rows])  # (C, P, 2)
-            k = torch.stack([r.cats for r in rows])  # (C, P, nb)
-            scale = torch.stack([r.scale for r in rows])  # (C, P) float64
+        home = self._home
+        numel, member_t, member_numel = self._constants(home)
+        calls, self._calls = self._calls, []
+        by_plan: dict[int, list[int]] = {}
+        for i, call in enumerate(calls):
+            by_plan.setdefault(id(call.plan), []).append(i)
+        parts = [self._per_param([calls[i] for i in idx], home) for idx in by_plan.values()]
+        if len(parts) == 1:
+            n, x, k, scale = parts[0]
+        else:  # the present gradients changed within the update: back to call order
+            order = [i for idx in by_plan.values() for i in idx]
+            position = [0] * len(order)
+            for pos, i in enumerate(order):
+                position[i] = pos
+            perm = _to_device(torch.tensor(position, dtype=torch.int64), home)
+            n, x, k, scale = (torch.cat(list(t)).index_select(0, perm) for t in zip(*parts))
         present = n != -math.inf  # a NaN norm is present
-        has_nan = n.isnan()
-        x = ext.abs().amax(-1)  # max |g| per (call, parameter); NaN where a NaN is (CPU aminmax)
+        has_nan = n.isnan()  # x: max |g| per (call, parameter); NaN where a NaN is (CPU aminmax)
         has_inf = (x == math.inf) & ~has_nan
         n0 = n.clamp_min(0.0)  # absent -> 0, NaN stays NaN
         sq = n0 * n0
@@ -605,11 +616,56 @@ class GradientReducer:
             self._consts[home] = consts
         return consts
 
+    def _per_param(
+        self, calls: list[_Call], home: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(norms, max |g|, category counts, scale), each (C, P, ...) in parameter order, for calls
+        that share one plan. Norms are -inf and max |g| 0 where a parameter had no gradient."""
+        plan = calls[0].plan
+        c = len(calls)
+        norm_parts, max_parts, cat_parts = [], [], []
+        for bi, b in enumerate(plan.buckets):
+            p_b = len(b.indices)
+            v = calls[0].vecs[bi].unsqueeze(0) if c == 1 else torch.stack([call.vecs[bi] for call in calls])
+            if v.device != home or v.dtype != torch.float32:
+                v = v.to(home, torch.float32, non_blocking=True)
+            norm_parts.append(v[:, :p_b])
+            max_parts.append(v[:, p_b:].reshape(c, p_b, b.width).abs().amax(-1))
+            s = (
+                calls[0].samples[bi].unsqueeze(0)
+                if c == 1
+                else torch.stack([call.samples[bi] for call in calls])
+            )
+            cats = s if b.slot_offset is None else self._bin(b, s)
+            cat_parts.append(cats if b.device == home else cats.to(home, non_blocking=True))
+        n = norm_parts[0] if len(norm_parts) == 1 else torch.cat(norm_parts, 1)
+        x = max_parts[0] if len(max_parts) == 1 else torch.cat(max_parts, 1)
+        k = cat_parts[0] if len(cat_parts) == 1 else torch.cat(cat_parts, 1)
+        if not plan.identity:  # scatter into parameter order; -inf marks "no gradient this call"
+            n_params, index = len(self.params), plan.param_index
+            n = torch.full((c, n_params), -math.inf, device=home).index_copy_(1, index, n)
+            x = torch.zeros(c, n_params, device=home).index_copy_(1, index, x)
+            k = torch.zeros(c, n_params, self._nb, dtype=torch.int64, device=home).index_copy_(1, index, k)
+        return n, x, k, plan.scale.expand(c, -1)
+
+    def _bin(self, b: _Bucket, samples: torch.Tensor) -> torch.Tensor:
+        """(C, P_b, nb) category counts of the (C, S) sampled elements of C calls: one bucketize and
+        one count for all of them (slot = call * P_b * nb + parameter * nb + category)."""
+        assert b.slot_offset is not None
+        c, nb, p_b = samples.shape[0], self._nb, len(b.indices)
+        idx = torch.bucketize(samples.view(b.int_dtype) & b.mask, b.boundaries, right=True)
+        idx += b.slot_offset
+        if c > 1:
+            idx += torch.arange(0, c * p_b * nb, p_b * nb, device=b.device).unsqueeze(1)
+        return self._count(idx.view(-1), c * p_b * nb, b.device).view(c, p_b, nb)
+
     # -- per call ---------------------------------------------------------------------------------
-    def _categories(self, b: _Bucket, gs: list[torch.Tensor], round_index: int) -> torch.Tensor:
-        """(len(gs), nb) int64 category counts of the examined elements of each gradient."""
-        nb = self._nb
+    def _sample(self, b: _Bucket, gs: list[torch.Tensor], round_index: int) -> torch.Tensor:
+        """This call's sample of bucket ``b``: a private (S,) copy of the examined elements, binned in
+        the fold; with ``sample_size=None`` the (P_b, nb) counts of every element, binned now (a
+        deferred copy would be the whole gradient)."""
         if b.slot_offset is None:  # every element: one pass per tensor, no concatenated copy
+            nb = self._nb
             rows = []
             for g in gs:
                 bits = g.reshape(-1).view(b.int_dtype)
@@ -621,11 +677,11 @@ class GradientReducer:
             plan = b.rounds[round_index] = sample_plan(b.numels, self.sample_size, round_index)
         views = []
         for g, (offset, stride, count) in zip(gs, plan):
-            views.append(g.reshape(-1)[offset : offset + count * stride : stride])  # a view if contiguous
-        sample = torch.cat(views)
-        idx = torch.bucketize(sample.view(b.int_dtype) & b.mask, b.boundaries, right=True)
-        idx += b.slot_offset
-        return self._count(idx, nb * len(gs), b.device).view(len(gs), nb)
+            if g.is_contiguous():  # one strided view (half the dispatch cost of reshape + slice)
+                views.append(g.as_strided((count,), (stride,), g.storage_offset() + offset))
+            else:
+                views.append(g.reshape(-1)[offset : offset + count * stride : stride])
+        return torch.cat(views)  # a copy: clipping or zeroing the gradients later cannot change it
 
     @staticmethod
     def _count(idx: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
@@ -668,7 +724,10 @@ class GradientReducer:
                 slots = torch.repeat_interleave(torch.arange(len(idx)) * self._nb, torch.tensor(counts))
                 slot_offset = _to_device(slots, device)
             bounds = _to_device(torch.tensor(self._bounds[dtype], dtype=int_dtype), device)
-            buckets.append(_Bucket(device, dtype, idx, numels, bounds, int_dtype, mask, slot_offset, {}))
+            width = 2 if device.type == "cpu" else 1
+            buckets.append(
+                _Bucket(device, dtype, idx, numels, bounds, int_dtype, mask, slot_offset, {}, width)
+            )
         return _Plan(
             home=home,
             present=present,
@@ -679,4 +738,5 @@ class GradientReducer:
             scale=_to_device(torch.tensor(scale, dtype=torch.float64), home),
             numel=sum(self.numels[i] for i in present),
             examined=examined,
+            graph=any(grads[i].requires_grad for i in present),  # type: ignore[union-attr]
         )
