@@ -377,3 +377,68 @@ def test_episodes_never_sync():
     assert counter.calls == []
     stats = reducer.build(transfer(pending), NORMAL)
     assert stats.count == 9 and stats.length_mean == pytest.approx((28 + 7) / 9)
+
+
+# ------------------------------------------------------------------------------------------------
+# Deferred work: private copies, early folds, per-call cost
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 150, 10**9])
+def test_early_folds_merge_exactly_even_far_from_zero(monkeypatch, limit):
+    """Stored minibatches are reduced early past FOLD_ELEMENTS (limit 1: every minibatch is its own
+    moment row, merged by the binomial formula); the result is that of one batch either way."""
+    import telemetry_core.reductions.advantage as advantage_module
+
+    monkeypatch.setattr(advantage_module, "FOLD_ELEMENTS", limit)
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, generator=gen, dtype=torch.float64) * s + off
+             for n, s, off in ((100, 1.0, 1e6), (57, 3.0, -1e6), (300, 0.01, 5.0), (1, 1.0, 42.0))]  # fmt: skip
+    raw = torch.cat(parts) * 0.5
+    reducer = AdvantageReducer()
+    for _ in range(2):  # two rollout calls, too
+        reducer.observe_rollout(raw, raw + 1.0)
+    for p in parts:
+        reducer.observe_minibatch(p)
+    stats = run(reducer)
+    assert_moments(stats.normalized, ref_moments(f64(torch.cat(parts))), rtol=1e-9)
+    assert_moments(stats.raw, ref_moments(f64(torch.cat([raw, raw]))), rtol=1e-9)
+    assert_moments(stats.returns, ref_returns(f64(torch.cat([raw, raw]) + 1.0)), rtol=1e-9)
+
+
+def test_a_loop_that_refills_its_buffers_changes_nothing():
+    gen = torch.Generator().manual_seed(3)
+    raw, returns = torch.randn(256, generator=gen), torch.randn(256, generator=gen)
+    minibatches = [normalise(raw[i : i + 64]) for i in range(0, 256, 64)]
+    reducer = AdvantageReducer()
+    buf_raw, buf_ret, buf_mb = raw.clone(), returns.clone(), torch.empty(64)
+    reducer.observe_rollout(buf_raw, buf_ret)
+    for mb in minibatches:
+        buf_mb.copy_(mb)
+        reducer.observe_minibatch(buf_mb)
+    for t in (buf_raw, buf_ret, buf_mb):
+        t.fill_(-7.0)  # the loop reuses its buffers before pending()
+    stats = run(reducer)
+    assert_moments(stats.raw, ref_moments(f64(raw)))
+    assert_moments(stats.returns, ref_returns(f64(returns)))
+    assert_moments(stats.normalized, ref_moments(np.concatenate([f64(mb) for mb in minibatches])))
+
+
+def test_observe_minibatch_is_one_copy():
+    """Per minibatch a single private copy; the moments wait for pending() (regression guard)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class KernelCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    reducer = AdvantageReducer()
+    adv = torch.randn(128)
+    with KernelCounter() as counter:
+        reducer.observe_minibatch(adv)
+    assert counter.ops == ["unsqueeze", "clone"]

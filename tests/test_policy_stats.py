@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from telemetry_core.config import TelemetryLevel
 from telemetry_core.reductions.policy import PolicyReducer
@@ -621,3 +622,116 @@ def test_cuda_no_sync_and_same_result():
         torch.cuda.set_sync_debug_mode("default")
     stats = reducer.build(transfer(pending), NORMAL)
     assert_matches(stats, reference(mbs, 0.2), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Deferred work: private copies, early folds, per-call cost
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_loop_that_refills_its_buffers_changes_nothing():
+    """observe() keeps private copies: overwriting the caller's tensors in place afterwards (a loop
+    that reuses minibatch buffers) must not change what the update reports."""
+    gen = torch.Generator().manual_seed(21)
+    mbs = make_minibatches(gen, [(48,)] * 3, epochs=2)
+    buffers = {
+        "new": torch.empty(48),
+        "old": torch.empty(48),
+        "hnew": {h: torch.empty(48) for h in ("direction", "force")},
+        "hold": {h: torch.empty(48) for h in ("direction", "force")},
+        "ent": {h: torch.empty(48) for h in ("direction", "force", "noop")},
+        "loss": torch.empty(()),
+    }
+    reducer = PolicyReducer(HEADS)
+    for mb in mbs:
+        buffers["new"].copy_(mb["new"])
+        buffers["old"].copy_(mb["old"])
+        buffers["loss"].copy_(mb["loss"])
+        for key in ("hnew", "hold", "ent"):
+            for h, t in buffers[key].items():
+                t.copy_(mb[key][h])
+        feed(reducer, [{**buffers, "epoch": mb["epoch"]}], 0.2)
+    for t in (buffers["new"], buffers["old"], buffers["loss"]):
+        t.fill_(123.0)  # the next rollout overwrites the buffers before the update's pending()
+    for key in ("hnew", "hold", "ent"):
+        for t in buffers[key].values():
+            t.fill_(123.0)
+    assert_matches(run(reducer), reference(mbs, 0.2))
+
+
+def test_early_folds_of_a_huge_update_give_the_same_statistics(monkeypatch):
+    """Past FOLD_ELEMENTS stored elements the minibatches are reduced early (bounded memory); the
+    statistics are those of the reference, whatever the fold boundaries."""
+    import telemetry_core.reductions.policy as policy_module
+
+    gen = torch.Generator().manual_seed(22)
+    mbs = make_minibatches(gen, [(40,), (40,), (25,)], epochs=3)
+    for limit in (1, 500, 2000):
+        monkeypatch.setattr(policy_module, "FOLD_ELEMENTS", limit)
+        reducer = PolicyReducer(HEADS)
+        for mb in mbs:
+            feed(reducer, [mb], 0.2)
+            assert reducer._stored_elements <= max(limit, 40 * 9)  # never more than the limit + a block
+        with SyncCounter() as counter:
+            pending = reducer.pending(NORMAL)
+        assert counter.calls == []
+        assert_matches(reducer.build(transfer(pending), NORMAL), reference(mbs, 0.2))
+
+
+def test_clip_range_changing_between_minibatches():
+    """Each minibatch's clip fraction uses the clip range it was observed with (an annealed range)."""
+    gen = torch.Generator().manual_seed(23)
+    mbs = make_minibatches(gen, [(64,)] * 4, epochs=1, scale=0.5)
+    reducer = PolicyReducer(HEADS)
+    ranges = (0.3, 0.3, 0.2, 0.1)
+    for mb, eps in zip(mbs, ranges):
+        feed(reducer, [mb], eps)
+    stats = run(reducer)
+    highs = lows = 0.0
+    for mb, eps in zip(mbs, ranges):
+        r = np.exp(f64(mb["new"]) - f64(mb["old"]))
+        highs += np.sum(r > 1 + eps)
+        lows += np.sum(r < 1 - eps)
+    assert stats.clip_fraction_high == pytest.approx(highs / 256, rel=1e-12)
+    assert stats.clip_fraction_low == pytest.approx(lows / 256, rel=1e-12)
+    assert stats.clip_range == 0.1  # the latest
+    whole = reference(mbs, 0.2)
+    for key in ("ratio_mean", "ratio_std", "kl_k3_mean", "ess", "ess_min", "kl_k3_max"):
+        assert getattr(stats, key) == pytest.approx(whole[key], rel=1e-10), key
+
+
+@pytest.mark.parametrize("loss", [torch.tensor([0.25]), torch.tensor([0.1, 0.3, 0.5]), 0.75])
+def test_loss_of_any_shape_counts_as_its_mean(loss):
+    reducer = PolicyReducer(HEADS)
+    x = -torch.rand(8)
+    reducer.observe(new_logprob=x, old_logprob=x, clip_range=0.2, epoch=0, policy_loss=torch.tensor(0.5))
+    reducer.observe(new_logprob=x, old_logprob=x, clip_range=0.2, epoch=0, policy_loss=loss)
+    value = float(loss.double().mean()) if isinstance(loss, torch.Tensor) else loss
+    assert run(reducer).policy_loss == pytest.approx((0.5 + value) / 2, rel=1e-7)
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the aten operations (kernel launches and views) dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def test_observe_costs_one_copy_and_defers_the_rest():
+    """Per minibatch only one stack (the private copy) and one copy per loss tensor: every statistic
+    is computed once per update, in pending(). A regression guard for the per-call dispatch cost."""
+    gen = torch.Generator().manual_seed(24)
+    mb = make_minibatches(gen, [(64,)], epochs=1)[0]
+    reducer = PolicyReducer(HEADS)
+    with KernelCounter() as counter:
+        feed(reducer, [mb], 0.2)
+    assert sorted(counter.ops) == ["clone", "stack"]
+    square = {"epoch": 0, "new": mb["new"].reshape(8, 8), "old": mb["old"].reshape(8, 8)}
+    with KernelCounter() as counter:
+        feed(reducer, [square], 0.2)
+    assert counter.ops == ["stack", "view"]  # a 2-D minibatch: its block is viewed flat

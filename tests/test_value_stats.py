@@ -312,3 +312,22 @@ def test_cuda_no_sync_and_same_result():
     assert stats.explained_variance == pytest.approx(cpu.explained_variance, rel=1e-9)
     assert stats.value_std == pytest.approx(cpu.value_std, rel=1e-9)
     assert stats.error_quantile_n == 1024
+
+
+@pytest.mark.parametrize("limit", [1, 300, 10**9])
+def test_rollout_calls_folded_early_merge_like_one_buffer(monkeypatch, limit):
+    """Past FOLD_ELEMENTS kept elements the rollouts are reduced to moment rows early (bounded
+    memory) and merged exactly; a loop refilling its buffers afterwards changes nothing."""
+    import telemetry_core.reductions.advantage as advantage_module
+
+    monkeypatch.setattr(advantage_module, "FOLD_ELEMENTS", limit)
+    gen = torch.Generator().manual_seed(2)
+    v = [torch.randn(n, generator=gen) * 3 + 100 * k for k, n in enumerate((100, 37, 512))]
+    r = [torch.randn(n, generator=gen) * 2 - 50 * k for k, n in enumerate((100, 37, 512))]
+    reducer = ValueReducer()
+    for a, b in zip(v, r):
+        buf_v, buf_r = a.clone(), b.clone()
+        reducer.observe_rollout(buf_v, buf_r)
+        buf_v.fill_(0.0)  # the loop's buffer is refilled by the next rollout
+        buf_r.fill_(1.0)
+    assert_matches(run(reducer), reference(f64(torch.cat(v)), f64(torch.cat(r))), rtol=1e-9)

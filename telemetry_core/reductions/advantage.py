@@ -28,9 +28,11 @@ from telemetry_core.config import TelemetryLevel
 from telemetry_core.schema import AdvantageStats, Moments, ReturnStats
 
 __all__ = [
+    "FOLD_ELEMENTS",
     "MOMENT_ROW",
     "QUANTILE_MAX_EXACT",
     "AdvantageReducer",
+    "MomentAccumulator",
     "QuantileSampler",
     "ScalarSeries",
     "acc_dtype",
@@ -38,12 +40,18 @@ __all__ = [
     "check_same_layout",
     "merge_moment_rows",
     "moment_row",
+    "moment_rows",
+    "moments",
     "moments_from_host",
     "nan_max",
     "quantiles",
+    "to_device",
 ]
 
 QUANTILE_MAX_EXACT = 1 << 20
+# Per-minibatch inputs are kept as private copies until pending(); more stored elements
+# than this are reduced early (to a few floats per chunk), which bounds the memory of huge updates.
+FOLD_ELEMENTS = 1 << 20
 
 # Layout of a moment row: one group's count, pivot (its mean), power sums of (x - pivot) of order
 # 1..4, min, max, count of x > 0, count of NaN, plain sum (the mean's fallback when x holds +-inf).
@@ -72,7 +80,7 @@ def check_float_tensor(name: str, value: object, *, allow_empty: bool = False) -
         )
     if not allow_empty and value.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); nothing to measure")
-    return value.detach()
+    return value.detach() if value.requires_grad else value  # detach() is a dispatch: skip it when moot
 
 
 def check_same_layout(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -84,6 +92,16 @@ def check_same_layout(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor
         )
     if a.device != b.device:
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor (an index, constants) on ``device`` without a blocking copy (pinned and
+    ``non_blocking`` on CUDA, where a pageable copy would synchronise)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def acc_dtype(device: torch.device) -> torch.dtype:
@@ -105,53 +123,125 @@ def nan_max(values: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def moment_row(x: torch.Tensor) -> torch.Tensor:
-    """One group's moment row (layout :data:`MOMENT_ROW`) of a non-empty tensor, on its device.
+def moment_rows(x: torch.Tensor) -> torch.Tensor:
+    """Moment rows (layout :data:`MOMENT_ROW`) of the S series of a non-empty ``(S, n)`` tensor at once.
 
-    The pivot is the group's mean; the power sums of ``x - pivot`` are taken in the accumulation dtype.
-    ``s1`` is kept (it is ~0 but not exactly) so the merge stays exact when the float mean is rounded.
+    The pivot is each series' mean; the power sums of ``x - pivot`` are taken in the accumulation
+    dtype. ``s1`` is kept (it is ~0 but not exactly) so the merge stays exact when the float mean is
+    rounded. ~20 kernels however many series: batching series of one length (values, returns and
+    errors of a rollout) costs what one series did.
     """
     dt = acc_dtype(x.device)
-    flat = x.reshape(-1).to(dt)
-    n = flat.numel()
-    pivot = flat.mean()
+    flat = x.to(dt)
+    s, n = flat.shape
+    pivot = flat.mean(1, keepdim=True)
     c = flat - pivot
     c2 = c * c
-    # Separate sums, not one stacked (4, n) reduction: a rollout buffer can be large.
-    sums = torch.stack((c.sum(), c2.sum(), (c2 * c).sum(), (c2 * c2).sum()))
-    lo, hi = torch.aminmax(flat)
-    counts = torch.stack((flat > 0, torch.isnan(flat))).sum(1).to(dt)
-    head = torch.full((1,), float(n), dtype=dt, device=flat.device)
-    return torch.cat((head, pivot.reshape(1), sums, torch.stack((lo, hi)), counts, flat.sum().reshape(1)))
+    # Separate sums, not one stacked (S, 4, n) reduction: a rollout buffer can be large.
+    sums = torch.stack((c.sum(1), c2.sum(1), (c2 * c).sum(1), (c2 * c2).sum(1)), dim=1)
+    lo, hi = torch.aminmax(flat, dim=1)
+    counts = torch.stack((flat > 0, torch.isnan(flat)), dim=1).sum(2).to(dt)
+    head = torch.full((s, 1), float(n), dtype=dt, device=flat.device)
+    return torch.cat(
+        (head, pivot, sums, torch.stack((lo, hi), dim=1), counts, flat.sum(1, keepdim=True)), dim=1
+    )
+
+
+def moment_row(x: torch.Tensor) -> torch.Tensor:
+    """One group's moment row (layout :data:`MOMENT_ROW`) of a non-empty tensor, on its device."""
+    return moment_rows(x.reshape(1, -1))[0]
 
 
 def merge_moment_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Merge a (G, 11) stack of moment rows into [n, mean, M2, M3, M4, min, max, n_pos, n_nan].
+    """Merge a (..., G, 11) stack of moment rows into (..., 9): [n, mean, M2, M3, M4, min, max, n_pos, n_nan].
 
     ``M_k`` is the k-th central sum of the union: with ``d = pivot_g - mean``,
     ``sum_i (x_i - mean)^k = sum_j C(k, j) d^(k-j) s_j`` where ``s_0 = n_g`` (binomial theorem), so the
     merge is exact in exact arithmetic and loses nothing measurable in float64. With an infinite
     value the pivots are infinite and the re-centred mean NaN; the mean then falls back to the plain
-    sum (inf, as numpy gives) while the central sums stay NaN.
+    sum (inf, as numpy gives) while the central sums stay NaN. Leading dimensions are independent
+    series merged at once (e.g. values, returns and errors of the same rollouts).
     """
-    n, p, s1, s2, s3, s4 = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4], rows[:, 5]
-    total = n.sum()
-    mean = (n * p + s1).sum() / total
-    d = p - mean
-    mean = torch.where(torch.isnan(mean), rows[:, 10].sum() / total, mean)
+    n, p, s1, s2, s3, s4 = (rows[..., k] for k in range(6))
+    total = n.sum(-1)
+    mean = (n * p + s1).sum(-1) / total
+    d = p - mean.unsqueeze(-1)
+    mean = torch.where(torch.isnan(mean), rows[..., 10].sum(-1) / total, mean)
     d2 = d * d
     m2 = s2 + 2 * d * s1 + n * d2
     m3 = s3 + 3 * d * s2 + 3 * d2 * s1 + n * d2 * d
     m4 = s4 + 4 * d * s3 + 6 * d2 * s2 + 4 * d2 * d * s1 + n * d2 * d2
-    central = torch.stack((m2, m3, m4)).sum(1)
+    central = torch.stack((m2, m3, m4), dim=-2).sum(-1)
     return torch.cat(
         (
-            torch.stack((total, mean)),
+            torch.stack((total, mean), dim=-1),
             central,
-            torch.stack((rows[:, 6].amin(), rows[:, 7].amax())),
-            rows[:, 8:10].sum(0),
-        )
+            torch.stack((rows[..., 6].amin(-1), rows[..., 7].amax(-1)), dim=-1),
+            rows[..., 8:10].sum(-2),
+        ),
+        dim=-1,
     )
+
+
+def moments(x: torch.Tensor) -> torch.Tensor:
+    """The merged vectors (layout of :func:`merge_moment_rows`) of the S series of a ``(S, n)`` tensor,
+    straight from the data: a two-pass mean and central sums, ~17 kernels for all S series.
+
+    What one merge of per-chunk rows gives when the chunks are all still at hand (the mean of data
+    holding +-inf is the plain mean, inf or NaN as numpy gives, and the central sums NaN).
+    """
+    dt = acc_dtype(x.device)
+    x = x.to(dt)
+    s, n = x.shape
+    mean = x.mean(1, keepdim=True)
+    c = x - mean
+    c2 = c * c
+    central = torch.stack((c2.sum(1), (c2 * c).sum(1), (c2 * c2).sum(1)), dim=1)
+    lo, hi = torch.aminmax(x, dim=1)
+    counts = torch.stack((x > 0, torch.isnan(x)), dim=1).sum(2).to(dt)
+    head = torch.full((s, 1), float(n), dtype=dt, device=x.device)
+    return torch.cat((head, mean, central, torch.stack((lo, hi), dim=1), counts), dim=1)
+
+
+class MomentAccumulator:
+    """Moments of S parallel series handed over in chunks (rollouts, minibatches), merged exactly.
+
+    Chunks are kept as private copies and reduced once, in :meth:`pending`, by :func:`moments` over
+    their concatenation; when more than ``FOLD_ELEMENTS`` elements are kept they are reduced early
+    to a moment row (11 floats per series) and the rows merged by :func:`merge_moment_rows`, which
+    bounds the memory of huge updates. Either way the result is that of one big batch.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._data: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []
+        self._elements = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """A (S, n) chunk the accumulator may keep (the caller must not modify it afterwards)."""
+        self._data.append(x)
+        self._elements += x.numel()
+        if self._elements > FOLD_ELEMENTS:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self._data:
+            data = self._data[0] if len(self._data) == 1 else torch.cat(self._data, dim=1)
+            self._rows.append(moment_rows(data))
+            self._data = []
+            self._elements = 0
+
+    def pending(self) -> torch.Tensor | None:
+        """(S, 9) merged vectors on the device, or None when nothing was added."""
+        if not self._rows:
+            if not self._data:
+                return None
+            return moments(self._data[0] if len(self._data) == 1 else torch.cat(self._data, dim=1))
+        self._fold()
+        return merge_moment_rows(torch.stack(self._rows, dim=1))
 
 
 def _nonneg(value: float) -> float:
@@ -281,9 +371,17 @@ class ScalarSeries:
         raise TypeError(f"{self.argname} must be a tensor or a real number, got {type(value).__name__}")
 
     def add(self, value: torch.Tensor | float) -> None:
-        checked = self.check(value)
+        self.add_checked(self.check(value))
+
+    def add_checked(self, checked: torch.Tensor | float) -> None:
+        """Add a value :meth:`check` returned. A one-element tensor costs one kernel, a private copy
+        (the loop may reuse the tensor before the update ends; the cast to the accumulation dtype
+        waits for :meth:`pending`, once for all); a larger one its mean in that dtype."""
         if isinstance(checked, torch.Tensor):
-            self._device.append(checked.reshape(-1).to(acc_dtype(checked.device)).mean())
+            if checked.numel() == 1:
+                self._device.append((checked if checked.dim() == 0 else checked.reshape(())).clone())
+            else:
+                self._device.append(torch.mean(checked, dtype=acc_dtype(checked.device)))
         else:
             self._host.append(checked)
 
@@ -292,6 +390,7 @@ class ScalarSeries:
         if not self._device:
             return None
         s = torch.stack(self._device)
+        s = s.to(acc_dtype(s.device))
         return torch.stack((s.sum(), s.amax()))
 
     def result(self, transferred: Sequence[float] | None) -> tuple[float, float]:
@@ -320,10 +419,13 @@ class AdvantageReducer:
     * ``observe_rollout(advantages, returns)``: once per update on the rollout buffer (raw GAE
       advantages and the returns); a second call in the same update adds to the same statistics.
     * ``observe_minibatch(advantages)``: the normalised advantages fed to the loss, every minibatch
-      of every epoch; their moments are merged exactly across minibatches.
+      of every epoch; their moments are over all of them, as if they were one batch.
 
-    Cost per minibatch: ~12 small kernels over the minibatch in float64; per update: one sort of the
-    returns for p10/p50/p90. Nothing syncs before the hub's single transfer.
+    Cost per minibatch: one kernel, a private copy of the minibatch's advantages (the loop may
+    reuse its buffer); their moments are computed once per update in :meth:`pending` over the
+    concatenation (:class:`MomentAccumulator`). Per rollout: one private float64 copy; in
+    :meth:`pending` one batched moment pass over advantages and returns together, and one sort of
+    the returns for p10/p50/p90. Nothing syncs before the hub's single transfer.
     """
 
     PREFIX = "adv."
@@ -334,10 +436,9 @@ class AdvantageReducer:
         self.reset()
 
     def reset(self) -> None:
-        self._raw: list[torch.Tensor] = []
-        self._norm: list[torch.Tensor] = []
-        self._ret_rows: list[torch.Tensor] = []
-        self._returns: list[torch.Tensor] = []
+        self._rollout = MomentAccumulator()  # 2 series: raw advantages, returns
+        self._returns: list[torch.Tensor] = []  # private float64 copies, for the percentiles
+        self._norm = MomentAccumulator()  # 1 series: the normalised minibatch advantages
         self._ret_used = 0
 
     def observe_rollout(
@@ -354,10 +455,10 @@ class AdvantageReducer:
         if level < TelemetryLevel.NORMAL:
             return
         with torch.no_grad():
-            self._raw.append(moment_row(adv))
-            self._ret_rows.append(moment_row(ret))
             # A private float64 copy: the caller may refill its buffer before the update ends.
-            self._returns.append(ret.reshape(-1).to(acc_dtype(ret.device), copy=True))
+            x = torch.stack((adv.reshape(-1), ret.reshape(-1))).to(acc_dtype(adv.device))
+            self._rollout.add(x)
+            self._returns.append(x[1])
 
     def observe_minibatch(
         self, advantages: torch.Tensor, *, level: TelemetryLevel = TelemetryLevel.NORMAL
@@ -366,22 +467,22 @@ class AdvantageReducer:
         adv = check_float_tensor("advantages", advantages)
         if level < TelemetryLevel.NORMAL:
             return
-        with torch.no_grad():
-            self._norm.append(moment_row(adv))
+        row = adv.unsqueeze(0) if adv.dim() == 1 else adv.reshape(1, -1)
+        self._norm.add(row.clone())  # one kernel (adv is detached): the loop may reuse its buffer
 
     def pending(self, level: TelemetryLevel) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if level < TelemetryLevel.NORMAL:
             return out
         with torch.no_grad():
-            if self._raw:
-                out["adv.raw"] = merge_moment_rows(torch.stack(self._raw))
-            if self._norm:
-                out["adv.normalized"] = merge_moment_rows(torch.stack(self._norm))
-            if self._ret_rows:
-                out["adv.returns"] = merge_moment_rows(torch.stack(self._ret_rows))
+            rollout = self._rollout.pending()
+            if rollout is not None:
+                out["adv.raw"], out["adv.returns"] = rollout[0], rollout[1]
                 allret = self._returns[0] if len(self._returns) == 1 else torch.cat(self._returns)
                 out["adv.returns_q"], self._ret_used = quantiles(allret, self.RETURN_QS, self._sampler)
+            norm = self._norm.pending()
+            if norm is not None:
+                out["adv.normalized"] = norm[0]
         return out
 
     def build(self, host: dict[str, list[float]], level: TelemetryLevel) -> AdvantageStats | None:

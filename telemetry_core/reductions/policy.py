@@ -1,12 +1,19 @@
 """Policy statistics of one PPO update: ratios, KL, clipping, effective sample size, entropy.
 
-Everything here is O(minibatch) and computed at MINIMAL and above. Each ``observe`` call turns its
-minibatch into short rows of float64 sums on the device: one batched pass over a
-``(1 + heads, n)`` matrix of log-ratios (~35 small kernels, however many heads), nothing reduced
-across minibatches and nothing synced until :meth:`PolicyReducer.pending`, which stacks the rows
-once at the end of the update. Measured on a loaded 2-core CPU, 1 thread, n = 512: ~0.3 ms per
-call for the joint policy, ~0.55 ms with two heads, entropies and the loss — about the cost of the
-bare clipped-loss forward+backward on the same minibatch (kernel-launch bound, not size bound).
+Everything here is O(minibatch) and computed at MINIMAL and above, and almost all of it is deferred
+to the end of the update. :meth:`PolicyReducer.observe` checks its arguments (host metadata only)
+and makes one private copy of the minibatch: a single ``stack`` of the joint and per-head new and
+old log-probs and the entropies into a ``(columns, n)`` block (one kernel; one more per loss
+tensor, and per entropy shaped unlike the log-probs). A copy rather than a reference because a loop
+may refill its minibatch buffers before the update ends, and copying a few thousand floats is one
+cheap kernel. :meth:`PolicyReducer.pending` then folds every stored minibatch at once: per layout
+(sample count, heads, clip range: a loop with equal minibatches has one) a ``stack`` into
+``(M, columns, n)`` and ONE batched pass of ~35 kernels over the ``(M, 1 + heads, n)`` float64
+log-ratios gives every minibatch's row of sums, which are merged as below; nothing syncs before the
+hub's transfer. Memory: (2 + 2 x heads + entropies) floats per sample of the update (the demo's
+update of 4 epochs x 1024 samples with 2 heads: 32 floats per sample, 128 KiB); past
+``FOLD_ELEMENTS`` stored elements the blocks are folded early, so a huge update keeps at most that
+many floats plus 13 per minibatch and head.
 
 Numerical care:
 
@@ -46,15 +53,18 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from telemetry_core.config import TelemetryLevel, Thresholds
 from telemetry_core.reductions.advantage import (
+    FOLD_ELEMENTS,
     ScalarSeries,
     acc_dtype,
     check_float_tensor,
     check_same_layout,
+    to_device,
 )
 from telemetry_core.schema import PolicyStats
 
@@ -63,6 +73,7 @@ __all__ = ["PolicyReducer"]
 # Row of one log-ratio (the joint one or a head's) in one minibatch, float64 on the device. The
 # first columns add across minibatches; the ratio's mean and central sum of squares are merged by
 # Chan's formula; the last two are extremes.
+# (_SUM_K3 and _SUM_K1 are adjacent: pending() slices them together.)
 _N, _SUM_D, _SUM_K3, _SUM_K1, _N_HI, _N_LO, _N_NAN, _N_INF, _SUM_NESS = range(9)
 _N_SUMS = 9
 _MEAN_R, _M2_R, _R_MAX, _R_MIN = range(9, 13)
@@ -96,6 +107,32 @@ def _ratio_terms(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return r, d, k3
 
 
+def _ratio_rows(lr: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-minibatch rows (layout ``_N`` .. ``_R_MIN``) of a float64 ``(M, R, n)`` block of log-ratios:
+    M minibatches of n samples, R = the joint log-ratio and each head's. ~35 kernels, however
+    large M and R are."""
+    m, rr, n = lr.shape
+    r, d, k3 = _ratio_terms(lr)
+    sums = torch.stack((d, k3, -lr), dim=2).sum(3)
+    counts = torch.stack((d > eps, d < -eps, torch.isnan(lr), torch.isinf(lr)), dim=2).sum(3).to(lr.dtype)
+    lr_min, lr_max = torch.aminmax(lr, dim=2)  # exp is monotone: the ratio's extremes follow
+    w = torch.exp(lr - lr_max.unsqueeze(2))  # ESS is scale-free: weights relative to the largest
+    ws = torch.stack((w, w * w), dim=2).sum(3)
+    n_ess = ws[..., 0] * ws[..., 0] / ws[..., 1]  # n_b * ESS_b
+    mean_r = r.mean(2, keepdim=True)
+    centred = r - mean_r
+    return torch.cat(
+        (
+            torch.full((m, rr, 1), float(n), dtype=lr.dtype, device=lr.device),
+            sums,
+            counts,
+            torch.stack((n_ess, mean_r[..., 0], (centred * centred).sum(2)), dim=2),
+            torch.exp(torch.stack((lr_max, lr_min), dim=2)),
+        ),
+        dim=2,
+    )
+
+
 class PolicyReducer:
     """Accumulates policy statistics over every minibatch and epoch of one PPO update.
 
@@ -121,9 +158,14 @@ class PolicyReducer:
 
     # -- protocol ----------------------------------------------------------------------------------
     def reset(self) -> None:
-        self._rows: list[torch.Tensor] = []
-        self._sizes: list[int] = []
-        self._epochs: list[int] = []
+        self._sizes: list[int] = []  # samples of every observed minibatch, in call order
+        self._epochs: list[int] = []  # epoch of every observed minibatch, in call order
+        # Minibatches not folded yet, by layout: (n, heads, inline entropy heads, clip range, device)
+        # -> [(block, epoch)], a block being the call's (columns, n) copy.
+        self._stored: dict[tuple[Any, ...], list[tuple[torch.Tensor, int]]] = {}
+        self._stored_elements = 0
+        self._joint: list[torch.Tensor] = []  # folded (M, 13) row blocks of the joint log-ratio
+        self._row_epochs: list[int] = []  # epoch of every folded joint row, in row order
         self._head_rows: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._head_sizes: dict[str, int] = dict.fromkeys(self.heads, 0)
         self._entropy: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
@@ -146,7 +188,13 @@ class PolicyReducer:
         level: TelemetryLevel = TelemetryLevel.NORMAL,
     ) -> None:
         """One minibatch. Joint log-probs are required; per-head ones are optional (both or neither,
-        same heads, each shaped like ``new_logprob``). Inputs are checked even at OFF."""
+        same heads, each shaped like ``new_logprob``). Inputs are checked even at OFF.
+
+        Cost: the checks (host metadata only) and ONE kernel, a ``stack`` that copies the
+        minibatch's log-probs and entropies into a private ``(columns, n)`` block (the loop may
+        refill its buffers before the update ends); one more per entropy shaped unlike the
+        log-probs and per loss tensor. Every statistic is computed in :meth:`pending`.
+        """
         new = check_float_tensor("new_logprob", new_logprob)
         old = check_float_tensor("old_logprob", old_logprob)
         check_same_layout("new_logprob", new, "old_logprob", old)
@@ -165,7 +213,7 @@ class PolicyReducer:
         if head_new_logprobs is not None:
             heads_new = _check_logprob_map("head_new_logprobs", head_new_logprobs, self.heads, new)
             heads_old = _check_logprob_map("head_old_logprobs", head_old_logprobs, self.heads, new)
-            if set(heads_new) != set(heads_old):
+            if heads_new.keys() != heads_old.keys():
                 raise ValueError(
                     f"head_new_logprobs has heads {sorted(heads_new)} but head_old_logprobs has "
                     f"{sorted(heads_old)}; they must name the same heads"
@@ -186,13 +234,35 @@ class PolicyReducer:
         if level <= TelemetryLevel.OFF:
             return
         if loss is not None:
-            self._loss.add(loss)
-        with torch.no_grad():
-            self._observe_ratios(new, old, heads_new, heads_old, eps, int(epoch))
-            for head, ent in entropies.items():
+            self._loss.add_checked(loss)
+        n = new.numel()
+        names = tuple(h for h in self.heads if h in heads_new)
+        inline = tuple(
+            h
+            for h in self.heads
+            if h in entropies and entropies[h].shape == new.shape and entropies[h].device == new.device
+        )
+        # Every input is detached (check_float_tensor): no grad-mode switch needed.
+        cols = [new, *(heads_new[h] for h in names), old, *(heads_old[h] for h in names)]
+        cols += [entropies[h] for h in inline]
+        block = torch.stack(cols)  # the one copy: promotes to the widest dtype, so it is exact
+        if new.dim() != 1:
+            block = block.reshape(len(cols), n)
+        for head, ent in entropies.items():
+            if head not in inline:  # shaped unlike the log-probs (e.g. a minibatch mean)
                 self._entropy[head].append(ent.sum(dtype=acc_dtype(ent.device)))
                 self._entropy_counts[head] += ent.numel()
+        self._stored.setdefault((n, names, inline, eps, new.device), []).append((block, int(epoch)))
+        self._stored_elements += block.numel()
+        self._sizes.append(n)
+        self._epochs.append(int(epoch))
+        for head in names:
+            self._head_sizes[head] += n
+        for head in inline:
+            self._entropy_counts[head] += n
         self._clip_range = eps
+        if self._stored_elements > FOLD_ELEMENTS:
+            self._fold()
 
     def early_stop(self, epoch: int, kl: torch.Tensor | float | None = None) -> None:
         """Record the loop's target-KL early stop (the first of the update counts). No sync: a
@@ -219,46 +289,50 @@ class PolicyReducer:
         if level <= TelemetryLevel.OFF:
             return out
         with torch.no_grad():
-            if self._rows:
-                rows = torch.stack(self._rows)
+            self._fold()
+            if self._joint:
+                rows = self._joint[0] if len(self._joint) == 1 else torch.cat(self._joint)
                 sums = rows[:, :_N_SUMS].sum(0)
                 n_b = rows[:, _N]
                 mean_r = (n_b * rows[:, _MEAN_R]).sum() / sums[_N]
                 dev = rows[:, _MEAN_R] - mean_r
                 m2 = (rows[:, _M2_R] + n_b * dev * dev).sum()  # Chan: exact merge of central sums
+                kl_mb = rows[:, _SUM_K3 : _SUM_K1 + 1] / n_b.unsqueeze(1)  # per-minibatch k3, k1 means
                 out["policy.summary"] = torch.cat(
                     (
                         sums,
-                        torch.stack(
-                            (
-                                m2,
-                                rows[:, _R_MAX].amax(),
-                                rows[:, _R_MIN].amin(),
-                                (rows[:, _SUM_NESS] / n_b).amin(),
-                                (rows[:, _SUM_K3] / n_b).amax(),
-                                (rows[:, _SUM_K1] / n_b).amax(),
-                            )
-                        ),
+                        m2.reshape(1),
+                        rows[:, _R_MAX].amax().reshape(1),
+                        rows[:, _R_MIN].amin().reshape(1),
+                        (rows[:, _SUM_NESS] / n_b).amin().reshape(1),
+                        kl_mb.amax(0),
                     )
                 )
-                by_epoch: dict[int, list[int]] = {}
-                for i, e in enumerate(self._epochs):
-                    by_epoch.setdefault(e, []).append(i)
-                out["policy.epoch_k3"] = torch.stack(
-                    [
-                        torch.stack([rows[i, _SUM_K3] for i in idx]).sum()
-                        for _, idx in sorted(by_epoch.items())
-                    ]
-                )
+                k3 = rows[:, _SUM_K3]
+                epochs = sorted(set(self._row_epochs))
+                if len(epochs) == 1:
+                    out["policy.epoch_k3"] = k3.sum().reshape(1)
+                else:
+                    slot = {e: i for i, e in enumerate(epochs)}
+                    index = to_device(torch.tensor([slot[e] for e in self._row_epochs]), k3.device)
+                    out["policy.epoch_k3"] = torch.zeros(
+                        len(epochs), dtype=k3.dtype, device=k3.device
+                    ).index_add_(0, index, k3)
             for head, hrows in self._head_rows.items():
                 if hrows:
-                    h = torch.stack(hrows)
+                    h = hrows[0] if len(hrows) == 1 else torch.cat(hrows)
                     out[f"policy.head.{head}"] = torch.cat(
-                        (h[:, :_N_SUMS].sum(0), torch.stack((h[:, _R_MAX].amax(), h[:, _R_MIN].amin())))
+                        (
+                            h[:, :_N_SUMS].sum(0),
+                            h[:, _R_MAX].amax().reshape(1),
+                            h[:, _R_MIN].amin().reshape(1),
+                        )
                     )
-            for head, sums in self._entropy.items():
-                if sums:
-                    out[f"policy.entropy.{head}"] = torch.stack(sums).sum().reshape(1)
+            for head, sums_h in self._entropy.items():
+                if sums_h:
+                    out[f"policy.entropy.{head}"] = (
+                        sums_h[0].reshape(1) if len(sums_h) == 1 else torch.stack(sums_h).sum().reshape(1)
+                    )
             loss = self._loss.pending()
             if loss is not None:
                 out["policy.loss"] = loss
@@ -271,9 +345,9 @@ class PolicyReducer:
         if level <= TelemetryLevel.OFF:
             return None
         stats = PolicyStats(
-            minibatches=len(self._rows), epochs=len(set(self._epochs)), clip_range=self._clip_range
+            minibatches=len(self._sizes), epochs=len(set(self._epochs)), clip_range=self._clip_range
         )
-        if self._rows:
+        if self._sizes and "policy.summary" in host:
             s = host["policy.summary"]
             n = float(sum(self._sizes))
             stats.samples = int(n)
@@ -323,49 +397,29 @@ class PolicyReducer:
             stats.early_stop_kl = host["policy.early_stop_kl"][0] if isinstance(kl, torch.Tensor) else kl
         return stats
 
-    # -- per-minibatch work (device only) ------------------------------------------------------------
-    def _observe_ratios(
-        self,
-        new: torch.Tensor,
-        old: torch.Tensor,
-        heads_new: dict[str, torch.Tensor],
-        heads_old: dict[str, torch.Tensor],
-        eps: float,
-        epoch: int,
-    ) -> None:
-        """One batched pass over the joint log-ratio and every head's: a (1 + heads, n) matrix, so
-        the heads cost no extra kernels, only wider ones."""
-        dt = acc_dtype(new.device)
-        names = [h for h in self.heads if h in heads_new]
-        n = new.numel()
-        if names:
-            new_m = torch.stack([new.reshape(-1)] + [heads_new[h].reshape(-1) for h in names]).to(dt)
-            old_m = torch.stack([old.reshape(-1)] + [heads_old[h].reshape(-1) for h in names]).to(dt)
-        else:
-            new_m, old_m = new.reshape(1, -1).to(dt), old.reshape(1, -1).to(dt)
-        lr = new_m - old_m  # (R, n): the log-ratio first, in float64
-        r, d, k3 = _ratio_terms(lr)
-        sums = torch.stack((d, k3, -lr), dim=1).sum(2)
-        counts = torch.stack((d > eps, d < -eps, torch.isnan(lr), torch.isinf(lr)), dim=1).sum(2).to(dt)
-        lr_min, lr_max = torch.aminmax(lr, dim=1)  # exp is monotone: the ratio's extremes follow
-        w = torch.exp(lr - lr_max[:, None])  # ESS is scale-free: weights relative to the largest
-        ws = torch.stack((w, w * w), dim=1).sum(2)
-        n_ess = ws[:, 0] * ws[:, 0] / ws[:, 1]  # n_b * ESS_b
-        mean_r = r.mean(1, keepdim=True)
-        centred = r - mean_r
-        rows = torch.cat(
-            (
-                torch.full((lr.shape[0], 1), float(n), dtype=dt, device=lr.device),
-                sums,
-                counts,
-                torch.stack((n_ess, mean_r[:, 0], (centred * centred).sum(1)), dim=1),
-                torch.exp(torch.stack((lr_max, lr_min), dim=1)),
-            ),
-            dim=1,
-        )
-        self._rows.append(rows[0])
-        self._sizes.append(n)
-        self._epochs.append(epoch)
-        for j, head in enumerate(names, start=1):
-            self._head_rows[head].append(rows[j])
-            self._head_sizes[head] += n
+    # -- the deferred work (device only) -----------------------------------------------------------
+    def _fold(self) -> None:
+        """Reduce the stored minibatches to per-minibatch rows: one batched pass per layout.
+
+        A layout is (samples, heads, inline entropies, clip range, device); a PPO loop with equal
+        minibatches has one, so its whole update costs one ``stack`` and ~40 kernels here, however
+        many minibatches and heads it has. Runs in :meth:`pending`, or earlier when the stored
+        blocks exceed ``FOLD_ELEMENTS`` elements (which bounds the memory kept for huge updates to
+        that many floats plus 13 floats per minibatch and head).
+        """
+        stored, self._stored = self._stored, {}
+        self._stored_elements = 0
+        for (_, names, inline, eps, device), items in stored.items():
+            blocks = [block for block, _ in items]
+            x = blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)  # (M, columns, n)
+            x = x.to(acc_dtype(device))  # float64: the log-ratio is formed after the upcast
+            r = 1 + len(names)
+            rows = _ratio_rows(x[:, :r] - x[:, r : 2 * r], eps)  # (M, r, 13)
+            self._joint.append(rows[:, 0])
+            self._row_epochs.extend(epoch for _, epoch in items)
+            for j, head in enumerate(names, start=1):
+                self._head_rows[head].append(rows[:, j])
+            if inline:
+                ent = x[:, 2 * r :].sum((0, 2))
+                for j, head in enumerate(inline):
+                    self._entropy[head].append(ent[j])

@@ -21,12 +21,18 @@ def transfer(pending: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
     """
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in pending.items():
-        by_device.setdefault(tensor.device, []).append((name, tensor.detach().reshape(-1)))
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if tensor.dim() != 1:
+            tensor = tensor.reshape(-1)
+        by_device.setdefault(tensor.device, []).append((name, tensor))
     out: dict[str, list[float]] = {}
     for items in by_device.values():
-        flat = torch.cat([t.to(torch.float64) for _, t in items]) if items else None
-        if flat is None:
-            continue
+        # One cat into float64 (it promotes every input; no per-tensor conversion kernels).
+        parts = [t for _, t in items]
+        if not any(t.dtype == torch.float64 for t in parts):
+            parts[0] = parts[0].to(torch.float64)
+        flat = torch.cat(parts)
         values = flat.tolist()  # the one materialisation for this device
         offset = 0
         for name, tensor in items:

@@ -22,13 +22,12 @@ import torch
 from telemetry_core.config import TelemetryLevel
 from telemetry_core.reductions.advantage import (
     QUANTILE_MAX_EXACT,
+    MomentAccumulator,
     QuantileSampler,
     ScalarSeries,
     acc_dtype,
     check_float_tensor,
     check_same_layout,
-    merge_moment_rows,
-    moment_row,
     moments_from_host,
     quantiles,
 )
@@ -63,9 +62,7 @@ class ValueReducer:
         self.reset()
 
     def reset(self) -> None:
-        self._values: list[torch.Tensor] = []
-        self._returns: list[torch.Tensor] = []
-        self._errors: list[torch.Tensor] = []
+        self._series = MomentAccumulator()  # values, returns, errors
         self._error_data: list[torch.Tensor] = []
         self._loss = ScalarSeries("value_loss")
         self._q_used = 0
@@ -88,9 +85,7 @@ class ValueReducer:
             v64 = v.reshape(-1).to(dt)
             r64 = r.reshape(-1).to(dt)
             err = v64 - r64  # a new tensor: safe to keep until pending
-            self._values.append(moment_row(v64))
-            self._returns.append(moment_row(r64))
-            self._errors.append(moment_row(err))
+            self._series.add(torch.stack((v64, r64, err)))  # a private copy; reduced in pending
             if level >= TelemetryLevel.NORMAL:
                 self._error_data.append(err)
 
@@ -108,10 +103,10 @@ class ValueReducer:
         if level <= TelemetryLevel.OFF:
             return out
         with torch.no_grad():
-            if self._values:
-                out["value.values"] = merge_moment_rows(torch.stack(self._values))
-                out["value.returns"] = merge_moment_rows(torch.stack(self._returns))
-                out["value.error"] = merge_moment_rows(torch.stack(self._errors))
+            merged = self._series.pending()  # (3, 9): the three series at once
+            if merged is not None:
+                for k, name in enumerate(("values", "returns", "error")):
+                    out[f"value.{name}"] = merged[k]
             if self._error_data and level >= TelemetryLevel.NORMAL:
                 data = self._error_data[0] if len(self._error_data) == 1 else torch.cat(self._error_data)
                 out["value.error_q"], self._q_used = quantiles(data, self.ERROR_QS, self._sampler)
