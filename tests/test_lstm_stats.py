@@ -457,3 +457,33 @@ def test_cuda_no_sync_and_same_result():
     assert got.gate_rows == want.gate_rows
     for name, value in want.gate_saturation.items():
         assert got.gate_saturation[name] == pytest.approx(value, abs=0.01)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4]])
+def test_gate_replay_kernels_do_not_grow_with_the_steps(config):
+    """The replay runs the fused kernel per layer and direction and recomputes every step's gate
+    pre-activations at once: the number of dispatched operations does not depend on T."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class KernelCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    lstm = make_lstm(7, **config)
+    counts = {}
+    for steps in (2, 16):
+        x = torch.randn(steps, 6, 5)
+        h0, c0 = random_state(lstm, 6)
+        with torch.no_grad():
+            _, (h, c) = lstm(x, (h0, c0))
+        reducer = LSTMReducer(lstm)
+        with KernelCounter() as counter:
+            reducer.observe(h, c, inputs=x, input_state=(h0, c0), level=DEBUG)
+        counts[steps] = counter.count
+        assert run(reducer, DEBUG).gate_steps == steps
+    assert counts[2] == counts[16]

@@ -7,26 +7,29 @@ units — one runaway environment shows even when the mean is fine), ``c`` mean,
 
 Gate saturation: the share of input, forget and output gate activations ``sigmoid(z)`` within
 ``Thresholds.lstm_gate_eps`` of 0 (``_low``) or of 1 (``_high``) — a saturated gate passes no
-gradient. ``nn.LSTM`` never exposes its gates, so they are recomputed: :func:`replay_lstm` steps
-the recurrence by hand from the module's own weights (``weight_ih_l{k}``, ``weight_hh_l{k}``,
-biases, ``weight_hr_l{k}`` with ``proj_size``, ``_reverse`` for bidirectional; every layer;
-``batch_first`` honoured), for the inputs and initial state the loop hands over, in the weights'
-dtype. The input projection of each layer is one matmul over all time steps; each step then costs
-one ``(rows, P) x (P, 4H)`` matmul and a handful of elementwise kernels, plus four for counting:
-``z < logit(eps)`` and ``z > logit(1 - eps)``, compared on the pre-activations so float32 rounding of
-``sigmoid`` near 0 and 1 cannot blur the test. Dropout between layers is not applied (eval
+gradient. ``nn.LSTM`` never exposes its gates, so they are recomputed from the module's own weights
+(``weight_ih_l{k}``, ``weight_hh_l{k}``, biases, ``weight_hr_l{k}`` with ``proj_size``, ``_reverse``
+for bidirectional; every layer; ``batch_first`` honoured), for the inputs and initial state the
+loop hands over, in the weights' dtype: :func:`replay_lstm` runs the fused LSTM kernel
+(``torch.lstm``) once per layer and direction, which yields every step's ``h``, then computes every
+step's gate pre-activations at once, gate-major, ``z = W_ih x_t + W_hh h_(t-1) + b`` as two matmuls
+over all ``T x rows`` columns. Saturation is counted on the pre-activations, ``z < logit(eps)`` and
+``z > logit(1 - eps)`` (so float32 rounding of ``sigmoid`` near 0 and 1 cannot blur the test), per
+gate on its contiguous block of rows (whole-tensor ``count_nonzero``: reductions of bool tensors
+over some dimensions only are many times slower on CPU). Dropout between layers is not applied (eval
 semantics: the deterministic path is what saturates). At NORMAL it runs on
 ``Thresholds.lstm_gate_sample`` batch rows, evenly spaced over the batch; at DEBUG on all rows.
 
-Cost, measured side by side (CPU, 1 thread, a heavily loaded 2-core machine, so preliminary): the
-replay costs 2.3-2.8x an ``nn.LSTM`` forward over the same rows (the fused kernel steps in C++; the
-replay launches ~13 kernels per step from Python). At NORMAL, 64 sampled rows of 256-512 cost
-0.3-0.75x one full-batch forward (T = 1-64, 1-2 layers, hidden 64-128); at DEBUG, all rows, 1.4-2.4x.
-Once per update, not per minibatch. State statistics alone: ~1 ms.
+Cost: about twice the forward FLOPs of the replayed rows (the kernel's own pass, then the
+recomputed pre-activations) and ~15 kernels per layer and direction however many steps (a
+per-step replay from Python launched ~13 per step). Once per update, not per minibatch; the state
+statistics of ``h`` and ``c`` together are ~20 kernels. ``benchmarks/bench_lstm_gates.py`` times it
+against ``nn.LSTM`` forwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 
 from telemetry_core.config import TelemetryLevel, Thresholds
-from telemetry_core.reductions.advantage import acc_dtype, check_float_tensor
+from telemetry_core.reductions.advantage import acc_dtype, check_float_tensor, to_device
 from telemetry_core.schema import LSTMStats
 
 __all__ = ["LSTMReducer", "replay_lstm"]
@@ -93,46 +96,55 @@ def _initial_state(
     return h0.to(x.dtype), c0.to(x.dtype)
 
 
+def _layer_weights(lstm: nn.LSTM, sfx: str) -> list[torch.Tensor]:
+    """One layer-direction's weights in the order ``torch.lstm`` takes them."""
+    names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if lstm.bias else [])
+    names += ["weight_hr"] if lstm.proj_size > 0 else []
+    return [getattr(lstm, name + sfx) for name in names]
+
+
 def _replay(
-    lstm: nn.LSTM, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, on_gates: GateCallback | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Time-major replay; returns (output (T, B, D*P), h_n, c_n)."""
+    lstm: nn.LSTM, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, gates: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Time-major replay; returns (output (T, B, D*P), h_n, c_n, gate pre-activations).
+
+    The gate pre-activations are one gate-major ``(4H, T * B)`` tensor per layer and direction
+    (layer-major order; column ``t * B + b`` is step t of row b, a reverse direction's steps counted
+    over the reversed sequence as it runs them), or none when ``gates`` is False. Gate-major, so
+    that each gate's block of rows is contiguous for counting.
+    """
     dirs = _directions(lstm)
-    steps = x.shape[0]
-    hidden = lstm.hidden_size
+    steps, batch = x.shape[0], x.shape[1]
     layer_in = x
     h_n: list[torch.Tensor] = []
     c_n: list[torch.Tensor] = []
-    for layer in range(lstm.num_layers):
-        outs = []
-        for direction in range(dirs):
-            sfx = f"_l{layer}" + ("_reverse" if direction else "")
-            w_ih = getattr(lstm, "weight_ih" + sfx)
-            w_hh_t = getattr(lstm, "weight_hh" + sfx).t()
-            bias = getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx) if lstm.bias else None
-            w_hr_t = getattr(lstm, "weight_hr" + sfx).t() if lstm.proj_size > 0 else None
-            seq = layer_in.flip(0) if direction else layer_in
-            pre = nn.functional.linear(seq, w_ih, bias)  # (T, B, 4H): all steps in one matmul
-            h = h0[layer * dirs + direction]
-            c = c0[layer * dirs + direction]
-            ys = []
-            for t in range(steps):
-                z = torch.addmm(pre[t], h, w_hh_t)
-                if on_gates is not None:
-                    on_gates(layer, direction, t, z)
-                act = torch.sigmoid(z)  # one kernel for i, f, o (the g quarter is unused)
-                i, f, _, o = act.chunk(4, dim=1)
-                c = f * c + i * torch.tanh(z[:, 2 * hidden : 3 * hidden])
-                h = o * torch.tanh(c)
-                if w_hr_t is not None:
-                    h = h @ w_hr_t
-                ys.append(h)
-            y = torch.stack(ys)
-            outs.append(y.flip(0) if direction else y)
-            h_n.append(h)
-            c_n.append(c)
-        layer_in = torch.cat(outs, dim=2) if dirs == 2 else outs[0]
-    return layer_in, torch.stack(h_n), torch.stack(c_n)
+    zs: list[torch.Tensor] = []
+    # cuDNN wants its weights in one flat buffer (it would copy and warn on every call): the
+    # native kernel, still one call per layer and direction, is what runs on CUDA here.
+    cudnn_off = torch.backends.cudnn.flags(enabled=False) if x.is_cuda else contextlib.nullcontext()
+    with cudnn_off:
+        for layer in range(lstm.num_layers):
+            outs = []
+            for direction in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                weights = _layer_weights(lstm, sfx)
+                seq = layer_in.flip(0) if direction else layer_in
+                k = layer * dirs + direction
+                h_init, c_init = h0[k : k + 1], c0[k : k + 1]
+                y, h, c = torch.lstm(seq, (h_init, c_init), weights, lstm.bias, 1, 0.0, False, False, False)
+                if gates:  # z_t = W_ih x_t + W_hh h_(t-1) + b for all t, from the h the kernel fed back
+                    h_prev = torch.cat((h_init, y[:-1])) if steps > 1 else h_init
+                    w_ih, w_hh = weights[0], weights[1]
+                    z = torch.mm(w_ih, seq.reshape(steps * batch, -1).t())
+                    z.addmm_(w_hh, h_prev.reshape(steps * batch, -1).t())
+                    if lstm.bias:
+                        z += (weights[2] + weights[3]).unsqueeze(1)
+                    zs.append(z)
+                outs.append(y.flip(0) if direction else y)
+                h_n.append(h)
+                c_n.append(c)
+            layer_in = torch.cat(outs, dim=2) if dirs == 2 else outs[0]
+    return layer_in, torch.cat(h_n), torch.cat(c_n), zs
 
 
 def replay_lstm(
@@ -142,12 +154,14 @@ def replay_lstm(
     *,
     on_gates: GateCallback | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``lstm`` by hand from its weights; returns ``(output, (h_n, c_n))`` as ``lstm`` would.
+    """Run ``lstm`` layer by layer from its weights; returns ``(output, (h_n, c_n))`` as ``lstm`` would.
 
     ``inputs`` is ``(T, B, F)`` (``(B, T, F)`` with ``batch_first``) or ``(B, F)`` — one time step of
     ``B`` rows (unlike ``nn.LSTM``, which reads a 2-D input as one unbatched sequence); the output
     keeps the input's layout. ``on_gates(layer, direction, t, z)`` sees each step's gate
-    pre-activations ``z`` of shape ``(B, 4 * hidden)`` in nn.LSTM's order (input, forget, cell, output).
+    pre-activations ``z`` of shape ``(B, 4 * hidden)`` in nn.LSTM's order (input, forget, cell, output),
+    after the replay (a reverse direction's steps in the order it runs them, over the reversed
+    sequence).
     """
     if not isinstance(lstm, nn.LSTM):
         raise TypeError(f"lstm must be a torch.nn.LSTM, got {type(lstm).__name__}")
@@ -155,7 +169,14 @@ def replay_lstm(
     with torch.no_grad():
         x = _time_major(lstm, inputs)
         h0, c0 = _initial_state(lstm, state, x.shape[1], x)
-        out, h_n, c_n = _replay(lstm, x, h0, c0, on_gates)
+        out, h_n, c_n, zs = _replay(lstm, x, h0, c0, on_gates is not None)
+    if on_gates is not None:
+        dirs = _directions(lstm)
+        steps, batch = x.shape[0], x.shape[1]
+        for k, z in enumerate(zs):
+            per_step = z.view(z.shape[0], steps, batch)
+            for t in range(steps):
+                on_gates(k // dirs, k % dirs, t, per_step[:, t].t())
     if two_d:
         out = out[0]
     elif lstm.batch_first:
@@ -164,22 +185,26 @@ def replay_lstm(
 
 
 def _state_stats(x: torch.Tensor) -> torch.Tensor:
-    """[norm, rms, max_abs, env_rms_max, mean, nan, inf] of a (layers, batch, hidden) state."""
+    """(S, 7) rows [norm, rms, max_abs, env_rms_max, mean, nan, inf] of S (layers, batch, hidden)
+    states stacked as (S, layers, batch, hidden): h and c together cost what one did."""
     dt = acc_dtype(x.device)
     x64 = x.to(dt)
-    per_env = (x64 * x64).sum((0, 2))
-    total = per_env.sum()
-    per_row = x.shape[0] * x.shape[2]
+    per_env = (x64 * x64).sum((1, 3))  # (S, batch)
+    total = per_env.sum(1)
+    numel = x[0].numel()
+    per_row = x.shape[1] * x.shape[3]
+    dims = (1, 2, 3)
     return torch.stack(
         (
             total.sqrt(),
-            (total / x.numel()).sqrt(),
-            x64.abs().amax(),
-            (per_env.amax() / per_row).sqrt(),
-            x64.mean(),
-            torch.isnan(x).sum().to(dt),
-            torch.isinf(x).sum().to(dt),
-        )
+            (total / numel).sqrt(),
+            x64.abs().amax(dims),
+            (per_env.amax(1) / per_row).sqrt(),
+            x64.mean(dims),
+            torch.isnan(x).sum(dims).to(dt),
+            torch.isinf(x).sum(dims).to(dt),
+        ),
+        dim=1,
     )
 
 
@@ -204,6 +229,7 @@ class LSTMReducer:
             raise ValueError("Thresholds.lstm_gate_sample must be >= 1")
         self._logit_low = math.log(eps / (1 - eps))  # sigmoid(z) < eps  <=>  z < this
         self._logit_high = -self._logit_low  # sigmoid(z) > 1 - eps  <=>  z > this
+        self._row_index: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -251,7 +277,11 @@ class LSTMReducer:
             return
         self.reset()
         with torch.no_grad():
-            self._state = torch.cat((_state_stats(h), _state_stats(c)))
+            if h.shape == c.shape and h.dtype == c.dtype:
+                self._state = _state_stats(torch.stack((h, c))).reshape(-1)
+            else:  # proj_size: h is narrower than c
+                rows = (_state_stats(h.unsqueeze(0)), _state_stats(c.unsqueeze(0)))
+                self._state = torch.cat(rows).reshape(-1)
             if replay is not None:
                 self._observe_gates(*replay, level)
 
@@ -287,10 +317,10 @@ class LSTMReducer:
             c_inf=int(c["inf"]),
         )
         if "lstm.gates" in host and self._gate_total > 0:
-            g = host["lstm.gates"]  # (low, high) x (input, forget, cell, output), flattened
+            g = host["lstm.gates"]  # (input, forget, output) x (low, high), flattened
             total = float(self._gate_total)
-            for name, j in _GATES.items():
-                low, high = g[j], g[4 + j]
+            for k, name in enumerate(_GATES):
+                low, high = g[2 * k], g[2 * k + 1]
                 stats.gate_saturation_low[name] = low / total
                 stats.gate_saturation_high[name] = high / total
                 stats.gate_saturation[name] = (low + high) / total
@@ -319,18 +349,24 @@ class LSTMReducer:
         batch = x.shape[1]
         rows = batch if level >= TelemetryLevel.DEBUG else min(batch, self.thresholds.lstm_gate_sample)
         if rows < batch:
-            idx = torch.div(torch.arange(rows, device=x.device) * batch, rows, rounding_mode="floor")
+            key = (batch, rows, x.device)
+            idx = self._row_index.get(key)
+            if idx is None:  # evenly spaced rows, built once per batch size
+                idx = self._row_index[key] = to_device(
+                    torch.arange(rows, dtype=torch.int64) * batch // rows, x.device
+                )
             x, h0, c0 = x.index_select(1, idx), h0.index_select(1, idx), c0.index_select(1, idx)
-        counts = torch.zeros(2, 4, dtype=torch.int64, device=x.device)
         hidden = lstm.hidden_size
-        low, high = self._logit_low, self._logit_high
-
-        def count(_layer: int, _direction: int, _t: int, z: torch.Tensor) -> None:
-            z4 = z.view(z.shape[0], 4, hidden)
-            counts.add_(torch.stack((z4 < low, z4 > high)).sum((1, 3)))
-
-        _replay(lstm, x, h0, c0, count)
-        self._gates = counts
+        _, _, _, zs = _replay(lstm, x, h0, c0, True)
+        counts = []
+        for z in zs:  # per gate a contiguous (H, T * B) block: full-tensor counts, the fast path
+            for j in _GATES.values():
+                block = z[j * hidden : (j + 1) * hidden]
+                counts += [
+                    torch.count_nonzero(block < self._logit_low),
+                    torch.count_nonzero(block > self._logit_high),
+                ]
+        self._gates = torch.stack(counts).view(len(zs), len(_GATES), 2).sum(0)  # (gate, low/high)
         self._gate_rows = rows
         self._gate_steps = x.shape[0]
         self._gate_total = x.shape[0] * rows * hidden * lstm.num_layers * _directions(lstm)
