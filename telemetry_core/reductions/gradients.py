@@ -77,12 +77,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._utils import _flatten_dense_tensors  # one dispatch for the copy of a whole bucket (DDP uses it)
 
 from telemetry_core.config import TelemetryLevel, Thresholds
 from telemetry_core.schema import GradientStats
 
 __all__ = [
     "AUTO_SAMPLE",
+    "FLAT_MAX",
     "MIN_PER_PARAM",
     "GradientReducer",
     "category_boundaries",
@@ -261,9 +263,15 @@ class _Bucket:
     boundaries: torch.Tensor  # category boundaries as the dtype's integer bit patterns, on device
     int_dtype: torch.dtype
     mask: int
-    slot_offset: torch.Tensor | None  # sampled mode: slot * nb for every sample element, on device
+    slot_offset: torch.Tensor | None  # slot * nb of every element binned in the fold, on device
     rounds: dict[int, list[tuple[int, int, int]]]  # sample plans by round % ROTATION
     width: int  # extremes per tensor in the per-call vector: 2 (CPU min, max) or 1 (max |g|)
+    small: bool  # a small CPU bucket: observe() keeps one flat copy, the fold does the rest (FLAT_MAX)
+    starts: list[int]  # where each tensor starts in the bucket's flat copy
+    flat_index: torch.Tensor | None  # small sampled buckets: sample positions in the flat copy by round
+    pad: tuple[torch.Tensor, torch.Tensor] | None  # small buckets: padded block of the tensors <= PAD_MAX
+    alone: list[tuple[int, int]]  # small buckets: (start, numel) of the tensors reduced one by one
+    order: torch.Tensor | None  # small buckets: bucket position of each computed column, if reordered
 
 
 @dataclass
@@ -280,6 +288,7 @@ class _Plan:
     numel: int  # elements of all present parameters
     examined: int  # elements binned per call
     graph: bool  # some gradient requires grad (a create_graph backward)
+    small_numel: int  # elements the small buckets copy per call
 
 
 @dataclass
@@ -290,11 +299,13 @@ class _Call:
     extremes are ``(min, max)`` pairs (CPU ``aminmax``) or max |g| (CUDA, width 1). ``samples[b]``:
     a private copy of the sampled elements (sampled mode; binned in the fold) or the ``(P_b, nb)``
     category counts already binned (every-element mode, where a copy would be the whole gradient).
+    A small bucket keeps only ``vecs[b]``, the flat copy of its gradients (``samples[b]`` is None).
     """
 
     plan: _Plan
     vecs: list[torch.Tensor]
-    samples: list[torch.Tensor]
+    samples: list[torch.Tensor | None]
+    round_index: int
 
 
 # Layout of the float64 vector that goes through the transfer ("grad.stats").
@@ -302,6 +313,17 @@ _SUMS = ("total", "clipped", "inf_params", "nan_params", "inf_est", "nan_est", "
 _MAXES = ("total_max", "max_abs", "vanishing", "exploding")
 _HEAD = len(_SUMS) + len(_MAXES) + 1  # + last total
 FOLD_EVERY = 64  # calls kept as rows before they are folded (bounds memory on long updates)
+# A CPU bucket of at most this many elements is "small": observe() makes ONE dispatch, a flat copy
+# of its gradients, and the fold computes norms, extremes and the sample from the copies, a few
+# reductions per tensor per update instead of per backward. Inside a training step a CPU dispatch
+# costs ~5-20 us, more for the first of each kind after the loop's own work (cold caches), so a
+# dozen small tensors' per-call kernels cost far more than copying their elements (~0.1 ns each);
+# past 2**17 elements per-element work dominates and the general path, which reads each gradient
+# twice and copies only the sample, is cheaper. The copies are kept until the fold, at most
+# SMALL_FOLD_ELEMENTS elements (16 MiB in float32) before an early one.
+FLAT_MAX = 1 << 17
+SMALL_FOLD_ELEMENTS = 1 << 22
+PAD_MAX = 1024  # small-bucket tensors up to this size are reduced together, zero-padded
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -415,6 +437,7 @@ class GradientReducer:
         self.total_elements = 0
         self.examined_elements = 0
         self._calls: list[_Call] = []
+        self._kept = 0  # elements of the flat copies the stored calls hold
         self._partial: torch.Tensor | None = None
         self._home: torch.device | None = None
 
@@ -451,19 +474,25 @@ class GradientReducer:
                 vecs, samples = self._per_call(plan, grads, round_index)
         else:  # the usual case: no grad-mode switch (its Python context costs more than a kernel)
             vecs, samples = self._per_call(plan, grads, round_index)
-        self._calls.append(_Call(plan, vecs, samples))
+        self._calls.append(_Call(plan, vecs, samples, round_index))
         self.calls += 1
         self.total_elements += plan.numel
         self.examined_elements += plan.examined
-        if len(self._calls) >= FOLD_EVERY:
+        self._kept += plan.small_numel
+        if len(self._calls) >= FOLD_EVERY or self._kept > SMALL_FOLD_ELEMENTS:
             self._fold()
 
     def _per_call(
         self, plan: _Plan, grads: list[torch.Tensor | None], round_index: int
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        vecs, samples = [], []
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        vecs: list[torch.Tensor] = []
+        samples: list[torch.Tensor | None] = []
         for b in plan.buckets:
             gs = [grads[i] for i in b.indices]
+            if b.small:  # ONE dispatch: the flat copy (views and a cat inside one C++ call)
+                vecs.append(_flatten_dense_tensors(gs))
+                samples.append(None)
+                continue
             if b.dtype in _HALF:  # float32 accumulation and result: no float16 overflow of squares
                 norms = torch._foreach_norm(gs, 2, dtype=torch.float32)
             else:
@@ -544,6 +573,7 @@ class GradientReducer:
         home = self._home
         numel, member_t, member_numel = self._constants(home)
         calls, self._calls = self._calls, []
+        self._kept = 0
         by_plan: dict[int, list[int]] = {}
         for i, call in enumerate(calls):
             by_plan.setdefault(id(call.plan), []).append(i)
@@ -626,17 +656,20 @@ class GradientReducer:
         norm_parts, max_parts, cat_parts = [], [], []
         for bi, b in enumerate(plan.buckets):
             p_b = len(b.indices)
+            if b.small:
+                norms_b, max_b, cats_b = self._small_stats(b, calls, bi)
+                norm_parts.append(norms_b)
+                max_parts.append(max_b)
+                cat_parts.append(cats_b)
+                continue
             v = calls[0].vecs[bi].unsqueeze(0) if c == 1 else torch.stack([call.vecs[bi] for call in calls])
             if v.device != home or v.dtype != torch.float32:
                 v = v.to(home, torch.float32, non_blocking=True)
             norm_parts.append(v[:, :p_b])
             max_parts.append(v[:, p_b:].reshape(c, p_b, b.width).abs().amax(-1))
-            s = (
-                calls[0].samples[bi].unsqueeze(0)
-                if c == 1
-                else torch.stack([call.samples[bi] for call in calls])
-            )
-            cats = s if b.slot_offset is None else self._bin(b, s)
+            kept = [call.samples[bi] for call in calls]
+            s = kept[0].unsqueeze(0) if c == 1 else torch.stack(kept)  # type: ignore[arg-type,union-attr]
+            cats = s if b.slot_offset is None else self._bin(b, s)  # None: counts binned per call
             cat_parts.append(cats if b.device == home else cats.to(home, non_blocking=True))
         n = norm_parts[0] if len(norm_parts) == 1 else torch.cat(norm_parts, 1)
         x = max_parts[0] if len(max_parts) == 1 else torch.cat(max_parts, 1)
@@ -647,6 +680,53 @@ class GradientReducer:
             x = torch.zeros(c, n_params, device=home).index_copy_(1, index, x)
             k = torch.zeros(c, n_params, self._nb, dtype=torch.int64, device=home).index_copy_(1, index, k)
         return n, x, k, plan.scale.expand(c, -1)
+
+    def _small_stats(
+        self, b: _Bucket, calls: list[_Call], bi: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(C, P_b) norms, (C, P_b) max |g| and (C, P_b, nb) category counts of a small bucket from
+        its C flat copies, ~20 kernels for the whole fold: the tensors of at most PAD_MAX elements
+        gathered into one padded (C, tensors, longest) block and reduced at once, each larger one
+        by itself."""
+        flats = [call.vecs[bi] for call in calls]
+        f = flats[0].unsqueeze(0) if len(flats) == 1 else torch.stack(flats)  # (C, N_b)
+        c = f.shape[0]
+        acc = {"dtype": torch.float32} if b.dtype in _HALF else {}
+        norms, highs, lows = [], [], []
+        if b.pad is not None:
+            index, keep = b.pad  # (P_pad, L) positions in the flat copy, and which are real
+            block = f.index_select(1, index.view(-1)).view(c, *index.shape)
+            highs.append(block.amax(2))  # the padding repeats real elements: harmless for extremes
+            lows.append(block.amin(2))
+            norms.append(torch.linalg.vector_norm(torch.where(keep, block, 0.0), dim=2, **acc))
+        for start, n in b.alone:
+            part = f[:, start : start + n]
+            norms.append(torch.linalg.vector_norm(part, dim=1, keepdim=True, **acc))
+            highs.append(part.amax(dim=1, keepdim=True))  # amax and amin apart: aminmax over one
+            lows.append(part.amin(dim=1, keepdim=True))  # dimension is ~25x slower on CPU
+        norm, high, low = (
+            parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for parts in (norms, highs, lows)
+        )
+        largest = torch.stack((high, low), dim=2).abs().amax(2)  # max |g|; NaN wherever a NaN is
+        if b.order is not None:  # back to the bucket's tensor order
+            norm, largest = norm.index_select(1, b.order), largest.index_select(1, b.order)
+        if b.flat_index is None:  # every element
+            sample = f
+        else:  # each call's rotated sample, exactly as sample_plan picks it
+            first = calls[0].round_index
+            rounds = [call.round_index for call in calls]
+            if rounds == [(first + k) % ROTATION for k in range(len(calls))]:  # consecutive: a view
+                index = b.flat_index[first : first + len(calls)]
+            else:  # calls of another plan came between: pick the rows
+                index = b.flat_index.index_select(0, _to_device(torch.tensor(rounds), f.device))
+            sample = f.gather(1, index)
+        return norm.to(torch.float32), largest.to(torch.float32), self._bin(b, sample)
+
+    def _round_plan(self, b: _Bucket, round_index: int) -> list[tuple[int, int, int]]:
+        plan = b.rounds.get(round_index)
+        if plan is None:
+            plan = b.rounds[round_index] = sample_plan(b.numels, self.sample_size, round_index)
+        return plan
 
     def _bin(self, b: _Bucket, samples: torch.Tensor) -> torch.Tensor:
         """(C, P_b, nb) category counts of the (C, S) sampled elements of C calls: one bucketize and
@@ -672,11 +752,8 @@ class GradientReducer:
                 idx = torch.bucketize(bits & b.mask, b.boundaries, right=True)
                 rows.append(self._count(idx, nb, b.device))
             return torch.stack(rows)
-        plan = b.rounds.get(round_index)
-        if plan is None:
-            plan = b.rounds[round_index] = sample_plan(b.numels, self.sample_size, round_index)
         views = []
-        for g, (offset, stride, count) in zip(gs, plan):
+        for g, (offset, stride, count) in zip(gs, self._round_plan(b, round_index)):
             if g.is_contiguous():  # one strided view (half the dispatch cost of reshape + slice)
                 views.append(g.as_strided((count,), (stride,), g.storage_offset() + offset))
             else:
@@ -719,15 +796,50 @@ class GradientReducer:
             for i, n, c in zip(idx, numels, counts):
                 scale[i] = n / c
             examined += sum(counts)
+            small = device.type == "cpu" and sum(numels) <= FLAT_MAX
+            starts = [sum(numels[:k]) for k in range(len(numels))]
             slot_offset = None
-            if self.sample_size is not None:
-                slots = torch.repeat_interleave(torch.arange(len(idx)) * self._nb, torch.tensor(counts))
-                slot_offset = _to_device(slots, device)
+            if self.sample_size is not None or small:  # every binned element's (tensor * nb) slot
+                slots = torch.arange(len(idx)) * self._nb
+                slot_offset = _to_device(torch.repeat_interleave(slots, torch.tensor(counts)), device)
+            flat_index = None
+            if small and self.sample_size is not None:  # every round's sample, as sample_plan picks it;
+                # rows ROTATION.. repeat the first ones, so FOLD_EVERY consecutive rounds are one slice
+                rounds = [
+                    sample_plan(numels, self.sample_size, r % ROTATION) for r in range(ROTATION + FOLD_EVERY)
+                ]
+                offsets = torch.tensor([[offset for offset, _, _ in plan] for plan in rounds])  # (R, P_b)
+                base = torch.cat([start + stride * torch.arange(count) for start, (_, stride, count) in
+                                  zip(starts, rounds[0])])  # fmt: skip
+                tensor_of = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor(counts))
+                flat_index = _to_device(base + offsets.index_select(1, tensor_of), device)
+            pad = order = None
+            alone: list[tuple[int, int]] = []
+            if small:  # tensors of at most PAD_MAX elements are reduced together, zero-padded
+                padded = [k for k, n in enumerate(numels) if n <= PAD_MAX]
+                if len(padded) < 2:
+                    padded = []
+                alone = [(starts[k], numels[k]) for k in range(len(numels)) if k not in padded]
+                if padded:
+                    longest = max(numels[k] for k in padded)
+                    span = torch.arange(longest)
+                    lengths = torch.tensor([numels[k] for k in padded]).unsqueeze(1)
+                    first = torch.tensor([starts[k] for k in padded]).unsqueeze(1)
+                    keep = span < lengths  # (P_pad, L)
+                    index = first + torch.minimum(span, lengths - 1)  # padding repeats the last element
+                    pad = (_to_device(index, device), _to_device(keep, device))
+                computed = padded + [k for k in range(len(numels)) if k not in padded]
+                if computed != list(range(len(numels))):
+                    position = [computed.index(k) for k in range(len(numels))]
+                    order = _to_device(torch.tensor(position), device)
             bounds = _to_device(torch.tensor(self._bounds[dtype], dtype=int_dtype), device)
             width = 2 if device.type == "cpu" else 1
             buckets.append(
-                _Bucket(device, dtype, idx, numels, bounds, int_dtype, mask, slot_offset, {}, width)
-            )
+                _Bucket(
+                    device, dtype, idx, numels, bounds, int_dtype, mask, slot_offset, {}, width,
+                    small, starts, flat_index, pad, alone, order,
+                )
+            )  # fmt: skip
         return _Plan(
             home=home,
             present=present,
@@ -739,4 +851,5 @@ class GradientReducer:
             numel=sum(self.numels[i] for i in present),
             examined=examined,
             graph=any(grads[i].requires_grad for i in present),  # type: ignore[union-attr]
+            small_numel=sum(sum(b.numels) for b in buckets if b.small),
         )
