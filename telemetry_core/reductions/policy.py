@@ -83,20 +83,28 @@ _S_M2, _S_R_MAX, _S_R_MIN, _S_ESS_MIN, _S_K3_MAX, _S_K1_MAX = range(9, 15)
 _H_R_MAX, _H_R_MIN = 9, 10
 
 
-def _check_logprob_map(
-    name: str, value: object, known: Mapping[str, int], like: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    if not isinstance(value, Mapping):
+def _is_like(t: object, shape: torch.Size, device: torch.device) -> bool:
+    """The fast path of the per-call checks: a float tensor shaped like the log-probs, on their device."""
+    return isinstance(t, torch.Tensor) and t.shape == shape and t.device == device and t.is_floating_point()
+
+
+def _checked(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
+    """The slow path: the clear error naming ``name`` (or the detached tensor, if it passes)."""
+    t = check_float_tensor(name, value)
+    check_same_layout("new_logprob", like, name, t)
+    return t
+
+
+def _check_logprob_map(name: str, value: object, known: Mapping[str, int], like: torch.Tensor) -> None:
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a mapping head -> tensor, got {type(value).__name__}")
     unknown = [h for h in value if h not in known]
     if unknown:
         raise ValueError(f"{name} names unknown heads {unknown}; known heads: {list(known)}")
-    out = {}
+    shape, device = like.shape, like.device
     for head, tensor in value.items():
-        t = check_float_tensor(f"{name}[{head!r}]", tensor)
-        check_same_layout(f"{name}[{head!r}]", t, "new_logprob", like)
-        out[head] = t
-    return out
+        if not _is_like(tensor, shape, device):
+            _checked(f"{name}[{head!r}]", tensor, like)
 
 
 def _ratio_terms(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,63 +204,78 @@ class PolicyReducer:
         log-probs and per loss tensor. Every statistic is computed in :meth:`pending`.
         """
         new = check_float_tensor("new_logprob", new_logprob)
-        old = check_float_tensor("old_logprob", old_logprob)
-        check_same_layout("new_logprob", new, "old_logprob", old)
-        if isinstance(clip_range, torch.Tensor) or not isinstance(clip_range, numbers.Real):
+        shape, device = new.shape, new.device
+        old = (
+            old_logprob if _is_like(old_logprob, shape, device) else _checked("old_logprob", old_logprob, new)
+        )
+        if type(clip_range) is not float and (
+            isinstance(clip_range, torch.Tensor) or not isinstance(clip_range, numbers.Real)
+        ):
             raise TypeError(
                 f"clip_range must be a Python number (reading a tensor would sync), got {type(clip_range).__name__}"
             )
         eps = float(clip_range)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"clip_range must be a finite number >= 0, got {clip_range!r}")
-        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or epoch < 0:
+        if type(epoch) is not int and (not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool)):
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
         if (head_new_logprobs is None) != (head_old_logprobs is None):
             raise ValueError("head_new_logprobs and head_old_logprobs must be given together")
-        heads_new = heads_old = {}
+        names: tuple[str, ...] = ()
         if head_new_logprobs is not None:
-            heads_new = _check_logprob_map("head_new_logprobs", head_new_logprobs, self.heads, new)
-            heads_old = _check_logprob_map("head_old_logprobs", head_old_logprobs, self.heads, new)
-            if heads_new.keys() != heads_old.keys():
+            _check_logprob_map("head_new_logprobs", head_new_logprobs, self.heads, new)
+            _check_logprob_map("head_old_logprobs", head_old_logprobs, self.heads, new)
+            assert head_old_logprobs is not None
+            if head_new_logprobs.keys() != head_old_logprobs.keys():
                 raise ValueError(
-                    f"head_new_logprobs has heads {sorted(heads_new)} but head_old_logprobs has "
-                    f"{sorted(heads_old)}; they must name the same heads"
+                    f"head_new_logprobs has heads {sorted(head_new_logprobs)} but head_old_logprobs has "
+                    f"{sorted(head_old_logprobs)}; they must name the same heads"
                 )
-        entropies: dict[str, torch.Tensor] = {}
+            names = tuple(h for h in self.heads if h in head_new_logprobs)
+        inline: tuple[str, ...] = ()
+        apart: dict[str, torch.Tensor] = {}  # entropies shaped unlike the log-probs (e.g. a mean)
         if head_entropies is not None:
-            if not isinstance(head_entropies, Mapping):
+            if type(head_entropies) is not dict and not isinstance(head_entropies, Mapping):
                 raise TypeError("head_entropies must be a mapping head -> tensor")
             unknown = [h for h in head_entropies if h not in self.heads]
             if unknown:
                 raise ValueError(
                     f"head_entropies names unknown heads {unknown}; known heads: {list(self.heads)}"
                 )
-            entropies = {
-                h: check_float_tensor(f"head_entropies[{h!r}]", t) for h, t in head_entropies.items()
-            }
+            for h, t in head_entropies.items():
+                if not _is_like(t, shape, device):
+                    apart[h] = check_float_tensor(f"head_entropies[{h!r}]", t)
+            inline = tuple(h for h in self.heads if h in head_entropies and h not in apart)
         loss = None if policy_loss is None else self._loss.check(policy_loss)
         if level <= TelemetryLevel.OFF:
             return
         if loss is not None:
             self._loss.add_checked(loss)
         n = new.numel()
-        names = tuple(h for h in self.heads if h in heads_new)
-        inline = tuple(
-            h
-            for h in self.heads
-            if h in entropies and entropies[h].shape == new.shape and entropies[h].device == new.device
-        )
-        # Every input is detached (check_float_tensor): no grad-mode switch needed.
-        cols = [new, *(heads_new[h] for h in names), old, *(heads_old[h] for h in names)]
-        cols += [entropies[h] for h in inline]
-        block = torch.stack(cols)  # the one copy: promotes to the widest dtype, so it is exact
+        cols = [new]
+        if names:
+            assert head_new_logprobs is not None and head_old_logprobs is not None
+            cols += [head_new_logprobs[h] for h in names]
+            cols.append(old)
+            cols += [head_old_logprobs[h] for h in names]
+        else:
+            cols.append(old)
+        if inline:
+            assert head_entropies is not None
+            cols += [head_entropies[h] for h in inline]
+        if any(t.requires_grad for t in cols):  # the copy must not join the loop's autograd graph
+            with torch.no_grad():
+                block = torch.stack(cols)
+        else:
+            block = torch.stack(cols)  # the one copy: promotes to the widest dtype, so it is exact
         if new.dim() != 1:
             block = block.reshape(len(cols), n)
-        for head, ent in entropies.items():
-            if head not in inline:  # shaped unlike the log-probs (e.g. a minibatch mean)
-                self._entropy[head].append(ent.sum(dtype=acc_dtype(ent.device)))
-                self._entropy_counts[head] += ent.numel()
-        self._stored.setdefault((n, names, inline, eps, new.device), []).append((block, int(epoch)))
+        for head, ent in apart.items():
+            self._entropy[head].append(ent.sum(dtype=acc_dtype(ent.device)))
+            self._entropy_counts[head] += ent.numel()
+        self._stored.setdefault((n, names, inline, eps, device), []).append((block, int(epoch)))
         self._stored_elements += block.numel()
         self._sizes.append(n)
         self._epochs.append(int(epoch))
