@@ -172,7 +172,8 @@ class PolicyReducer:
         # -> [(block, epoch)], a block being the call's (columns, n) copy.
         self._stored: dict[tuple[Any, ...], list[tuple[torch.Tensor, int]]] = {}
         self._stored_elements = 0
-        self._joint: list[torch.Tensor] = []  # folded (M, 13) row blocks of the joint log-ratio
+        self._blocks: list[tuple[tuple[str, ...], torch.Tensor]] = []  # folded (heads, (M, 1 + heads, 13))
+        self._joint: list[torch.Tensor] = []  # the same blocks' (M, 13) rows of the joint log-ratio
         self._row_epochs: list[int] = []  # epoch of every folded joint row, in row order
         self._head_rows: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._head_sizes: dict[str, int] = dict.fromkeys(self.heads, 0)
@@ -314,8 +315,27 @@ class PolicyReducer:
         with torch.no_grad():
             self._fold()
             if self._joint:
-                rows = self._joint[0] if len(self._joint) == 1 else torch.cat(self._joint)
-                sums = rows[:, :_N_SUMS].sum(0)
+                layouts = {names for names, _ in self._blocks}
+                if len(layouts) == 1:  # the usual case: every minibatch had the same heads
+                    block = (
+                        self._blocks[0][1]
+                        if len(self._blocks) == 1
+                        else torch.cat([b for _, b in self._blocks])
+                    )
+                    rows = block[:, 0]
+                    sums, extremes = self._merge_rows(block)  # every log-ratio (joint, heads) at once
+                    for j, head in enumerate(next(iter(layouts)), start=1):
+                        out[f"policy.head.{head}"] = torch.cat((sums[j], extremes[j]))
+                    sums, extremes = sums[0], extremes[0]
+                else:
+                    rows = self._joint[0] if len(self._joint) == 1 else torch.cat(self._joint)
+                    sums, extremes = self._merge_rows(rows)
+                    for head, hrows in self._head_rows.items():
+                        if hrows:
+                            h_sums, h_extremes = self._merge_rows(
+                                hrows[0] if len(hrows) == 1 else torch.cat(hrows)
+                            )
+                            out[f"policy.head.{head}"] = torch.cat((h_sums, h_extremes))
                 n_b = rows[:, _N]
                 mean_r = (n_b * rows[:, _MEAN_R]).sum() / sums[_N]
                 dev = rows[:, _MEAN_R] - mean_r
@@ -325,8 +345,7 @@ class PolicyReducer:
                     (
                         sums,
                         m2.reshape(1),
-                        rows[:, _R_MAX].amax().reshape(1),
-                        rows[:, _R_MIN].amin().reshape(1),
+                        extremes,
                         (rows[:, _SUM_NESS] / n_b).amin().reshape(1),
                         kl_mb.amax(0),
                     )
@@ -341,16 +360,6 @@ class PolicyReducer:
                     out["policy.epoch_k3"] = torch.zeros(
                         len(epochs), dtype=k3.dtype, device=k3.device
                     ).index_add_(0, index, k3)
-            for head, hrows in self._head_rows.items():
-                if hrows:
-                    h = hrows[0] if len(hrows) == 1 else torch.cat(hrows)
-                    out[f"policy.head.{head}"] = torch.cat(
-                        (
-                            h[:, :_N_SUMS].sum(0),
-                            h[:, _R_MAX].amax().reshape(1),
-                            h[:, _R_MIN].amin().reshape(1),
-                        )
-                    )
             for head, sums_h in self._entropy.items():
                 if sums_h:
                     out[f"policy.entropy.{head}"] = (
@@ -421,6 +430,12 @@ class PolicyReducer:
         return stats
 
     # -- the deferred work (device only) -----------------------------------------------------------
+    @staticmethod
+    def _merge_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums and [ratio max, ratio min] over the minibatches (dim 0) of (M, ..., 13) rows."""
+        extremes = torch.stack((rows[..., _R_MAX].amax(0), rows[..., _R_MIN].amin(0)), dim=-1)
+        return rows[..., :_N_SUMS].sum(0), extremes
+
     def _fold(self) -> None:
         """Reduce the stored minibatches to per-minibatch rows: one batched pass per layout.
 
@@ -438,6 +453,7 @@ class PolicyReducer:
             x = x.to(acc_dtype(device))  # float64: the log-ratio is formed after the upcast
             r = 1 + len(names)
             rows = _ratio_rows(x[:, :r] - x[:, r : 2 * r], eps)  # (M, r, 13)
+            self._blocks.append((names, rows))
             self._joint.append(rows[:, 0])
             self._row_epochs.extend(epoch for _, epoch in items)
             for j, head in enumerate(names, start=1):
