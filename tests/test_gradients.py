@@ -851,3 +851,41 @@ def test_observe_launches_a_fixed_small_number_of_kernels(cpu_mode: str) -> None
         assert sorted(set(counter.ops)) == ["_foreach_norm", "aminmax", "as_strided", "cat", "stack"]
         assert len(counter.ops) == 3 + 2 * n
     assert reducer.build(transfer(reducer.pending(L.NORMAL)), L.NORMAL).calls == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_binade_tables_categorise_exactly_like_bucketize(dtype: torch.dtype) -> None:
+    """The two-lookup categorisation gives bucketize's category for every bit pattern that matters:
+    each boundary and its neighbours, every binade's first and last pattern, zero, subnormals, inf,
+    NaNs, and random magnitudes. float16's subnormal binade holds several default edges: no tables,
+    bucketize is used (and the reducer's statistics are the same either way, tested above)."""
+    int_dtype, _ = gradients_module._BITS[dtype]
+    bounds = category_boundaries(TH.grad_hist_edges, dtype)
+    tables = gradients_module.category_lut(bounds, dtype)
+    if dtype == torch.float16:
+        assert tables is None
+        return
+    assert tables is not None
+    shift = gradients_module._MANTISSA[dtype]
+    top = (1 << (int_dtype.itemsize * 8 - 1)) - 1
+    patterns = {0, 1, 2, top, top - 1}
+    for b in bounds:
+        patterns.update({b - 1, b, b + 1})
+    for e in range(top >> shift):
+        patterns.update({e << shift, ((e + 1) << shift) - 1})
+    gen = torch.Generator().manual_seed(33)
+    random = torch.randint(0, top, (5000,), generator=gen, dtype=torch.int64).tolist()
+    bits = torch.tensor(sorted(patterns | set(random)), dtype=torch.int64).clamp(0, top).to(int_dtype)
+    lut = (shift, torch.tensor(tables[0]), torch.tensor(tables[1], dtype=int_dtype))
+    want = torch.bucketize(bits, torch.tensor(bounds, dtype=int_dtype), right=True)
+    got = gradients_module.categorize(
+        bits.view(2, -1) if bits.numel() % 2 == 0 else bits, lut, torch.tensor([])
+    )
+    assert torch.equal(got.reshape(-1), want)
+
+
+def test_two_edges_in_one_binade_fall_back_to_bucketize() -> None:
+    bounds = category_boundaries((1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.2, 1.5), torch.float32)
+    assert gradients_module.category_lut(bounds, torch.float32) is None  # 1.2 and 1.5 inside [1, 2)
+    reducer = GradientReducer(make_params({"w": (40,)}), max_grad_norm=0.5, thresholds=TH)
+    assert reducer._luts[torch.float32] is not None  # the default edges do have tables

@@ -87,7 +87,9 @@ __all__ = [
     "FLAT_MAX",
     "MIN_PER_PARAM",
     "GradientReducer",
+    "categorize",
     "category_boundaries",
+    "category_lut",
     "default_groups",
     "resolve_groups",
     "sample_plan",
@@ -247,6 +249,48 @@ def category_boundaries(edges: Sequence[float], dtype: torch.dtype) -> list[int]
     return [1, *(_ceil_bits(e, dtype) for e in edges), inf_bits, inf_bits + 1]
 
 
+# Mantissa bits per dtype: ``bits >> MANTISSA`` is the binade (the biased exponent) of a magnitude.
+_MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
+
+
+def category_lut(boundaries: Sequence[int], dtype: torch.dtype) -> tuple[list[int], list[int]] | None:
+    """Per-binade tables that categorise a magnitude with two lookups instead of a binary search.
+
+    For each binade e (``bits >> mantissa``): ``below[e]`` = boundaries <= the binade's first bit
+    pattern, ``inner[e]`` = the one boundary strictly inside the binade (or the dtype's largest bit
+    pattern, which only the top binade holds and whose NaN boundary is always inside). Then
+    ``category = below[e] + (bits >= inner[e])``, exactly what ``bucketize(bits, boundaries,
+    right=True)`` gives, provided no binade holds two boundaries; None otherwise (e.g. float16,
+    whose subnormal binade holds several of the default edges). On CPU ``bucketize`` costs ~12-20 ns
+    per element, the two lookups ~3-4.
+    """
+    shift = _MANTISSA[dtype]
+    binades = 1 << (_BITS[dtype][0].itemsize * 8 - 1 - shift)
+    largest = (1 << (_BITS[dtype][0].itemsize * 8 - 1)) - 1
+    below, inner = [], []
+    for e in range(binades):
+        start, end = e << shift, (e + 1) << shift
+        inside = [b for b in boundaries if start < b < end]
+        if len(inside) > 1:
+            return None
+        below.append(sum(1 for b in boundaries if b <= start))
+        inner.append(inside[0] if inside else largest)
+    return below, inner
+
+
+def categorize(
+    bits: torch.Tensor, lut: tuple[int, torch.Tensor, torch.Tensor] | None, boundaries: torch.Tensor
+) -> torch.Tensor:
+    """int64 category of every magnitude bit pattern (``bits & mask``): by the binade tables of
+    :func:`category_lut` (``(shift, below, inner)`` on the device) or, without them, ``bucketize``."""
+    if lut is None:
+        return torch.bucketize(bits, boundaries, right=True)
+    shift, below, inner = lut
+    flat = bits.reshape(-1)
+    binade = (flat >> shift).long()
+    return (below.index_select(0, binade) + (flat >= inner.index_select(0, binade))).view(bits.shape)
+
+
 # --------------------------------------------------------------------------------------------
 # The reducer
 # --------------------------------------------------------------------------------------------
@@ -272,6 +316,7 @@ class _Bucket:
     pad: tuple[torch.Tensor, torch.Tensor] | None  # small buckets: padded block of the tensors <= PAD_MAX
     alone: list[tuple[int, int]]  # small buckets: (start, numel) of the tensors reduced one by one
     order: torch.Tensor | None  # small buckets: bucket position of each computed column, if reordered
+    lut: tuple[int, torch.Tensor, torch.Tensor] | None  # binade tables of category_lut, on device
 
 
 @dataclass
@@ -424,6 +469,7 @@ class GradientReducer:
         self._nb = len(self._edges) + 4  # zero, (0,e0), ..., [e_last,inf), inf, nan
         # Bit-pattern boundaries per dtype, computed here so observe() never reads tensor values.
         self._bounds = {dt: category_boundaries(self._edges, dt) for dt in _BITS}
+        self._luts = {dt: category_lut(self._bounds[dt], dt) for dt in _BITS}
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
         self._round = 0  # sampling rotation, continued across updates
@@ -733,7 +779,7 @@ class GradientReducer:
         one count for all of them (slot = call * P_b * nb + parameter * nb + category)."""
         assert b.slot_offset is not None
         c, nb, p_b = samples.shape[0], self._nb, len(b.indices)
-        idx = torch.bucketize(samples.view(b.int_dtype) & b.mask, b.boundaries, right=True)
+        idx = categorize(samples.view(b.int_dtype) & b.mask, b.lut, b.boundaries)
         idx += b.slot_offset
         if c > 1:
             idx += torch.arange(0, c * p_b * nb, p_b * nb, device=b.device).unsqueeze(1)
@@ -749,7 +795,7 @@ class GradientReducer:
             rows = []
             for g in gs:
                 bits = g.reshape(-1).view(b.int_dtype)
-                idx = torch.bucketize(bits & b.mask, b.boundaries, right=True)
+                idx = categorize(bits & b.mask, b.lut, b.boundaries)
                 rows.append(self._count(idx, nb, b.device))
             return torch.stack(rows)
         views = []
@@ -833,11 +879,20 @@ class GradientReducer:
                     position = [computed.index(k) for k in range(len(numels))]
                     order = _to_device(torch.tensor(position), device)
             bounds = _to_device(torch.tensor(self._bounds[dtype], dtype=int_dtype), device)
+            tables = self._luts[dtype]
+            lut = None
+            if tables is not None:
+                below, inner = tables
+                lut = (
+                    _MANTISSA[dtype],
+                    _to_device(torch.tensor(below, dtype=torch.int64), device),
+                    _to_device(torch.tensor(inner, dtype=int_dtype), device),
+                )
             width = 2 if device.type == "cpu" else 1
             buckets.append(
                 _Bucket(
                     device, dtype, idx, numels, bounds, int_dtype, mask, slot_offset, {}, width,
-                    small, starts, flat_index, pad, alone, order,
+                    small, starts, flat_index, pad, alone, order, lut,
                 )
             )  # fmt: skip
         return _Plan(
