@@ -876,7 +876,7 @@ def test_binade_tables_categorise_exactly_like_bucketize(dtype: torch.dtype) -> 
     gen = torch.Generator().manual_seed(33)
     random = torch.randint(0, top, (5000,), generator=gen, dtype=torch.int64).tolist()
     bits = torch.tensor(sorted(patterns | set(random)), dtype=torch.int64).clamp(0, top).to(int_dtype)
-    lut = (shift, torch.tensor(tables[0]), torch.tensor(tables[1], dtype=int_dtype))
+    lut = tables
     want = torch.bucketize(bits, torch.tensor(bounds, dtype=int_dtype), right=True)
     got = gradients_module.categorize(
         bits.view(2, -1) if bits.numel() % 2 == 0 else bits, lut, torch.tensor([])

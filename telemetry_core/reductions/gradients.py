@@ -253,42 +253,50 @@ def category_boundaries(edges: Sequence[float], dtype: torch.dtype) -> list[int]
 _MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
 
 
-def category_lut(boundaries: Sequence[int], dtype: torch.dtype) -> tuple[list[int], list[int]] | None:
+def category_lut(
+    boundaries: Sequence[int], dtype: torch.dtype
+) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     """Per-binade tables that categorise a magnitude with two lookups instead of a binary search.
 
-    For each binade e (``bits >> mantissa``): ``below[e]`` = boundaries <= the binade's first bit
-    pattern, ``inner[e]`` = the one boundary strictly inside the binade (or the dtype's largest bit
-    pattern, which only the top binade holds and whose NaN boundary is always inside). Then
-    ``category = below[e] + (bits >= inner[e])``, exactly what ``bucketize(bits, boundaries,
-    right=True)`` gives, provided no binade holds two boundaries; None otherwise (e.g. float16,
-    whose subnormal binade holds several of the default edges). On CPU ``bucketize`` costs ~12-20 ns
-    per element, the two lookups ~3-4.
+    For each binade e (``bits >> shift``, ``shift`` = the dtype's mantissa bits): ``above[e]`` = 1 +
+    the boundaries <= the binade's first bit pattern, ``inner[e]`` = the one boundary strictly
+    inside the binade (or the dtype's largest bit pattern, which only the top binade holds, and its
+    NaN boundary is always inside). Then ``category = above[e] - (bits < inner[e])``, exactly what
+    ``bucketize(bits, boundaries, right=True)`` gives, provided no binade holds two boundaries; None
+    otherwise (e.g. float16, whose subnormal binade holds several of the default edges). On CPU
+    ``bucketize`` costs ~12-20 ns per element, this ~3-4. Tables on the host, in the bits' dtype.
     """
+    int_dtype = _BITS[dtype][0]
     shift = _MANTISSA[dtype]
-    binades = 1 << (_BITS[dtype][0].itemsize * 8 - 1 - shift)
-    largest = (1 << (_BITS[dtype][0].itemsize * 8 - 1)) - 1
-    below, inner = [], []
+    binades = 1 << (int_dtype.itemsize * 8 - 1 - shift)
+    largest = (1 << (int_dtype.itemsize * 8 - 1)) - 1
+    above, inner = [], []
     for e in range(binades):
         start, end = e << shift, (e + 1) << shift
         inside = [b for b in boundaries if start < b < end]
         if len(inside) > 1:
             return None
-        below.append(sum(1 for b in boundaries if b <= start))
+        above.append(1 + sum(1 for b in boundaries if b <= start))
         inner.append(inside[0] if inside else largest)
-    return below, inner
+    return shift, torch.tensor(above, dtype=int_dtype), torch.tensor(inner, dtype=int_dtype)
 
 
 def categorize(
     bits: torch.Tensor, lut: tuple[int, torch.Tensor, torch.Tensor] | None, boundaries: torch.Tensor
 ) -> torch.Tensor:
     """int64 category of every magnitude bit pattern (``bits & mask``): by the binade tables of
-    :func:`category_lut` (``(shift, below, inner)`` on the device) or, without them, ``bucketize``."""
+    :func:`category_lut` (on the bits' device) or, without them, ``bucketize``; int32 or the bits' dtype."""
     if lut is None:
-        return torch.bucketize(bits, boundaries, right=True)
-    shift, below, inner = lut
+        return torch.bucketize(bits, boundaries, right=True, out_int32=True)
+    shift, above, inner = lut
     flat = bits.reshape(-1)
-    binade = (flat >> shift).long()
-    return (below.index_select(0, binade) + (flat >= inner.index_select(0, binade))).view(bits.shape)
+    binade = flat >> shift  # index_select takes int32 indices too: no int64 copy (int16 it does not)
+    if binade.dtype == torch.int16:
+        binade = binade.int()
+    # bits >= inner as 0/1 without a bool tensor (whose mixed-dtype add costs a conversion pass):
+    # both are non-negative, so bits - inner cannot overflow and its sign bit is "bits < inner".
+    below_inner = (flat - inner.index_select(0, binade)) >> (bits.element_size() * 8 - 1)
+    return (above.index_select(0, binade) + below_inner).view(bits.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -775,14 +783,13 @@ class GradientReducer:
         return plan
 
     def _bin(self, b: _Bucket, samples: torch.Tensor) -> torch.Tensor:
-        """(C, P_b, nb) category counts of the (C, S) sampled elements of C calls: one bucketize and
-        one count for all of them (slot = call * P_b * nb + parameter * nb + category)."""
+        """(C, P_b, nb) category counts of the (C, S) sampled elements of C calls: one categorisation
+        and one count for all of them (slot = call * P_b * nb + parameter * nb + category)."""
         assert b.slot_offset is not None
         c, nb, p_b = samples.shape[0], self._nb, len(b.indices)
-        idx = categorize(samples.view(b.int_dtype) & b.mask, b.lut, b.boundaries)
-        idx += b.slot_offset
+        idx = categorize(samples.view(b.int_dtype) & b.mask, b.lut, b.boundaries) + b.slot_offset
         if c > 1:
-            idx += torch.arange(0, c * p_b * nb, p_b * nb, device=b.device).unsqueeze(1)
+            idx += torch.arange(0, c * p_b * nb, p_b * nb, dtype=idx.dtype, device=b.device).unsqueeze(1)
         return self._count(idx.view(-1), c * p_b * nb, b.device).view(c, p_b, nb)
 
     # -- per call ---------------------------------------------------------------------------------
@@ -811,7 +818,8 @@ class GradientReducer:
         if device.type == "cpu":
             return torch.bincount(idx, minlength=n)
         # CUDA bincount reads the max index back to size its output (a sync); index_add_ does not.
-        return torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, idx, torch.ones_like(idx))
+        ones = torch.ones_like(idx, dtype=torch.int64)
+        return torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, idx, ones)
 
     def _make_plan(self, grads: list[torch.Tensor | None]) -> _Plan:
         """Buckets by (device, dtype) and device constants for one pattern of present gradients."""
@@ -846,7 +854,7 @@ class GradientReducer:
             starts = [sum(numels[:k]) for k in range(len(numels))]
             slot_offset = None
             if self.sample_size is not None or small:  # every binned element's (tensor * nb) slot
-                slots = torch.arange(len(idx)) * self._nb
+                slots = torch.arange(len(idx), dtype=torch.int32) * self._nb
                 slot_offset = _to_device(torch.repeat_interleave(slots, torch.tensor(counts)), device)
             flat_index = None
             if small and self.sample_size is not None:  # every round's sample, as sample_plan picks it;
@@ -882,12 +890,7 @@ class GradientReducer:
             tables = self._luts[dtype]
             lut = None
             if tables is not None:
-                below, inner = tables
-                lut = (
-                    _MANTISSA[dtype],
-                    _to_device(torch.tensor(below, dtype=torch.int64), device),
-                    _to_device(torch.tensor(inner, dtype=int_dtype), device),
-                )
+                lut = (tables[0], _to_device(tables[1], device), _to_device(tables[2], device))
             width = 2 if device.type == "cpu" else 1
             buckets.append(
                 _Bucket(
