@@ -326,12 +326,16 @@ class TelemetryHub:
 
     def observe_gradients(self, loss: torch.Tensor | None = None) -> None:
         """After ``loss.backward()``, before clipping."""
-        if self._level == TelemetryLevel.OFF:
+        level = self._level
+        if level == TelemetryLevel.OFF:
             return
-        with self._guard("observe_gradients"):
-            self._grads.observe(self._level)
-            if self._level >= TelemetryLevel.DEBUG:
+        try:  # per backward: a plain try (free) on the hot path, the guard only on failure
+            self._grads.observe(level)
+            if level >= TelemetryLevel.DEBUG:
                 self._debug.observe_gradients(loss)
+        except Exception:
+            with self._guard("observe_gradients"):
+                raise
 
     def observe_minibatch(
         self,
@@ -350,9 +354,10 @@ class TelemetryHub:
         value_loss: torch.Tensor | None = None,
     ) -> None:
         """After each minibatch: log-probs (joint and per head), entropies, advantages, losses."""
-        if self._level == TelemetryLevel.OFF:
+        level = self._level
+        if level == TelemetryLevel.OFF:
             return
-        with self._guard("observe_minibatch"):
+        try:  # per minibatch: a plain try (free) on the hot path, the guard only on failure
             self._policy.observe(
                 new_logprob=new_logprob,
                 old_logprob=old_logprob,
@@ -362,13 +367,13 @@ class TelemetryHub:
                 head_old_logprobs=head_old_logprobs,
                 head_entropies=head_entropies,
                 policy_loss=policy_loss,
-                level=self._level,
+                level=level,
             )
             if value_loss is not None:
-                self._value.observe_minibatch(value_loss, level=self._level)
-            if advantages is not None and self._level >= TelemetryLevel.NORMAL:
+                self._value.observe_minibatch(value_loss, level=level)
+            if advantages is not None and level >= TelemetryLevel.NORMAL:
                 self._adv.observe_minibatch(advantages)
-            if self._level >= TelemetryLevel.DEBUG:
+            if level >= TelemetryLevel.DEBUG:
                 self._debug.observe_minibatch(
                     new_logprob,
                     old_logprob,
@@ -378,6 +383,9 @@ class TelemetryHub:
                     indices=indices,
                     epoch=epoch,
                 )
+        except Exception:
+            with self._guard("observe_minibatch"):
+                raise
 
     def early_stop(self, *, epoch: int, kl: torch.Tensor | float | None = None) -> None:
         """The loop's target-KL early stop fired at ``epoch``."""

@@ -889,3 +889,21 @@ def test_two_edges_in_one_binade_fall_back_to_bucketize() -> None:
     assert gradients_module.category_lut(bounds, torch.float32) is None  # 1.2 and 1.5 inside [1, 2)
     reducer = GradientReducer(make_params({"w": (40,)}), max_grad_norm=0.5, thresholds=TH)
     assert reducer._luts[torch.float32] is not None  # the default edges do have tables
+
+
+def test_a_model_cast_between_updates_gets_new_plans() -> None:
+    """Plans are keyed per call on presence, layout and graph only (a gradient always has its
+    parameter's dtype and device); casting the model between updates rebuilds them."""
+    gen = torch.Generator().manual_seed(34)
+    named = make_params({"a.w": (16, 8), "b.w": (8,)})
+    reducer = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups=default_groups(named))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for _, p in named:
+            p.data = p.data.to(dtype)
+        calls = [[random_grad(p.shape, gen, dtype) for _, p in named] for _ in range(2)]
+        stats = run(reducer, calls)
+        ref = ref_stats(calls, 0.5, default_groups(named))
+        assert stats.calls == 2
+        rel = 2e-2 if dtype == torch.bfloat16 else 2e-5
+        assert close(stats.total_norm, ref["total_norm"], rel) and close(stats.max_abs, ref["max_abs"], rel)
+        assert stats.hist_counts == ref["hist_counts"]

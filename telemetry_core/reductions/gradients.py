@@ -494,6 +494,11 @@ class GradientReducer:
         self._kept = 0  # elements of the flat copies the stored calls hold
         self._partial: torch.Tensor | None = None
         self._home: torch.device | None = None
+        signature = [(p.dtype, p.device) for p in self.params]
+        if signature != getattr(self, "_signature", signature):  # the model was moved or cast
+            self._plans.clear()
+            self._consts.clear()
+        self._signature = signature
 
     @property
     def skipped_params(self) -> int:
@@ -510,7 +515,9 @@ class GradientReducer:
         if level <= TelemetryLevel.OFF:
             return
         grads = [p.grad for p in self.params]
-        key = tuple(None if g is None else (g.dtype, g.device, g.layout, g.requires_grad) for g in grads)
+        # A gradient has its parameter's dtype, device and shape (PyTorch enforces it), and those are
+        # checked once per update in reset(): per call only presence, layout and graph can change.
+        key = tuple([None if g is None else (g.layout, g.requires_grad) for g in grads])
         plan = self._plans.get(key)
         if plan is None:
             plan = self._make_plan(grads)
