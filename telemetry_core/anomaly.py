@@ -61,7 +61,7 @@ CRITICAL = "critical"
 # The kinds this detector judges (rank_divergence belongs to the multi-rank aggregator).
 DETECTED_KINDS: tuple[str, ...] = tuple(k for k in ANOMALY_KINDS if k != "rank_divergence")
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 # Rolling baselines by name; the window of each is a Thresholds field.
 _BASELINES: dict[str, str] = {
     "kl": "kl_baseline_window",
@@ -206,6 +206,9 @@ class AnomalyDetector:
         self._entropy_below: dict[str, int] = {}
         self._entropy_collapsed: dict[str, bool] = {}
         self._entropy_hist: dict[str, deque[float]] = {}
+        self._entropy_last: dict[str, float] = {}
+        self._entropy_falls: dict[str, int] = {}
+        self._entropy_throttled: dict[str, int] = {}
         self._ev_below = 0
         self._drift_above = 0
         self._base: dict[str, deque[float]] = {
@@ -227,6 +230,9 @@ class AnomalyDetector:
             "entropy_below": dict(self._entropy_below),
             "entropy_collapsed": dict(self._entropy_collapsed),
             "entropy_hist": {h: list(d) for h, d in self._entropy_hist.items()},
+            "entropy_last": dict(self._entropy_last),
+            "entropy_falls": dict(self._entropy_falls),
+            "entropy_throttled": dict(self._entropy_throttled),
             "ev_below": self._ev_below,
             "drift_above": self._drift_above,
             "baselines": {name: list(d) for name, d in self._base.items()},
@@ -249,6 +255,9 @@ class AnomalyDetector:
             self._entropy_collapsed = {str(k): bool(v) for k, v in state["entropy_collapsed"].items()}
             for head, values in state["entropy_hist"].items():
                 self._head_hist(str(head)).extend(float(v) for v in values)
+            self._entropy_last = {str(k): float(v) for k, v in state["entropy_last"].items()}
+            self._entropy_falls = {str(k): int(v) for k, v in state["entropy_falls"].items()}
+            self._entropy_throttled = {str(k): int(v) for k, v in state["entropy_throttled"].items()}
             self._ev_below = int(state["ev_below"])
             self._drift_above = int(state["drift_above"])
             for name, values in state["baselines"].items():
@@ -474,10 +483,25 @@ class AnomalyDetector:
         ``entropy_critical_fraction`` x limit (deterministic: an entropy bonus of the right sign
         does not allow that), warning otherwise (a healthy run may end with a nearly decided head).
 
-        Collapsing (warning, not latched): a head not yet collapsed whose entropy falls below
-        ``entropy_drop_fraction`` x the median of its last ``entropy_baseline_window`` updates.
-        Healthy PPO lowers entropy slowly (the trust region bounds each step); a wrong-sign entropy
-        coefficient halves it within two updates, long before it crosses the absolute limit.
+        Collapsing (warning, not latched), for a head not yet collapsed, against the median of its
+        last ``entropy_baseline_window`` unflagged updates (once ``baseline_min_updates`` are known):
+
+        * falling fast: its entropy fell by more than ``entropy_fall_step`` (a fraction of the previous
+          update's value) in each of the last ``entropy_fall_updates`` updates and is now below
+          ``entropy_fall_fraction`` x that median - a sustained slide, not one or two noisy dips;
+        * pushed down: it fell by more than ``entropy_throttled_fall_step`` in each of the last
+          ``entropy_fall_updates`` updates, the loop's target-KL early stop cut every one of them
+          short, and it is below ``entropy_throttled_fall_fraction`` x that median - the optimiser
+          spends the whole trust region on sharpening the policy, update after update;
+        * dropped: it is below ``entropy_drop_fraction`` x that median, however it got there.
+
+        Healthy PPO lowers entropy slowly and noisily: a head can lose a third of its entropy in
+        two or three updates while it learns, then it rises again, and the target-KL stop fires in
+        about one update in eight, in short bursts. A wrong-sign entropy coefficient makes every
+        update sharpen the policy as far as the trust region allows: the stop fires every update
+        (the trust region is what slows the collapse, to 5-40% per update) and the entropy keeps
+        falling, so one of the slide rules fires two to three updates after onset, long before the
+        absolute limit (calibration: ``benchmarks/detection_matrix.py``).
 
         A missing or NaN entropy holds the head's state (no verdict; NaN is numerical_instability).
         """
@@ -495,8 +519,28 @@ class AnomalyDetector:
                 collapsed = False
             self._entropy_below[head] = below
             self._entropy_collapsed[head] = collapsed
+            last = self._entropy_last.get(head)
+            fell = last is not None and e < (1.0 - t.entropy_fall_step) * last
+            pushed = p.early_stopped and last is not None and e < (1.0 - t.entropy_throttled_fall_step) * last
+            falls = self._entropy_falls.get(head, 0) + 1 if fell else 0
+            throttled = self._entropy_throttled.get(head, 0) + 1 if pushed else 0
+            self._entropy_last[head] = e
+            self._entropy_falls[head] = falls
+            self._entropy_throttled[head] = throttled
             hist = self._head_hist(head)
             base = statistics.median(hist) if len(hist) >= max(1, t.baseline_min_updates) else None
+            slide: tuple[float, str] | None = None  # (limit as a fraction of the median, words)
+            if base is not None and base > 0:
+                if falls >= t.entropy_fall_updates and e < t.entropy_fall_fraction * base:
+                    slide = (t.entropy_fall_fraction, f" after falling for {falls} updates in a row")
+                elif throttled >= t.entropy_fall_updates and e < t.entropy_throttled_fall_fraction * base:
+                    slide = (
+                        t.entropy_throttled_fall_fraction,
+                        f" after falling for {throttled} updates in a row, each cut short by the "
+                        f"target-KL early stop",
+                    )
+                elif e < t.entropy_drop_fraction * base:
+                    slide = (t.entropy_drop_fraction, "")
             if collapsed:
                 critical = e < t.entropy_critical_fraction * limit
                 since = (
@@ -516,16 +560,17 @@ class AnomalyDetector:
                         head=head,
                     )
                 )
-            elif base is not None and base > 0 and e < t.entropy_drop_fraction * base:
+            elif slide is not None and base is not None:
+                fraction, how = slide
                 out.append(
                     self._anomaly(
                         "entropy_collapse",
                         WARNING,
                         step,
                         f"Head '{head}' is collapsing: normalised entropy fell to {_fmt(e)}, "
-                        f"{e / base:.0%} of its recent median {_fmt(base)}.",
+                        f"{e / base:.0%} of its recent median {_fmt(base)}{how}.",
                         value=e,
-                        threshold=t.entropy_drop_fraction * base,
+                        threshold=fraction * base,
                         head=head,
                     )
                 )

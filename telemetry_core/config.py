@@ -135,8 +135,38 @@ class Thresholds:
     entropy_drop_fraction: float = _t(
         0.5,
         "a head whose entropy falls below this fraction of its recent median is collapsing "
-        "(warning): healthy demo runs never fell below 0.62; the demo's wrong-sign ent_coef is at "
-        "0.54 two updates after onset and 0.32 after three, long before the absolute limit",
+        "(warning): healthy demo runs (8 seeds) never fell below 0.62; the demo's wrong-sign "
+        "ent_coef is below it 3 updates after onset in 6 of 8 seeds, 4 in all (the slide rules "
+        "below see it sooner), long before the absolute limit",
+    )
+    entropy_fall_step: float = _t(
+        0.1,
+        "an update whose head entropy is more than this fraction below the previous update's counts "
+        "as a fall for the fast-fall rule (demo wrong-sign ent_coef: 10-50% per update)",
+    )
+    entropy_fall_updates: int = _t(
+        3,
+        "consecutive falls the fast-fall rule needs: healthy demo heads lose up to 38% in two "
+        "updates while learning, then recover; a wrong-sign ent_coef keeps falling",
+    )
+    entropy_fall_fraction: float = _t(
+        0.65,
+        "a head after entropy_fall_updates falls and below this fraction of its recent median is "
+        "collapsing (warning): the demo's wrong-sign ent_coef is at 0.19-0.47 three updates after "
+        "onset in 6 of 8 seeds; the one healthy 3-fall slide in 8 seeds x 300 updates stopped at 0.78",
+    )
+    entropy_throttled_fall_step: float = _t(
+        0.05,
+        "a fall of more than this fraction in an update the target-KL early stop cut short counts "
+        "for the pushed-down rule: in 2 of 8 demo seeds the trust region slows a wrong-sign "
+        "ent_coef to 8-15% per update (0.60-0.70 of the median 3 updates after onset)",
+    )
+    entropy_throttled_fall_fraction: float = _t(
+        0.8,
+        "a head after entropy_fall_updates such throttled falls and below this fraction of its "
+        "recent median is collapsing (warning): healthy demo runs stop early in ~1 update of 8, in "
+        "bursts while they learn fast; in 8 seeds x 300 updates this fired once (seed 8, update 43, "
+        "at 0.67: a head sharpening fast) - a warning, the price of flagging the slow seeds in time",
     )
     entropy_baseline_window: int = _t(10, "updates in each head's rolling entropy baseline (median)")
     # ---- policy: KL, ratios, clipping ----------------------------------------------------------

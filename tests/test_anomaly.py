@@ -486,6 +486,87 @@ def test_entropy_falling_fast_warns_before_the_absolute_limit() -> None:
     assert "nearly deterministic" in found[0].message
 
 
+# Normalised force-head entropy of real demo updates (300 planned): two healthy slides (seed 2,
+# updates 66-82; seed 1, updates 100-116) and a wrong-sign ent_coef injected at update 90 (seed 3,
+# coefficient -2, updates 80-93).
+# fmt: off
+HEALTHY_SLIDES = [
+    [0.7398, 0.7117, 0.7259, 0.7094, 0.6801, 0.7956, 0.849, 0.7702, 0.6872, 0.7722, 0.8734, 0.7592, 0.6806, 0.5937, 0.7559, 0.739, 0.7469],
+    [0.8642, 0.7467, 0.702, 0.64, 0.6629, 0.6653, 0.76, 0.7487, 0.7676, 0.6521, 0.5845, 0.7233, 0.7035, 0.4762, 0.4246, 0.4442, 0.4629],
+]
+WRONG_SIGN_SLIDE = [0.7869, 0.8273, 0.8408, 0.8157, 0.7536, 0.7822, 0.7921, 0.7865, 0.7971, 0.7909, 0.7461, 0.6195, 0.475, 0.3759]
+# fmt: on
+
+
+def test_entropy_falling_fast_needs_three_falls_and_a_level_below_the_median() -> None:
+    det = detector()
+    step = warm(det, 12)  # force entropy 0.82 for 12 updates
+    for i, e in enumerate([0.72, 0.63]):  # two falls of 12-13%: a healthy head can do that
+        assert det.check(_entropy(step + i, 0.62, force=e)) == []
+    (a,) = det.check(_entropy(step + 2, 0.62, force=0.52))  # third fall, 0.63 of the median
+    assert (a.kind, a.head, a.severity) == ("entropy_collapse", "force", WARNING)
+    assert "3 updates in a row" in a.message and a.threshold == pytest.approx(0.65 * 0.82)
+    # A fall smaller than entropy_fall_step breaks the run; the drop rule still sees the level.
+    assert det.check(_entropy(step + 3, 0.62, force=0.50)) == []
+    assert "3 updates" not in det.check(_entropy(step + 4, 0.62, force=0.40))[0].message
+
+
+def test_real_healthy_entropy_slides_do_not_fire_and_a_wrong_sign_coefficient_does() -> None:
+    for slide in HEALTHY_SLIDES:
+        det = detector()
+        assert [a for i, e in enumerate(slide) for a in det.check(_entropy(66 + i, 0.6, force=e))] == []
+    det = detector()
+    flagged = [80 + i for i, e in enumerate(WRONG_SIGN_SLIDE) if det.check(_entropy(80 + i, 0.6, force=e))]
+    assert flagged == [93]  # onset 90: three falls (91, 92, 93) and 0.48 of the median
+
+
+# A slower wrong-sign collapse (seed 2, coefficient -0.5 from update 90, force head, updates 80-93)
+# and a healthy burst of early stops while learning (seed 5, direction head, updates 18-32): the
+# normalised entropy and whether the loop's target-KL early stop fired.
+# fmt: off
+THROTTLED_SLIDE = [0.7559, 0.739, 0.7469, 0.8475, 0.8709, 0.7628, 0.7173, 0.859, 0.8314, 0.8943, 0.825, 0.6977, 0.6436, 0.5616]
+THROTTLED_STOPS = [False, True, True, False, False, False, True, True, True, False, True, True, True, True]
+HEALTHY_BURST = [0.66, 0.7284, 0.7497, 0.7869, 0.7667, 0.7192, 0.7067, 0.6814, 0.6781, 0.6724, 0.6727, 0.6857, 0.7096, 0.6767, 0.7303]
+HEALTHY_BURST_STOPS = [True, True, True, False, False, True, True, True, True, True, True, True, False, False, False]
+# fmt: on
+
+
+def _stopped(step: int, direction: float, force: float, stopped: bool) -> Snapshot:
+    return healthy(
+        step,
+        policy={
+            "entropy_normalized": {"direction": direction, "force": force},
+            "early_stopped": stopped,
+            "early_stop_epoch": 0 if stopped else None,
+        },
+    )
+
+
+def test_entropy_pushed_down_through_the_trust_region_warns_three_updates_after_onset() -> None:
+    det = detector()
+    flagged = {}
+    for i, (e, stop) in enumerate(zip(THROTTLED_SLIDE, THROTTLED_STOPS, strict=True)):
+        if found := det.check(_stopped(80 + i, 0.6, e, stop)):
+            flagged[80 + i] = found
+    # Onset 90: at 92 the head is at 0.78 of its median after three stopped falls of 8-15%; at 93 at
+    # 0.68. Only the throttled rule sees it (the fast-fall rule needs 10% falls and 0.65).
+    assert list(flagged) == [92, 93]
+    (a,) = flagged[92]
+    assert (a.kind, a.head, a.severity) == ("entropy_collapse", "force", WARNING)
+    assert "cut short by the target-KL early stop" in a.message
+    # The same entropies without the early stops are just a healthy-looking slide.
+    det = detector()
+    assert [
+        a for i, e in enumerate(THROTTLED_SLIDE) for a in det.check(_stopped(80 + i, 0.6, e, False))
+    ] == []
+
+
+def test_a_healthy_burst_of_early_stops_is_not_a_collapse() -> None:
+    det = detector()
+    for i, (e, stop) in enumerate(zip(HEALTHY_BURST, HEALTHY_BURST_STOPS, strict=True)):
+        assert det.check(_stopped(18 + i, e, 0.85, stop)) == []
+
+
 def test_entropy_from_raw_nats_when_normalised_is_missing_and_nan_holds_state() -> None:
     det = detector(entropy_drop_fraction=0.0)
     raw = {"direction": 0.05 * math.log(2), "force": 0.8 * math.log(3)}

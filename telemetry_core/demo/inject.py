@@ -101,7 +101,14 @@ class Pathology:
 
 
 class EntropyCollapse(Pathology):
-    """Entropy coefficient with the wrong sign (and large): the loss rewards determinism."""
+    """Entropy coefficient with the wrong sign (and large): the loss rewards determinism.
+
+    The magnitude sets which term leads, not the pace: Adam and global-norm clipping fix the step
+    size and the loop's target-KL early stop caps how far each update moves, so -0.5 and -2 collapse
+    a head alike (about 10-50% of its entropy per update, every update cut short by the stop), while
+    the sign error alone (-0.01 for +0.01) leaves the policy gradient in charge: the entropy barely
+    moves in 8 updates (measured on seeds 2 and 3, injected at update 90 of 300).
+    """
 
     kind = "entropy-collapse"
     coef = -0.5
