@@ -1,55 +1,139 @@
-"""Gate-saturation replay cost vs nn.LSTM forward, measured side by side (interleaved, medians)."""
+"""LSTM telemetry cost: gate-saturation replay and state statistics next to the ``nn.LSTM`` forward.
 
-import time, statistics, torch
+For several LSTM shapes (input -> hidden, layers, time steps T, batch B) it times, side by side,
+interleaved and repeated (medians):
+
+* ``forward``      ``nn.LSTM`` over the whole batch (no grad): the reference
+* ``fwd 64``       ``nn.LSTM`` over the 64 rows the NORMAL level samples
+* ``NORMAL``       ``LSTMReducer.observe`` with inputs at NORMAL: state statistics and the gate replay
+                   of ``Thresholds.lstm_gate_sample`` (64) evenly spaced rows
+* ``DEBUG``        the same over every row
+* ``state``        state statistics alone (no inputs: what a loop without gate replay pays)
+
+and prints each as milliseconds and as a ratio to the full-batch forward. The replay runs the
+fused LSTM kernel once per layer and direction and recomputes every step's gate pre-activations
+with two matmuls, so it costs about one forward of the replayed rows plus a few small kernels.
+
+    python benchmarks/bench_lstm_gates.py            # about 20 s on a 2-core CPU
+    python benchmarks/bench_lstm_gates.py --quick    # a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from telemetry_core.config import TelemetryLevel, Thresholds
 from telemetry_core.reductions.lstm import LSTMReducer
-from telemetry_core.config import TelemetryLevel as L, Thresholds
 
-torch.set_num_threads(1)
-
-
-def timeit(fns, reps=7):
-    res = [[] for _ in fns]
-    for f in fns:
-        f()
-    for _ in range(reps):
-        for i, f in enumerate(fns):
-            s = time.perf_counter()
-            f()
-            res[i].append(time.perf_counter() - s)
-    return [statistics.median(r) for r in res]
-
-
-for F, H, layers, T, B in [
+# (input size, hidden size, layers, time steps, batch)
+SHAPES = [
+    (64, 64, 1, 8, 8),
     (32, 64, 1, 64, 256),
     (64, 128, 1, 32, 512),
     (64, 128, 2, 16, 256),
     (64, 128, 1, 1, 512),
-]:
-    lstm = torch.nn.LSTM(F, H, num_layers=layers)
-    x = torch.randn(T, B, F)
-    h0 = torch.zeros(layers, B, H)
-    c0 = torch.zeros(layers, B, H)
-    k = 64
-    xs = x[:, :k].contiguous()
-    hs = h0[:, :k].contiguous()
-    cs = c0[:, :k].contiguous()
+]
+QUICK_SHAPES = [(64, 64, 1, 8, 8), (64, 128, 2, 16, 256)]
+
+
+def interleaved(
+    cases: dict[str, Callable[[], object]], reps: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Median seconds per case, run round-robin so load drifts hit every case alike."""
+    for fn in cases.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run_shape(
+    shape: tuple[int, int, int, int, int], reps: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    features, hidden, layers, steps, batch = shape
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(features, hidden, num_layers=layers)
+    x = torch.randn(steps, batch, features)
+    h0 = torch.zeros(layers, batch, hidden)
+    c0 = torch.zeros(layers, batch, hidden)
+    k = min(batch, Thresholds().lstm_gate_sample)
+    xs, hs, cs = x[:, :k].contiguous(), h0[:, :k].contiguous(), c0[:, :k].contiguous()
     with torch.no_grad():
         h, c = lstm(x, (h0, c0))[1]
-    red = LSTMReducer(lstm, Thresholds())
+    reducer = LSTMReducer(lstm, Thresholds())
 
-    def fwd():
+    def forward() -> None:
         with torch.no_grad():
             lstm(x, (h0, c0))
 
-    def fwd_k():
+    def forward_sample() -> None:
         with torch.no_grad():
             lstm(xs, (hs, cs))
 
-    nrm = lambda: red.observe(h, c, inputs=x, input_state=(h0, c0), level=L.NORMAL)
-    dbg = lambda: red.observe(h, c, inputs=x, input_state=(h0, c0), level=L.DEBUG)
-    st = lambda: red.observe(h, c, level=L.NORMAL)
-    a, b, n, d, s = timeit([fwd, fwd_k, nrm, dbg, st])
-    print(
-        f"LSTM {F}->{H} x{layers}, T={T}, B={B}: forward {a * 1e3:.2f} ms; NORMAL replay of 64 rows {n * 1e3:.2f} ms "
-        f"= {n / a:.2f}x the full forward ({n / b:.2f}x a forward of those 64 rows); DEBUG replay of all rows {d * 1e3:.2f} ms = {d / a:.2f}x; state stats only {s * 1e3:.3f} ms"
+    def observe(level: TelemetryLevel, inputs: bool = True) -> Callable[[], None]:
+        def go() -> None:
+            if inputs:
+                reducer.observe(h, c, inputs=x, input_state=(h0, c0), level=level)
+            else:
+                reducer.observe(h, c, level=level)
+            reducer.pending(level)
+
+        return go
+
+    return interleaved(
+        {
+            "forward": forward,
+            "fwd 64": forward_sample,
+            "NORMAL": observe(TelemetryLevel.NORMAL),
+            "DEBUG": observe(TelemetryLevel.DEBUG),
+            "state": observe(TelemetryLevel.NORMAL, inputs=False),
+        },
+        reps,
+        clock,
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two shapes, few repeats (seconds)")
+    parser.add_argument("--reps", type=int, default=None, help="repeats per case (default 31, quick 7)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the demo uses 1)")
+    parser.add_argument("--cpu-time", action="store_true", help="time with the thread's CPU time")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    reps = args.reps or (7 if args.quick else 31)
+    print(
+        f"bench_lstm_gates — {time.strftime('%Y-%m-%d %H:%M')} — {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {args.threads} thread(s), {'thread CPU time' if args.cpu_time else 'wall clock'}, "
+        f"median of {reps}"
+    )
+    cols = ("forward", "fwd 64", "NORMAL", "DEBUG", "state")
+    print(
+        f"{'LSTM F->H x layers, T, B':28s}"
+        + "".join(f"{c + ' ms':>11s}" for c in cols)
+        + "  NORMAL/fwd  DEBUG/fwd"
+    )
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        t = run_shape(shape, reps, clock)
+        features, hidden, layers, steps, batch = shape
+        label = f"{features}->{hidden} x{layers}, T={steps}, B={batch}"
+        print(
+            f"{label:28s}"
+            + "".join(f"{t[c] * 1e3:11.3f}" for c in cols)
+            + f"{t['NORMAL'] / t['forward']:11.2f}x{t['DEBUG'] / t['forward']:10.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
