@@ -1,12 +1,19 @@
 """Cost of the DEBUG diagnostics relative to one normal backward of a small LSTM actor-critic.
 
-Run: python bench_debug.py  (prints medians of interleaved repeats, side by side in one run)
+Per minibatch at DEBUG, timed in the same loop as the model's own ``backward`` (medians of
+interleaved repeats): the gradient-conflict report (``observe_loss_terms``: one extra backward per
+loss term through ``torch.autograd.grad``), the per-layer gradient table (``observe_gradients``),
+the per-head ratio outliers (``observe_minibatch``) and the update's ``pending`` + ``transfer`` +
+``build``. Each is printed in ms and as a multiple of one backward.
+
+    python benchmarks/bench_debug.py [--obs 32] [--hidden 128] [--t 32] [--n 16] [--reps 30]
 """
 
 from __future__ import annotations
 
+import argparse
+import platform
 import statistics
-import sys
 import time
 
 import torch
@@ -81,6 +88,7 @@ def main(obs: int = 32, hidden: int = 128, t: int = 32, n: int = 16, reps: int =
             res[k].append(v)
     med = {k: statistics.median(v) for k, v in res.items()}
     nparams = sum(p.numel() for p in model.parameters())
+    print(f"bench_debug — {time.strftime('%Y-%m-%d %H:%M')} — {platform.machine()}, torch {torch.__version__}")
     print(f"device={dev} threads={torch.get_num_threads()} params={nparams} minibatch={t}x{n} reps={reps}")
     for k, v in med.items():
         print(f"{k:>18}: {v * 1e3:8.3f} ms  = {v / med['backward']:5.2f} x one backward")
@@ -88,4 +96,11 @@ def main(obs: int = 32, hidden: int = 128, t: int = 32, n: int = 16, reps: int =
 
 
 if __name__ == "__main__":
-    main(*[int(a) for a in sys.argv[1:]])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--obs", type=int, default=32, help="observation size")
+    ap.add_argument("--hidden", type=int, default=128, help="LSTM hidden size")
+    ap.add_argument("--t", type=int, default=32, help="time steps per minibatch")
+    ap.add_argument("--n", type=int, default=16, help="sequences per minibatch")
+    ap.add_argument("--reps", type=int, default=30)
+    a = ap.parse_args()
+    main(a.obs, a.hidden, a.t, a.n, a.reps)
