@@ -259,6 +259,11 @@ class TelemetryHub:
         return self._reason
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    @property
     def endpoints(self) -> tuple[str, str] | None:
         """(pub, cmd) endpoints actually bound, or None without a network."""
         if self.publisher is None:
@@ -268,6 +273,15 @@ class TelemetryHub:
     # ------------------------------------------------------------------------------------------
     # error guard
     # ------------------------------------------------------------------------------------------
+    def guard(self, where: str) -> contextlib.AbstractContextManager[None]:
+        """A context in which an exception is the telemetry's, never training's.
+
+        For integrations that compute telemetry inputs in their own code (a callback, a wrapper):
+        an exception inside is counted in ``counters.telemetry_errors`` (shown on every snapshot),
+        logged once per ``where`` and exception type, and swallowed, unless the hub is ``strict``.
+        """
+        return self._guard(where)
+
     @contextlib.contextmanager
     def _guard(self, where: str) -> Iterator[None]:
         try:

@@ -305,6 +305,30 @@ def test_bad_input_is_counted_and_logged_once_not_raised(caplog: pytest.LogCaptu
         lp.close()
 
 
+def test_public_guard_counts_an_integrations_error_and_closed_reports_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lp = Loop({"strict": False})
+    try:
+        for _ in range(2):
+            with lp.hub.guard("my_callback"):
+                raise KeyError("train/approx_kl")
+        snap = lp.update()
+        assert snap is not None and snap.counters.telemetry_errors == 2
+        warnings = [r for r in caplog.records if "my_callback" in r.getMessage()]
+        assert len(warnings) == 1 and "approx_kl" in warnings[0].getMessage()
+        assert not lp.hub.closed
+    finally:
+        lp.close()
+    assert lp.hub.closed
+    strict = Loop({"strict": True})
+    try:
+        with pytest.raises(KeyError), strict.hub.guard("my_callback"):
+            raise KeyError("x")
+    finally:
+        strict.close()
+
+
 def test_strict_mode_reraises_with_the_argument_named(loop: Loop) -> None:
     with pytest.raises((ValueError, TypeError), match="old_logprob"):
         loop.hub.observe_minibatch(

@@ -228,7 +228,7 @@ class SimicCallback(BaseCallback):
         total_updates = (
             math.ceil(total / self._rollout_size) if isinstance(total, int) and total > 0 else None
         )
-        if self.hub is None or (self._owns_hub and self.hub._closed):
+        if self.hub is None or (self._owns_hub and self.hub.closed):
             kwargs = dict(self._hub_kwargs)
             kwargs.setdefault("run_name", f"sb3-{type(model).__name__}")
             kwargs.setdefault("groups", sb3_groups(policy))
@@ -271,7 +271,7 @@ class SimicCallback(BaseCallback):
         self._pending = self.model.num_timesteps // self._rollout_size
         level = hub.level
         if level > TelemetryLevel.OFF:
-            with hub._guard("sb3.rollout"):
+            with hub.guard("sb3.rollout"):
                 self._observe_rollout(level)
         self._ep_returns, self._ep_lengths = [], []
         self._armed = level > TelemetryLevel.OFF  # the level holds until this update's end_update
@@ -399,7 +399,7 @@ class SimicCallback(BaseCallback):
             out = orig_eval(*args, **kwargs)
             if self._armed and self._current is not None:
                 self._queued = False
-                with self.hub._guard("sb3.minibatch"):
+                with self.hub.guard("sb3.minibatch"):
                     self._observe_minibatch(*out)
             return out
 
@@ -415,7 +415,7 @@ class SimicCallback(BaseCallback):
             epoch = self._epochs
             self._epochs += 1
             if epoch == 0:
-                with self.hub._guard("sb3.train"):
+                with self.hub.guard("sb3.train"):
                     self._start_train()
             for sample in orig_get(*args, **kwargs):
                 self._current = (sample, epoch, self._batch_inds, self._layout)
@@ -459,7 +459,7 @@ class SimicCallback(BaseCallback):
     def _after_backward(self) -> None:
         self._queued = False
         hub = self.hub
-        with hub._guard("sb3.gradients"), torch.no_grad():  # never raise into SB3's backward
+        with hub.guard("sb3.gradients"), torch.no_grad():  # never raise into SB3's backward
             hub.observe_gradients(self._loss if hub.level >= TelemetryLevel.DEBUG else None)
 
     def _start_train(self) -> None:
@@ -640,7 +640,7 @@ class SimicCallback(BaseCallback):
             return
         hub, model = self.hub, self.model
         lstm_state = lstm_inputs = lstm_input_state = None
-        with hub._guard("sb3.end_update"):
+        with hub.guard("sb3.end_update"):
             if model.target_kl is not None and self._last_kl is not None:
                 kl = float(self._last_kl)  # the one host read the callback adds per update
                 if kl > 1.5 * model.target_kl:
