@@ -97,7 +97,8 @@ async def test_backfills_history_then_goes_live_without_duplicates() -> None:
                 pub.publish_snapshot(run.snapshot(k, published=k + 1))
                 await asyncio.sleep(0.01)
             await wait_until(lambda: store.count == 45, what="45 snapshots")
-            assert list(store.steps()) == list(range(45)), "history and live frames in order, once each"
+            expected = [run.snapshot(k).step for k in range(45)]
+            assert list(store.steps()) == expected, "history and live frames in order, once each"
             assert store.counters.backfilled >= 30
             assert store.counters.missed == 0
             assert store.counters.bad_frames == 0
@@ -301,8 +302,9 @@ async def test_commands_are_signed_acknowledged_and_the_lease_is_renewed() -> No
                 assert client.request_debug() == ""
                 assert client.lease.phase == LeasePhase.PENDING
                 await wait_until(lambda: client.lease.phase == LeasePhase.ACTIVE, what="lease acknowledged")
-                assert client.lease.effective_step == 1
-                assert "acknowledged at step 1" in client.lease.describe()
+                first = run.snapshot(0).step + 1  # the trainer acknowledges with the next update
+                assert client.lease.effective_step == first
+                assert f"acknowledged at step {first}" in client.lease.describe()
                 await wait_until(lambda: any(c.action == "renew" for c in received), what="a renewal")
                 assert all(c.session == pub.session for c in received)
                 assert client.set_level("NORMAL") == ""

@@ -68,6 +68,8 @@ class Trainer:
             "tcp://127.0.0.1:0", run_name="cartpole-lstm-demo", heartbeat_interval=0.2
         ).start()
         self.run = Run()
+        self.debug_frames = self.run.find(lambda s: s.debug is not None and bool(s.debug.layers))
+        self.normal_frame = self.run.find(lambda s: s.level.level == "NORMAL" and not s.anomalies)[-1]
         self.step = 0
         self.commands: list = []
         self.level = "NORMAL"
@@ -86,7 +88,8 @@ class Trainer:
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            snap = self.run.snapshot(90 + self.step % 10 if self.level == "DEBUG" else 80, self.step + 1)
+            debug = self.debug_frames[self.step % len(self.debug_frames)]
+            snap = self.run.snapshot(debug if self.level == "DEBUG" else self.normal_frame, self.step + 1)
             snap.step = self.step
             snap.level.level = self.level
             snap.level.lease_until = self.step + 50 if self.level == "DEBUG" else None

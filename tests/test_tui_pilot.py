@@ -173,16 +173,46 @@ async def test_replay_keys_step_seek_play_and_change_speed() -> None:
 
 
 async def test_stepping_onto_entropy_collapse_alarms_with_colour_glyph_word_border_and_notification() -> None:
+    """The recording's first entropy_collapse: each flagged head, at the severity the detector gave."""
     app = states.build("entropy_collapse")
     async with app.run_test(size=SIZE) as pilot:
         policy = app.dashboard.query_one("#policy", Panel)
-        assert not policy.has_class("-crit")
+        assert "ENTROPY COLLAPSE" not in policy.border_title
+        assert "COLLAPSE" not in "".join(text(policy).splitlines()[: len(app.store.latest.run.heads)])
         await pilot.press("right")
         await pilot.pause()
-        assert policy.has_class("-crit")  # heavy red border
-        assert "ENTROPY COLLAPSE" in policy.border_title
-        assert "✖ COLLAPSE" in text(policy)  # readable without colour
+        fired = [a for a in app.store.latest.anomalies if a.kind == "entropy_collapse"]
+        assert fired and all(a.head for a in fired)
+        critical = any(a.severity == "critical" for a in fired)
+        glyph, cls = ("✖", "-crit") if critical else ("▲", "-warn")  # red / yellow border
+        assert policy.has_class(cls)
+        shown = text(policy)
+        for a in fired:
+            assert f"ENTROPY COLLAPSE ({a.head})" in policy.border_title
+            line = next(line for line in shown.splitlines() if f" {a.head} " in line)
+            assert f"{glyph} COLLAPSE" in line  # readable without colour, on the head's own line
         assert any("entropy_collapse" in m for m in notes(app))
+
+
+async def test_the_states_do_not_depend_on_the_origin_of_the_frozen_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The app's clock is local (monotonic): moving its origin far away changes nothing drawn."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        for name in ("healthy", "debug", "stale"):
+            screens = []
+            for origin in (states.FROZEN, 1.7e9):
+                monkeypatch.setattr(states, "FROZEN", origin)
+                app = states.build(name)
+                async with app.run_test(size=SIZE) as pilot:
+                    await pilot.pause()
+                    screens.append(app.export_screenshot())
+            assert screens[0] == screens[1], name
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 async def test_kl_spike_and_nan_gradients_stand_out() -> None:

@@ -19,9 +19,17 @@ from telemetry_core.protocol import encode_envelope
 from telemetry_core.schema import Anomaly, Snapshot
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-from build_recording import Run
+from build_recording import Run  # the fixture recording's real snapshots, by index
 
 RECORDING = Path(__file__).parent / "fixtures" / "ppo_run.simrec"
+
+
+def _nan_gradients(s: Snapshot) -> bool:
+    return s.gradients is not None and s.gradients.nan_count > 0
+
+
+def _collapse(s: Snapshot) -> bool:
+    return any(a.kind == "entropy_collapse" for a in s.anomalies)
 
 
 def envelope(snap: Snapshot, seq: int, session: str = "s1"):
@@ -32,12 +40,15 @@ def envelope(snap: Snapshot, seq: int, session: str = "s1"):
 
 def test_ring_keeps_the_last_capacity_updates_in_order() -> None:
     run = Run()
+    finite = run.find(lambda s: s.policy is not None and math.isfinite(s.policy.kl_k3_mean))[:40]
+    assert len(finite) == 40
     store = TelemetryStore(capacity=16)
-    for k in range(40):
-        store.ingest(envelope(run.snapshot(k % 120, k + 1), k + 1), run.snapshot(k % 120, k + 1))
+    for seq, k in enumerate(finite, start=1):
+        store.ingest(envelope(run.snapshot(k, seq), seq), run.snapshot(k, seq))
+    steps = [run.snapshot(k).step for k in finite]
     assert store.count == 40 and store.size == 16
-    assert list(store.steps()) == list(range(24, 40))
-    assert list(store.steps(5)) == list(range(35, 40))
+    assert list(store.steps()) == steps[24:]
+    assert list(store.steps(5)) == steps[35:]
     kl = store.series("policy.kl_k3_mean")
     assert kl.shape == (16,) and np.isfinite(kl).all()
     assert store.series("no.such.metric", 4).shape == (4,)
@@ -49,9 +60,9 @@ def test_missing_sections_are_gaps_and_nan_is_kept_distinct() -> None:
     store = TelemetryStore(capacity=8)
     full = run.snapshot(5, 1)
     store.ingest(envelope(full, 1), full)
-    bare = Snapshot(step=6, wall_time=1.0)  # a MINIMAL/OFF-like snapshot: no sections at all
+    bare = Snapshot(step=full.step + 1, wall_time=1.0)  # a MINIMAL/OFF-like snapshot: no sections at all
     store.ingest(envelope(bare, 2), bare)
-    nan = run.snapshot(60, 3)  # the NaN-gradient update
+    nan = run.snapshot(run.find(_nan_gradients)[0], 3)  # the NaN-gradient update
     store.ingest(envelope(nan, 3), nan)
     present = store.present("gradients.total_norm")
     values = store.series("gradients.total_norm")
@@ -59,8 +70,12 @@ def test_missing_sections_are_gaps_and_nan_is_kept_distinct() -> None:
     assert math.isfinite(values[0]) and math.isnan(values[2])
     assert sparkline(values, 3, present)[1] == " "  # not measured: blank
     assert sparkline(values, 3, present)[2] == "×"  # NaN: marked
-    ev = store.series("value.explained_variance")
-    assert math.isnan(ev[2])  # None (undefined) becomes a gap in the history, never a number
+    assert math.isnan(store.series("value.explained_variance")[2])  # the NaN update's EV is NaN
+    undefined = run.snapshot(6, 4)
+    assert undefined.value is not None
+    undefined.value.explained_variance = None  # undefined (constant returns)
+    store.ingest(envelope(undefined, 4), undefined)
+    assert math.isnan(store.series("value.explained_variance")[3])  # None becomes a gap, never a number
 
 
 def test_older_and_duplicate_frames_are_dropped_and_gaps_counted() -> None:
@@ -76,16 +91,28 @@ def test_older_and_duplicate_frames_are_dropped_and_gaps_counted() -> None:
 
 def test_anomaly_log_is_bounded_and_notifies_each_onset_once() -> None:
     run = Run()
+    first = run.find(_collapse)[0]  # the injected entropy collapse fires here and on every later update
+    window = range(first - 3, first + 7)
+    snaps = [run.snapshot(k, seq) for seq, k in enumerate(window, start=1)]
+    assert not any(s.anomalies for s in snaps[:3])  # a quiet run before it
     store = TelemetryStore(anomaly_capacity=3)
-    for k in range(36, 46):  # the entropy collapse fires on 39..43
-        snap = run.snapshot(k, k)
-        store.ingest(envelope(snap, k), snap)
-    assert store.anomaly_total == 5
+    for seq, snap in enumerate(snaps, start=1):
+        store.ingest(envelope(snap, seq), snap)
+    logged = [a for s in snaps for a in s.anomalies]
+    assert store.anomaly_total == len(logged) > 3
     assert len(store.anomalies) == 3
-    assert [e.anomaly.step for e in store.recent_anomalies()] == [43, 42, 41]
-    onsets = [e for e in store.drain_events() if e.kind == "anomaly"]
-    assert len(onsets) == 1 and "entropy_collapse (force) at step 39" in onsets[0].message
-    assert onsets[0].severity == "error"
+    newest = [(a.step, a.kind, a.head) for a in reversed(logged[-3:])]
+    assert [(e.anomaly.step, e.anomaly.kind, e.anomaly.head) for e in store.recent_anomalies()] == newest
+    onsets = [e for e in store.drain_events() if e.kind == "anomaly" and e.anomaly.kind == "entropy_collapse"]
+    fired = {
+        a.head: a for s in reversed(snaps) for a in s.anomalies if a.kind == "entropy_collapse"
+    }  # first per head
+    assert sum(_collapse(s) for s in snaps) > 1  # it fires on several updates ...
+    assert sorted(e.anomaly.head for e in onsets) == sorted(fired)  # ... and is notified once per head
+    for e in onsets:
+        a = fired[e.anomaly.head]
+        assert f"entropy_collapse ({a.head}) at step {a.step}" in e.message
+        assert e.severity == ("error" if a.severity == "critical" else "warning")
 
 
 def test_rate_uses_the_injected_clock() -> None:
@@ -122,7 +149,8 @@ def test_replay_steps_back_and_forth_like_a_live_run() -> None:
 
 
 def test_flatten_covers_every_section_and_per_head_metrics() -> None:
-    snap = Run().snapshot(95, 1)
+    run = Run()
+    snap = run.snapshot(run.find(lambda s: None not in (s.episodes, s.lstm, s.advantage, s.value))[-1])
     cols = dict(flatten_snapshot(snap))
     for name in (
         "policy.entropy_normalized.force",
@@ -166,7 +194,8 @@ def test_verdicts_follow_the_thresholds_in_the_stream() -> None:
     assert (
         judge_kl(dataclasses.replace(thr, kl_spike_warning=0.1, kl_spike_critical=0.3), 0.2) == Verdict.WARN
     )
-    snap = Run().snapshot(100, 1)  # late phase: limit ev_late
+    run = Run()
+    snap = run.snapshot(run.find(lambda s: s.phase == "late")[0])  # late phase: limit ev_late
     assert judge_ev(thr, snap, thr.ev_late - 0.01) == Verdict.WARN
     assert judge_ev(thr, snap, thr.ev_late + 0.01) == Verdict.OK
     cap = snap.gradients.max_grad_norm
