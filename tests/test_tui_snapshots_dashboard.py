@@ -47,6 +47,6 @@ def test_layout_breakpoints(snap_compare, size: tuple[int, int]) -> None:  # typ
 
 
 def test_alarms_read_without_colour(snap_compare, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """NO_COLOR: the entropy collapse still reads as ✖ COLLAPSE, a heavy border and a titled alarm."""
+    """NO_COLOR: the entropy collapse still reads as a COLLAPSE word with its glyph, a border and a titled alarm."""
     monkeypatch.setenv("NO_COLOR", "1")
     assert snap_compare(states.build("entropy_collapse"), press=("right",), terminal_size=(80, 24))
