@@ -116,6 +116,15 @@ def judge_nonfinite_count(count: int | None) -> Verdict:
     return Verdict.CRIT if count > 0 else Verdict.OK
 
 
+def alarm_word(value: float | None, verdict: Verdict, word: str) -> str:
+    """``word`` (SPIKE, COLLAPSE, EXPLOSION...) for a finite value judged critical, else "".
+
+    A NaN or infinite statistic is red too, but it is numerical instability, not the alarm its
+    panel names: the panel must not say more than the detector does.
+    """
+    return word if verdict == Verdict.CRIT and value is not None and math.isfinite(value) else ""
+
+
 def judge_entropy(thr: Thresholds, head: str, value: float | None) -> Verdict:
     """Normalised entropy of one head against its collapse limit and the common warning level."""
     return judge_low(value, warn=thr.entropy_warning, crit=thr.entropy_limit(head))
@@ -126,15 +135,15 @@ def judge_kl(thr: Thresholds, value: float | None) -> Verdict:
 
 
 def judge_ratio_max(thr: Thresholds, value: float | None) -> Verdict:
-    """Yellow past the display warning; red past the critical explosion limit (when the trainer's
-    Thresholds have one; older ones only know ``ratio_explosion``)."""
-    crit = getattr(thr, "ratio_explosion_critical", thr.ratio_explosion)
-    return judge_high(value, warn=min(thr.ratio_warning_high, crit), crit=crit)
+    """The detector's own limits: yellow past ``ratio_explosion`` (its warning), red past
+    ``ratio_explosion_critical``. A healthy recurrent PPO with 4 epochs routinely reaches a max ratio
+    of 2 on some sample, so a tighter display-only limit would paint healthy runs yellow."""
+    return judge_high(value, warn=thr.ratio_explosion, crit=thr.ratio_explosion_critical)
 
 
 def judge_ratio_min(thr: Thresholds, value: float | None) -> Verdict:
-    crit = getattr(thr, "ratio_collapse_critical", thr.ratio_collapse)
-    return judge_low(value, warn=max(thr.ratio_warning_low, crit), crit=crit)
+    """Yellow below ``ratio_collapse`` (the detector's warning), red below ``ratio_collapse_critical``."""
+    return judge_low(value, warn=thr.ratio_collapse, crit=thr.ratio_collapse_critical)
 
 
 def anomaly_verdict(anomaly: Anomaly) -> Verdict:

@@ -198,8 +198,6 @@ class Thresholds:
         "min ratio below this is critical: a probability fell 1000x in one update (one sample of "
         "16k in a healthy demo run reached 0.0073: probabilities can shrink without bound)",
     )
-    ratio_warning_high: float = _t(2.0, "max ratio above this is shown yellow: far outside a 0.2 clip range")
-    ratio_warning_low: float = _t(0.5, "min ratio below this is shown yellow")
     clip_fraction_warning: float = _t(
         0.3, "clip fraction above this is shown yellow (folklore 0.1-0.3 band; not a KL proxy)"
     )

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from simic_tui.fmt import chart, fmt_num, fmt_pct, sparkline
-from simic_tui.judge import Verdict, grad_total, judge_entropy, judge_ev, judge_kl
+from simic_tui.judge import (
+    Verdict,
+    alarm_word,
+    grad_total,
+    judge_entropy,
+    judge_ev,
+    judge_kl,
+    judge_ratio_max,
+    judge_ratio_min,
+)
 from simic_tui.replay import ReplaySource, load_recording
 from simic_tui.store import TelemetryStore, flatten_snapshot
 from telemetry_core.config import Thresholds
@@ -203,6 +212,25 @@ def test_verdicts_follow_the_thresholds_in_the_stream() -> None:
     assert grad_total(thr, snap, cap * thr.grad_total_exploding_rel * 1.01) == Verdict.WARN
     assert grad_total(thr, snap, cap * thr.grad_total_vanishing_rel * 0.5) == Verdict.WARN
     assert grad_total(thr, snap, cap) == Verdict.OK
+
+
+def test_ratio_colours_are_the_detectors_limits_and_nan_is_not_named_an_alarm() -> None:
+    """Yellow exactly where the detector warns, red where it is critical: a healthy max ratio of 2
+    is no colour; a NaN is red but is not called a SPIKE or an EXPLOSION (it is numerical instability)."""
+    thr = Thresholds()
+    assert judge_ratio_max(thr, 2.0) == Verdict.OK
+    assert judge_ratio_max(thr, thr.ratio_explosion * 1.01) == Verdict.WARN
+    assert judge_ratio_max(thr, thr.ratio_explosion_critical * 1.01) == Verdict.CRIT
+    assert judge_ratio_min(thr, 0.46) == Verdict.OK
+    assert judge_ratio_min(thr, thr.ratio_collapse * 0.99) == Verdict.WARN
+    assert judge_ratio_min(thr, thr.ratio_collapse_critical * 0.99) == Verdict.CRIT
+    moved = dataclasses.replace(thr, ratio_explosion=1.5)
+    assert judge_ratio_max(moved, 2.0) == Verdict.WARN
+    assert judge_ratio_max(thr, math.nan) == Verdict.CRIT
+    assert alarm_word(math.nan, Verdict.CRIT, "EXPLOSION") == ""
+    assert alarm_word(math.inf, Verdict.CRIT, "SPIKE") == ""
+    assert alarm_word(25.0, Verdict.CRIT, "EXPLOSION") == "EXPLOSION"
+    assert alarm_word(6.0, Verdict.WARN, "EXPLOSION") == ""
 
 
 def test_bad_bytes_never_raise_from_the_store() -> None:

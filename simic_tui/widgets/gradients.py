@@ -6,7 +6,14 @@ import itertools
 import math
 
 from simic_tui.fmt import SPARK_BLOCKS, fmt_limit, fmt_num, fmt_pct
-from simic_tui.judge import Verdict, grad_total, judge_high, judge_nonfinite_count, max_grad_norm_of
+from simic_tui.judge import (
+    Verdict,
+    alarm_word,
+    grad_total,
+    judge_high,
+    judge_nonfinite_count,
+    max_grad_norm_of,
+)
 from simic_tui.widgets.base import ChartSpec, Line, Panel, Rows, View
 from simic_tui.widgets.ranks import rank_rows
 
@@ -45,8 +52,8 @@ class GradientsPanel(Panel):
 
         tv = grad_total(thr, snap, g.total_norm)
         verdicts.append(tv)
-        word = "NaN" if g.total_norm != g.total_norm else ("EXPLODING" if tv == Verdict.CRIT else "")
-        line = Line().label("pre-clip", L).val(g.total_norm, tv, word=word)
+        # a NaN norm reads "NaN✖" already, and the NaN/Inf line below names the alarm
+        line = Line().label("pre-clip", L).val(g.total_norm, tv, word=alarm_word(g.total_norm, tv, "EXPLODING"))
         line.label(" / cap ").val(cap)
         if cap and math.isfinite(g.total_norm):
             line.label(f" = {g.total_norm / cap:.1f}×")

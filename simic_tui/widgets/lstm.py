@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from simic_tui.fmt import fmt_pct
-from simic_tui.judge import Verdict, judge_high, judge_low, judge_nonfinite_count
+from simic_tui.judge import Verdict, alarm_word, judge_high, judge_low, judge_nonfinite_count
 from simic_tui.widgets.base import ChartSpec, Line, Panel, Rows, View
 
 __all__ = ["LSTMPanel"]
@@ -35,7 +35,7 @@ class LSTMPanel(Panel):
             Line()
             .label("h", 2)
             .label("‖h‖ ")
-            .val(s.h_norm, hv, word="EXPLODED" if hv == Verdict.CRIT else "")
+            .val(s.h_norm, hv, word=alarm_word(s.h_norm, hv, "EXPLODED"))
         )
         line.label(" rms ").val(s.h_rms, judge_high(s.h_rms)).label(" max ").val(
             s.h_max_abs, judge_high(s.h_max_abs)
@@ -46,7 +46,7 @@ class LSTMPanel(Panel):
             Line()
             .label("c", 2)
             .label("‖c‖ ")
-            .val(s.c_norm, cv, word="EXPLODED" if cv == Verdict.CRIT else "")
+            .val(s.c_norm, cv, word=alarm_word(s.c_norm, cv, "EXPLODED"))
         )
         line.label(" rms ").val(s.c_rms, judge_high(s.c_rms)).label(" max ").val(s.c_max_abs, cmax)
         if width >= 56:

@@ -9,6 +9,7 @@ import numpy as np
 from simic_tui.fmt import fmt_num, fmt_pct
 from simic_tui.judge import (
     Verdict,
+    alarm_word,
     anomaly_verdict,
     judge_entropy,
     judge_high,
@@ -72,7 +73,7 @@ class PolicyPanel(Panel):
         line = Line().label("KL k3", L)
         if width >= 44:
             line.label("mean ")
-        line.val(pol.kl_k3_mean, kv, word="SPIKE" if kv == Verdict.CRIT else "")
+        line.val(pol.kl_k3_mean, kv, word=alarm_word(pol.kl_k3_mean, kv, "SPIKE"))
         line.label(" max ").val(pol.kl_k3_max, judge_high(pol.kl_k3_max)).add(" ")
         spark_col = line.width
         spark_w = max(width - spark_col, 0)
@@ -98,9 +99,9 @@ class PolicyPanel(Panel):
             line.label(f"  {head} ").val(value, hv, fmt=fmt_pct)
         rows.add(line, 2)
         line = (
-            Line().label("ratio", L).val(pol.ratio_min, rmin, word="COLLAPSE" if rmin == Verdict.CRIT else "")
+            Line().label("ratio", L).val(pol.ratio_min, rmin, word=alarm_word(pol.ratio_min, rmin, "COLLAPSE"))
         )
-        line.label(" – ").val(pol.ratio_max, rmax, word="EXPLOSION" if rmax == Verdict.CRIT else "")
+        line.label(" – ").val(pol.ratio_max, rmax, word=alarm_word(pol.ratio_max, rmax, "EXPLOSION"))
         line.label("  ESS ").val(pol.ess, ess)
         if width >= 50:
             line.label("  std ").val(pol.ratio_std)

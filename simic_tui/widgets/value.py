@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from simic_tui.fmt import fmt_limit
-from simic_tui.judge import Verdict, judge_ev, judge_high, judge_low, phase_of_snapshot
+from simic_tui.judge import Verdict, alarm_word, judge_ev, judge_high, judge_low, phase_of_snapshot
 from simic_tui.widgets.base import ChartSpec, Line, Panel, Rows, View
 
 __all__ = ["ValuePanel"]
@@ -68,7 +68,7 @@ class ValuePanel(Panel):
         line = Line().label("values", L).val(val.value_mean).label(" ± ").val(val.value_std)
         line.label("  [").val(val.value_min).label(", ").val(val.value_max).label("]")
         rows.add(line, 2)
-        line = Line().label("σ ratio", L).val(ratio, rv, word="COLLAPSE" if rv == Verdict.CRIT else "")
+        line = Line().label("σ ratio", L).val(ratio, rv, word=alarm_word(ratio, rv, "COLLAPSE"))
         line.label(f" ≥{fmt_limit(thr.value_std_collapse_ratio)}")
         if width >= 50:
             line.label("  σ(values) / σ(returns)")
