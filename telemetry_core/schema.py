@@ -113,6 +113,9 @@ class PolicyStats(_S):
     kl_k1_mean: float = NAN  # -log r: can be negative
     kl_k1_max: float = NAN
     kl_k3_per_epoch: list[float] = []  # mean k3 KL of each epoch, in order
+    kl_k1_per_epoch: list[float] = []  # mean k1 KL of each epoch, in order
+    kl_k3_max_per_epoch: list[float] = []  # max over each epoch's minibatch means
+    kl_k1_max_per_epoch: list[float] = []
     clip_fraction: float = NAN  # share of samples whose joint ratio left [1-eps, 1+eps]
     clip_fraction_high: float = NAN  # ... above 1+eps
     clip_fraction_low: float = NAN  # ... below 1-eps

@@ -89,10 +89,15 @@ def reference(minibatches: list[dict], eps: float) -> dict:
     ref["ess"] = sum(e * x.size for e, x in zip(ess_b, lrs)) / lr.size
     ref["ess_min"] = min(ess_b)
     epochs = sorted({mb["epoch"] for mb in minibatches})
-    ref["kl_k3_per_epoch"] = []
+    for key in ("kl_k3_per_epoch", "kl_k1_per_epoch", "kl_k3_max_per_epoch", "kl_k1_max_per_epoch"):
+        ref[key] = []
     for e in epochs:
-        x = np.concatenate([lrs[i] for i, mb in enumerate(minibatches) if mb["epoch"] == e])
+        mine = [lrs[i] for i, mb in enumerate(minibatches) if mb["epoch"] == e]
+        x = np.concatenate(mine)
         ref["kl_k3_per_epoch"].append(((np.exp(x) - 1) - x).mean())
+        ref["kl_k1_per_epoch"].append((-x).mean())
+        ref["kl_k3_max_per_epoch"].append(max(((np.exp(y) - 1) - y).mean() for y in mine))
+        ref["kl_k1_max_per_epoch"].append(max((-y).mean() for y in mine))
     for key in ("head_kl_k3", "head_ratio_max", "head_ratio_min", "head_clip_fraction"):
         ref[key] = {}
     ref["head_clip_high"], ref["head_clip_low"] = {}, {}
@@ -175,7 +180,8 @@ def assert_matches(stats, ref, rtol=1e-10, atol=1e-13) -> None:
     for key in SCALARS:
         assert getattr(stats, key) == pytest.approx(ref[key], rel=rtol, abs=atol, nan_ok=True), key
     assert stats.samples == ref["samples"]
-    np.testing.assert_allclose(stats.kl_k3_per_epoch, ref["kl_k3_per_epoch"], rtol=rtol, atol=atol)
+    for key in ("kl_k3_per_epoch", "kl_k1_per_epoch", "kl_k3_max_per_epoch", "kl_k1_max_per_epoch"):
+        np.testing.assert_allclose(getattr(stats, key), ref[key], rtol=rtol, atol=atol, err_msg=key)
     for key in (
         "head_kl_k3",
         "head_ratio_max",
@@ -257,6 +263,8 @@ def test_accumulation_over_minibatches_equals_one_big_batch():
         for h, v in getattr(b, key).items():
             assert getattr(a, key)[h] == pytest.approx(v, rel=1e-12, abs=1e-15), (key, h)
     assert a.kl_k3_per_epoch == pytest.approx([b.kl_k3_mean], rel=1e-12)
+    assert a.kl_k1_per_epoch == pytest.approx([b.kl_k1_mean], rel=1e-12)
+    assert a.kl_k3_max_per_epoch == [a.kl_k3_max]  # one epoch: its max is the update's
     assert b.ess == pytest.approx(b.ess_min)  # one minibatch: the mean is the minimum
 
 

@@ -98,8 +98,9 @@ def test_every_scalar_of_every_snapshot_is_written_with_its_value(
         assert snap.gradients is not None and snap.policy is not None
         for name, norm in zip(snap.run.param_names, snap.gradients.param_norms):
             expected[f"gradients/param_norms/{name}"] = norm
-        for i, kl in enumerate(snap.policy.kl_k3_per_epoch):
-            expected[f"policy/kl_k3_per_epoch/epoch{i}"] = kl
+        for key in ("kl_k3_per_epoch", "kl_k1_per_epoch", "kl_k3_max_per_epoch", "kl_k1_max_per_epoch"):
+            for i, kl in enumerate(getattr(snap.policy, key)):
+                expected[f"policy/{key}/epoch{i}"] = kl
         expected["time/update_seconds"] = snap.update_seconds
         expected["telemetry/level"] = float(["OFF", "MINIMAL", "NORMAL", "DEBUG"].index(snap.level.level))
         expected["anomalies/count"] = float(len(snap.anomalies))

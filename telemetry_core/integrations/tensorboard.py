@@ -14,7 +14,8 @@ rules), so they are stable across releases:
   nested structs and maps add a level — ``advantage/raw/skew``, ``policy/entropy_normalized/<head>``,
   ``gradients/group_norms/<group>``, ``lstm/gate_saturation/forget``,
   ``debug/conflict/head_cosines/<a|b>``, ``debug/numerical/max_abs_grad``,
-  ``ranks/per_rank/<key>/rank<i>``; ``policy/kl_k3_per_epoch/epoch<i>``;
+  ``ranks/per_rank/<key>/rank<i>``; ``policy/kl_k3_per_epoch/epoch<i>`` (k1 and the per-epoch
+  maxima likewise);
   ``gradients/param_norms/<parameter name>``; ``debug/layers/<parameter name>/<field>`` at DEBUG
   updates. Booleans are 0/1 (``policy/early_stopped``). Undefined statistics (``None``) are not
   written; NaN and ±inf are written as they are (TensorBoard shows them as such). Also
@@ -73,7 +74,13 @@ _SPECIAL = {
     "ranks.keys",
 }
 # Lists of numbers exported element by element: path -> label of the index.
-_INDEXED = {"policy.kl_k3_per_epoch": "epoch", "ranks.per_rank": "rank"}
+_INDEXED = {
+    "policy.kl_k3_per_epoch": "epoch",
+    "policy.kl_k1_per_epoch": "epoch",
+    "policy.kl_k3_max_per_epoch": "epoch",
+    "policy.kl_k1_max_per_epoch": "epoch",
+    "ranks.per_rank": "rank",
+}
 # Lists of ids exported as their length.
 _COUNTED = {"ranks.divergent_ranks", "ranks.straggler_ranks"}
 _LAYER_FIELDS = (

@@ -31,8 +31,9 @@ Definitions (population statistics over every sample of every minibatch of the u
 
 * ``ratio_mean/std/min/max``: of ``r`` over all samples (std with ddof=0).
 * ``kl_k3_mean``/``kl_k1_mean``: sample-weighted mean over the update; ``kl_k3_max``/``kl_k1_max``:
-  max over minibatches of the minibatch mean; ``kl_k3_per_epoch``: sample-weighted mean of each
-  epoch, in epoch order.
+  max over minibatches of the minibatch mean; ``kl_k3_per_epoch``/``kl_k1_per_epoch``:
+  sample-weighted mean of each epoch, and ``kl_k3_max_per_epoch``/``kl_k1_max_per_epoch``: the max of
+  that epoch's minibatch means, in epoch order (how far each epoch moved the policy, and where).
 * ``clip_fraction``: share of samples with ``|r - 1| > clip_range`` (the SB3/CleanRL convention),
   split into ``clip_fraction_high`` (``r > 1 + eps``) and ``clip_fraction_low`` (``r < 1 - eps``).
 * ``ess``: per minibatch ``ESS_b = (sum r)^2 / (n_b sum r^2)`` — the Kish effective sample size of
@@ -350,16 +351,18 @@ class PolicyReducer:
                         kl_mb.amax(0),
                     )
                 )
-                k3 = rows[:, _SUM_K3]
+                # per epoch: (k3 sum, k1 sum, k3 max, k1 max over the epoch's minibatch means)
+                k = rows[:, _SUM_K3 : _SUM_K1 + 1]
                 epochs = sorted(set(self._row_epochs))
                 if len(epochs) == 1:
-                    out["policy.epoch_k3"] = k3.sum().reshape(1)
+                    out["policy.epoch_kl"] = torch.cat((k.sum(0), kl_mb.amax(0)))
                 else:
                     slot = {e: i for i, e in enumerate(epochs)}
-                    index = to_device(torch.tensor([slot[e] for e in self._row_epochs]), k3.device)
-                    out["policy.epoch_k3"] = torch.zeros(
-                        len(epochs), dtype=k3.dtype, device=k3.device
-                    ).index_add_(0, index, k3)
+                    index = to_device(torch.tensor([slot[e] for e in self._row_epochs]), k.device)
+                    sums = torch.zeros(len(epochs), 2, dtype=k.dtype, device=k.device).index_add_(0, index, k)
+                    member = index.unsqueeze(0) == torch.arange(len(epochs), device=k.device).unsqueeze(1)
+                    maxes = torch.where(member.unsqueeze(2), kl_mb.unsqueeze(0), -math.inf).amax(1)
+                    out["policy.epoch_kl"] = torch.cat((sums, maxes), 1).reshape(-1)
             for head, sums_h in self._entropy.items():
                 if sums_h:
                     out[f"policy.entropy.{head}"] = (
@@ -400,9 +403,13 @@ class PolicyReducer:
             epoch_sizes: dict[int, int] = {}
             for e, size in zip(self._epochs, self._sizes):
                 epoch_sizes[e] = epoch_sizes.get(e, 0) + size
-            stats.kl_k3_per_epoch = [
-                k3 / epoch_sizes[e] for k3, e in zip(host["policy.epoch_k3"], sorted(epoch_sizes))
-            ]
+            per_epoch = host["policy.epoch_kl"]
+            for i, e in enumerate(sorted(epoch_sizes)):
+                k3_sum, k1_sum, k3_max, k1_max = per_epoch[4 * i : 4 * i + 4]
+                stats.kl_k3_per_epoch.append(k3_sum / epoch_sizes[e])
+                stats.kl_k1_per_epoch.append(k1_sum / epoch_sizes[e])
+                stats.kl_k3_max_per_epoch.append(k3_max)
+                stats.kl_k1_max_per_epoch.append(k1_max)
         for head in self.heads:
             key = f"policy.head.{head}"
             if key in host:
