@@ -209,6 +209,49 @@ async def test_incompatible_major_version_shows_both_versions_and_disables_comma
         pub.close(0)
 
 
+async def test_a_newer_minor_trainer_with_extra_fields_is_shown() -> None:
+    """Schema minor versions only add fields: a snapshot from a newer minor, with fields this side
+    does not know at the envelope, snapshot and nested levels, is decoded, stored and counted as good."""
+    port = free_port()
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    store = TelemetryStore()
+    target = AttachTarget(host="127.0.0.1", port=port, pub=f"tcp://127.0.0.1:{port}")
+    snap = msgspec.to_builtins(Run().snapshot(0))
+    snap["future_section"] = {"x": [1.0, 2.0]}
+    snap["policy"]["kl_k5_mean"] = 0.25
+    body = msgspec.msgpack.encode(snap)
+    frame = msgspec.msgpack.encode(
+        {
+            "magic": MAGIC,
+            "major": SCHEMA_MAJOR,
+            "minor": 99,
+            "session": "newer",
+            "seq": 1,
+            "step": snap["step"],
+            "wall_time": time.time(),
+            "kind": "snapshot",
+            "body": msgspec.Raw(body),
+            "compression": None,
+        }
+    )
+    try:
+        async with Running(TelemetryClient(target, store)) as client:
+            deadline = time.monotonic() + 10
+            while store.count == 0:  # resend until the slow joiner hears it
+                assert time.monotonic() < deadline, f"not stored: {client.status.state}"
+                pub.send_multipart([TOPIC_SNAPSHOT, frame])
+                await asyncio.sleep(0.05)
+            assert store.latest is not None and store.latest.step == snap["step"]
+            assert store.latest.policy is not None
+            assert store.latest.policy.kl_k3_mean == snap["policy"]["kl_k3_mean"]
+            assert client.status.state != LinkState.INCOMPATIBLE and store.counters.bad_frames == 0
+    finally:
+        pub.close(0)
+
+
 async def test_unreachable_trainer_stays_connecting_and_keeps_retrying() -> None:
     port = free_port()  # nothing listens here
     store = TelemetryStore()

@@ -63,9 +63,16 @@ class Agent(nn.Module):
 class Loop:
     """A real (tiny) recurrent PPO update on random rollouts, with every hub call in place."""
 
-    def __init__(self, hub_kwargs: dict[str, Any] | None = None, seed: int = 0, lr: float = 3e-3) -> None:
+    def __init__(
+        self,
+        hub_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        lr: float = 3e-3,
+        device: str = "cpu",
+    ) -> None:
         torch.manual_seed(seed)
-        self.agent = Agent()
+        self.device = torch.device(device)
+        self.agent = Agent().to(self.device)
         self.opt = torch.optim.SGD(self.agent.parameters(), lr=lr)
         kwargs: dict[str, Any] = {"bind": None, "strict": True, "total_updates": 100}
         kwargs.update(hub_kwargs or {})
@@ -78,15 +85,20 @@ class Loop:
     def update(self, epochs: int = 2, minibatches: int = 3) -> Snapshot | None:
         hub, agent = self.hub, self.agent
         self.step += 1
-        obs = torch.randn(T, ENVS, OBS)
-        state0 = (torch.zeros(1, ENVS, HID), torch.zeros(1, ENVS, HID))
+        dev = self.device
+        obs = torch.randn(T, ENVS, OBS, device=dev)
+        state0 = (torch.zeros(1, ENVS, HID, device=dev), torch.zeros(1, ENVS, HID, device=dev))
         with torch.no_grad():
             logits, values, _, final_state = agent(obs, state0)
-            actions = {k: torch.distributions.Categorical(logits=v).sample() for k, v in logits.items()}
-            old_head = {
-                k: torch.distributions.Categorical(logits=logits[k]).log_prob(actions[k]) for k in HEADS
+            actions = {
+                k: torch.distributions.Categorical(logits=v, validate_args=False).sample()
+                for k, v in logits.items()
             }
-        rewards = torch.randn(T, ENVS)
+            old_head = {
+                k: torch.distributions.Categorical(logits=logits[k], validate_args=False).log_prob(actions[k])
+                for k in HEADS
+            }
+        rewards = torch.randn(T, ENVS, device=dev)
         returns = rewards.flip(0).cumsum(0).flip(0)
         advantages = returns - values
         hub.observe_rollout(
@@ -96,11 +108,13 @@ class Loop:
             episode_returns=[10.0, 12.0, 9.5],
             episode_lengths=[20, 25, 18],
         )
-        env_ids = torch.arange(ENVS)
+        env_ids = torch.arange(ENVS, device=dev)
         for epoch in range(epochs):
             for chunk in env_ids.chunk(minibatches):
                 logits, new_values, _, _ = agent(obs[:, chunk], (state0[0][:, chunk], state0[1][:, chunk]))
-                dists = {k: torch.distributions.Categorical(logits=logits[k]) for k in HEADS}
+                dists = {
+                    k: torch.distributions.Categorical(logits=logits[k], validate_args=False) for k in HEADS
+                }
                 new_head = {k: dists[k].log_prob(actions[k][:, chunk]).reshape(-1) for k in HEADS}
                 old_h = {k: old_head[k][:, chunk].reshape(-1) for k in HEADS}
                 ent = {k: dists[k].entropy().reshape(-1) for k in HEADS}
@@ -212,6 +226,58 @@ def test_a_whole_update_materialises_exactly_once(level: str) -> None:
     assert snap is not None and snap.level.level == level
     # 2 epochs x 3 minibatches observed, one transfer at the end: the only host materialisation.
     assert calls == Counter({"tolist": 1}), calls
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("level", ["MINIMAL", "NORMAL", "DEBUG"])
+def test_a_whole_cuda_update_syncs_only_in_its_one_transfer(
+    level: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every hub call of a CUDA update runs under torch.cuda.set_sync_debug_mode("error"), except
+    the update's one transfer, which is counted."""
+    import telemetry_core.hub as hub_module
+
+    transfers = []
+    real_transfer = hub_module.transfer
+
+    def counted_transfer(pending: Any) -> Any:
+        transfers.append(sorted({t.device.type for t in pending.values()}))
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return real_transfer(pending)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(hub_module, "transfer", counted_transfer)
+    lp = Loop({"config": TelemetryConfig(level=TelemetryLevel[level], auto_escalate=False)}, device="cuda")
+    try:
+        lp.update()  # warm-up update (first-call paths, plans, cached index tensors)
+        transfers.clear()
+        hub = lp.hub
+        for name in (
+            "observe_rollout",
+            "observe_loss_terms",
+            "observe_gradients",
+            "observe_minibatch",
+            "end_update",
+        ):
+            fn = getattr(hub, name)
+
+            def strict(*a: Any, __fn: Any = fn, **k: Any) -> Any:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return __fn(*a, **k)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+
+            setattr(hub, name, strict)
+        snap = lp.update()
+    finally:
+        lp.close()
+    assert snap is not None and snap.level.level == level and snap.gradients is not None
+    assert transfers == [["cuda"]]
 
 
 def test_off_computes_and_publishes_nothing() -> None:

@@ -36,7 +36,9 @@ def test_dashboard_side_never_imports_torch(code: str) -> None:
 def test_telemetry_core_never_imports_textual_or_rich() -> None:
     modules = _modules_after(
         "import telemetry_core, telemetry_core.config, telemetry_core.schema, telemetry_core.protocol\n"
-        "import telemetry_core.reductions.transfer"
+        "import telemetry_core.reductions.transfer, telemetry_core.hub, telemetry_core.transport\n"
+        "import telemetry_core.distributed, telemetry_core.debug, telemetry_core.demo.cli\n"
+        "import telemetry_core.demo.ppo, telemetry_core.integrations.tensorboard"
     )
     assert "torch" in modules  # the reductions really were imported
     leaked = {m for m in modules if m.split(".")[0] in {"textual", "rich", "simic_tui"}}
