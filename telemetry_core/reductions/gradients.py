@@ -31,7 +31,8 @@ whole set fused into one kernel 11-14 after 15-52 s of compilation. An exact his
 element thus costs 20x by itself, and exact NaN, Inf and zero counts 2-4x each, against a target of
 3x for everything. So the design keeps what is exact *and* cheap (two passes: L2 norms and max |g|)
 and bins a sample whose cost does not grow with the model (about 12 ns per sampled element).
-``sample_size=None`` bins every element (40-55x bare); the tests compare it with float64 references.
+``sample_size=None`` bins every element (31-61x bare in benchmarks/bench_gradients.py); the tests compare
+it with float64 references.
 Interleaving the norm and ``aminmax`` per 256K-element chunk so the second read hits cache saved
 ~0.25x single-threaded but collapsed with two threads on a loaded machine: rejected.
 
