@@ -255,6 +255,37 @@ class RankJudge:
         self._slow: dict[int, int] = {}  # rank -> consecutive slow updates
         self.onsets: list[Anomaly] = []
 
+    def state_dict(self) -> dict[str, Any]:
+        """The rolling state ``judge`` carries between updates, as plain Python types (JSON-safe)."""
+        return {
+            "keys": list(self.keys),
+            "spread": {k: list(d) for k, d in self._spread.items()},
+            "usual": {k: {str(r): list(d) for r, d in ranks.items()} for k, ranks in self._usual.items()},
+            "far": {k: {str(r): n for r, n in ranks.items()} for k, ranks in self._far.items()},
+            "active": sorted(self._active),
+            "slow": {str(r): n for r, n in self._slow.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ValueError (state untouched) for another key layout."""
+        if list(state.get("keys", ())) != self.keys:
+            raise ValueError(f"rank state for keys {state.get('keys')!r}, this judge has {self.keys!r}")
+        window = max(1, self.thresholds.rank_baseline_window)
+        spread = {
+            k: deque((float(v) for v in state["spread"].get(k, ())), maxlen=window) for k in self.judged
+        }
+        usual = {
+            k: {
+                int(r): deque((float(v) for v in vs), maxlen=window)
+                for r, vs in state["usual"].get(k, {}).items()
+            }
+            for k in self.judged
+        }
+        far = {k: {int(r): int(n) for r, n in state["far"].get(k, {}).items()} for k in self.judged}
+        active = {int(r) for r in state["active"]}
+        slow = {int(r): int(n) for r, n in state["slow"].items()}
+        self._spread, self._usual, self._far, self._active, self._slow = spread, usual, far, active, slow
+
     def typical_spread(self, key: str) -> float | None:
         """Median of ``key``'s recent per-update MADs, once ``baseline_min_updates`` are known."""
         values = self._spread[key]

@@ -663,12 +663,24 @@ class TelemetryHub:
         self._debug.reset(self._level)
 
     def state_dict(self) -> dict[str, Any]:
-        """Host-side state worth checkpointing (EMA, detector history)."""
-        return {"ema": self._ema.state_dict(), "detector": self.detector.state_dict()}
+        """Host-side state worth checkpointing: the gradient EMA, the detector's history and, under
+        torch.distributed, the rank judge's baselines (the same on every rank)."""
+        state = {"ema": self._ema.state_dict(), "detector": self.detector.state_dict()}
+        if self._ranks is not None:
+            state["ranks"] = self._ranks.judge.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. Rank baselines are restored when both sides aggregate
+        across ranks with the same statistics; otherwise they are re-learnt (a logged note)."""
         self._ema.load_state_dict(state["ema"])
         self.detector.load_state_dict(state["detector"])
+        ranks = state.get("ranks")
+        if ranks is not None and self._ranks is not None:
+            try:
+                self._ranks.judge.load_state_dict(ranks)
+            except ValueError as exc:
+                log.warning("rank baselines not restored (%s); they are re-learnt over the next updates", exc)
 
     def close(self) -> None:
         if self._closed:

@@ -169,6 +169,42 @@ def test_far_rank_needs_a_known_spread_and_patience_then_is_named() -> None:
     assert anomalies[0].threshold == pytest.approx(limit, rel=1e-12)
 
 
+def test_judge_state_round_trips_and_a_restored_judge_judges_as_if_it_never_stopped() -> None:
+    """A checkpoint mid-run (JSON-safe) restores the baselines: the restored judge flags the far
+    rank on the same update as the judge that kept running; a fresh one, with no baseline, cannot."""
+    import json
+
+    th = Thresholds()
+    rng = np.random.default_rng(3)
+    warm = [_noisy(rng, 4) for _ in range(th.baseline_min_updates + 2)]
+    far = []
+    for _ in range(th.rank_divergence_patience):
+        rows = _noisy(rng, 4)
+        rows[1][0] = 40.0
+        far.append(rows)
+    running = RankJudge(th, KEYS)
+    for step, rows in enumerate(warm):
+        running.judge(step, rows)
+    far[0][3][3] = math.inf  # rank 3's KL is inf in the first far update: its streak is state too
+    running.judge(50, far[0])
+    state = json.loads(json.dumps(running.state_dict()))
+    restored = RankJudge(th, KEYS)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    fresh = RankJudge(th, KEYS)
+    step = 51
+    for rows in far[1:]:
+        a_stats, a_found = running.judge(step, rows)
+        b_stats, b_found = restored.judge(step, rows)
+        c_stats, _ = fresh.judge(step, rows)
+        step += 1
+    assert a_stats.divergent_ranks == b_stats.divergent_ranks == [1]
+    assert [x.message for x in a_found] == [x.message for x in b_found]
+    assert c_stats.divergent_ranks == []  # no baseline yet
+    with pytest.raises(ValueError, match="keys"):
+        RankJudge(th, KEYS[:-1]).load_state_dict(state)
+
+
 def test_two_ranks_name_the_rank_that_moved() -> None:
     """With two ranks the median is the mean: both are one MAD away. The pair's half-spread is judged
     against its usual level, and the rank named is the one far from its own usual value."""
