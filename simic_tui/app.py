@@ -130,6 +130,8 @@ class SimicApp(App[None]):
     # -- the timer --------------------------------------------------------------------------------------
     def tick(self) -> None:
         """Advance a replay, surface events, and redraw the active screen from the store."""
+        if not self.screen_stack:  # the timer can fire while the app starts or shuts down
+            return
         now = self.clock()
         dt, self._last_tick = now - self._last_tick, now
         if self.replay is not None:

@@ -215,6 +215,16 @@ async def test_the_states_do_not_depend_on_the_origin_of_the_frozen_clock(
         time.tzset()
 
 
+async def test_a_tick_without_screens_does_nothing() -> None:
+    """The redraw timer may fire while the app is shutting down, after its screens are gone (seen
+    once in CI: ScreenStackError from the timer): it must not raise."""
+    app = states.build("healthy")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+    assert not app.screen_stack
+    app.tick()
+
+
 async def test_kl_spike_and_nan_gradients_stand_out() -> None:
     app = states.build("kl_spike")
     async with app.run_test(size=SIZE) as pilot:
