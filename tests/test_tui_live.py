@@ -187,8 +187,7 @@ async def test_p_freezes_the_display_while_ingest_continues() -> None:
             assert policy._drawn_key == drawn and text(policy) == frozen
             assert "PAUSED" in str(app.dashboard.query_one("#header").content)
             await pilot.press("p")
-            await pilot.pause(0.3)
-            assert policy._drawn_key != drawn
+            await until(pilot, lambda: policy._drawn_key != drawn, what="a redraw after resuming")
             assert app.client.status.state == LinkState.LIVE
 
 

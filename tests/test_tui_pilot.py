@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from textual.command import CommandList
 
 from simic_tui.app import SimicApp
 from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, LIVE_ONLY, REPLAY_BINDINGS
@@ -261,7 +262,12 @@ async def test_command_palette_runs_the_same_actions_by_name() -> None:
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"Thresh")
-        await pilot.pause(0.3)
+
+        def matched() -> bool:  # the palette searches asynchronously: wait for its hits, not a fixed time
+            lists = app.screen.query(CommandList)
+            return bool(lists) and lists.first().option_count > 0
+
+        await until(pilot, matched, what="palette hits")
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ThresholdsScreen), what="thresholds screen")
 
