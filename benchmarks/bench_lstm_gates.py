@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from _timing import interleaved
 
 from telemetry_core.config import TelemetryLevel, Thresholds
 from telemetry_core.reductions.lstm import LSTMReducer
@@ -42,19 +42,6 @@ SHAPES = [
 QUICK_SHAPES = [(64, 64, 1, 8, 8), (64, 128, 2, 16, 256)]
 
 
-def interleaved(
-    cases: dict[str, Callable[[], object]], reps: int, clock: Callable[[], float]
-) -> dict[str, float]:
-    """Median seconds per case, run round-robin so load drifts hit every case alike."""
-    for fn in cases.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run_shape(

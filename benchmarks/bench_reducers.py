@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from _timing import interleaved
 from torch import nn, optim
 
 from telemetry_core.config import TelemetryConfig, TelemetryLevel
@@ -237,19 +238,6 @@ def hub_table(rounds: int, warmup: int, clock: Callable[[], float]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def interleaved(
-    cases: dict[str, Callable[[], object]], reps: int, clock: Callable[[], float]
-) -> dict[str, float]:
-    """Median seconds per case, the cases run round-robin so load drifts hit them alike."""
-    for fn in cases.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def minibatch_row(n: int, reps: int, clock: Callable[[], float]) -> dict[str, float]:

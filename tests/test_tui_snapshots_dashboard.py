@@ -8,7 +8,6 @@ UTC for wall-clock columns, no cursor blink, colours on. Regenerate after an int
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,7 @@ import states
 SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
 
 
-@pytest.fixture(autouse=True)
-def _deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    monkeypatch.delenv("TEXTUAL_THEME", raising=False)
-    yield
-    monkeypatch.undo()
-    time.tzset()
+pytestmark = pytest.mark.usefixtures("deterministic_terminal")
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -12,7 +12,6 @@ Regenerate after an intended change with
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,15 +28,7 @@ FROZEN = 1_000.0
 SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
 
 
-@pytest.fixture(autouse=True)
-def _deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    monkeypatch.delenv("TEXTUAL_THEME", raising=False)
-    yield
-    monkeypatch.undo()
-    time.tzset()
+pytestmark = pytest.mark.usefixtures("deterministic_terminal")
 
 
 @functools.cache

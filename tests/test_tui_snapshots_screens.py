@@ -6,7 +6,6 @@ test_tui_snapshots_dashboard.py for how determinism is ensured and how to regene
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,7 @@ import states
 SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
 
 
-@pytest.fixture(autouse=True)
-def _deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    monkeypatch.delenv("TEXTUAL_THEME", raising=False)
-    yield
-    monkeypatch.undo()
-    time.tzset()
+pytestmark = pytest.mark.usefixtures("deterministic_terminal")
 
 
 @pytest.mark.parametrize("size", SIZES)
