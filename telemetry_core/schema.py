@@ -31,6 +31,8 @@ __all__ = [
     "GradientStats",
     "Heartbeat",
     "History",
+    "Incident",
+    "IncidentEvent",
     "LSTMStats",
     "LayerRow",
     "LevelInfo",
@@ -48,7 +50,7 @@ __all__ = [
 
 MAGIC = "SIMIC"
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+SCHEMA_MINOR = 1  # 1: incidents, incident events, DEBUG cost share
 
 NAN = math.nan
 
@@ -345,11 +347,59 @@ class Anomaly(_S):
     rank: int | None = None
 
 
+class Incident(_S):
+    """One alarm as the operator sees it: one anomaly kind on one scope, across updates.
+
+    The detector judges each update (``Anomaly``); the trainer's incident layer
+    (``telemetry_core.incidents``) turns those judgements into incidents so that every dashboard and
+    every recording agrees on what was an alarm, when it started, how bad it got and when it ended.
+    An incident opens on the first judgement of its (kind, scope), can be upgraded (warning ->
+    critical), clears after ``Thresholds.incident_clear_updates`` updates without a judgement
+    (hysteresis, so it does not flap), and a later judgement opens a new incident with a new id.
+    Incidents opened in the same update (or the next) share a ``group``: the id of the most upstream
+    one (non-finite values > gradients > KL > ratios > value/EV > entropy > LSTM > ...), so one cause
+    reads as one alarm with its consequences listed under it.
+    """
+
+    id: int  # unique within the trainer session, increasing
+    kind: str  # one of telemetry_core.config.ANOMALY_KINDS
+    scope: str = ""  # "" (the whole run), "head:NAME" or "rank:N"
+    severity: str = "warning"  # current: "warning" | "critical"
+    peak_severity: str = "warning"
+    state: str = "active"  # "active" | "cleared"
+    onset_step: int = 0
+    last_step: int = 0  # last update with a judgement of this kind and scope
+    peak_step: int = 0  # update of the worst judgement (the first at the peak severity)
+    cleared_step: int | None = None
+    updates_active: int = 0  # updates with a judgement (gaps inside the hysteresis not counted)
+    value: float | None = None  # at the peak
+    threshold: float | None = None  # at the peak
+    last_value: float | None = None  # of the latest judgement
+    last_threshold: float | None = None
+    message: str = ""  # the latest judgement's message
+    peak_message: str = ""  # the peak judgement's message
+    action: str = ""  # what to try
+    group: int = 0  # id of the incident heading this one's group (its own id when it heads it)
+
+
+class IncidentEvent(_S):
+    """What changed in this update: ``onset`` (a new incident), ``upgrade`` (warning -> critical)
+    or ``clear``; ``incident`` is the incident as it stood right after the change."""
+
+    event: str  # "onset" | "upgrade" | "clear"
+    step: int
+    incident: Incident
+
+
 class LevelInfo(_S):
     level: str = "NORMAL"  # OFF | MINIMAL | NORMAL | DEBUG
     reason: str = "configured"
     lease_until: int | None = None  # step at which an operator DEBUG lease ends
     escalations: dict[str, int] = {}  # anomaly kind -> step its auto-escalation holds until
+    debug_share: float = 0.0  # share of the recent budget window's updates that ran at DEBUG
+    debug_window: int = 0  # updates in that window so far
+    debug_seconds: float = 0.0  # wall time of updates that ran at DEBUG, summed over the run
+    escalations_refused: int = 0  # auto-escalations refused by the DEBUG budget, summed over the run
 
 
 class RunInfo(_S):
@@ -392,7 +442,9 @@ class Snapshot(_S):
     episodes: EpisodeStats | None = None
     debug: DebugReport | None = None
     ranks: RankStats | None = None
-    anomalies: list[Anomaly] = []
+    anomalies: list[Anomaly] = []  # the detector's judgements of this update
+    incidents: list[Incident] = []  # active incidents after this update
+    incident_events: list[IncidentEvent] = []  # onsets, upgrades and clears of this update
     thresholds: Thresholds = msgspec.field(default_factory=Thresholds)
     run: RunInfo = msgspec.field(default_factory=RunInfo)
     counters: Counters = msgspec.field(default_factory=Counters)
