@@ -34,11 +34,10 @@ import contextlib
 import logging
 import math
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import torch
@@ -74,8 +73,6 @@ from telemetry_core.schema import (
 __all__ = ["TelemetryHub"]
 
 log = logging.getLogger("telemetry_core")
-
-T = TypeVar("T")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_LEASE_UPDATES = 50
@@ -174,7 +171,6 @@ class TelemetryHub:
         self._error_kinds: set[str] = set()
         self._seq = 0
         self._pid = os.getpid()
-        self._lock = threading.Lock()
         self.run_info = RunInfo(
             name=run_name,
             heads=self.heads,
@@ -195,9 +191,7 @@ class TelemetryHub:
         self._profile_remaining = 0
         self._profile_path: str | None = None
         self._profile_done: str | None = None
-        self._pending_acks: list[tuple[Any, Ack | Nack]] = []
 
-        self._step = 0
         self._last_end = time.perf_counter()
         self._level, self._reason = self.config.effective(0)
         self._closed = False
@@ -294,11 +288,6 @@ class TelemetryHub:
                 log.warning("telemetry error in %s (training continues): %s", where, exc)
             if self.strict:
                 raise
-
-    def _call(self, where: str, fn: Callable[[], T]) -> T | None:
-        with self._guard(where):
-            return fn()
-        return None
 
     # ------------------------------------------------------------------------------------------
     # observation (hot path: no host syncs)
@@ -440,7 +429,6 @@ class TelemetryHub:
             if self._ranks is not None and os.getpid() == self._pid:
                 with self._guard("ranks"):  # every rank joins this update's collective, whatever happened
                     self._ranks.settle()
-        self._step = step
         with self._guard("commands"):
             self._boundary(step)
         self._reset_reducers()
