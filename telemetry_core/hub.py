@@ -139,6 +139,7 @@ class TelemetryHub:
             raise ValueError("heads must be a non-empty mapping: head name -> number of actions")
         self.heads = {name: as_int(f"heads[{name!r}] (number of actions)", n, minimum=1) for name, n in heads.items()}
         self._only_head = next(iter(self.heads))  # what entropy= means for a single-head policy
+        self._epoch_marked = False  # next_epoch() was called: epochs are counted by its calls from then on
         self.max_grad_norm = as_real("max_grad_norm", max_grad_norm, above=0.0)
         self.total_updates = None if total_updates is None else as_int("total_updates", total_updates, minimum=1)
         self.clip_range = None if clip_range is None else as_real("clip_range", clip_range, minimum=0.0)
@@ -380,7 +381,7 @@ class TelemetryHub:
             clip_range: the PPO clip range (a Python or numpy number); may be omitted when the hub
                 was built with ``clip_range=``.
             epoch: the epoch this minibatch belongs to. When omitted the hub counts: a new epoch
-                starts at :meth:`next_epoch`, or, in an update without such calls, when this
+                starts at :meth:`next_epoch` once the loop calls it, and until then when this
                 minibatch's samples would take the epoch past the rollout's size (one pass over
                 the buffer, as CleanRL's, TorchRL's and SB3's loops make, a short last minibatch
                 or a dropped remainder included). Without :meth:`observe_rollout` nor
@@ -434,9 +435,12 @@ class TelemetryHub:
     def next_epoch(self) -> None:
         """Start a new epoch of the update for minibatches observed without ``epoch=``.
 
-        Call it at the start (or the end) of every epoch: a call before any minibatch of the current
-        epoch was observed changes nothing, so both placements count the same. Once called in an
-        update, epochs of that update are counted by these calls only, not by samples.
+        Call it at the start of every epoch (a call before any minibatch of the current epoch was
+        observed changes nothing, so the first epoch's call is harmless). From the first call on,
+        for the rest of the run, epochs are counted by these calls only, not by samples: what a
+        loop needs whose epochs are not one pass over the rollout (minibatches sampled with
+        replacement). Called at the end of every epoch instead it counts the same, except in the
+        first update when that update's first epoch runs past the rollout's size.
         """
         self._epoch_marked = True
         if self._epoch_samples:
@@ -745,7 +749,6 @@ class TelemetryHub:
         self._rollout_samples = 0
         self._epoch_counted = 0
         self._epoch_samples = 0
-        self._epoch_marked = False
         self._last_epoch = 0
 
     def state_dict(self) -> dict[str, Any]:
