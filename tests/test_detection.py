@@ -7,9 +7,9 @@ escalation on onsets):
 
 * the recurrent demo trainer (``telemetry_core.demo``) in a short configuration, with each of its
   ``--inject`` pathologies at update ``ONSET`` (after every rolling baseline of the detector is
-  known; ratio-explosion later, see ``DEMO_CASES``): each must be flagged as its own kind within 3
-  updates of onset, as issue 5 C asks of the full-size runs (``benchmarks/detection_matrix.py``
-  runs that matrix: 300-update runs, onset 90);
+  known; ratio-explosion later, see ``DEMO_CASES``): each must be flagged as its own kind within 2
+  updates of onset, as the full-size runs are (``benchmarks/detection_matrix.py`` runs that matrix:
+  300-update runs, onset 90);
 * a small feed-forward PPO (``MiniPPO`` below, ~80 lines read top to bottom) on gymnasium's own
   CartPole-v1, driven into the conditions the demo's injections do not produce - a learning rate
   far too large, a critic that is never trained, a reward lost on its way to the buffer, a reward
@@ -22,6 +22,7 @@ covered case by case; a test checks that the cases cover it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ from telemetry_core.schema import Snapshot
 # (the full demo's minibatch structure on half the rollout), 40 planned updates.
 # ------------------------------------------------------------------------------------------------
 ONSET = 10  # > baseline_min_updates (5) healthy updates before it, past the warm-up phase (4)
-WINDOW = 3  # issue 5 C: flagged within 3 updates of onset
+WINDOW = 2  # flagged as its own kind within 2 updates of onset
 SHORT = DemoConfig(num_envs=8, num_steps=64, num_minibatches=4, num_updates=40, seed=1)
 
 # injection -> (the kind it must be flagged as, its onset). Mirroring the heads' outputs only makes
@@ -59,6 +60,12 @@ DEMO_CASES: dict[str, tuple[str, int]] = {
     "exploding-gradients": ("gradient_exploding", ONSET),
     "lstm-explosion": ("lstm_unhealthy", ONSET),
 }
+
+
+# The ratio tail is judged by its mass: with the demo's target-KL stop the mismatched update is cut
+# to its first minibatch (128 samples, 1 beyond 10x - kl_spike, critical, flags it), so this case
+# runs the loop without the stop, as CleanRL's default does: 38 of 2048 samples beyond 10x.
+DEMO_CONFIGS: dict[str, DemoConfig] = {"ratio-explosion": dataclasses.replace(SHORT, target_kl=None)}
 
 
 def demo_run(
@@ -90,9 +97,9 @@ def first_flagged(snaps: dict[int, Snapshot], kind: str, *, severity: str | None
 
 
 @pytest.mark.parametrize("injection", sorted(DEMO_CASES))
-def test_each_demo_injection_is_flagged_as_its_own_kind_within_three_updates(injection: str) -> None:
+def test_each_demo_injection_is_flagged_as_its_own_kind_within_two_updates(injection: str) -> None:
     kind, onset = DEMO_CASES[injection]
-    snaps = demo_run(injection, stop=onset + WINDOW, onset=onset)
+    snaps = demo_run(injection, stop=onset + WINDOW, onset=onset, cfg=DEMO_CONFIGS.get(injection, SHORT))
     before = [a for step, s in snaps.items() if step < onset for a in s.anomalies]
     assert not [a for a in before if a.severity == CRITICAL], before
     at = first_flagged({s: v for s, v in snaps.items() if s >= onset}, kind)
