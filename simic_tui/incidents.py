@@ -225,7 +225,8 @@ class IncidentLog:
         *,
         include_ahead: bool = True,
     ) -> list[Row]:
-        """Every record, grouped: newest group first, its head first, its consequences under it.
+        """Every record, grouped: newest group first (a replay: the reached ones before those ahead),
+        its head first, its consequences under it.
 
         A filter keeps a group's head when any member matches (so a consequence never appears without
         the cause it belongs to); consequences that do not match are left out.
@@ -243,9 +244,11 @@ class IncidentLog:
         for rec in self.records.values():
             head = rec.incident.group if rec.incident.group in self.records else rec.id
             groups.setdefault(head, []).append(rec)
+        # a replay lists what the cursor has reached first; the groups ahead of it follow
         ordered = sorted(
             groups.items(),
             key=lambda kv: (
+                any(self.reached(r) for r in kv[1]),
                 max(r.incident.onset_step for r in kv[1]),
                 max(r.seen for r in kv[1]),
             ),

@@ -136,9 +136,13 @@ class AnomalyLogScreen(Screen):
 
     def action_acknowledge(self) -> None:
         incident_id = self.cursor_id()
-        if incident_id is not None:
-            self.store.incidents.acknowledge([incident_id])
-            self.refresh_view()
+        if incident_id is None:
+            return
+        if not self.store.incidents.acknowledge([incident_id]):
+            rec = self.store.incidents.get(incident_id)
+            if rec is not None and not self.store.incidents.reached(rec):
+                self.notify("that incident lies ahead of the replay's cursor", timeout=3)
+        self.refresh_view()
 
     def action_acknowledge_all(self) -> None:
         self.store.incidents.acknowledge_all()
