@@ -275,7 +275,9 @@ async def test_stepping_onto_entropy_collapse_alarms_with_colour_glyph_word_bord
         assert policy.has_class(cls)
         shown = text(policy)
         thr = app.store.latest.thresholds
-        named = [i for i in fired if f"{kind_title('entropy_collapse')} ({i.scope[5:]})" in policy.border_title]
+        named = [
+            i for i in fired if f"{kind_title('entropy_collapse')} ({i.scope[5:]})" in policy.border_title
+        ]
         assert named  # the words are never cut: the ones that do not fit are counted (+N)
         assert len(named) == len(fired) or policy.border_title.endswith(f"+{len(fired) - len(named)}")
         for i in fired:

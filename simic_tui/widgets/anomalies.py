@@ -36,22 +36,26 @@ class AnomalyPanel(Panel):
         if not shown:
             rows.add(Line().label("none so far"), 1)
             return []
-        kind_w = min(max(len(kind_scope(r.record.incident)) for r in shown) + 2, 40)
+        wide = width >= 70
+        kind_w = min(max(len(kind_scope(r.record.incident)) for r in shown) + 2, 40) if wide else 0
         for i, row in enumerate(shown):
             inc = row.record.incident
             glyph, style = severity_style(
                 inc.severity if row.record.id in log.active_ids else inc.peak_severity
             )
             line = Line()
-            line.add("  └ " if row.consequence else "", "$text-muted")
+            line.add(("  └ " if wide else "└") if row.consequence else "", "$text-muted")
             line.add(f"{glyph} ", style)
             name = kind_scope(inc)
-            line.add(name.ljust(max(kind_w - (4 if row.consequence else 0), len(name) + 1)), style)
-            line.label(f"×{inc.updates_active} ".rjust(6)).add(steps_text(inc).ljust(10))
+            if wide:
+                line.add(name.ljust(max(kind_w - (4 if row.consequence else 0), len(name) + 1)), style)
+                line.label(f"×{inc.updates_active} ".rjust(6)).add(steps_text(inc).ljust(10))
+            else:  # narrow: kind, steps and state whole, single-spaced; the log has the rest
+                line.add(name + " ", style).add(steps_text(inc) + " ")
             state = record_state(log, row.record)
-            line.add(state.ljust(22), "bold" if "new" in state else "$text-muted")
+            line.add(state.ljust(22) if wide else state + " ", "bold" if "new" in state else "$text-muted")
             message = inc.message or inc.peak_message
-            if message:
+            if message and wide:
                 line.add(message)
             rows.add(line, 1 + i / 1000)
         return []

@@ -17,7 +17,8 @@ import numpy as np
 from textual.content import Content
 from textual.widgets import Static
 
-from simic_tui.fmt import chart, fmt_num, sparkline
+from simic_tui.fmt import chart, fmt_limit, fmt_num, sparkline
+from simic_tui.incidents import scope_label
 from simic_tui.judge import (
     GLYPH,
     PANEL_KINDS,
@@ -227,9 +228,14 @@ class Panel(Static):
         values = store.series(spec.column, plot_w)
         lines, lo, hi = chart(values, plot_w, spare - 1, store.present(spec.column, plot_w), spec.marks)
         shown = min(len(values), plot_w)
-        title = Line().label(f"{spec.title}, last {shown} updates")
-        for level, name in spec.marks.items():
-            title.label("  ┈ ").label(f"{name} {fmt_num(level)}")
+        # the limits' names and numbers are never cut: the span ("last N updates") goes first
+        legend = "".join(f"  ┈ {name} {fmt_limit(level)}" for level, name in spec.marks.items())
+        span = f", last {shown} updates"
+        if len(spec.title) + len(span) + len(legend) > width:
+            span = ""
+        title = Line().label(spec.title + span)
+        if legend:
+            title.label(legend)
         rows.add(title, 9)
         for i, text in enumerate(lines):
             tick = fmt_num(hi) if i == 0 else fmt_num(lo) if i == len(lines) - 1 else ""
@@ -248,7 +254,7 @@ def panel_title(
         for inc in active:
             word = kind_title(inc.kind)
             if inc.scope:
-                word += f" ({inc.scope.split(':', 1)[-1]})"
+                word += f" ({scope_label(inc.scope)})"
             if word not in words:
                 words.append(word)
         start = f"{head} {GLYPH[incident_verdict(active[0])]} "
