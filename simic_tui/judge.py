@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from telemetry_core.config import Phase, Thresholds
+from telemetry_core.kinds import SPECS, panel_kinds
 from telemetry_core.schema import Incident, Snapshot
 
 __all__ = [
@@ -58,20 +59,9 @@ class Verdict(enum.IntEnum):
 STYLE = {Verdict.NA: "$text-muted", Verdict.OK: "", Verdict.WARN: "$warning", Verdict.CRIT: "bold $error"}
 GLYPH = {Verdict.NA: "", Verdict.OK: "", Verdict.WARN: "▲", Verdict.CRIT: "✖"}
 
-# Which panel an anomaly kind belongs to (its border changes while the kind fires).
-PANEL_KINDS: dict[str, tuple[str, ...]] = {
-    "policy": ("entropy_collapse", "kl_spike", "ratio_explosion", "ratio_collapse"),
-    "value": ("value_collapse", "ev_low"),
-    "advantage": ("performance_degradation",),
-    "gradients": (
-        "numerical_instability",
-        "gradient_exploding",
-        "gradient_vanishing",
-        "gradient_drift",
-        "rank_divergence",  # the panel shows the rank spread (simic_tui.widgets.ranks)
-    ),
-    "lstm": ("lstm_unhealthy",),
-}
+# Which panel an anomaly kind belongs to (its border changes while the kind fires): each kind's
+# spec in the registry says it.
+PANEL_KINDS: dict[str, tuple[str, ...]] = panel_kinds()
 
 
 def kind_panel(kind: str) -> str | None:
@@ -187,14 +177,9 @@ def grad_total(thr: Thresholds, snap: Snapshot, value: float | None) -> Verdict:
 
 
 def kind_title(kind: str) -> str:
-    """Panel-title words of a kind: the registry's when the trainer side defines them."""
-    try:
-        from telemetry_core.kinds import SPECS  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:  # an older telemetry_core without the registry
-        SPECS = {}
+    """Panel-title words of a kind (the registry's); an unknown kind (a newer trainer) by its name."""
     spec = SPECS.get(kind)
-    title = getattr(spec, "title", "")
-    return title or kind.replace("_", " ").upper()
+    return spec.title if spec is not None else kind.replace("_", " ").upper()
 
 
 # The store column each kind is judged on (the detail pane charts it with the incident's limit).

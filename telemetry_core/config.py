@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from telemetry_core.kinds import SPECS
+
 __all__ = [
     "ANOMALY_KINDS",
     "DEFAULT_ESCALATION_UPDATES",
@@ -77,22 +79,9 @@ class Phase(str, enum.Enum):
     LATE = "late"
 
 
-# Stable anomaly identifiers. The dashboard, the recordings and the tests refer to these strings.
-ANOMALY_KINDS: tuple[str, ...] = (
-    "entropy_collapse",
-    "kl_spike",
-    "ratio_explosion",
-    "ratio_collapse",
-    "value_collapse",
-    "ev_low",
-    "numerical_instability",
-    "gradient_exploding",
-    "gradient_vanishing",
-    "gradient_drift",
-    "lstm_unhealthy",
-    "performance_degradation",
-    "rank_divergence",
-)
+# Stable anomaly identifiers, in registry order (``telemetry_core.kinds`` defines each kind). The
+# dashboard, the recordings and the tests refer to these strings.
+ANOMALY_KINDS: tuple[str, ...] = tuple(SPECS)
 
 
 def _t(default: Any, why: str) -> Any:
@@ -438,23 +427,9 @@ def phase_of(step: int, total_updates: int | None, thresholds: Thresholds) -> Ph
     return Phase.LATE
 
 
-# Updates of automatic DEBUG after each anomaly kind. Severe, rare events get long captures; noisy,
-# mild ones short ones (review L5).
-DEFAULT_ESCALATION_UPDATES: dict[str, int] = {
-    "numerical_instability": 20,
-    "ratio_explosion": 10,
-    "gradient_exploding": 10,
-    "entropy_collapse": 8,
-    "kl_spike": 5,
-    "ratio_collapse": 5,
-    "value_collapse": 5,
-    "lstm_unhealthy": 5,
-    "gradient_vanishing": 5,
-    "performance_degradation": 5,
-    "rank_divergence": 5,
-    "ev_low": 3,
-    "gradient_drift": 3,
-}
+# Updates of automatic DEBUG after each anomaly kind (its spec's): severe, rare events get long
+# captures; noisy, mild ones short ones (review L5).
+DEFAULT_ESCALATION_UPDATES: dict[str, int] = {k: s.escalation_updates for k, s in SPECS.items()}
 
 
 @dataclass

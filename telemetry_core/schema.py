@@ -204,6 +204,9 @@ class LSTMStats(_S):
     gate_rows: int = 0  # batch rows the saturation was computed on
     gate_steps: int = 0  # time steps replayed per row
     gate_total: int = 0  # gate activations judged per gate kind (steps x rows x hidden x layers x dirs)
+    gate_resets: int = 0  # state resets replayed inside the judged rows (row-steps whose state was zeroed)
+    gates_fed: bool = False  # gate inputs came with this update's state (False: "gates: not fed")
+    gates_not_fed: int = 0  # updates of the run so far whose LSTM state came without gate inputs
 
 
 class EpisodeStats(_S):

@@ -63,6 +63,8 @@ from telemetry_core.reductions.advantage import (
     FOLD_ELEMENTS,
     ScalarSeries,
     acc_dtype,
+    as_int,
+    as_real,
     check_float_tensor,
     check_same_layout,
     to_device,
@@ -156,12 +158,12 @@ class PolicyReducer:
     def __init__(self, heads: Mapping[str, int], thresholds: Thresholds | None = None) -> None:
         if not isinstance(heads, Mapping):
             raise TypeError(f"heads must be a mapping head -> number of actions, got {type(heads).__name__}")
-        for head, n in heads.items():
+        for head in heads:
             if not isinstance(head, str) or not head:
                 raise ValueError(f"heads: head names must be non-empty strings, got {head!r}")
-            if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
-                raise ValueError(f"heads[{head!r}] must be a positive number of actions, got {n!r}")
-        self.heads: dict[str, int] = {h: int(n) for h, n in heads.items()}
+        self.heads: dict[str, int] = {
+            h: as_int(f"heads[{h!r}] (number of actions)", n, minimum=1) for h, n in heads.items()
+        }
         self.thresholds = thresholds or Thresholds()
         self.reset()
 
@@ -210,19 +212,8 @@ class PolicyReducer:
         old = (
             old_logprob if _is_like(old_logprob, shape, device) else _checked("old_logprob", old_logprob, new)
         )
-        if type(clip_range) is not float and (
-            isinstance(clip_range, torch.Tensor) or not isinstance(clip_range, numbers.Real)
-        ):
-            raise TypeError(
-                f"clip_range must be a Python number (reading a tensor would sync), got {type(clip_range).__name__}"
-            )
-        eps = float(clip_range)
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"clip_range must be a finite number >= 0, got {clip_range!r}")
-        if type(epoch) is not int and (not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool)):
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        if epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        eps = as_real("clip_range", clip_range, minimum=0.0)
+        epoch = as_int("epoch", epoch, minimum=0)
         if (head_new_logprobs is None) != (head_old_logprobs is None):
             raise ValueError("head_new_logprobs and head_old_logprobs must be given together")
         names: tuple[str, ...] = ()
@@ -292,8 +283,7 @@ class PolicyReducer:
     def early_stop(self, epoch: int, kl: torch.Tensor | float | None = None) -> None:
         """Record the loop's target-KL early stop (the first of the update counts). No sync: a
         tensor ``kl`` is transferred with everything else."""
-        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        epoch = as_int("epoch", epoch, minimum=0)
         value: float | torch.Tensor | None
         if kl is None:
             value = None
