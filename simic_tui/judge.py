@@ -258,16 +258,19 @@ class Alarms:
 
     def mark(
         self,
-        limit: Verdict,
+        verdict: Verdict,
         kinds: Iterable[str] = (),
         *,
         head: str | None = None,
         value: float | None = None,
         word: str = "",
         at_most: Verdict = Verdict.WARN,
+        limit: float | None = None,
     ) -> Mark:
         """A value's mark: an active incident of ``kinds`` sets it (and allows ``word`` when the value
-        is past its limit too); without one, the limit verdict is capped at ``at_most`` (▲)."""
+        is past its limit too); without one, the limit verdict is capped at ``at_most`` (▲), and
+        ``limit`` (the Thresholds number the verdict came from) is shown beside a ▲ the way the ``t``
+        screen lists it, so every mark without an incident names the limit it stands for."""
         kinds = tuple(kinds)
         if value is not None and not math.isfinite(value):
             # NaN/inf: red only while an incident stands behind it (numerical_instability or its own)
@@ -275,7 +278,9 @@ class Alarms:
             return Mark(incident_verdict(inc) if inc is not None else Verdict.OK)
         inc = self.find(kinds, head) if kinds else None
         if inc is not None:
-            return Mark(incident_verdict(inc), word if limit >= Verdict.WARN else "")
-        if limit == Verdict.NA:
+            return Mark(incident_verdict(inc), word if verdict >= Verdict.WARN else "")
+        if verdict == Verdict.NA:
             return Mark(Verdict.NA)
-        return Mark(min(limit, at_most))
+        capped = min(verdict, at_most)
+        note = f"limit {limit:g}" if limit is not None and capped >= Verdict.WARN else ""
+        return Mark(capped, note)

@@ -207,7 +207,10 @@ class Panel(Static):
         self.set_class(state == Verdict.CRIT, "-crit")
         cleared = [] if active else view.store.incidents.recently_cleared(kinds, CLEARED_FOR)
         self.set_class(bool(cleared), "-cleared")
-        self.border_title = panel_title(self.NUMBER, self.TITLE, active, cleared, self.size.width - 6)
+        # a Content, not a str: head names in the title are trainer text, never markup
+        self.border_title = Content(
+            panel_title(self.NUMBER, self.TITLE, active, cleared, self.size.width - 6)
+        )
 
     def data_key(self, view: View) -> object:
         """What this panel's text depends on; it is rebuilt only when this changes."""

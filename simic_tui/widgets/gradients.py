@@ -76,7 +76,11 @@ class GradientsPanel(Panel):
         )
         iv = alarms.mark(judge_nonfinite_count(g.inf_count), nonfinite, word="INF", at_most=Verdict.OK)
         nv, iv = (nv if g.nan_count else Mark(Verdict.OK)), (iv if g.inf_count else Mark(Verdict.OK))
-        cr = alarms.mark(judge_high(g.clip_rate, warn=thr.clip_rate_warning), value=g.clip_rate)
+        cr = alarms.mark(
+            judge_high(g.clip_rate, warn=thr.clip_rate_warning),
+            value=g.clip_rate,
+            limit=thr.clip_rate_warning,
+        )
         verdicts += [nv.verdict, iv.verdict, cr.verdict]
         line = Line().label("NaN/Inf", L).val(g.nan_count, nv)
         line.label(" / ").val(g.inf_count, iv)

@@ -34,7 +34,9 @@ class LSTMPanel(Panel):
             hv = judge_low(s.h_norm, warn=thr.lstm_norm_min)
         hm = alarms.mark(hv, lstm, value=s.h_norm, word=h_word)
         cm = alarms.mark(judge_high(s.c_norm, warn=thr.lstm_norm_max), lstm, value=s.c_norm, word="EXPLODED")
-        cmax = alarms.mark(judge_high(s.c_max_abs, warn=thr.lstm_c_max_abs), value=s.c_max_abs)
+        cmax = alarms.mark(
+            judge_high(s.c_max_abs, warn=thr.lstm_c_max_abs), value=s.c_max_abs, limit=thr.lstm_c_max_abs
+        )
         verdicts += [hm.verdict, cm.verdict, cmax.verdict]
 
         def plain(x: float) -> Mark:

@@ -44,12 +44,14 @@ class PolicyPanel(Panel):
         # its hysteresis, so the panel and the log never disagree.
         for i, head in enumerate(heads):
             value = pol.entropy_normalized.get(head)
+            ev = judge_entropy(thr, head, value)
             mark = alarms.mark(
-                judge_entropy(thr, head, value),
+                ev,
                 ("entropy_collapse",),
                 head=head,
                 value=value,
                 word="COLLAPSE",
+                limit=thr.entropy_limit(head) if ev == Verdict.CRIT else thr.entropy_warning,
             )
             verdicts.append(mark.verdict)
             line = Line().label("entropy" if i == 0 else "", L).label(head.ljust(head_w))
@@ -63,7 +65,9 @@ class PolicyPanel(Panel):
             rows.add(line, 1)
 
         # KL k3: mean (judged) and max, history, early stops
-        kv = alarms.mark(judge_kl(thr, pol.kl_k3_mean), ("kl_spike",), value=pol.kl_k3_mean, word="SPIKE")
+        kl_v = judge_kl(thr, pol.kl_k3_mean)
+        kl_limit = thr.kl_spike_critical if kl_v == Verdict.CRIT else thr.kl_spike_warning
+        kv = alarms.mark(kl_v, ("kl_spike",), value=pol.kl_k3_mean, word="SPIKE", limit=kl_limit)
         verdicts.append(kv.verdict)
         line = Line().label("KL k3", L)
         if width >= 44:
@@ -85,19 +89,33 @@ class PolicyPanel(Panel):
 
         # clipping, ratios, ESS
         cv = alarms.mark(
-            judge_high(pol.clip_fraction, warn=thr.clip_fraction_warning), value=pol.clip_fraction
+            judge_high(pol.clip_fraction, warn=thr.clip_fraction_warning),
+            value=pol.clip_fraction,
+            limit=thr.clip_fraction_warning,
         )
         rmax = alarms.mark(
-            judge_ratio_max(thr, pol.ratio_max), ("ratio_explosion",), value=pol.ratio_max, word="EXPLOSION"
+            judge_ratio_max(thr, pol.ratio_max),
+            ("ratio_explosion",),
+            value=pol.ratio_max,
+            word="EXPLOSION",
+            limit=thr.ratio_explosion,
         )
         rmin = alarms.mark(
-            judge_ratio_min(thr, pol.ratio_min), ("ratio_collapse",), value=pol.ratio_min, word="COLLAPSE"
+            judge_ratio_min(thr, pol.ratio_min),
+            ("ratio_collapse",),
+            value=pol.ratio_min,
+            word="COLLAPSE",
+            limit=thr.ratio_collapse,
         )
-        ess = alarms.mark(judge_low(pol.ess, warn=thr.ess_warning), value=pol.ess)
+        ess = alarms.mark(judge_low(pol.ess, warn=thr.ess_warning), value=pol.ess, limit=thr.ess_warning)
         verdicts += [cv.verdict, rmax.verdict, rmin.verdict, ess.verdict]
         line = Line().label("clip", L).val(pol.clip_fraction, cv, fmt=fmt_pct)
         for head, value in pol.head_clip_fraction.items():
-            hv = alarms.mark(judge_high(value, warn=thr.clip_fraction_warning), value=value)
+            hv = alarms.mark(
+                judge_high(value, warn=thr.clip_fraction_warning),
+                value=value,
+                limit=thr.clip_fraction_warning,
+            )
             line.label(f"  {head} ").val(value, hv, fmt=fmt_pct)
         rows.add(line, 2)
         line = Line().label("ratio", L).val(pol.ratio_min, rmin)
