@@ -165,10 +165,13 @@ def test_panel_titles_keep_alarm_words_whole() -> None:
     ratio, kl = kind_title("ratio_explosion"), kind_title("kl_spike")
     wide = panel_title(1, "Policy", active, [], 200)
     assert wide == f"1 Policy ✖ {ratio} (direction), {kl}"
-    narrow = panel_title(1, "Policy", active, [], len(wide) - 1)
-    assert narrow == f"1 Policy ✖ {ratio} (direction) +1"  # whole words, the rest counted
+    # short of width the panel's name goes first (its number stays), then words, which are counted
+    assert panel_title(1, "Policy", active, [], len(wide) - 1) == f"1 ✖ {ratio} (direction), {kl}"
+    narrow = panel_title(1, "Policy", active, [], len(f"1 ✖ {ratio} (direction) +1"))
+    assert narrow == f"1 ✖ {ratio} (direction) +1"
     cleared = msgspec.structs.replace(active[1], state="cleared", cleared_step=43)
     assert panel_title(1, "Policy", [], [cleared]) == f"1 Policy ✓ {kl} cleared at 43"
+    assert panel_title(1, "Policy", [], [cleared], 26) == f"1 ✓ {kl} cleared at 43"
 
 
 def test_one_toast_summarises_a_burst_by_group() -> None:
@@ -277,5 +280,5 @@ async def test_trainer_text_in_incidents_is_shown_literally_never_as_markup() ->
         await pilot.press("enter")
         detail = app.screen
         assert isinstance(detail, IncidentDetailScreen)
-        body = str(detail.query_one("#detail-text").content)
+        body = "\n".join(str(w.content) for w in detail.query(".detail-value"))
         assert f"msg {hostile}" in body and f"act {hostile}" in body

@@ -176,7 +176,7 @@ async def test_enter_opens_the_detail_pane_with_the_whole_message_limit_advice_a
         assert isinstance(detail, IncidentDetailScreen)
         await pilot.pause()
         inc = app.store.incidents.records[kl_id].incident
-        body = " ".join(str(detail.query_one("#detail-text").content).split())
+        body = " ".join(" ".join(str(w.content) for w in detail.query(".detail-value") if w.display).split())
         assert " ".join(inc.peak_message.split()) in body  # whole, wrapped, never cut
         assert " ".join(inc.action.split()) in body
         assert f"limit {fmt_num(inc.threshold)}" in body and f"onset {inc.onset_step}" in body

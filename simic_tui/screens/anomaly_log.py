@@ -14,7 +14,7 @@ from typing import ClassVar
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import Grid, VerticalScroll
 from textual.content import Content
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Static
@@ -172,11 +172,35 @@ class IncidentDetailScreen(ModalScreen[None]):
         self.store = store
         self.incident_id = incident_id
 
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("happened", "What happened"),
+        ("latest-message", "Latest"),
+        ("peak", "At the peak"),
+        ("now", "Latest value"),
+        ("try", "What to try"),
+        ("steps", "Steps affected"),
+        ("group", "Group"),
+    )
+
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="detail-body"):
             yield Static(id="detail-text")
+            # label | value rows: a long value wraps inside its own column (a hanging indent)
+            with Grid(id="detail-fields"):
+                for key, label in self.FIELDS:
+                    yield Static(label, id=f"detail-label-{key}", classes="detail-label")
+                    yield Static(id=f"detail-{key}", classes="detail-value")
             yield Static(id="detail-chart")
         yield Footer(compact=True)
+
+    def _field(self, key: str, value: Content | str | None) -> None:
+        """Show one row (plain text: trainer text is never markup), or hide it when empty."""
+        label = self.query_one(f"#detail-label-{key}", Static)
+        cell = self.query_one(f"#detail-{key}", Static)
+        shown = bool(value)
+        label.display = cell.display = shown
+        if shown:
+            cell.update(value if isinstance(value, Content) else Content(str(value)))
 
     def on_mount(self) -> None:
         self.refresh_view()
@@ -186,12 +210,22 @@ class IncidentDetailScreen(ModalScreen[None]):
 
     def action_acknowledge(self) -> None:
         self.store.incidents.acknowledge([self.incident_id])
-        self.refresh_view()
+        self.refresh_view()  # the log's version moved: the state line says it is no longer new
 
     def record(self) -> IncidentRecord | None:
         return self.store.incidents.get(self.incident_id)
 
+    _drawn: tuple[int, int, int] | None = None
+
     def refresh_view(self) -> None:
+        key = (
+            self.store.incidents.version,
+            self.store.version,
+            self.query_one("#detail-body").content_region.width,
+        )
+        if key == self._drawn:  # the timer calls this 10 times a second: redraw only on news
+            return
+        self._drawn = key
         rec = self.record()
         text = self.query_one("#detail-text", Static)
         if rec is None:
@@ -201,37 +235,32 @@ class IncidentDetailScreen(ModalScreen[None]):
         inc = rec.incident
         glyph, style = severity_style(inc.severity)
         where = f" ({scope_label(inc.scope)})" if inc.scope else " (whole run)"
-        parts: list[tuple[str, str] | str] = [
-            (f"{glyph} {kind_title(inc.kind)}", f"bold {style}"),
-            (where, "bold"),
-            (
-                f"   {inc.kind} · {inc.severity} (peak {inc.peak_severity}) · {record_state(log, rec)}\n\n",
-                "$text-muted",
-            ),
-            ("What happened  ", "bold"),
-            (inc.peak_message or inc.message) + "\n",
-        ]
-        if inc.message and inc.message != inc.peak_message:
-            parts += [("Latest         ", "bold"), inc.message + "\n"]
-        parts += [
-            ("\nAt the peak    ", "bold"),
-            (f"{value_text(inc.value, inc.threshold) or '—'}  (step {inc.peak_step})\n", ""),
-            ("Latest         ", "bold"),
-            (f"{value_text(inc.last_value, inc.last_threshold) or '—'}  (step {inc.last_step})\n", ""),
-            ("\nWhat to try    ", "bold"),
-            ((inc.action or "(the trainer gave no advice for this kind)") + "\n", ""),
-            ("\nSteps affected ", "bold"),
-            (self._steps(inc) + "\n", ""),
-        ]
+        text.update(
+            Content.assemble(
+                (f"{glyph} {kind_title(inc.kind)}", f"bold {style}"),
+                (where, "bold"),
+                (
+                    f"   {inc.kind} · {inc.severity} (peak {inc.peak_severity}) · {record_state(log, rec)}",
+                    "$text-muted",
+                ),
+            )
+        )
+        happened = inc.peak_message or inc.message
+        self._field("happened", happened)
+        self._field("latest-message", inc.message if inc.message and inc.message != happened else "")
+        self._field("peak", f"{value_text(inc.value, inc.threshold) or '—'}  (step {inc.peak_step})")
+        self._field("now", f"{value_text(inc.last_value, inc.last_threshold) or '—'}  (step {inc.last_step})")
+        self._field("try", inc.action or "(the trainer gave no advice for this kind)")
+        self._field("steps", self._steps(inc))
         members = log.group_of(rec)
+        group: Content | None = None
         if members:
             head = inc.group == inc.id or inc.group not in log.records
-            parts.append(("\nGroup          ", "bold"))
-            parts.append(
+            group = Content.assemble(
                 ("heads " if head else "a consequence of ", "$text-muted"),
+                ", ".join(f"{kind_scope(r.incident)} (#{r.id})" for r in members),
             )
-            parts.append(", ".join(f"{kind_scope(r.incident)} (#{r.id})" for r in members) + "\n")
-        text.update(Content.assemble(*parts))
+        self._field("group", group)
         self.query_one("#detail-chart", Static).update(self._chart(inc))
 
     @staticmethod

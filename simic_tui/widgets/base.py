@@ -250,8 +250,11 @@ def panel_title(
 ) -> str:
     """``1 Policy ✖ KL SPIKE, RATIO EXPLOSION (direction)`` while incidents are active, then
     ``1 Policy ✓ KL SPIKE cleared at 44`` for a while. Alarm words are never cut: when they do not
-    all fit ``width``, the first ones are kept whole and the rest counted (``+2``)."""
-    head = f"{number} {title}" if number else title
+    all fit ``width``, the panel's name goes first (its number stays), then the last words, which
+    are counted (``+2``)."""
+    heads = [f"{number} {title}" if number else title]
+    if number:
+        heads.append(str(number))  # short of width, the panel's name goes before an alarm word does
     if active:
         words: list[str] = []
         for inc in active:
@@ -260,16 +263,18 @@ def panel_title(
                 word += f" ({scope_label(inc.scope)})"
             if word not in words:
                 words.append(word)
-        start = f"{head} {GLYPH[incident_verdict(active[0])]} "
-        shown = list(words)
-        while len(shown) > 1:
-            more = f" +{len(words) - len(shown)}" if len(shown) < len(words) else ""
-            if len(start) + len(", ".join(shown)) + len(more) <= width:
-                break
-            shown.pop()
-        more = f" +{len(words) - len(shown)}" if len(shown) < len(words) else ""
-        return start + ", ".join(shown) + more
+        glyph = GLYPH[incident_verdict(active[0])]
+        for n in range(len(words), 0, -1):
+            more = f" +{len(words) - n}" if n < len(words) else ""
+            for head in heads:
+                text = f"{head} {glyph} " + ", ".join(words[:n]) + more
+                if len(text) <= width:
+                    return text
+        return f"{heads[-1]} {glyph} {words[0]}" + (f" +{len(words) - 1}" if len(words) > 1 else "")
     if cleared:
         inc = cleared[0]
-        return f"{head} ✓ {kind_title(inc.kind)} cleared at {inc.cleared_step}"
-    return head
+        word = kind_title(inc.kind)
+        options = [f"{h} ✓ {word} cleared at {inc.cleared_step}" for h in heads]
+        options.append(f"{heads[-1]} ✓ {word} cleared {inc.cleared_step}")
+        return next((o for o in options if len(o) <= width), options[-1])
+    return heads[0]
