@@ -84,8 +84,14 @@ class AdvantagePanel(Panel):
             if r.quantile_n == 0 and r.count == 0:
                 line.label(f"not measured at {snap.level.level}")
             else:
-                line.label("p10 ").val(r.p10).label(" p50 ").val(r.p50).label(" p90 ").val(r.p90)
-                line.label("  μ ").val(r.mean).label(" σ ").val(r.std)
+                for name, x in (
+                    ("p10 ", r.p10),
+                    (" p50 ", r.p50),
+                    (" p90 ", r.p90),
+                    ("  μ ", r.mean),
+                    (" σ ", r.std),
+                ):
+                    line.label(name).val(x, alarms.mark(Verdict.OK, value=x))
             rows.add(line, 2)
         ep = snap.episodes
         if ep is not None:

@@ -77,7 +77,7 @@ def incident_toast(events: list[IncidentEvent]) -> tuple[str, str]:
         inc = e.incident
         what = "now critical" if e.event == "upgrade" else inc.severity
         where = f" ({scope_label(inc.scope)})" if inc.scope else ""
-        message = (inc.message or inc.peak_message).split("\n", 1)[0]
+        message = _first_words(inc.message or inc.peak_message, 100)
         return f"{glyph} {kind_title(inc.kind)}{where} {what} at step {e.step}: {message}  (a: log)", severity
     ids = {e.incident.id for e in events}
     heads: dict[int, list[IncidentEvent]] = {}
@@ -93,3 +93,12 @@ def incident_toast(events: list[IncidentEvent]) -> tuple[str, str]:
     steps = sorted({e.step for e in events})
     at = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}–{steps[-1]}"
     return f"{glyph} {len(events)} incidents at {at}: {', '.join(parts)}  (a: log)", severity
+
+
+def _first_words(text: str, limit: int) -> str:
+    """The start of a message for a toast, cut at a word (the log's detail pane has it whole)."""
+    line = text.split("\n", 1)[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+    return cut + " …"
