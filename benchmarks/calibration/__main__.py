@@ -1,12 +1,17 @@
-"""``python benchmarks/calibration run|rejudge|report ...`` from the repository root."""
+"""``python benchmarks/calibration run|rejudge|report ...`` from the repository root.
+
+The ``telemetry_core`` that judges is the first one on the path: set ``PYTHONPATH`` to another
+checkout to re-judge these recordings with its rules; this repository is only the fallback.
+"""
 
 import sys
 from pathlib import Path
 
 _here = Path(__file__).resolve().parent
-for _path in (str(_here.parents[1]), str(_here.parent)):  # the repository root, then benchmarks/
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(_here.parent) not in sys.path:  # benchmarks/, for the calibration package
+    sys.path.insert(0, str(_here.parent))
+if str(_here.parents[1]) not in sys.path:
+    sys.path.append(str(_here.parents[1]))
 
 from calibration.matrix import main  # noqa: E402
 

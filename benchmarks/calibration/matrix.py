@@ -123,9 +123,9 @@ AGENTS: dict[str, AgentSpec] = {
             "recurrent PPO (64 tanh -> LSTM 64), Acrobot-v1 with both angular velocities masked, "
             "3 actions, env-wise minibatches, rewards x0.1, lr 2.5e-3, target KL 0.02",
             tuple(EXPECTED),
-            150,
-            150,
-            40,
+            100,
+            100,
+            30,
             _lstm_po,
         ),
         AgentSpec(
@@ -133,9 +133,9 @@ AGENTS: dict[str, AgentSpec] = {
             "feed-forward PPO (CleanRL ppo.py: 64-64 tanh actor and critic), Acrobot-v1, 3 actions, "
             "shuffled minibatches, unnormalised returns, lr 1e-3, no target KL",
             FEEDFORWARD_KINDS,
-            150,
-            150,
-            40,
+            100,
+            100,
+            30,
             _mlp,
         ),
         AgentSpec(
@@ -143,9 +143,9 @@ AGENTS: dict[str, AgentSpec] = {
             "feed-forward PPO with two heads, Acrobot-v1 torque as [push on/off, direction] = "
             "MultiDiscrete([2, 2]) (direction is moot when not pushing)",
             FEEDFORWARD_KINDS,
-            150,
-            150,
-            40,
+            100,
+            100,
+            30,
             _factored,
         ),
         AgentSpec(
@@ -153,9 +153,9 @@ AGENTS: dict[str, AgentSpec] = {
             "Stable-Baselines3 PPO('MlpPolicy', 'CartPole-v1') with every default (n_steps 2048, "
             "batch 64, 10 epochs, ent_coef 0, max_grad_norm 0.5) through SimicCallback",
             FEEDFORWARD_KINDS,
-            25,
-            25,
-            8,
+            15,
+            15,
+            6,
         ),
     )
 }
@@ -217,6 +217,9 @@ def run_job(job: Job) -> dict[str, Any]:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     record = out / f"{job.label}.simrec"
+    sidecar = out / f"{job.label}.json"
+    # Written first, so a healthy run stopped early can still be judged up to where it got.
+    sidecar.write_text(json.dumps({"job": asdict(job), "label": job.label, "onset": None, "finished": False}))
     returns: list[float | None] = []
     started = time.perf_counter()
     crashed = None
@@ -260,8 +263,9 @@ def run_job(job: Job) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "crashed": crashed,
         "returns": returns,
+        "finished": True,
     }
-    (out / f"{job.label}.json").write_text(json.dumps(meta))
+    sidecar.write_text(json.dumps(meta))
     return meta
 
 
@@ -375,9 +379,13 @@ def load_runs(out: Path, *, rejudge: bool, match: str | None = None) -> list[Run
         if match is not None and match not in sidecar.stem:
             continue
         meta = json.loads(sidecar.read_text())
-        if "job" not in meta:
-            continue
+        if "job" not in meta or (not meta.get("finished") and meta["job"]["injection"]):
+            continue  # an injected run that did not finish has no measured onset
         snaps = _snapshots(sidecar.with_suffix(".simrec"))
+        if "returns" not in meta:  # a run still going or stopped: the returns its hub published
+            meta["returns"] = [
+                s.episodes.return_mean if s.episodes is not None and s.episodes.count else None for s in snaps
+            ]
         if not rejudge:
             runs.append(_recorded(meta, snaps))
             continue
@@ -404,6 +412,7 @@ class InjectedVerdict:
     detected: bool
     others: dict[str, str]  # other kinds judged from onset to the end -> worst severity
     crashed: str | None
+    unpublished: bool  # training raised inside the onset update: no snapshot of it exists
 
 
 def judge_injected(run: RunRows) -> InjectedVerdict:
@@ -435,6 +444,7 @@ def judge_injected(run: RunRows) -> InjectedVerdict:
         detected=latency is not None and latency <= WINDOW,
         others=dict(sorted(others.items())),
         crashed=run.meta.get("crashed"),
+        unpublished=onset is not None and bool(run.meta.get("crashed")) and all(r.step < onset for r in run.rows),
     )
 
 
@@ -514,7 +524,8 @@ def markdown(runs: list[RunRows], meta: dict[str, Any]) -> str:
         "anomaly onsets (a kind and scope judged now and not in the update before; no incident layer yet)"
     )
     lines = [
-        f"{meta['what']}, {meta['date']}, {meta['machine']}. Command: `{meta['command']}`.",
+        f"{meta['what']}, {meta['date']}, {meta['machine']}. Command: `{meta['command']}`"
+        + (f" (telemetry_core of `{meta['judge']}`)." if meta.get("judge") else "."),
         "",
         "Agents:",
         "",
@@ -537,7 +548,9 @@ def markdown(runs: list[RunRows], meta: dict[str, Any]) -> str:
                 cells.append("—")
                 continue
             hit = sum(v.detected for v in vs)
-            lat = ",".join("miss" if v.latency is None else f"+{v.latency}" for v in vs)
+            lat = ",".join(
+                ("died†" if v.unpublished else "miss") if v.latency is None else f"+{v.latency}" for v in vs
+            )
             mark = "" if hit == len(vs) else "**"
             cells.append(f"{mark}{hit}/{len(vs)}{mark} ({lat})")
         lines.append(f"| {inj} → `{kind}` | " + " | ".join(cells) + " |")
@@ -584,16 +597,23 @@ def markdown(runs: list[RunRows], meta: dict[str, Any]) -> str:
             )
     crashed = [v for v in injected if v.crashed]
     if crashed:
-        lines += ["", "Training died after the injection (the run's own exception, recorded):", ""]
-        lines += [f"- `{v.agent}` {v.injection} seed {v.seed}: {v.crashed}" for v in crashed]
+        lines += ["", "Training died after the injection (the run's own exception, recorded; † = inside the "
+                  "onset update, before the hub could publish it):", ""]
+        lines += [
+            f"- `{v.agent}` {v.injection} seed {v.seed}{' †' if v.unpublished else ''}: {v.crashed}"
+            for v in crashed
+        ]
     if meta.get("seconds"):
         lines += ["", f"Wall time {meta['seconds']:.0f} s with {meta['jobs']} processes."]
     return "\n".join(lines) + "\n"
 
 
 def _meta(what: str, command: str, seconds: float = 0.0, jobs: int = 0) -> dict[str, Any]:
+    import telemetry_core
+
     return {
         "what": what,
+        "judge": str(Path(telemetry_core.__file__).resolve().parents[1]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {mp.cpu_count()} cores (shared), Python {platform.python_version()}",
         "command": command,
@@ -616,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="train the matrix under recording hubs")
     run.add_argument("--agents", nargs="+", default=list(AGENTS), choices=list(AGENTS))
     run.add_argument("--healthy-seeds", type=int, nargs="*", default=[1, 2, 3])
-    run.add_argument("--inject-seeds", type=int, nargs="*", default=[1, 2])
+    run.add_argument("--inject-seeds", type=int, nargs="*", default=[1])
     run.add_argument("--kinds", nargs="+", default=None, choices=list(EXPECTED))
     run.add_argument("--long", type=int, default=1000, help="updates of the long mlp-acrobot run (0: none)")
     run.add_argument("--skip-done", action="store_true", help="skip runs whose .json exists")
