@@ -41,7 +41,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ EXPECTED: dict[str, str] = {
     "lstm-explosion": "lstm_unhealthy",
 }
 WINDOW = 2  # flagged as its own kind within this many updates of onset
-AFTER = 2  # updates run past the window (what else fires, how incidents group)
+INJECT_SEED = 11  # injection k of an agent runs on seed INJECT_SEED + k: its own healthy prefix
 FEEDFORWARD_KINDS = tuple(k for k in EXPECTED if k != "lstm-explosion")
 
 
@@ -91,6 +91,7 @@ class AgentSpec:
     inject_plan: int  # planned updates of an injected run (sets LR annealing and phase)
     onset: int  # update at which injections act
     config: Callable[[int, int], PPOConfig] | None = None  # (seed, updates) -> config; None: SB3
+    after: int = 2  # updates run past the window (what else fires, how incidents group)
 
 
 def _lstm_po(seed: int, updates: int) -> PPOConfig:
@@ -123,7 +124,7 @@ AGENTS: dict[str, AgentSpec] = {
             "recurrent PPO (64 tanh -> LSTM 64), Acrobot-v1 with both angular velocities masked, "
             "3 actions, env-wise minibatches, rewards x0.1, lr 2.5e-3, target KL 0.02",
             tuple(EXPECTED),
-            100,
+            80,
             100,
             30,
             _lstm_po,
@@ -133,7 +134,7 @@ AGENTS: dict[str, AgentSpec] = {
             "feed-forward PPO (CleanRL ppo.py: 64-64 tanh actor and critic), Acrobot-v1, 3 actions, "
             "shuffled minibatches, unnormalised returns, lr 1e-3, no target KL",
             FEEDFORWARD_KINDS,
-            100,
+            80,
             100,
             30,
             _mlp,
@@ -143,7 +144,7 @@ AGENTS: dict[str, AgentSpec] = {
             "feed-forward PPO with two heads, Acrobot-v1 torque as [push on/off, direction] = "
             "MultiDiscrete([2, 2]) (direction is moot when not pushing)",
             FEEDFORWARD_KINDS,
-            100,
+            80,
             100,
             30,
             _factored,
@@ -156,6 +157,7 @@ AGENTS: dict[str, AgentSpec] = {
             15,
             15,
             6,
+            after=0,  # an SB3 update takes ~5 s of CPU: stop at the end of the window
         ),
     )
 }
@@ -170,6 +172,7 @@ class Job:
     onset: int | None = None
     stop: int | None = None  # last update run (None: all planned)
     out: str = "runs/calibration"
+    skip_done: bool = False  # do nothing when the run's sidecar exists (finished or being run)
 
     @property
     def label(self) -> str:
@@ -186,7 +189,11 @@ def matrix_jobs(
     long_updates: int = 0,
     kinds: Sequence[str] | None = None,
 ) -> list[Job]:
-    """The matrix, longest jobs first (so a pool does not end waiting on one)."""
+    """The matrix, longest jobs first (so a pool does not end waiting on one).
+
+    Injection ``k`` (in ``EXPECTED``'s order) of seed ``s`` runs on seed ``s + k``, so every injected
+    run is an independent trial and its updates before onset are healthy data of another seed.
+    """
     jobs: list[Job] = []
     if long_updates:  # the cheapest agent, trained to convergence and beyond
         jobs.append(Job("mlp-acrobot", healthy_seeds[0] if healthy_seeds else 1, long_updates, out=out))
@@ -196,12 +203,13 @@ def matrix_jobs(
             if long_updates and name == "mlp-acrobot" and seed == jobs[0].seed:
                 continue
             jobs.append(Job(name, seed, spec.healthy_updates, out=out))
-        stop = spec.onset + WINDOW + AFTER
+        stop = spec.onset + WINDOW + spec.after
         for kind in spec.kinds:
             if kinds is not None and kind not in kinds:
                 continue
+            k = list(EXPECTED).index(kind)
             for seed in inject_seeds:
-                jobs.append(Job(name, seed, spec.inject_plan, kind, spec.onset, stop, out=out))
+                jobs.append(Job(name, seed + k, spec.inject_plan, kind, spec.onset, stop, out=out))
     cost = {name: (8.0 if AGENTS[name].config is None else 1.0) for name in AGENTS}
     return sorted(jobs, key=lambda j: -cost[j.agent] * (j.stop or j.updates))
 
@@ -218,6 +226,8 @@ def run_job(job: Job) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     record = out / f"{job.label}.simrec"
     sidecar = out / f"{job.label}.json"
+    if job.skip_done and sidecar.exists():
+        return {**json.loads(sidecar.read_text()), "skipped": True}
     # Written first, so a healthy run stopped early can still be judged up to where it got.
     sidecar.write_text(json.dumps({"job": asdict(job), "label": job.label, "onset": None, "finished": False}))
     returns: list[float | None] = []
@@ -636,10 +646,14 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="train the matrix under recording hubs")
     run.add_argument("--agents", nargs="+", default=list(AGENTS), choices=list(AGENTS))
     run.add_argument("--healthy-seeds", type=int, nargs="*", default=[1, 2, 3])
-    run.add_argument("--inject-seeds", type=int, nargs="*", default=[1])
+    run.add_argument("--inject-seeds", type=int, nargs="*", default=[INJECT_SEED])
     run.add_argument("--kinds", nargs="+", default=None, choices=list(EXPECTED))
     run.add_argument("--long", type=int, default=1000, help="updates of the long mlp-acrobot run (0: none)")
-    run.add_argument("--skip-done", action="store_true", help="skip runs whose .json exists")
+    run.add_argument(
+        "--skip-done", action="store_true",
+        help="skip runs whose .json exists when they come up (two harnesses can share a folder)",
+    )
+    run.add_argument("--reverse", action="store_true", help="shortest runs first")
     for p in (run, sub.add_parser("rejudge", help="judge the recordings again with the current detector"),
               sub.add_parser("report", help="the table from what the live hubs recorded")):
         p.add_argument("--out", type=Path, default=Path("runs/calibration"))
@@ -656,11 +670,15 @@ def main(argv: list[str] | None = None) -> int:
             long_updates=args.long if "mlp-acrobot" in args.agents else 0, kinds=args.kinds,
         )
         if args.skip_done:
-            jobs = [j for j in jobs if not (args.out / f"{j.label}.json").exists()]
+            jobs = [replace(j, skip_done=True) for j in jobs if not (args.out / f"{j.label}.json").exists()]
+        if args.reverse:
+            jobs.reverse()
         print(f"{len(jobs)} runs, {args.jobs} processes, recordings in {args.out}", flush=True)
         started = time.perf_counter()
         with mp.get_context("spawn").Pool(max(1, args.jobs), maxtasksperchild=1) as pool:
             for meta in pool.imap_unordered(run_job, jobs):
+                if meta.get("skipped"):
+                    continue
                 print(f"  done {meta['label']:55s} {meta['seconds']:7.1f} s"
                       + (f"  died: {meta['crashed'][:60]}" if meta["crashed"] else ""), flush=True)
         seconds = time.perf_counter() - started
