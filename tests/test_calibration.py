@@ -35,7 +35,7 @@ from calibration.matrix import (  # noqa: E402
 )
 
 AGENT = "mlp-acrobot"
-ONSET = 8
+ONSET = 6
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,9 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     try:
         for job in (
-            Job(AGENT, seed=1, updates=20, out=str(out)),
-            Job(AGENT, seed=2, updates=40, injection="kl-spike", onset=ONSET, stop=ONSET + WINDOW, out=str(out)),
-            Job(AGENT, seed=3, updates=40, injection="value-collapse", onset=ONSET, stop=ONSET + WINDOW,
+            Job(AGENT, seed=1, updates=16, out=str(out)),
+            Job(AGENT, seed=2, updates=30, injection="kl-spike", onset=ONSET, stop=ONSET + WINDOW, out=str(out)),
+            Job(AGENT, seed=3, updates=30, injection="value-collapse", onset=ONSET, stop=ONSET + WINDOW,
                 out=str(out)),
         ):
             meta = run_job(job)
@@ -78,11 +78,11 @@ def test_injections_flagged_as_their_kind_within_the_window(recorded: Path) -> N
 def test_healthy_run_raises_no_critical_incident(recorded: Path) -> None:
     (run,) = [r for r in load_runs(recorded, rejudge=False) if not r.job.injection]
     verdict = judge_healthy(run)
-    assert verdict.updates == 20
+    assert verdict.updates == 16
     assert run.incidents, "the live hub recorded incident events (or no judgement at all)"
     assert verdict.critical == {}, f"critical incidents on a healthy run: {verdict.critical}"
     assert all(r.level in ("NORMAL", "DEBUG") for r in run.rows)
-    assert len(run.meta["returns"]) == 20
+    assert len(run.meta["returns"]) == 16
 
 
 @pytest.mark.slow
