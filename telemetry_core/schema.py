@@ -125,11 +125,21 @@ class PolicyStats(_S):
     ess_min: float = NAN  # ... of the worst minibatch (ess is their sample-weighted mean)
     logratio_nan: int = 0  # samples whose joint log-ratio is NaN (clip fractions are then NaN)
     logratio_inf: int = 0  # samples whose joint log-ratio is +-inf (a probability of exactly 0)
+    # The ratio's tail: samples whose joint ratio lies beyond the limits in ``ratio_tail_limits``
+    # (the trainer's ratio_explosion, ratio_explosion_critical, ratio_collapse,
+    # ratio_collapse_critical), over every minibatch and epoch. None: not counted (older trainers).
+    ratio_above: int | None = None
+    ratio_above_critical: int | None = None
+    ratio_below: int | None = None
+    ratio_below_critical: int | None = None
+    ratio_tail_limits: list[float] = []
     head_clip_fraction: dict[str, float] = {}
     head_clip_high: dict[str, float] = {}
     head_clip_low: dict[str, float] = {}
     head_ratio_max: dict[str, float] = {}
     head_ratio_min: dict[str, float] = {}
+    head_ratio_above: dict[str, int] = {}  # per head: samples whose head ratio > ratio_tail_limits[0]
+    head_ratio_below: dict[str, int] = {}  # ... < ratio_tail_limits[2]
     head_kl_k3: dict[str, float] = {}
     entropy: dict[str, float] = {}  # per head, nats, mean over minibatches
     entropy_normalized: dict[str, float] = {}  # per head, / log(number of actions); 1-action heads absent
