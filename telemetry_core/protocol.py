@@ -43,6 +43,8 @@ from telemetry_core.schema import (
 __all__ = [
     "MAX_COMMAND_BYTES",
     "MAX_FRAME_BYTES",
+    "MAX_LEASE_UPDATES",
+    "MAX_PROFILE_UPDATES",
     "TOPIC_HEARTBEAT",
     "TOPIC_SNAPSHOT",
     "ConnectionInfo",
@@ -66,6 +68,10 @@ TOPIC_SNAPSHOT = b"snap"
 TOPIC_HEARTBEAT = b"hb"
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # a snapshot or history frame; larger is refused
 MAX_COMMAND_BYTES = 4096  # a command envelope; larger is refused before decoding
+# Command arguments the trainer's hub applies; the command gate refuses anything beyond them, so a
+# command it accepts is never refused later for its range.
+MAX_LEASE_UPDATES = 100_000
+MAX_PROFILE_UPDATES = 100
 
 _ENCODER = msgspec.msgpack.Encoder()
 _ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
