@@ -279,6 +279,7 @@ def fuzz_socket(n: int, seed: int = 0, *, resign: float = 0.6) -> dict[str, Any]
         read_rate=1e9,
         read_burst=10**9,
         history_cost=1.0,
+        command_cpu_share=1.0,  # the fuzz measures the gate, not the CPU budget
     ).start()
     assert pub.network, "the publisher did not bind"
     info = pub.connection_info
@@ -294,6 +295,10 @@ def fuzz_socket(n: int, seed: int = 0, *, resign: float = 0.6) -> dict[str, Any]
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.SNDHWM, 0)
     dealer.setsockopt(zmq.RCVHWM, 0)
+    if info.curve_server_public:  # the connection file's keys, as a dashboard uses them
+        dealer.curve_serverkey = info.curve_server_public.encode()
+        dealer.curve_publickey = (info.curve_client_public or "").encode()
+        dealer.curve_secretkey = (info.curve_client_secret or "").encode()
     dealer.connect(info.cmd)
     replies: collections.Counter[str] = collections.Counter()
 

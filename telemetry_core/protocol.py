@@ -50,6 +50,7 @@ __all__ = [
     "ConnectionInfo",
     "FrameError",
     "IncompatibleVersion",
+    "client_curve",
     "connection_dir",
     "connection_path",
     "decode_body",
@@ -265,6 +266,18 @@ def read_connection_file(path: str | Path) -> ConnectionInfo:
     if len(info.key_bytes) < 16:
         raise ValueError(f"connection file {path} holds a key that is too short")
     return info
+
+
+def client_curve(sock: Any, info: ConnectionInfo) -> None:
+    """Give a dashboard's SUB or DEALER socket the connection file's CURVE keys (before connect).
+
+    A trainer binds with CURVE by default, loopback included: without these keys a socket never
+    completes the handshake. A no-op for a file without CURVE keys (a ``curve=False`` trainer).
+    """
+    if info.curve_server_public and info.curve_client_public and info.curve_client_secret:
+        sock.curve_serverkey = info.curve_server_public.encode()
+        sock.curve_publickey = info.curve_client_public.encode()
+        sock.curve_secretkey = info.curve_client_secret.encode()
 
 
 def find_connection_file(host: str, port: int, search: Sequence[Path] | None = None) -> Path | None:
