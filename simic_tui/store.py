@@ -36,6 +36,7 @@ __all__ = [
     "FrameCounters",
     "StoreEvent",
     "TelemetryStore",
+    "decode_checked",
     "flatten_snapshot",
 ]
 
@@ -229,6 +230,17 @@ class _Flattener:
         return idx, vals
 
 
+def decode_checked(data: bytes, kinds: tuple[str, ...] | None = None) -> tuple[Envelope, Any]:
+    """Decode, range-check and clean one frame; FrameError (or IncompatibleVersion) when refused.
+
+    What :meth:`TelemetryStore.decode_frame` (the stream) and the replay (a recording) both use.
+    """
+    env = decode_envelope(data)
+    if kinds is not None and env.kind not in kinds:
+        raise FrameError("unexpected_kind", f"a {env.kind[:32]!r} frame where {'/'.join(kinds)} belongs")
+    return sanitize(env), sanitize(decode_body(env))
+
+
 def flatten_snapshot(snap: Snapshot) -> list[tuple[str, float]]:
     """Every scalar of a snapshot as ``(column, value)``; None becomes NaN (a gap in the history)."""
     flat = _Flattener()
@@ -306,10 +318,7 @@ class TelemetryStore:
         and re-raised: it is a state of the link, not one bad frame.
         """
         try:
-            env = decode_envelope(data)
-            if kinds is not None and env.kind not in kinds:
-                raise FrameError("unexpected_kind", f"a {env.kind!r} frame where {'/'.join(kinds)} belongs")
-            body = decode_body(env)
+            return decode_checked(data, kinds)
         except IncompatibleVersion:
             self.counters.note_bad("incompatible")
             self.version += 1
@@ -317,7 +326,6 @@ class TelemetryStore:
         except FrameError as exc:
             self.note_bad(exc.code)
             return None
-        return sanitize(env), sanitize(body)
 
     def note_bad(self, code: str) -> None:
         """Count a frame refused before decoding (wrong frame count, topic, signature, ...)."""

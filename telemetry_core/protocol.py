@@ -214,9 +214,18 @@ def connection_dir() -> Path:
     else:
         path = Path(tempfile.gettempdir()) / f"simic-tui-{os.getuid()}"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        raise PermissionError(f"{path} must be owned by this user with mode 0700")
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(
+            f"the runtime directory {path} exists but is not this user's own directory (owner uid "
+            f"{st.st_uid}, you are {os.getuid()}): another user may have created it to read or plant "
+            "connection files. Remove it, or set SIMIC_RUNTIME_DIR to a private directory."
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise PermissionError(
+            f"the runtime directory {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"simic-tui keeps its keys there. Run chmod 700 {path}, or set SIMIC_RUNTIME_DIR."
+        )
     return path
 
 
