@@ -20,7 +20,6 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import struct
 import threading
 import zlib
@@ -49,7 +48,7 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024
 _HEAD = struct.Struct("<8sHHH")
 _LEN = struct.Struct("<QI")
 _CRC = struct.Struct("<I")
-_NONZERO = re.compile(rb"[^\x00]")
+_ZEROS = bytes(65536)
 
 
 class RecordingError(ValueError):
@@ -131,6 +130,18 @@ def _read_header(data: bytes, path: Path) -> tuple[int, int, str, int]:
     return version, major, data[_HEAD.size : end].decode("utf-8", "replace"), end
 
 
+def _zeros_end(data: bytes, pos: int) -> int:
+    """The first offset at or after ``pos`` that is not a zero byte (``len(data)`` if none)."""
+    view = memoryview(data)
+    n = len(data)
+    size = len(_ZEROS)
+    while pos + size <= n and view[pos : pos + size] == _ZEROS:
+        pos += size
+    while pos < n and data[pos] == 0:
+        pos += 1
+    return pos
+
+
 def iter_records(data: bytes, start: int, rec: Recording) -> Iterator[bytes]:
     """Yield intact payloads from ``data[start:]``, updating ``rec``'s corruption counters.
 
@@ -168,8 +179,7 @@ def iter_records(data: bytes, start: int, rec: Recording) -> Iterator[bytes]:
             step = 1
             if data[pos] == 0:
                 # Skip a run of zeros: a header starting inside it must end past it.
-                nonzero = _NONZERO.search(data, pos)
-                step = max(1, (nonzero.start() if nonzero else n) - pos - (_LEN.size - 1))
+                step = max(1, _zeros_end(data, pos) - pos - (_LEN.size - 1))
             pos += step
             rec.skipped_bytes += step
             continue
