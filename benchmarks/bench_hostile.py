@@ -122,6 +122,7 @@ def attacks(info: protocol.ConnectionInfo) -> dict[str, Callable[[zmq.Context, t
             sub.setsockopt(zmq.SUBSCRIBE, b"t" * (10 * 2**20))
             sub.connect(info.pub)
             stop.wait()
+            sub.close(linger=0)
 
         return run
 
@@ -129,6 +130,7 @@ def attacks(info: protocol.ConnectionInfo) -> dict[str, Callable[[zmq.Context, t
         dealer = _sock(ctx, zmq.DEALER, None, info.cmd)
         _send_all(dealer, [b"x" * 1024] * 300_000, stop)
         stop.wait()
+        dealer.close(linger=0)
 
     def identities(ctx: zmq.Context, stop: threading.Event) -> None:
         socks = [_sock(ctx, zmq.DEALER, None, info.cmd) for _ in range(500)]
@@ -136,6 +138,8 @@ def attacks(info: protocol.ConnectionInfo) -> dict[str, Callable[[zmq.Context, t
             for _ in range(10):
                 _send_all(sock, [b"y" * 8192], stop)
         stop.wait()
+        for sock in socks:
+            sock.close(linger=0)
 
     def unsigned(keyed: bool, peers: int) -> Callable[[zmq.Context, threading.Event], None]:
         def run(ctx: zmq.Context, stop: threading.Event) -> None:
@@ -144,11 +148,13 @@ def attacks(info: protocol.ConnectionInfo) -> dict[str, Callable[[zmq.Context, t
             env = protocol.encode_envelope("command", cmd, session=info.session, seq=0, step=0)
             for i in range(50_000):
                 if stop.is_set():
-                    return
+                    break
                 _send_all(socks[i % peers], [b"", env], stop)
                 if i % 1000 == 999:
                     time.sleep(0.02)  # ~2,500 commands/s, the rate of the measured attack
             stop.wait()
+            for sock in socks:
+                sock.close(linger=0)
 
         return run
 
@@ -166,7 +172,13 @@ def attacks(info: protocol.ConnectionInfo) -> dict[str, Callable[[zmq.Context, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=4, help="updates per measuring window (4)")
+    parser.add_argument("--attack", help=argparse.SUPPRESS)  # the attacker child
+    parser.add_argument("--connection-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.attack:
+        info = protocol.read_connection_file(args.connection_file)
+        attacks(info)[args.attack](zmq.Context(), threading.Event())
+        return
     os.environ.setdefault("SIMIC_RUNTIME_DIR", tempfile.mkdtemp(prefix="simic-hostile-"))
     from simic_tui.demo import free_port_pair
 
@@ -192,18 +204,18 @@ def main() -> None:
             "| attack | update before | update during | ratio | RSS before | RSS end of attack | RSS 3 s after |"
         )
         print("|---|---|---|---|---|---|---|")
-        for name, attack in attacks(info).items():
+        for name in attacks(info):
             base = trainer.wait_updates(args.window)
             rss0 = rss_mb(pid)
-            ctx = zmq.Context()
-            stop = threading.Event()
-            thread = threading.Thread(target=attack, args=(ctx, stop), daemon=True)
-            thread.start()
+            # The attacker is a process of its own (its queues are its memory, and libzmq may crash
+            # tearing down a refused 10 MB subscription); it is killed when the window ends.
+            attacker = subprocess.Popen(
+                [sys.executable, __file__, "--attack", name, "--connection-file", str(path)], cwd=ROOT
+            )
             during = trainer.wait_updates(args.window)
             rss1 = rss_mb(pid)
-            stop.set()
-            thread.join(10)
-            ctx.destroy(linger=0)
+            attacker.kill()
+            attacker.wait()
             time.sleep(3.0)
             rss2 = rss_mb(pid)
             b, d = statistics.median(base), statistics.median(during)
