@@ -468,9 +468,11 @@ class Dashboard:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        protocol.client_curve(self.sub, self.info)
         self.sub.connect(self.info.pub)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        protocol.client_curve(self.dealer, self.info)
         self.dealer.connect(self.info.cmd)
         self.key = self.info.key_bytes
 
