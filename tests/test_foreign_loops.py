@@ -65,8 +65,9 @@ class RecurrentAgent(nn.Module):
         """One step of B environments; the state of those with ``reset`` is zeroed first."""
         keep = (1.0 - reset.float()).view(1, -1, 1)
         x = self.encoder(obs)
-        y, state = self.lstm(x.unsqueeze(1 if self.lstm.batch_first else 0), (keep * state[0], keep * state[1]))
-        return y.squeeze(1 if self.lstm.batch_first else 0), state, x
+        dim = 1 if self.lstm.batch_first else 0
+        y, state = self.lstm(x.unsqueeze(dim), (keep * state[0], keep * state[1]))
+        return y.squeeze(dim), state, x
 
 
 def lstm_cell_reference(lstm: nn.LSTM, x: torch.Tensor, h0, c0, resets: torch.Tensor, eps: float):
@@ -210,7 +211,8 @@ def test_cleanrl_style_recurrent_loop_with_resets() -> None:
                     ratio = (newlogprob - oldlogprob).exp()
                     mb_adv = advantages[:, mb_envs].reshape(-1)
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                    pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+                    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef)
+                    pg_loss = torch.max(-mb_adv * ratio, -mb_adv * clipped).mean()
                     newvalue = agent.critic(hidden).reshape(-1)
                     v_loss = 0.5 * ((newvalue - returns[:, mb_envs].reshape(-1)) ** 2).mean()
                     loss = pg_loss - 0.01 * entropy.mean() + 0.5 * v_loss

@@ -891,7 +891,8 @@ def _epoch_run(
                 hub.next_epoch()
             for k, n in enumerate(mbs):
                 new, old = _logprobs(n, seed + 100 * epoch + k)
-                hub.observe_minibatch(new_logprob=new, old_logprob=old, **({"epoch": epoch} if explicit else {}))
+                given = {"epoch": epoch} if explicit else {}
+                hub.observe_minibatch(new_logprob=new, old_logprob=old, **given)
                 seen.append((epoch, new, old))
             if marks == "end":
                 hub.next_epoch()
@@ -951,7 +952,8 @@ def test_next_epoch_marks_epochs_wherever_the_loop_calls_it() -> None:
                 hub.next_epoch()
             snap = hub.end_update(step)
             assert snap is not None and snap.policy.epochs == 3, step
-            np.testing.assert_allclose(snap.policy.kl_k3_per_epoch, _k3_per_epoch(seen), rtol=1e-9, atol=1e-15)
+            want = _k3_per_epoch(seen)
+            np.testing.assert_allclose(snap.policy.kl_k3_per_epoch, want, rtol=1e-9, atol=1e-15)
     finally:
         hub.close()
 

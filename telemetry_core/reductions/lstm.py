@@ -259,10 +259,10 @@ def replay_lstm(
     keeps the input's layout. ``resets`` (shaped like the inputs' leading dimensions: ``(T, B)``,
     ``(B, T)`` with ``batch_first``, ``(B,)`` for one step) zeroes the state entering each step where
     it is nonzero, as a recurrent PPO loop does at episode starts (module docstring); the output is
-    then what that loop computed, not what ``lstm`` would. ``on_gates(layer, direction, t, z)`` sees each step's gate
-    pre-activations ``z`` of shape ``(B, 4 * hidden)`` in nn.LSTM's order (input, forget, cell, output),
-    after the replay (a reverse direction's steps in the order it runs them, over the reversed
-    sequence).
+    then what that loop computed, not what ``lstm`` would. ``on_gates(layer, direction, t, z)``
+    sees each step's gate pre-activations ``z`` of shape ``(B, 4 * hidden)`` in nn.LSTM's order
+    (input, forget, cell, output), after the replay (a reverse direction's steps in the order it
+    runs them, over the reversed sequence).
     """
     if not isinstance(lstm, nn.LSTM):
         raise TypeError(f"lstm must be a torch.nn.LSTM, got {type(lstm).__name__}")
