@@ -40,7 +40,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Injection kind -> the anomaly kind it must be flagged as.
+from telemetry_core.kinds import SPECS
+
+# Injection kind -> the anomaly kind (of the registry) it must be flagged as.
 EXPECTED: dict[str, str] = {
     "entropy-collapse": "entropy_collapse",
     "kl-spike": "kl_spike",
@@ -50,6 +52,7 @@ EXPECTED: dict[str, str] = {
     "exploding-gradients": "gradient_exploding",
     "lstm-explosion": "lstm_unhealthy",
 }
+assert set(EXPECTED.values()) <= set(SPECS), "EXPECTED names a kind the registry does not define"
 WINDOW = 3  # issue 5 C: flagged within 3 updates of onset
 
 

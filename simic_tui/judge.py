@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 
 from telemetry_core.config import Phase, Thresholds
+from telemetry_core.kinds import panel_kinds
 from telemetry_core.schema import Anomaly, Snapshot
 
 __all__ = [
@@ -48,20 +49,9 @@ class Verdict(enum.IntEnum):
 STYLE = {Verdict.NA: "$text-muted", Verdict.OK: "", Verdict.WARN: "$warning", Verdict.CRIT: "bold $error"}
 GLYPH = {Verdict.NA: "", Verdict.OK: "", Verdict.WARN: "▲", Verdict.CRIT: "✖"}
 
-# Which panel an anomaly kind belongs to (its border changes while the kind fires).
-PANEL_KINDS: dict[str, tuple[str, ...]] = {
-    "policy": ("entropy_collapse", "kl_spike", "ratio_explosion", "ratio_collapse"),
-    "value": ("value_collapse", "ev_low"),
-    "advantage": ("performance_degradation",),
-    "gradients": (
-        "numerical_instability",
-        "gradient_exploding",
-        "gradient_vanishing",
-        "gradient_drift",
-        "rank_divergence",  # the panel shows the rank spread (simic_tui.widgets.ranks)
-    ),
-    "lstm": ("lstm_unhealthy",),
-}
+# Which panel an anomaly kind belongs to (its border changes while the kind fires): each kind's
+# spec in the registry says it.
+PANEL_KINDS: dict[str, tuple[str, ...]] = panel_kinds()
 
 
 def kind_panel(kind: str) -> str | None:

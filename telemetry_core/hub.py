@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from telemetry_core import protocol
-from telemetry_core.anomaly import AnomalyDetector
+from telemetry_core.anomaly import CRITICAL, AnomalyDetector
 from telemetry_core.config import (
     TelemetryConfig,
     TelemetryLevel,
@@ -56,6 +56,7 @@ from telemetry_core.config import (
 )
 from telemetry_core.debug import DebugDiagnostics
 from telemetry_core.ema import GradientEMA
+from telemetry_core.incidents import IncidentTracker
 from telemetry_core.record import Recorder
 from telemetry_core.reductions.advantage import AdvantageReducer, as_int, as_real
 from telemetry_core.reductions.episodes import EpisodeReducer
@@ -171,6 +172,7 @@ class TelemetryHub:
             momentum=th.grad_ema_momentum, warmup=th.grad_drift_warmup
         )
         self.detector = AnomalyDetector(th, total_updates=self.total_updates, heads=self.heads)
+        self.incidents = IncidentTracker.from_thresholds(th)
 
         self.session = protocol.new_session_id()
         self.counters = Counters()
@@ -517,6 +519,7 @@ class TelemetryHub:
         self._timing = (update_seconds, rollout_at - self._began if rollout_at is not None else math.nan)
         self._last_end = now
         level = self._level
+        self.config.note_update(level, self._reason, update_seconds)
         snapshot: Snapshot | None = None
         try:
             if level > TelemetryLevel.OFF and os.getpid() == self._pid:
@@ -597,13 +600,18 @@ class TelemetryHub:
         if self._ranks is not None:
             snapshot.ranks, rank_anomalies = self._ranks.finish(host.get("ranks.gathered"), step)
         snapshot.anomalies = self.detector.check(snapshot) + rank_anomalies
-        # Escalate on onsets only: a capture window per new anomaly, not DEBUG for as long as a
-        # persistent one lasts (the operator can lease more from the dashboard). Across ranks,
-        # rank 0 decides and its level reaches every rank one update later (distributed.py).
+        events = self.incidents.update(snapshot.anomalies, step)
+        snapshot.incidents = self.incidents.active()
+        snapshot.incident_events = events
+        # Escalate on critical onsets and on upgrades to critical only, within the DEBUG budget: a
+        # capture window when something broke, not DEBUG for every warning (the operator can lease
+        # more). Across ranks, rank 0 decides and its level reaches every rank one update later.
         if self._ranks is None or not self._ranks.enabled or self._ranks.leads:
-            onsets = self.detector.onsets + (self._ranks.judge.onsets if self._ranks is not None else [])
-            for anomaly in onsets:
-                self.config.escalate(anomaly.kind, step + 1 + self._level_lag)
+            for event in events:
+                if event.event == "upgrade" or (
+                    event.event == "onset" and event.incident.severity == CRITICAL
+                ):
+                    self.config.escalate(event.incident.kind, step + 1 + self._level_lag)
         self._publish(snapshot)
         return snapshot
 
@@ -630,11 +638,16 @@ class TelemetryHub:
         return c
 
     def _level_info(self, step: int) -> LevelInfo:
+        share, window = self.config.debug_share()
         return LevelInfo(
             level=self._level.name,
             reason=self._reason,
             lease_until=self.config.override_until if self.config.override_level is not None else None,
             escalations=self.config.active_escalations(step),
+            debug_share=share,
+            debug_window=window,
+            debug_seconds=self.config.debug_seconds,
+            escalations_refused=self.config.escalations_refused,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -760,7 +773,11 @@ class TelemetryHub:
     def state_dict(self) -> dict[str, Any]:
         """Host-side state worth checkpointing: the gradient EMA, the detector's history and, under
         torch.distributed, the rank judge's baselines (the same on every rank)."""
-        state = {"ema": self._ema.state_dict(), "detector": self.detector.state_dict()}
+        state = {
+            "ema": self._ema.state_dict(),
+            "detector": self.detector.state_dict(),
+            "incidents": self.incidents.state_dict(),
+        }
         if self._ranks is not None:
             state["ranks"] = self._ranks.judge.state_dict()
         return state
@@ -770,6 +787,8 @@ class TelemetryHub:
         across ranks with the same statistics; otherwise they are re-learnt (a logged note)."""
         self._ema.load_state_dict(state["ema"])
         self.detector.load_state_dict(state["detector"])
+        if "incidents" in state:  # absent in checkpoints written before incidents existed
+            self.incidents.load_state_dict(state["incidents"])
         ranks = state.get("ranks")
         if ranks is not None and self._ranks is not None:
             try:

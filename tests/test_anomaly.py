@@ -620,7 +620,7 @@ def test_kl_relative_rule_needs_a_baseline_and_ignores_nan() -> None:
     det = detector()
     for step in range(1, 6):
         det.check(healthy(step, policy={"kl_k3_mean": NAN, "minibatches": 0}))
-    assert det.state_dict()["baselines"]["kl"] == []
+    assert det.state_dict()["rules"]["kl_spike"]["kl"] == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1013,7 +1013,12 @@ def test_reset_forgets_and_bad_state_is_refused() -> None:
     assert det.state_dict() == fresh and det.onsets == [] and det.last == []
     with pytest.raises(ValueError, match="version"):
         det.load_state_dict({"version": 99})
-    broken = dict(fresh, baselines={"nonsense": [1.0]})
+    with pytest.raises(ValueError, match="older release"):
+        det.load_state_dict({"version": 2, "baselines": {}})  # the flat layout before one state per rule
+    broken = dict(fresh, rules={**fresh["rules"], "nonsense": {}})
+    with pytest.raises(ValueError, match="malformed"):
+        det.load_state_dict(broken)
+    broken = dict(fresh, rules={**fresh["rules"], "kl_spike": {"kl": "x"}})
     with pytest.raises(ValueError, match="malformed"):
         det.load_state_dict(broken)
     assert det.state_dict() == fresh
