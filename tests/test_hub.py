@@ -38,6 +38,16 @@ OBS, HID, ENVS, T = 4, 16, 8, 6
 
 
 @pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The tiny loop's ops are microseconds: two intra-op threads on a loaded 2-core machine only
+    contend (an update measured 7 s instead of 0.3 s), which let DEBUG leases expire mid-test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "runtime"
     d.mkdir(mode=0o700)
