@@ -775,7 +775,7 @@ def test_numpy_numbers_are_taken_wherever_a_number_is() -> None:
         hub.observe_rollout(raw_advantages=torch.randn(n), returns=torch.randn(n), values=torch.randn(n))
         new, old = _logprobs(n, 1)
         hub.observe_minibatch(new_logprob=new, old_logprob=old, clip_range=np.float32(0.2), epoch=np.int64(1),
-                              entropy=torch.rand(n), policy_loss=np.float32(0.5), value_loss=np.float64(1.5))
+                              entropy=torch.rand(n), policy_loss=np.float32(0.5), value_loss=np.array(1.5))
         hub.early_stop(epoch=np.int32(1), kl=np.float32(0.03))
         snap = hub.end_update(np.int64(5))
     finally:
