@@ -334,7 +334,7 @@ class LSTMReducer:
         self._logit_low = math.log(eps / (1 - eps))  # sigmoid(z) < eps  <=>  z < this
         self._logit_high = -self._logit_low  # sigmoid(z) > 1 - eps  <=>  z > this
         self._row_index: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        self._not_fed = 0  # over the run: updates whose state came without gate inputs
+        self._not_fed = 0  # over the run: updates whose state came without gate inputs (counted in build)
         self.reset()
 
     def reset(self) -> None:
@@ -386,8 +386,6 @@ class LSTMReducer:
         if level < TelemetryLevel.NORMAL:
             return
         self.reset()
-        if replay is None:
-            self._not_fed += 1
         with torch.no_grad():
             if h.shape == c.shape and h.dtype == c.dtype:
                 self._state = _state_stats(torch.stack((h, c))).reshape(-1)
@@ -414,6 +412,7 @@ class LSTMReducer:
         k = len(_STATE)
         h, c = dict(zip(_STATE, s[:k])), dict(zip(_STATE, s[k:]))
         fed = "lstm.gates" in host and self._gate_total > 0
+        self._not_fed += not fed  # once per update (build is), however often the state was observed
         stats = LSTMStats(
             h_norm=h["norm"],
             c_norm=c["norm"],
