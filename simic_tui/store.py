@@ -25,9 +25,10 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from simic_tui.incidents import DEFAULT_INCIDENT_CAPACITY, IncidentLog
 from simic_tui.sanitize import sanitize
 from telemetry_core.protocol import FrameError, IncompatibleVersion, decode_body, decode_envelope
-from telemetry_core.schema import Anomaly, DebugReport, Envelope, Heartbeat, Snapshot
+from telemetry_core.schema import Anomaly, DebugReport, Envelope, Heartbeat, IncidentEvent, Snapshot
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -63,10 +64,11 @@ class AnomalyEntry:
 class StoreEvent:
     """Something the operator should be told once (drained by the UI on its timer)."""
 
-    kind: str  # "anomaly" | "profile" | "reset" | "info"
+    kind: str  # "incident" | "profile" | "reset" | "info"
     message: str
     severity: str = "information"  # textual notify severities: information | warning | error
     anomaly: Anomaly | None = None
+    incident: IncidentEvent | None = None  # an onset or upgrade (the app rate-limits their toasts)
 
 
 @dataclass
@@ -267,6 +269,7 @@ class TelemetryStore:
         *,
         max_columns: int = DEFAULT_MAX_COLUMNS,
         anomaly_capacity: int = 10_000,
+        incident_capacity: int = DEFAULT_INCIDENT_CAPACITY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 2:
@@ -274,6 +277,7 @@ class TelemetryStore:
         self.capacity = capacity
         self.max_columns = max_columns
         self.anomaly_capacity = anomaly_capacity
+        self.incidents = IncidentLog(incident_capacity)
         self.clock = clock
         self.counters = FrameCounters()
         self.events: collections.deque[StoreEvent] = collections.deque(maxlen=256)
@@ -294,6 +298,10 @@ class TelemetryStore:
         self.last_seq: int | None = None
         self.anomalies: collections.deque[AnomalyEntry] = collections.deque(maxlen=self.anomaly_capacity)
         self.anomaly_total = 0
+        if self.incidents.preloaded:  # a replay's log is the whole recording's: it outlives a rebuild
+            self.incidents.position(None)
+        else:
+            self.incidents.clear()
         self.profile_traces: list[tuple[int, str]] = []
         self._flat = _Flattener(self.max_columns)
         self._cols = self._flat.columns
@@ -388,7 +396,8 @@ class TelemetryStore:
                 self.events.append(
                     StoreEvent("profile", f"profile trace written to {snap.profile_trace}", "information")
                 )
-        self._log_anomalies(env, snap, quiet)
+        self._log_anomalies(env, snap)
+        self._log_incidents(snap, quiet)
         self.counters.snapshots += 1
         if backfill:
             self.counters.backfilled += 1
@@ -421,23 +430,29 @@ class TelemetryStore:
         mask[:, :width] = self._present
         self._present = mask
 
-    def _log_anomalies(self, env: Envelope, snap: Snapshot, quiet: bool) -> None:
-        before = {(a.kind, a.head) for a in self.previous.anomalies} if self.previous else set()
+    def _log_anomalies(self, env: Envelope, snap: Snapshot) -> None:
+        """The detector's per-update judgements, kept for export and the DEBUG view (no toasts: the
+        operator is told of incidents, which do not repeat every update)."""
         for anomaly in snap.anomalies:
             self.anomalies.append(AnomalyEntry(self.count - 1, env.seq, env.wall_time, anomaly))
             self.anomaly_total += 1
-            if not quiet and (anomaly.kind, anomaly.head) not in before:
-                severity = "error" if anomaly.severity == "critical" else "warning"
-                where = f" ({anomaly.head})" if anomaly.head else ""
-                message = anomaly.message if len(anomaly.message) <= 110 else anomaly.message[:109] + "…"
-                self.events.append(
-                    StoreEvent(
-                        "anomaly",
-                        f"{anomaly.kind}{where} at step {anomaly.step}: {message}",
-                        severity,
-                        anomaly,
-                    )
+
+    def _log_incidents(self, snap: Snapshot, quiet: bool) -> None:
+        news = self.incidents.update(snap)
+        if quiet:
+            return
+        for event in news:
+            inc = event.incident
+            where = f" ({inc.scope})" if inc.scope else ""
+            verb = "now critical" if event.event == "upgrade" else inc.severity
+            self.events.append(
+                StoreEvent(
+                    "incident",
+                    f"{inc.kind}{where} {verb} at step {event.step}",
+                    "error" if inc.severity == "critical" else "warning",
+                    incident=event,
                 )
+            )
 
     def truncate(
         self, keep: int, latest: tuple[Envelope, Snapshot] | None, previous: Snapshot | None
@@ -457,6 +472,7 @@ class TelemetryStore:
             self.latest_env, self.latest = latest
             self.last_seq = self.latest_env.seq
         self.previous = previous
+        self.incidents.position(self.latest)
         self.profile_traces = [
             (s, p) for s, p in self.profile_traces if self.latest and s <= self.latest.step
         ]

@@ -134,11 +134,21 @@ class PolicyStats(_S):
     ess_min: float = NAN  # ... of the worst minibatch (ess is their sample-weighted mean)
     logratio_nan: Int = 0  # samples whose joint log-ratio is NaN (clip fractions are then NaN)
     logratio_inf: Int = 0  # samples whose joint log-ratio is +-inf (a probability of exactly 0)
+    # The ratio's tail: samples whose joint ratio lies beyond the limits in ``ratio_tail_limits``
+    # (the trainer's ratio_explosion, ratio_explosion_critical, ratio_collapse,
+    # ratio_collapse_critical), over every minibatch and epoch. None: not counted (older trainers).
+    ratio_above: Int | None = None
+    ratio_above_critical: Int | None = None
+    ratio_below: Int | None = None
+    ratio_below_critical: Int | None = None
+    ratio_tail_limits: list[float] = []
     head_clip_fraction: dict[Str, float] = {}
     head_clip_high: dict[Str, float] = {}
     head_clip_low: dict[Str, float] = {}
     head_ratio_max: dict[Str, float] = {}
     head_ratio_min: dict[Str, float] = {}
+    head_ratio_above: dict[Str, Int] = {}  # per head: samples whose head ratio > ratio_tail_limits[0]
+    head_ratio_below: dict[Str, Int] = {}  # ... < ratio_tail_limits[2]
     head_kl_k3: dict[Str, float] = {}
     entropy: dict[Str, float] = {}  # per head, nats, mean over minibatches
     entropy_normalized: dict[Str, float] = {}  # per head, / log(number of actions); 1-action heads absent
@@ -213,6 +223,9 @@ class LSTMStats(_S):
     gate_rows: Int = 0  # batch rows the saturation was computed on
     gate_steps: Int = 0  # time steps replayed per row
     gate_total: Int = 0  # gate activations judged per gate kind (steps x rows x hidden x layers x dirs)
+    gate_resets: Int = 0  # state resets replayed inside the judged rows (row-steps whose state was zeroed)
+    gates_fed: bool = False  # gate inputs came with this update's state (False: "gates: not fed")
+    gates_not_fed: Int = 0  # updates of the run so far whose LSTM state came without gate inputs
 
 
 class EpisodeStats(_S):

@@ -119,12 +119,13 @@ class RanksScreen(Screen):
     def _notes(self, snap: Snapshot) -> Content:
         thr = snap.thresholds
         lines: list[Content] = []
-        for a in snap.anomalies:
-            if a.kind != "rank_divergence":
+        for inc in snap.incidents:  # the active rank incidents, whole (trainer text: plain)
+            if inc.kind != "rank_divergence":
                 continue
-            v = Verdict.CRIT if a.severity == "critical" else Verdict.WARN
-            lines.append(Content.assemble((f"{GLYPH[v]} {a.severity} ", STYLE[v]), (a.message, "")))
-            lines.append(Content.styled(f"   → {a.action}", "$text-muted"))
+            v = Verdict.CRIT if inc.severity == "critical" else Verdict.WARN
+            since = f"since step {inc.onset_step}: "
+            lines.append(Content.assemble((f"{GLYPH[v]} {inc.severity} ", STYLE[v]), since, inc.message))
+            lines.append(Content.styled(f"   → {inc.action}", "$text-muted"))
         lines.append(
             Content.styled(
                 f"Diverges: NaN/inf where other ranks are finite (at once), or grad norm, KL, entropy or "

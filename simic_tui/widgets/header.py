@@ -17,6 +17,7 @@ from simic_tui.client import LinkState, LinkStatus
 from simic_tui.fmt import fmt_count
 from simic_tui.judge import Verdict
 from simic_tui.store import TelemetryStore
+from simic_tui.widgets.incidents import badge_parts
 from simic_tui.widgets.ranks import rank_flags, ranks_of
 
 __all__ = ["Banner", "HeaderModel", "StatusHeader", "fit_segments"]
@@ -88,6 +89,9 @@ class StatusHeader(Static):
             if planned:
                 step += [(f"/{planned}", ""), (f" ({100 * snap.step / planned:.0f}%)", "$text-muted")]
             line1.append((0, step))
+            badge = badge_parts(store.incidents)
+            if badge:  # the incidents asking for attention: never dropped for width
+                line1.append((0, badge))
             line1.append((4, [("phase ", "$text-muted"), (snap.phase, "")]))
             level_style = "bold $warning" if snap.level.level == "DEBUG" else "bold"
             line1.append((0, [("level ", "$text-muted"), (snap.level.level, level_style)]))
