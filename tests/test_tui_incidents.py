@@ -254,7 +254,7 @@ async def test_trainer_text_in_incidents_is_shown_literally_never_as_markup() ->
         1,
         "entropy_collapse",
         snap.step,
-        scope=f"head:{hostile}",
+        scope="head:[red]h[/]",
         severity="critical",
         peak_severity="critical",
         message=f"msg {hostile}",
@@ -268,7 +268,7 @@ async def test_trainer_text_in_incidents_is_shown_literally_never_as_markup() ->
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.pause()
         policy = app.dashboard.query_one("#policy")
-        assert hostile in policy._border_title.plain
+        assert "ENTROPY COLLAPSE ([red]h[/])" in policy._border_title.plain
         assert (
             any(hostile in n.message for n in app._notifications) or True
         )  # toasts are plain (markup=False)
@@ -276,7 +276,7 @@ async def test_trainer_text_in_incidents_is_shown_literally_never_as_markup() ->
         screen = app.screen
         assert isinstance(screen, AnomalyLogScreen)
         row = screen.query_one("DataTable").get_row("1")
-        assert hostile in str(row[1]) and hostile in str(row[6])
+        assert "[red]h[/]" in str(row[1]) and hostile in str(row[6])
         await pilot.press("enter")
         detail = app.screen
         assert isinstance(detail, IncidentDetailScreen)

@@ -264,13 +264,16 @@ def panel_title(
             if word not in words:
                 words.append(word)
         glyph = GLYPH[incident_verdict(active[0])]
-        for n in range(len(words), 0, -1):
-            more = f" +{len(words) - n}" if n < len(words) else ""
-            for head in heads:
-                text = f"{head} {glyph} " + ", ".join(words[:n]) + more
-                if len(text) <= width:
-                    return text
-        return f"{heads[-1]} {glyph} {words[0]}" + (f" +{len(words) - 1}" if len(words) > 1 else "")
+        # last resort before counting: the kinds without their scopes (the log names the scopes)
+        bare = list(dict.fromkeys(kind_title(inc.kind) for inc in active))
+        for candidates in (words, bare):
+            for n in range(len(candidates), 0, -1):
+                more = f" +{len(candidates) - n}" if n < len(candidates) else ""
+                for head in heads:
+                    text = f"{head} {glyph} " + ", ".join(candidates[:n]) + more
+                    if len(text) <= width:
+                        return text
+        return f"{heads[-1]} {glyph} {bare[0]}" + (f" +{len(bare) - 1}" if len(bare) > 1 else "")
     if cleared:
         inc = cleared[0]
         word = kind_title(inc.kind)
