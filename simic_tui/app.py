@@ -188,6 +188,39 @@ class SimicApp(App[None]):
     def lease_text(self) -> str:
         return self.client.lease.describe() if self.client is not None else ""
 
+    def notify(  # type: ignore[override]
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: Any = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """Toasts are plain text here: their messages quote the trainer, and trainer text is never markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
+    def _handle_exception(self, error: Exception) -> None:
+        """A crash: exit status 1, the traceback to a private log file, one plain line to the terminal.
+
+        Textual would print a traceback with local variables, which can hold trainer text (escape
+        sequences included) and keys; the operator gets where to find it instead.
+        """
+        from rich.text import Text
+
+        from simic_tui.crash import write_crash_log
+
+        self._return_code = 1
+        if self._exception is None:  # Pilot re-raises it in tests
+            self._exception = error
+            self._exception_event.set()
+        path = write_crash_log(error)
+        where = f"; the traceback is in {path}" if path else ""
+        self._exit_renderables.append(
+            Text(f"simic-tui: internal error {type(error).__name__}{where} (please report it)")
+        )
+        self._close_messages_no_wait()
+
     def _notify_events(self) -> None:
         """Toasts for what happened since the last tick, without burying the panels.
 

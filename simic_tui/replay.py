@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simic_tui.store import TelemetryStore
-from telemetry_core.protocol import FrameError, IncompatibleVersion, decode_body, decode_envelope
+from simic_tui.store import TelemetryStore, decode_checked
+from telemetry_core.protocol import FrameError, IncompatibleVersion
 from telemetry_core.record import Recording, RecordingError, read_recording
 from telemetry_core.schema import SCHEMA_MAJOR, SCHEMA_MINOR, Envelope, Snapshot
 
@@ -67,13 +67,10 @@ def load_recording(path: str | Path) -> LoadedRecording:
     last_seq = -math.inf
     for data in rec.frames:
         try:
-            env = decode_envelope(data)
+            env, body = decode_checked(data, ("snapshot", "heartbeat"))
             if env.kind == "heartbeat":
                 loaded.heartbeats += 1
                 continue
-            if env.kind != "snapshot":
-                raise FrameError("unexpected_kind", f"a {env.kind} frame in a recording")
-            body = decode_body(env)
         except IncompatibleVersion as exc:
             raise ReplayError(
                 f"{path} holds frames of schema {exc.major}.{exc.minor}; this simic-tui reads "

@@ -81,6 +81,7 @@ class AttachTarget:
     explicit_file: bool = False  # the operator named the file (re-read it on a trainer restart)
     note: str = ""  # why commands are unavailable, when they are
     require_pid: int | None = None  # only accept a connection file written by this process (demo)
+    allow_plaintext: bool = False  # send commands over a non-loopback link without CURVE anyway
 
     @property
     def ipv6(self) -> bool:

@@ -158,6 +158,17 @@ class Thresholds:
         "bursts while they learn fast; in 8 seeds x 300 updates this fired once (seed 8, update 43, "
         "at 0.67: a head sharpening fast) - a warning, the price of flagging the slow seeds in time",
     )
+    entropy_slide_critical_updates: int = _t(
+        3,
+        "a head flagged (collapsing or collapsed) this many updates in a row ... (a healthy head's "
+        "dip is flagged for 1-2 updates at most)",
+    )
+    entropy_slide_critical_fraction: float = _t(
+        0.3,
+        "... and below this fraction of its median before the slide is critical: a wrong-sign "
+        "ent_coef stayed a warning for 9+ updates at normalised entropy 0.035 (below 0.3 of its "
+        "median from 1-3 updates after the first warning)",
+    )
     entropy_baseline_window: int = _t(10, "updates in each head's rolling entropy baseline (median)")
     # ---- policy: KL, ratios, clipping ----------------------------------------------------------
     kl_target: float = _t(0.01, "typical PPO KL target per update (Schulman; SB3 and Spinning Up defaults)")
@@ -194,6 +205,20 @@ class Thresholds:
         "min ratio below this is critical: a probability fell 1000x in one update (one sample of "
         "16k in a healthy demo run reached 0.0073: probabilities can shrink without bound)",
     )
+    ratio_tail_share: float = _t(
+        0.002,
+        "ratio_explosion / ratio_collapse fire when more than this share of the update's samples lies "
+        "beyond the limit (critical: beyond the critical limit): the single extreme of ~16k samples is "
+        "noise (a healthy recurrent agent's min ratio reached 2.1e-4)",
+    )
+    ratio_tail_share_critical: float = _t(
+        0.02,
+        "ratio_explosion / ratio_collapse are also critical when more than this share of the samples "
+        "lies beyond the warning limit",
+    )
+    ratio_tail_min_samples: int = _t(
+        8, "the ratio tail rules need more than this many samples beyond the limit, however small the update"
+    )
     clip_fraction_warning: float = _t(
         0.3, "clip fraction above this is shown yellow (folklore 0.1-0.3 band; not a KL proxy)"
     )
@@ -223,9 +248,12 @@ class Thresholds:
         "a solved task's critic rightly predicts ~one value while rare failures inflate std(returns)",
     )
     ev_return_cv_min: float = _t(
-        0.01,
-        "ev_low is not judged when std(returns) < this x |mean(returns)|: EV of nearly constant "
-        "returns is noise (a solved demo scores EV -3 with value errors of 0.03)",
+        0.02,
+        "ev_low is not judged when the returns' spread (std, or the inter-decile range / 2.563 when "
+        "smaller) < this x |mean(returns)|: EV of nearly constant returns is noise. Healthy demo runs "
+        "(seeds 1, 2) once solved fired ev_low 5 times in 2 x 300 updates on updates whose returns "
+        "had p10-p90 within 2-4% of the mean and one failed episode making the std (0.9 of 9.8); "
+        "0.01 on the std alone let them through",
     )
     baseline_min_updates: int = _t(
         5,
@@ -266,9 +294,12 @@ class Thresholds:
     )
     grad_ema_momentum: float = _t(0.99, "EMA momentum of gradient drift tracking (reference)")
     grad_drift: float = _t(
-        2.0,
-        "|x - ema| / ema above this (for grad_drift_patience updates) is gradient_drift; the reference's 0.5 "
-        "flagged ~55 of 300 healthy demo updates, 2.0 leaves 2-5 and still catches every injection",
+        3.0,
+        "|x - ema| / ema above this (for grad_drift_patience updates) is gradient_drift. The reference's "
+        "0.5 flagged ~55 of 300 healthy demo updates; 2.0 still fired 2 onsets per healthy demo run "
+        "(seeds 1, 2: updates 24-36, where the pre-clip norm rises 6x while the EMA of momentum 0.99 "
+        "still remembers update 1; drift 2-4.3, never above 3 for 3 updates in a row); a reward scale "
+        "changed 30x mid-run (a real small PPO) drifts 13-39 for the 7 updates after it",
     )
     grad_drift_patience: int = _t(
         3, "consecutive updates of drift above grad_drift before gradient_drift fires (one-off noise)"
@@ -289,12 +320,20 @@ class Thresholds:
     )
     lstm_gate_sample: int = _t(64, "rows of the batch used for gate saturation at NORMAL (DEBUG uses all)")
     lstm_relative_factor: float = _t(
-        3.0,
-        "lstm_unhealthy's state explosion also needs the h/c L2 norm above this multiple of its "
-        "largest recent value: a healthy counting LSTM holds |c| in the hundreds and grows its state "
-        "<1.8x within 20 updates; demo lstm-explosion jumps 6x",
+        4.0,
+        "lstm_unhealthy's state explosion also needs the h/c L2 norm above this multiple of its recent "
+        "level (median of the last baseline_min_updates norms): a healthy counting LSTM grows its "
+        "state ~8% per update, the demo's lstm-explosion jumps ~8x in one update",
     )
-    lstm_baseline_window: int = _t(20, "updates in the rolling LSTM state-norm baselines (largest value)")
+    lstm_spread_k: float = _t(
+        5.0,
+        "... and its log-norm more than this many robust sigmas (1.4826 x MAD) of its own recent "
+        "update-to-update log changes above that level: a bursty healthy LSTM (c norm 77 -> 250 in "
+        "one update while its return improved) is judged against its own burstiness",
+    )
+    lstm_baseline_window: int = _t(
+        20, "updates in the rolling LSTM state log-norm baselines (the spread of their update-to-update changes)"
+    )
     # ---- advantages -------------------------------------------------------------------------------
     adv_skew_warning: float = _t(3.0, "|skew| of raw advantages above this is shown yellow: outliers")
     adv_kurtosis_warning: float = _t(

@@ -138,11 +138,15 @@ class TelemetryHub:
         self.thresholds = self.config.thresholds
         if not isinstance(heads, Mapping) or not heads:
             raise ValueError("heads must be a non-empty mapping: head name -> number of actions")
-        self.heads = {name: as_int(f"heads[{name!r}] (number of actions)", n, minimum=1) for name, n in heads.items()}
+        self.heads = {
+            name: as_int(f"heads[{name!r}] (number of actions)", n, minimum=1) for name, n in heads.items()
+        }
         self._only_head = next(iter(self.heads))  # what entropy= means for a single-head policy
         self._epoch_marked = False  # next_epoch() was called: epochs are counted by its calls from then on
         self.max_grad_norm = as_real("max_grad_norm", max_grad_norm, above=0.0)
-        self.total_updates = None if total_updates is None else as_int("total_updates", total_updates, minimum=1)
+        self.total_updates = (
+            None if total_updates is None else as_int("total_updates", total_updates, minimum=1)
+        )
         self.clip_range = None if clip_range is None else as_real("clip_range", clip_range, minimum=0.0)
         self.run_name = run_name
 
@@ -323,7 +327,9 @@ class TelemetryHub:
                     raise TypeError("pass raw_advantages= (or its older name advantages=), not both")
                 raw_advantages = advantages
             if raw_advantages is None:
-                raise TypeError("observe_rollout() needs raw_advantages= (the advantages as GAE produced them)")
+                raise TypeError(
+                    "observe_rollout() needs raw_advantages= (the advantages as GAE produced them)"
+                )
             self._value.observe_rollout(values, returns, level=self._level)
             self._adv.observe_rollout(raw_advantages, returns, level=self._level)
             self._rollout_samples += raw_advantages.numel()

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PANELS", "SCOPES", "SPECS", "KindSpec", "panel_kinds", "upstream_rank"]
+__all__ = ["PANELS", "SCOPES", "SPECS", "WORSE", "KindSpec", "panel_kinds", "upstream_rank"]
 
 # Dashboard panels that can carry an alarm, in screen order.
 PANELS: tuple[str, ...] = ("policy", "value", "advantage", "gradients", "lstm")
 # What one alarm of a kind is about: the whole run, one action head, or one rank.
 SCOPES: tuple[str, ...] = ("run", "head", "rank")
+# Which way an anomaly's value is worse (an incident's peak is its worst judgement).
+WORSE: tuple[str, ...] = ("higher", "lower")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class KindSpec:
     scope: str
     upstream: int
     thresholds: tuple[str, ...]
+    worse: str = "higher"  # which way the anomaly's ``value`` is worse: "higher" or "lower"
 
 
 _D = "telemetry_core.detection"
@@ -74,9 +77,12 @@ _SPECS: tuple[KindSpec, ...] = (
             "entropy_fall_fraction",
             "entropy_throttled_fall_step",
             "entropy_throttled_fall_fraction",
+            "entropy_slide_critical_updates",
+            "entropy_slide_critical_fraction",
             "entropy_baseline_window",
             "baseline_min_updates",
         ),
+        worse="lower",
     ),
     KindSpec(
         name="kl_spike",
@@ -116,6 +122,11 @@ _SPECS: tuple[KindSpec, ...] = (
         thresholds=(
             "ratio_explosion",
             "ratio_explosion_critical",
+            "ratio_tail_share",
+            "ratio_tail_share_critical",
+            "ratio_tail_min_samples",
+            "ratio_collapse",  # the trainer counts both tails in one pass: its counts match all four limits
+            "ratio_collapse_critical",
         ),
     ),
     KindSpec(
@@ -134,6 +145,11 @@ _SPECS: tuple[KindSpec, ...] = (
         thresholds=(
             "ratio_collapse",
             "ratio_collapse_critical",
+            "ratio_tail_share",
+            "ratio_tail_share_critical",
+            "ratio_tail_min_samples",
+            "ratio_explosion",
+            "ratio_explosion_critical",
         ),
     ),
     KindSpec(
@@ -158,6 +174,7 @@ _SPECS: tuple[KindSpec, ...] = (
             "baseline_min_updates",
             "phase_warmup_end",
         ),
+        worse="lower",
     ),
     KindSpec(
         name="ev_low",
@@ -183,6 +200,7 @@ _SPECS: tuple[KindSpec, ...] = (
             "phase_early_end",
             "phase_mid_end",
         ),
+        worse="lower",
     ),
     KindSpec(
         name="numerical_instability",
@@ -235,6 +253,7 @@ _SPECS: tuple[KindSpec, ...] = (
         scope="run",
         upstream=7,
         thresholds=("grad_total_vanishing_rel", "grad_vanishing_rel", "grad_vanishing_param_fraction"),
+        worse="lower",
     ),
     KindSpec(
         name="gradient_drift",
@@ -269,6 +288,7 @@ _SPECS: tuple[KindSpec, ...] = (
             "lstm_norm_min",
             "lstm_c_max_abs",
             "lstm_relative_factor",
+            "lstm_spread_k",
             "lstm_gate_saturation_warning",
             "lstm_gate_saturation_critical",
             "lstm_baseline_window",
@@ -289,6 +309,7 @@ _SPECS: tuple[KindSpec, ...] = (
         scope="run",
         upstream=7,
         thresholds=("perf_drop", "perf_window", "perf_warmup_fraction"),
+        worse="lower",
     ),
     KindSpec(
         name="rank_divergence",

@@ -17,7 +17,7 @@ import pytest
 from simic_tui.judge import PANEL_KINDS, kind_panel
 from telemetry_core.config import ANOMALY_KINDS, DEFAULT_ESCALATION_UPDATES, TelemetryConfig, Thresholds
 from telemetry_core.detection import DETECTED_KINDS, RULES, AnomalyDetector
-from telemetry_core.kinds import PANELS, SCOPES, SPECS, KindSpec, panel_kinds, upstream_rank
+from telemetry_core.kinds import PANELS, SCOPES, SPECS, WORSE, KindSpec, panel_kinds, upstream_rank
 
 FIELDS = {f.name for f in dataclasses.fields(Thresholds)}
 
@@ -38,7 +38,7 @@ def test_every_kind_is_complete(kind: str) -> None:
     assert spec.label and "\n" not in spec.label and len(spec.label) <= 100
     assert spec.action.endswith(".") and len(spec.action) > 40
     assert isinstance(spec.escalation_updates, int) and spec.escalation_updates >= 1
-    assert spec.scope in SCOPES
+    assert spec.scope in SCOPES and spec.worse in WORSE
     assert isinstance(spec.upstream, int) and spec.upstream >= 0
     missing = [name for name in spec.thresholds if name not in FIELDS]
     assert not missing, f"{kind} names Thresholds fields that do not exist: {missing}"
@@ -49,7 +49,14 @@ def test_every_threshold_a_rule_reads_is_listed_in_its_spec(kind: str) -> None:
     """The spec's ``thresholds`` is what the dashboard shows next to an alarm: a limit the rule
     reads but the spec does not list would be a limit the operator cannot see."""
     spec = SPECS[kind]
-    source = inspect.getsource(_rule(spec))
+    rule = _rule(spec)
+    # the rule's class and its bases up to Rule, and the module's helper functions they call
+    classes = [c for c in rule.__mro__ if c.__module__ == rule.__module__]
+    source = "".join(inspect.getsource(c) for c in classes)
+    module = sys.modules[rule.__module__]
+    for name, fn in vars(module).items():
+        if inspect.isfunction(fn) and fn.__module__ == module.__name__ and f"{name}(" in source:
+            source += inspect.getsource(fn)
     read = {m for m in re.findall(r"\bt\.([a-z_0-9]+)", source) if m in FIELDS}
     read |= {m for m in re.findall(r'"([a-z_0-9]+)"', source) if m in FIELDS and m.endswith("_window")}
     if "entropy_limit(" in source:

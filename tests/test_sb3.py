@@ -367,9 +367,11 @@ def test_real_socket_with_a_hub_built_by_the_user_and_a_debug_lease() -> None:
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC_SNAPSHOT)
+        protocol.client_curve(sub, info)
         sub.connect(info.pub)
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        protocol.client_curve(dealer, info)
         dealer.connect(info.cmd)
         time.sleep(0.3)  # let the subscription reach the publisher
         cmd = protocol.new_command(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.content import Content
@@ -92,7 +93,7 @@ class RanksScreen(Screen):
         table.add_column("rank", key="rank")
         table.add_column("status", key="status")  # before the statistics: visible at 80 columns
         for k in rs.keys:
-            table.add_column(key_label(k), key=k)
+            table.add_column(Text(key_label(k)), key=k)  # a trainer key: never markup
         for r in range(rs.world_size):
             f = flags.get(r)
             style = STYLE[f.verdict] if f else ""

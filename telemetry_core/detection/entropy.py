@@ -50,6 +50,12 @@ class EntropyCollapseRule(Rule):
       spends the whole trust region on sharpening the policy, update after update;
     * dropped: it is below ``entropy_drop_fraction`` x that median, however it got there.
 
+    A sustained slide is critical before it bottoms out: a head flagged (collapsing or collapsed)
+    for ``entropy_slide_critical_updates`` updates in a row and now below
+    ``entropy_slide_critical_fraction`` x that median (the median of the updates before the slide,
+    since flagged updates stay out of it) lost most of its entropy within a few updates and is still
+    flagged - a wrong-sign entropy coefficient, not a head that is slowly deciding.
+
     Healthy PPO lowers entropy slowly and noisily: a head can lose a third of its entropy in
     two or three updates while it learns, then it rises again, and the target-KL stop fires in
     about one update in eight, in short bursts. A wrong-sign entropy coefficient makes every
@@ -70,6 +76,7 @@ class EntropyCollapseRule(Rule):
         self.last: dict[str, float] = {}
         self.falls: dict[str, int] = {}
         self.throttled: dict[str, int] = {}
+        self.flagged: dict[str, int] = {}  # consecutive updates with an alarm, per head
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +86,7 @@ class EntropyCollapseRule(Rule):
             "last": dict(self.last),
             "falls": dict(self.falls),
             "throttled": dict(self.throttled),
+            "flagged": dict(self.flagged),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -90,6 +98,7 @@ class EntropyCollapseRule(Rule):
         self.last = {str(k): float(v) for k, v in state["last"].items()}
         self.falls = {str(k): int(v) for k, v in state["falls"].items()}
         self.throttled = {str(k): int(v) for k, v in state["throttled"].items()}
+        self.flagged = {str(k): int(v) for k, v in state["flagged"].items()}
 
     def _hist(self, head: str) -> deque[float]:
         hist = self.hist.get(head)
@@ -138,6 +147,19 @@ class EntropyCollapseRule(Rule):
                     )
                 elif e < t.entropy_drop_fraction * base:
                     slide = (t.entropy_drop_fraction, "")
+            flagged = self.flagged.get(head, 0) + 1 if collapsed or slide is not None else 0
+            self.flagged[head] = flagged
+            sustained = (
+                base is not None
+                and flagged >= t.entropy_slide_critical_updates
+                and e < t.entropy_slide_critical_fraction * base
+            )
+            slid = (
+                f"; it lost {1 - e / base:.0%} of its recent median {fmt(base)} and has been flagged for "
+                f"{flagged} updates in a row"
+                if sustained and base is not None
+                else ""
+            )
             if collapsed:
                 critical = e < t.entropy_critical_fraction * limit
                 since = (
@@ -145,14 +167,20 @@ class EntropyCollapseRule(Rule):
                     if below
                     else f"has not yet risen above {fmt(t.entropy_clear_factor * limit)}"
                 )
+                if critical:
+                    limit_now = t.entropy_critical_fraction * limit
+                elif sustained and base is not None:
+                    limit_now = t.entropy_slide_critical_fraction * base
+                else:
+                    limit_now = limit
                 out.append(
                     self.anomaly(
-                        CRITICAL if critical else WARNING,
+                        CRITICAL if critical or sustained else WARNING,
                         step,
-                        f"Head '{head}' is nearly deterministic: normalised entropy {fmt(e)} {since}; "
+                        f"Head '{head}' is nearly deterministic: normalised entropy {fmt(e)} {since}{slid}; "
                         f"it has stopped exploring.",
                         value=e,
-                        threshold=t.entropy_critical_fraction * limit if critical else limit,
+                        threshold=limit_now,
                         head=head,
                     )
                 )
@@ -160,12 +188,13 @@ class EntropyCollapseRule(Rule):
                 fraction, how = slide
                 out.append(
                     self.anomaly(
-                        WARNING,
+                        CRITICAL if sustained else WARNING,
                         step,
                         f"Head '{head}' is collapsing: normalised entropy fell to {fmt(e)}, "
-                        f"{e / base:.0%} of its recent median {fmt(base)}{how}.",
+                        f"{e / base:.0%} of its recent median {fmt(base)}{how}"
+                        + (f", flagged for {flagged} updates in a row." if sustained else "."),
                         value=e,
-                        threshold=fraction * base,
+                        threshold=(t.entropy_slide_critical_fraction if sustained else fraction) * base,
                         head=head,
                     )
                 )

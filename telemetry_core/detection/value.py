@@ -11,6 +11,8 @@ from telemetry_core.schema import Anomaly
 
 __all__ = ["EVLowRule", "ValueCollapseRule"]
 
+IDR_PER_SIGMA = 2.5631  # p90 - p10 of a normal distribution, in standard deviations
+
 
 class ValueCollapseRule(Rule):
     """``value_collapse``: the critic stopped tracking returns.
@@ -110,21 +112,28 @@ class EVLowRule(Rule):
     Limits by phase (warm-up / early / mid / late, ``config.phase_of``): a young critic may be
     worse than a constant, a late one must be useful. An undefined EV (None: the returns have
     zero variance) is not low and resets the count, and so does EV of nearly constant returns
-    (std below ``ev_return_cv_min`` x |mean|, from the advantage section's returns: a solved
-    task's critic is accurate to a few hundredths and still scores EV -3); NaN holds it.
+    (their spread below ``ev_return_cv_min`` x |mean|, from the advantage section's returns: a
+    solved task's critic is accurate to a few hundredths and still scores EV -3). The spread is the
+    smaller of the std and the normal-equivalent sigma of the inter-decile range (p90 - p10) / 2.563
+    when the percentiles are measured (NORMAL): when nearly every return is the same and a rare
+    failed episode alone makes the std, the critic cannot predict that failure and EV near 0 says
+    nothing about it. NaN holds the count. When the
+    updates of a streak were judged against different phases' limits, the message names each.
     """
 
     KIND = "ev_low"
 
     def reset(self) -> None:
         self.below = 0
+        self.phases: list[str] = []  # the phases of the current streak, each once, in order
 
     def state_dict(self) -> dict[str, Any]:
-        return {"below": self.below}
+        return {"below": self.below, "phases": list(self.phases)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.below = int(state["below"])
+        self.phases = [Phase(p).value for p in state["phases"]]
 
     def check(self, ctx: Context) -> list[Anomaly]:
         t = self.t
@@ -133,7 +142,7 @@ class EVLowRule(Rule):
         if v is None:
             return []
         if v.explained_variance is None:
-            self.below = 0
+            self.below, self.phases = 0, []
             return []
         ev = finite(v.explained_variance)
         if ev is None:
@@ -141,19 +150,33 @@ class EVLowRule(Rule):
         r = snap.advantage.returns if snap.advantage is not None else None
         if r is not None and count(r.count):
             rmean, rstd = finite(r.mean), finite(r.std)
+            p10, p90 = finite(r.p10), finite(r.p90)
+            if rstd is not None and p10 is not None and p90 is not None:
+                # the bulk's spread: a few outliers (a solved task's rare failed episode) inflate std
+                rstd = min(rstd, (p90 - p10) / IDR_PER_SIGMA)
             if rmean is not None and rstd is not None and rstd < t.ev_return_cv_min * abs(rmean):
-                self.below = 0  # nearly constant returns: EV is noise, like the undefined case
+                self.below, self.phases = 0, []  # nearly constant returns: EV is noise, as undefined
                 return []
         limit = t.ev_limit(ctx.phase)
-        self.below = self.below + 1 if ev < limit else 0
+        if ev < limit:
+            self.below += 1
+            if ctx.phase.value not in self.phases:
+                self.phases.append(ctx.phase.value)
+        else:
+            self.below, self.phases = 0, []
         if self.below < t.ev_patience:
             return []
+        if len(self.phases) > 1:
+            limits = ", ".join(f"{fmt(t.ev_limit(Phase(p)))} ({p})" for p in self.phases)
+            since = f"below its phase's limit for {self.below} updates (limits {limits})"
+        else:
+            since = f"below {fmt(limit)} (the {ctx.phase.value} limit) for {self.below} updates"
         return [
             self.anomaly(
                 WARNING,
                 ctx.step,
                 f"The critic explains too little of the returns: explained variance {fmt(ev)} has been "
-                f"below {fmt(limit)} (the {ctx.phase.value} limit) for {self.below} updates.",
+                f"{since}.",
                 value=ev,
                 threshold=limit,
             )

@@ -290,7 +290,7 @@ class SimicCallback(BaseCallback):
         device = self.model.device
         values = torch.as_tensor(buf.values, device=device)
         self.hub.observe_rollout(
-            advantages=torch.as_tensor(buf.advantages, device=device),
+            raw_advantages=torch.as_tensor(buf.advantages, device=device),
             returns=torch.as_tensor(buf.returns, device=device),
             values=values,
             episode_returns=self._ep_returns or None,

@@ -412,9 +412,14 @@ class ScalarSeries:
         """The value ready to add (a detached float tensor or a float); TypeError naming the argument."""
         if isinstance(value, torch.Tensor):
             return check_float_tensor(self.argname, value)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError(f"{self.argname} must be a tensor or a real number, got {type(value).__name__}")
+        if type(value) is float:
+            return value
+        try:  # Python and numpy numbers, a 0-d array; NaN and infinities stay (a broken loss must show)
+            return float(_number(self.argname, value))  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"{self.argname} must be a tensor or a real number, got {type(value).__name__}"
+            ) from None
 
     def add(self, value: torch.Tensor | float) -> None:
         self.add_checked(self.check(value))

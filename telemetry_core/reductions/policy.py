@@ -13,7 +13,7 @@ log-ratios gives every minibatch's row of sums, which are merged as below; nothi
 hub's transfer. Memory: (2 + 2 x heads + entropies) floats per sample of the update (the demo's
 update of 4 epochs x 1024 samples with 2 heads: 32 floats per sample, 128 KiB); past
 ``FOLD_ELEMENTS`` stored elements the blocks are folded early, so a huge update keeps at most that
-many floats plus 13 per minibatch and head.
+many floats plus 17 per minibatch and head.
 
 Numerical care:
 
@@ -77,13 +77,16 @@ __all__ = ["PolicyReducer"]
 # first columns add across minibatches; the ratio's mean and central sum of squares are merged by
 # Chan's formula; the last two are extremes.
 # (_SUM_K3 and _SUM_K1 are adjacent: pending() slices them together.)
-_N, _SUM_D, _SUM_K3, _SUM_K1, _N_HI, _N_LO, _N_NAN, _N_INF, _SUM_NESS = range(9)
-_N_SUMS = 9
-_MEAN_R, _M2_R, _R_MAX, _R_MIN = range(9, 13)
+# _T_* count the ratio's tail beyond the anomaly limits (ratio_explosion, its critical limit,
+# ratio_collapse, its critical limit): how many samples moved that far, not only the one extreme.
+_N, _SUM_D, _SUM_K3, _SUM_K1, _N_HI, _N_LO, _N_NAN, _N_INF = range(8)
+_T_ABOVE, _T_ABOVE_CRIT, _T_BELOW, _T_BELOW_CRIT, _SUM_NESS = range(8, 13)
+_N_SUMS = 13
+_MEAN_R, _M2_R, _R_MAX, _R_MIN = range(13, 17)
 # Layout of the transferred joint summary: the sums above, then these.
-_S_M2, _S_R_MAX, _S_R_MIN, _S_ESS_MIN, _S_K3_MAX, _S_K1_MAX = range(9, 15)
+_S_M2, _S_R_MAX, _S_R_MIN, _S_ESS_MIN, _S_K3_MAX, _S_K1_MAX = range(13, 19)
 # Layout of a transferred head summary: the sums above, then its ratio max and min.
-_H_R_MAX, _H_R_MIN = 9, 10
+_H_R_MAX, _H_R_MIN = 13, 14
 
 
 def _is_like(t: object, shape: torch.Size, device: torch.device) -> bool:
@@ -118,14 +121,23 @@ def _ratio_terms(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return r, d, k3
 
 
-def _ratio_rows(lr: torch.Tensor, eps: float) -> torch.Tensor:
+def _ratio_rows(lr: torch.Tensor, eps: float, tail: tuple[float, float, float, float]) -> torch.Tensor:
     """Per-minibatch rows (layout ``_N`` .. ``_R_MIN``) of a float64 ``(M, R, n)`` block of log-ratios:
-    M minibatches of n samples, R = the joint log-ratio and each head's. ~35 kernels, however
-    large M and R are."""
+    M minibatches of n samples, R = the joint log-ratio and each head's. ``tail``: the ratio limits
+    (above, above critical, below, below critical) whose exceedances are counted. ~40 kernels,
+    however large M and R are."""
     m, rr, n = lr.shape
     r, d, k3 = _ratio_terms(lr)
     sums = torch.stack((d, k3, -lr), dim=2).sum(3)
-    counts = torch.stack((d > eps, d < -eps, torch.isnan(lr), torch.isinf(lr)), dim=2).sum(3).to(lr.dtype)
+    hi, hi_crit, lo, lo_crit = tail
+    counts = (
+        torch.stack(
+            (d > eps, d < -eps, torch.isnan(lr), torch.isinf(lr), r > hi, r > hi_crit, r < lo, r < lo_crit),
+            dim=2,
+        )
+        .sum(3)
+        .to(lr.dtype)
+    )
     lr_min, lr_max = torch.aminmax(lr, dim=2)  # exp is monotone: the ratio's extremes follow
     w = torch.exp(lr - lr_max.unsqueeze(2))  # ESS is scale-free: weights relative to the largest
     ws = torch.stack((w, w * w), dim=2).sum(3)
@@ -165,6 +177,14 @@ class PolicyReducer:
             h: as_int(f"heads[{h!r}] (number of actions)", n, minimum=1) for h, n in heads.items()
         }
         self.thresholds = thresholds or Thresholds()
+        t = self.thresholds
+        # Python floats: comparing a tensor with them launches no transfer.
+        self.tail_limits = (
+            float(t.ratio_explosion),
+            float(t.ratio_explosion_critical),
+            float(t.ratio_collapse),
+            float(t.ratio_collapse_critical),
+        )
         self.reset()
 
     # -- protocol ----------------------------------------------------------------------------------
@@ -175,8 +195,8 @@ class PolicyReducer:
         # -> [(block, epoch)], a block being the call's (columns, n) copy.
         self._stored: dict[tuple[Any, ...], list[tuple[torch.Tensor, int]]] = {}
         self._stored_elements = 0
-        self._blocks: list[tuple[tuple[str, ...], torch.Tensor]] = []  # folded (heads, (M, 1 + heads, 13))
-        self._joint: list[torch.Tensor] = []  # the same blocks' (M, 13) rows of the joint log-ratio
+        self._blocks: list[tuple[tuple[str, ...], torch.Tensor]] = []  # folded (heads, (M, 1 + heads, 17))
+        self._joint: list[torch.Tensor] = []  # the same blocks' (M, 17) rows of the joint log-ratio
         self._row_epochs: list[int] = []  # epoch of every folded joint row, in row order
         self._head_rows: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._head_sizes: dict[str, int] = dict.fromkeys(self.heads, 0)
@@ -386,6 +406,9 @@ class PolicyReducer:
             stats.kl_k1_mean = s[_SUM_K1] / n
             stats.kl_k3_max, stats.kl_k1_max = s[_S_K3_MAX], s[_S_K1_MAX]
             stats.logratio_nan, stats.logratio_inf = int(s[_N_NAN]), int(s[_N_INF])
+            stats.ratio_above, stats.ratio_above_critical = int(s[_T_ABOVE]), int(s[_T_ABOVE_CRIT])
+            stats.ratio_below, stats.ratio_below_critical = int(s[_T_BELOW]), int(s[_T_BELOW_CRIT])
+            stats.ratio_tail_limits = list(self.tail_limits)
             poisoned = s[_N_NAN] > 0
             stats.clip_fraction_high = math.nan if poisoned else s[_N_HI] / n
             stats.clip_fraction_low = math.nan if poisoned else s[_N_LO] / n
@@ -412,6 +435,8 @@ class PolicyReducer:
                 stats.head_clip_fraction[head] = math.nan if poisoned else (h[_N_HI] + h[_N_LO]) / hn
                 stats.head_ratio_max[head] = h[_H_R_MAX]
                 stats.head_ratio_min[head] = h[_H_R_MIN]
+                stats.head_ratio_above[head] = int(h[_T_ABOVE])
+                stats.head_ratio_below[head] = int(h[_T_BELOW])
             key = f"policy.entropy.{head}"
             if key in host:
                 ent = host[key][0] / self._entropy_counts[head]
@@ -429,7 +454,7 @@ class PolicyReducer:
     # -- the deferred work (device only) -----------------------------------------------------------
     @staticmethod
     def _merge_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums and [ratio max, ratio min] over the minibatches (dim 0) of (M, ..., 13) rows."""
+        """Sums and [ratio max, ratio min] over the minibatches (dim 0) of (M, ..., 17) rows."""
         extremes = torch.stack((rows[..., _R_MAX].amax(0), rows[..., _R_MIN].amin(0)), dim=-1)
         return rows[..., :_N_SUMS].sum(0), extremes
 
@@ -440,7 +465,7 @@ class PolicyReducer:
         minibatches has one, so its whole update costs one ``stack`` and ~40 kernels here, however
         many minibatches and heads it has. Runs in :meth:`pending`, or earlier when the stored
         blocks exceed ``FOLD_ELEMENTS`` elements (which bounds the memory kept for huge updates to
-        that many floats plus 13 floats per minibatch and head).
+        that many floats plus 17 floats per minibatch and head).
         """
         stored, self._stored = self._stored, {}
         self._stored_elements = 0
@@ -449,7 +474,7 @@ class PolicyReducer:
             x = blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)  # (M, columns, n)
             x = x.to(acc_dtype(device))  # float64: the log-ratio is formed after the upcast
             r = 1 + len(names)
-            rows = _ratio_rows(x[:, :r] - x[:, r : 2 * r], eps)  # (M, r, 13)
+            rows = _ratio_rows(x[:, :r] - x[:, r : 2 * r], eps, self.tail_limits)  # (M, r, 17)
             self._blocks.append((names, rows))
             self._joint.append(rows[:, 0])
             self._row_epochs.extend(epoch for _, epoch in items)
