@@ -432,7 +432,7 @@ def test_errors_name_what_is_wrong() -> None:
             TelemetryHub(torch.nn.Linear(2, 2), heads={"a": 2}, max_grad_norm=1.0, bind=None), bind=None
         )
     env = make_vec_env("CartPole-v1", n_envs=1, seed=9)
-    with pytest.raises(TypeError, match="PPO and sb3-contrib RecurrentPPO, not A2C"):
+    with pytest.raises(TypeError, match="PPO, sb3-contrib RecurrentPPO and MaskablePPO, not A2C"):
         A2C("MlpPolicy", env, n_steps=8, device="cpu").learn(16, callback=SimicCallback(bind=None))
     model = PPO("MlpPolicy", env, n_steps=32, batch_size=32, n_epochs=1, device="cpu")
     other = TelemetryHub(torch.nn.Linear(2, 2), heads={"action": 2}, max_grad_norm=0.5, bind=None)

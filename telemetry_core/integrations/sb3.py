@@ -1,8 +1,11 @@
 """Stable-Baselines3: a callback that streams a PPO's training health to simic-tui.
 
 ``model.learn(total_timesteps, callback=SimicCallback(bind="tcp://127.0.0.1:5555"))`` works for
-``stable_baselines3.PPO`` and ``sb3_contrib.RecurrentPPO`` with ``Discrete``, ``MultiDiscrete`` and
-``MultiBinary`` action spaces (each sub-action is a head). One hub update is one SB3 iteration:
+``stable_baselines3.PPO``, ``sb3_contrib.RecurrentPPO`` and ``sb3_contrib.MaskablePPO`` with
+``Discrete``, ``MultiDiscrete`` and ``MultiBinary`` action spaces (each sub-action is a head; under
+MaskablePPO every per-head term is that of the masked distribution the loss used, and the per-head
+old log-probs are recomputed under the masks the rollout acted with). An action distribution the
+callback cannot read per head is refused at the start of ``learn()``. One hub update is one SB3 iteration:
 the rollout, then ``train()``; it is published right after ``train()`` returns (at the next
 ``on_rollout_start``, or ``on_training_end`` for the last one), so nothing lags.
 
@@ -216,11 +219,12 @@ class SimicCallback(BaseCallback):
         model = self.model
         if not all(hasattr(model, a) for a in ("clip_range", "n_epochs", "rollout_buffer", "max_grad_norm")):
             raise TypeError(
-                f"SimicCallback supports PPO and sb3-contrib RecurrentPPO, not {type(model).__name__}"
+                f"SimicCallback supports PPO, sb3-contrib RecurrentPPO and MaskablePPO, not {type(model).__name__}"
             )
         policy = model.policy
         self.recurrent = hasattr(policy, "lstm_actor")
         self.heads = heads_from_action_space(model.action_space, self.head_names)
+        _check_distribution(policy)
         self._multi = len(self.heads) > 1
         self._bernoulli = isinstance(model.action_space, spaces.MultiBinary)
         self._rollout_size = model.n_steps * model.n_envs
@@ -321,6 +325,9 @@ class SimicCallback(BaseCallback):
         obs = self._flat_obs(buf.observations)
         actions = torch.as_tensor(buf.swap_and_flatten(buf.actions), device=model.device)
         n = actions.shape[0]
+        masks = getattr(buf, "action_masks", None)
+        if masks is not None:
+            masks = torch.as_tensor(buf.swap_and_flatten(masks), device=model.device)
         if self.recurrent:
             starts = torch.as_tensor(buf.swap_and_flatten(buf.episode_starts), device=model.device).reshape(
                 -1
@@ -340,6 +347,8 @@ class SimicCallback(BaseCallback):
                 dist, _ = policy.get_distribution(
                     o, (h[:, sl].contiguous(), c[:, sl].contiguous()), starts[sl]
                 )
+            elif masks is not None:  # MaskablePPO: the masks the rollout acted under
+                dist = policy.get_distribution(o, action_masks=masks[sl])
             else:
                 dist = policy.get_distribution(o)
             parts.append(_head_logprobs(dist, actions[sl], self._bernoulli))
@@ -734,15 +743,62 @@ def _obs_slice(obs: Any, sl: slice, device: torch.device) -> Any:
     return torch.as_tensor(obs[sl], device=device)
 
 
+def _supported_distributions() -> tuple[type, ...]:
+    from stable_baselines3.common.distributions import (
+        BernoulliDistribution,
+        CategoricalDistribution,
+        MultiCategoricalDistribution,
+    )
+
+    known: tuple[type, ...] = (CategoricalDistribution, MultiCategoricalDistribution, BernoulliDistribution)
+    try:
+        from sb3_contrib.common.maskable.distributions import (
+            MaskableCategoricalDistribution,
+            MaskableMultiCategoricalDistribution,
+        )
+    except ImportError:  # sb3-contrib is optional
+        return known
+    # (MaskableBernoulliDistribution is a MaskableMultiCategoricalDistribution)
+    return (*known, MaskableCategoricalDistribution, MaskableMultiCategoricalDistribution)
+
+
+def _check_distribution(policy: Any) -> None:
+    """Refuse, before the first rollout, an action distribution whose per-head terms the callback
+    cannot read (its statistics would otherwise be missing from every update)."""
+    dist = getattr(policy, "action_dist", None)
+    if dist is None:
+        return  # a custom policy without SB3's attribute: per-head terms are read when present
+    if not isinstance(dist, _supported_distributions()):
+        raise TypeError(
+            f"SimicCallback cannot read the action distribution {type(dist).__name__} of "
+            f"{type(policy).__name__}: supported are SB3's Categorical, MultiCategorical and Bernoulli "
+            "distributions and sb3-contrib's maskable ones"
+        )
+
+
+def _head_distributions(dist: Any) -> list[Any] | None:
+    """The per-head torch distributions of an SB3 MultiCategorical or an sb3-contrib maskable
+    MultiCategorical / Bernoulli distribution (``None`` for SB3's Bernoulli, one joint one)."""
+    heads = getattr(dist, "distributions", None)  # sb3-contrib's maskable ones, masks applied
+    if heads is not None:
+        return list(heads)
+    inner = getattr(dist, "distribution", None)
+    return list(inner) if isinstance(inner, (list, tuple)) else None
+
+
 def _head_distribution_terms(
     dist: Any, actions: torch.Tensor, bernoulli: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, heads)`` log-probs and entropies from an SB3 MultiCategorical / Bernoulli distribution."""
-    if bernoulli:
+    """``(B, heads)`` log-probs and entropies from an SB3 MultiCategorical / Bernoulli distribution
+    or an sb3-contrib maskable one (whose entropies are those of the masked heads)."""
+    heads = _head_distributions(dist)
+    if heads is None:
+        if not bernoulli:
+            raise TypeError(f"no per-head distributions in {type(dist).__name__}")
         d = dist.distribution
         return d.log_prob(actions), d.entropy()
-    lps = [d.log_prob(a) for d, a in zip(dist.distribution, torch.unbind(actions, dim=1))]
-    ents = [d.entropy() for d in dist.distribution]
+    lps = [d.log_prob(a) for d, a in zip(heads, torch.unbind(actions, dim=1))]
+    ents = [d.entropy() for d in heads]
     return torch.stack(lps, dim=1), torch.stack(ents, dim=1)
 
 
