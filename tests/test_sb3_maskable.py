@@ -26,6 +26,7 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from telemetry_core.config import TelemetryConfig, TelemetryLevel  # noqa: E402
 from telemetry_core.demo.env import make_env  # noqa: E402
 from telemetry_core.integrations.sb3 import SimicCallback  # noqa: E402
+from telemetry_core.reductions.policy import PolicyReducer  # noqa: E402
 from telemetry_core.schema import Snapshot  # noqa: E402
 
 MaskablePPO = sb3_contrib.MaskablePPO
@@ -157,8 +158,11 @@ def test_maskable_multidiscrete_heads_are_aligned_with_the_buffer_rows() -> None
         p = snap.policy
         assert p.head_kl_k3 == {"head0": 0.0, "head1": 0.0}
         assert p.head_ratio_max == {"head0": 1.0, "head1": 1.0} == p.head_ratio_min
-        for head, (ent, _) in row.items():
+        for head, (ent, normalized) in row.items():
             assert math.isclose(p.entropy[head], ent, rel_tol=1e-6)
+            # divided by log(valid actions) per sample, not by log(actions)
+            assert math.isclose(p.entropy_normalized[head], normalized, rel_tol=1e-6)
+        assert not math.isclose(p.entropy_normalized["head1"], p.entropy["head1"] / math.log(3), rel_tol=1e-3)
 
 
 def test_maskable_discrete() -> None:
@@ -173,6 +177,7 @@ def test_maskable_discrete() -> None:
         p = snap.policy
         assert snap.counters.telemetry_errors == 0
         assert math.isclose(p.entropy["action"], row["head0"][0], rel_tol=1e-6)
+        assert math.isclose(p.entropy_normalized["action"], row["head0"][1], rel_tol=1e-6)
         assert math.isclose(-p.entropy["action"], logged["train/entropy_loss"], rel_tol=1e-5)
 
 
@@ -192,3 +197,70 @@ def test_an_unreadable_action_distribution_is_refused_before_the_first_rollout()
     assert cb.hub is None  # refused before anything was built
     model.policy.action_dist = OtherCategorical(2)  # a subclass of a supported one is accepted
     model.learn(32, callback=SimicCallback(bind=None))
+
+
+def reduce(reducer: PolicyReducer, level: TelemetryLevel = TelemetryLevel.NORMAL) -> Any:
+    host = {k: v.detach().double().cpu().reshape(-1).tolist() for k, v in reducer.pending(level).items()}
+    return reducer.build(host, level)
+
+
+def test_masked_entropy_normalisation_against_a_float64_reference() -> None:
+    reducer = PolicyReducer({"a": 20, "b": 4, "c": 3})
+    # a uniform policy over 10 valid of 20 actions reads 1.0
+    n = 8
+    mask_a = torch.zeros(n, 20, dtype=torch.bool)
+    mask_a[:, :10] = True
+    ent_a = torch.full((n,), math.log(10), dtype=torch.float32)
+    lp = torch.zeros(n)
+    reducer.observe(new_logprob=lp, old_logprob=lp, clip_range=0.2, epoch=0, head_entropies={"a": ent_a})
+    reducer.observe_action_masks({"a": ent_a}, {"a": mask_a})
+    stats = reduce(reducer)
+    assert math.isclose(stats.entropy_normalized["a"], 1.0, rel_tol=1e-7)
+    assert math.isclose(stats.entropy["a"], math.log(10), rel_tol=1e-7)
+
+    # random masked policies over several minibatches, float64 reference
+    g = torch.Generator().manual_seed(0)
+    reducer.reset()
+    ref_sum, ref_count, ent_all = 0.0, 0, []
+    for epoch in range(3):
+        m = 37
+        mask = torch.rand(m, 4, generator=g) < 0.6
+        mask[:, 3] = True  # at least one valid action per sample, as MaskablePPO requires
+        mask[:5] = False
+        mask[:5, 1] = True  # one valid action: no normalised entropy, left out of the mean
+        logits = torch.randn(m, 4, generator=g, dtype=torch.float64).masked_fill(~mask, -math.inf)
+        logp = torch.log_softmax(logits, 1)
+        ent = -(logp.exp() * logp.masked_fill(~mask, 0.0)).sum(1)
+        valid = mask.sum(1)
+        keep = valid > 1
+        ref_sum += float((ent[keep] / valid[keep].double().log()).sum())
+        ref_count += int(keep.sum())
+        ent_all.append(ent)
+        e32 = ent.float()
+        c_ent = torch.full((m,), 0.5)  # head c has no mask: log(3) as before
+        lp = torch.zeros(m)
+        reducer.observe(
+            new_logprob=lp, old_logprob=lp, clip_range=0.2, epoch=epoch, head_entropies={"b": e32, "c": c_ent}
+        )
+        reducer.observe_action_masks({"b": e32, "c": c_ent}, {"b": mask})
+    stats = reduce(reducer)
+    assert math.isclose(stats.entropy_normalized["b"], ref_sum / ref_count, rel_tol=1e-6)
+    assert math.isclose(stats.entropy["b"], float(torch.cat(ent_all).mean()), rel_tol=1e-6)
+    assert math.isclose(stats.entropy_normalized["c"], 0.5 / math.log(3), rel_tol=1e-7)
+
+    # every sample with one valid action: no normalised entropy at all
+    reducer.reset()
+    only = torch.zeros(4, 4, dtype=torch.bool)
+    only[:, 2] = True
+    zero = torch.zeros(4)
+    reducer.observe(new_logprob=zero, old_logprob=zero, clip_range=0.2, epoch=0, head_entropies={"b": zero})
+    reducer.observe_action_masks({"b": zero}, {"b": only})
+    stats = reduce(reducer)
+    assert stats.entropy["b"] == 0.0 and "b" not in stats.entropy_normalized
+
+    with pytest.raises(ValueError, match="shape"):
+        reducer.observe_action_masks({"b": zero}, {"b": only[:, :3]})
+    with pytest.raises(TypeError, match="bool tensor"):
+        reducer.observe_action_masks({"b": zero}, {"b": only.float()})
+    with pytest.raises(ValueError, match="needs head_entropies"):
+        reducer.observe_action_masks({}, {"b": only})

@@ -512,6 +512,7 @@ class SimicCallback(BaseCallback):
             self._last_epoch = epoch
 
             head_new, head_ent, actions = self._head_terms(sample, entropy)
+            action_masks = _head_masks(self._dist, list(self.heads)) if head_ent is not None else None
             head_old = positions = None
             if batch_inds is not None and (self._head_old is not None or level >= TelemetryLevel.DEBUG):
                 head_old, positions = self._rollout_columns(batch_inds, pad, new.device)
@@ -521,6 +522,7 @@ class SimicCallback(BaseCallback):
                 head_new_logprobs = _select(head_new_logprobs, mask)
                 head_old = _select(head_old, mask)
                 head_ent = _select(head_ent, mask)
+                action_masks = _select(action_masks, mask)
                 actions = _select(actions, mask)
                 positions = positions[mask] if positions is not None else None
         if level >= TelemetryLevel.DEBUG:
@@ -539,6 +541,10 @@ class SimicCallback(BaseCallback):
             policy_loss=policy_loss,
             value_loss=value_loss,
         )
+        if action_masks:
+            # MaskablePPO: the normalised entropy divides by log(valid actions) per sample; the
+            # hub's policy reducer takes the masks beside the entropies observe_minibatch handed it
+            hub._policy.observe_action_masks(head_ent, action_masks, level)
 
     def _normalized_advantages(self, adv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """SB3's advantage normalisation (PPO: only when the minibatch has more than one sample);
@@ -804,6 +810,19 @@ def _head_distribution_terms(
 
 def _head_logprobs(dist: Any, actions: torch.Tensor, bernoulli: bool) -> torch.Tensor:
     return _head_distribution_terms(dist, actions.reshape(actions.shape[0], -1), bernoulli)[0]
+
+
+def _head_masks(dist: Any, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """Each head's bool ``(B, actions)`` mask of an sb3-contrib maskable distribution after
+    ``apply_masking`` (heads without a mask left out), or ``None``."""
+    if dist is None:
+        return None
+    heads = _head_distributions(dist)
+    if heads is None:
+        inner = getattr(dist, "distribution", None)
+        heads = [inner] if inner is not None and len(names) == 1 else []
+    masks = {h: m for h, d in zip(names, heads) if (m := getattr(d, "masks", None)) is not None}
+    return masks or None
 
 
 def _select(tensors: Mapping[str, torch.Tensor] | None, mask: torch.Tensor) -> dict[str, torch.Tensor] | None:
