@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -164,9 +165,13 @@ class SimicCallback(BaseCallback):
 
     Args:
         hub: a :class:`TelemetryHub` built on ``model.policy`` (it is not closed by the callback);
-            by default the callback builds one at the start of ``learn`` from the model (heads from
-            the action space, ``max_grad_norm``, planned updates, SB3 groups, the actor LSTM) and
-            closes it at the end of ``learn``.
+            by default the callback builds one at the start of the first ``learn`` from the model
+            (heads from the action space, ``max_grad_norm``, planned updates, SB3 groups, the actor
+            LSTM) and keeps it across later ``learn`` calls — chunked training continues the same
+            recording, session and detector baselines, and update steps keep counting even when
+            ``reset_num_timesteps=True`` restarts SB3's timesteps. That hub is closed by
+            :meth:`close` (or ``with SimicCallback(...) as cb:``), when the callback is garbage
+            collected, or at interpreter exit; after :meth:`close` a new ``learn`` builds a new one.
         head_names: names of the action heads (default ``action`` / ``head0``, ``head1``...).
         head_ratios: per-head ratios for multi-head action spaces (one extra no-grad forward over
             the buffer per update).
@@ -198,6 +203,9 @@ class SimicCallback(BaseCallback):
             raise ValueError(f"gate_steps must be an int >= 0, got {gate_steps!r}")
         self.hub = hub
         self._owns_hub = hub is None
+        self._finalizer: weakref.finalize | None = None
+        self._last_step = 0  # last update step handed to the hub, across learn() calls
+        self._step_offset = 0
         self._hub_kwargs = hub_kwargs
         self.head_names = head_names
         self.head_ratios = bool(head_ratios)
@@ -244,6 +252,9 @@ class SimicCallback(BaseCallback):
                 lstm=policy.lstm_actor if self.recurrent else None,
                 **kwargs,
             )
+            self._last_step = 0
+            # the hub outlives learn(): closed by close(), by collection of the callback or at exit
+            self._finalizer = weakref.finalize(self, self.hub.close)
         else:
             names = [n for n, _ in policy.named_parameters()]
             if self.hub.run_info.param_names != names:
@@ -255,6 +266,8 @@ class SimicCallback(BaseCallback):
         self._head_ratios_on = self.head_ratios and self._multi
         self._head_check_done = False
         self._pending = None
+        # a learn() that restarts SB3's timesteps must not replay step numbers the hub already saw
+        self._step_offset = max(0, self._last_step - model.num_timesteps // self._rollout_size)
         self._reset_update_state()
         self._install()
 
@@ -272,7 +285,7 @@ class SimicCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         hub = self.hub
         assert hub is not None
-        self._pending = self.model.num_timesteps // self._rollout_size
+        self._pending = self.model.num_timesteps // self._rollout_size + self._step_offset
         level = hub.level
         if level > TelemetryLevel.OFF:
             with hub.guard("sb3.rollout"):
@@ -283,8 +296,19 @@ class SimicCallback(BaseCallback):
     def _on_training_end(self) -> None:
         self._finish_update()
         self._uninstall()
-        if self._owns_hub and self.hub is not None:
-            self.hub.close()
+
+    def close(self) -> None:
+        """Close the hub the callback built (its publisher and recording); a hub passed in is the
+        caller's to close. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs hub.close once and detaches from exit
+            self._finalizer = None
+
+    def __enter__(self) -> SimicCallback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------
     # rollout
@@ -653,6 +677,7 @@ class SimicCallback(BaseCallback):
         step, self._pending = self._pending, None
         if step is None or self.hub is None:
             return
+        self._last_step = step
         hub, model = self.hub, self.model
         lstm_state = lstm_inputs = lstm_input_state = None
         with hub.guard("sb3.end_update"):
