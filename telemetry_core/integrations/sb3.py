@@ -83,7 +83,7 @@ from telemetry_core.config import TelemetryLevel
 from telemetry_core.hub import TelemetryHub
 from telemetry_core.schema import Snapshot
 
-__all__ = ["SimicCallback", "heads_from_action_space", "sb3_groups"]
+__all__ = ["SimicCallback", "heads_from_action_space", "sb3_groups", "sb3_log_values"]
 
 log = logging.getLogger("telemetry_core")
 
@@ -159,6 +159,37 @@ def sb3_groups(policy: torch.nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+def sb3_log_values(snapshot: Snapshot) -> dict[str, float]:
+    """The key health statistics of one update as ``simic/...`` logger values: KL (k3 mean over the
+    update, and k3 / k1 of the last epoch that ran — SB3's ``train/approx_kl`` is that epoch's k3,
+    whatever epoch ``target_kl`` stopped at), clip fraction, ratio extremes, ESS, entropy and
+    normalised entropy per head, the pre-clip gradient norm and its clip rate, explained variance,
+    and the number of warning / critical anomalies. Undefined values are left out."""
+    out: dict[str, float] = {}
+    p, g, v = snapshot.policy, snapshot.gradients, snapshot.value
+    if p is not None:
+        out["simic/kl_k3_mean"] = p.kl_k3_mean
+        if p.kl_k3_per_epoch:
+            out["simic/kl_k3_last_epoch"] = p.kl_k3_per_epoch[-1]
+            out["simic/kl_k1_last_epoch"] = p.kl_k1_per_epoch[-1]
+        out["simic/clip_fraction"] = p.clip_fraction
+        out["simic/ratio_max"] = p.ratio_max
+        out["simic/ratio_min"] = p.ratio_min
+        out["simic/ess_min"] = p.ess_min
+        for head, ent in p.entropy.items():
+            out[f"simic/entropy/{head}"] = ent
+        for head, ent in p.entropy_normalized.items():
+            out[f"simic/entropy_normalized/{head}"] = ent
+    if g is not None:
+        out["simic/grad_norm_preclip"] = g.total_norm
+        out["simic/grad_clip_rate"] = g.clip_rate
+    if v is not None and v.explained_variance is not None:
+        out["simic/explained_variance"] = v.explained_variance
+    out["simic/anomalies_warning"] = float(sum(a.severity == "warning" for a in snapshot.anomalies))
+    out["simic/anomalies_critical"] = float(sum(a.severity == "critical" for a in snapshot.anomalies))
+    return {k: float(x) for k, x in out.items() if isinstance(x, (int, float)) and math.isfinite(x)}
+
+
 class SimicCallback(BaseCallback):
     """Streams each PPO update of an SB3 model to simic-tui (see the module docstring for what is
     measured and how).
@@ -178,6 +209,9 @@ class SimicCallback(BaseCallback):
         gate_steps: RecurrentPPO rollout steps replayed for LSTM gate saturation (0: none).
         on_update: called after each update with the published snapshot (``None`` at OFF) and SB3's
             ``train/*`` values of that update.
+        log_to_sb3: record the key health statistics of each update in SB3's logger under
+            ``simic/`` (see :func:`sb3_log_values`), so they reach SB3's TensorBoard / CSV output
+            beside ``train/*``, at SB3's timesteps.
         verbose: SB3 verbosity.
         **hub_kwargs: passed to :class:`TelemetryHub` when the callback builds it (``bind``,
             ``record``, ``config``, ``run_name``, ``groups``, ``strict``, ``publisher_options``).
@@ -191,6 +225,7 @@ class SimicCallback(BaseCallback):
         head_ratios: bool = True,
         gate_steps: int = 8,
         on_update: Callable[[Snapshot | None, dict[str, float]], None] | None = None,
+        log_to_sb3: bool = True,
         verbose: int = 0,
         **hub_kwargs: Any,
     ) -> None:
@@ -211,6 +246,7 @@ class SimicCallback(BaseCallback):
         self.head_ratios = bool(head_ratios)
         self.gate_steps = gate_steps
         self.on_update = on_update
+        self.log_to_sb3 = bool(log_to_sb3)
         self.last_snapshot: Snapshot | None = None
         self.sb3_logged: dict[str, float] = {}  # SB3's train/* values of the last update
         self.mismatches = 0  # updates whose replica losses disagreed with SB3's logged ones
@@ -700,6 +736,11 @@ class SimicCallback(BaseCallback):
         }
         if snapshot is not None:
             self._check_against_sb3(snapshot)
+            if self.log_to_sb3:
+                # recorded before SB3's next dump, which writes this update's train/* too: both land
+                # at the same timesteps
+                for key, value in sb3_log_values(snapshot).items():
+                    model.logger.record(key, value)
         if self.on_update is not None:
             self.on_update(snapshot, dict(self.sb3_logged))
         self._reset_update_state()
