@@ -96,3 +96,56 @@ def test_no_logging_when_turned_off(tmp_path: Path) -> None:
         model.learn(64 * 3, callback=cb)
     logged = rows(tmp_path / "progress.csv")
     assert logged and not any(k.startswith("simic/") for r in logged for k in r)
+
+
+def test_hub_state_is_saved_and_restored_beside_the_model(tmp_path: Path) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=13)
+    model = PPO("MlpPolicy", env, n_steps=64, batch_size=64, n_epochs=2, seed=13, device="cpu")
+    cb = SimicCallback(bind=None)
+    with pytest.raises(RuntimeError, match="no hub yet"):
+        cb.save(tmp_path / "early.json")
+    model.learn(128 * 3, callback=cb)
+    assert cb.hub is not None
+    saved = cb.hub.state_dict()
+    assert saved["detector"]["updates"] == 3 and saved["ema"]["main"]["count"] > 0
+    model.save(tmp_path / "ppo.zip")
+    cb.save(tmp_path / "ppo.simic.json")
+    cb.close()
+
+    loaded = PPO.load(tmp_path / "ppo.zip", env=env, device="cpu")
+    steps: list[int] = []
+    restored: list[dict] = []
+
+    def first_update(snap: Snapshot | None, _: dict[str, float]) -> None:
+        assert snap is not None
+        steps.append(snap.step)
+
+    cb2 = SimicCallback(bind=None, on_update=first_update)
+    cb2.load(tmp_path / "ppo.simic.json")  # no hub yet: applied when learn() builds it
+    original_start = cb2._on_training_start
+
+    def capture_start() -> None:
+        original_start()
+        assert cb2.hub is not None
+        restored.append(cb2.hub.state_dict())
+
+    cb2._on_training_start = capture_start  # type: ignore[method-assign]
+    loaded.learn(128 * 2, callback=cb2, reset_num_timesteps=False)
+    assert restored[0] == saved  # the restored hub starts exactly where the saved one stopped
+    assert steps == [4, 5]
+    assert cb2.hub is not None and cb2.hub.state_dict()["detector"]["updates"] == 5
+
+    # into an open hub at once; a state of other heads or another file is refused
+    cb2.load(tmp_path / "ppo.simic.json")
+    assert cb2.hub.state_dict()["detector"]["updates"] == 3
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a SimicCallback state file"):
+        cb2.load(tmp_path / "other.json")
+    cb2.close()
+    multi = make_vec_env("CartPole-v1", n_envs=1, seed=14)
+    other = PPO("MlpPolicy", multi, n_steps=32, batch_size=32, n_epochs=1, device="cpu")
+    cb3 = SimicCallback(bind=None, head_names=["push"])
+    cb3.load(tmp_path / "ppo.simic.json")
+    with pytest.raises(ValueError, match="saved state is for heads"):
+        other.learn(32, callback=cb3)
+    cb3.close()

@@ -67,10 +67,12 @@ boundary, not one update late as a callback reading them at ``on_rollout_end`` w
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,8 @@ _GROUP_PREFIXES: dict[str, tuple[str, ...]] = {
     "actor": ("mlp_extractor.policy_net.", "action_net."),
     "critic": ("mlp_extractor.value_net.", "value_net.", "critic."),
 }
+_STATE_FORMAT = "simic-sb3-callback"
+_STATE_VERSION = 1
 # Losses whose means are compared with SB3's logger after each update.
 _CHECKS = (
     ("policy", "policy_loss", "train/policy_gradient_loss"),
@@ -241,6 +245,7 @@ class SimicCallback(BaseCallback):
         self._finalizer: weakref.finalize | None = None
         self._last_step = 0  # last update step handed to the hub, across learn() calls
         self._step_offset = 0
+        self._restore: dict[str, Any] | None = None  # load()ed state awaiting the hub
         self._hub_kwargs = hub_kwargs
         self.head_names = head_names
         self.head_ratios = bool(head_ratios)
@@ -299,6 +304,9 @@ class SimicCallback(BaseCallback):
                 )
             if dict(self.hub.heads) != self.heads:
                 raise ValueError(f"hub has heads {self.hub.heads} but the action space gives {self.heads}")
+        if self._restore is not None:
+            self._apply_state(self._restore)
+            self._restore = None
         self._head_ratios_on = self.head_ratios and self._multi
         self._head_check_done = False
         self._pending = None
@@ -339,6 +347,49 @@ class SimicCallback(BaseCallback):
         if self._finalizer is not None:
             self._finalizer()  # runs hub.close once and detaches from exit
             self._finalizer = None
+
+    def save(self, path: str | Path) -> None:
+        """Write the hub's state (gradient EMA, detector baselines and history, open incidents) and
+        the callback's update count to ``path`` (JSON), to keep beside ``model.save``; restore it
+        with :meth:`load` before the next ``learn`` of the loaded model::
+
+            model.save("ppo.zip"); cb.save("ppo.simic.json")
+            ...
+            model = PPO.load("ppo.zip", env=env)
+            cb = SimicCallback(bind=...); cb.load("ppo.simic.json")
+            model.learn(n, callback=cb, reset_num_timesteps=False)
+        """
+        if self.hub is None:
+            raise RuntimeError("SimicCallback.save(): no hub yet (save after a learn() call)")
+        state = {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "last_step": self._last_step,
+            "heads": dict(self.hub.heads),
+            "hub": self.hub.state_dict(),
+        }
+        Path(path).write_text(json.dumps(state))
+
+    def load(self, path: str | Path) -> None:
+        """Restore what :meth:`save` wrote: into the hub now if it is open, otherwise into the hub
+        the next ``learn`` builds (or is given). Update steps continue from the saved ones."""
+        state = json.loads(Path(path).read_text())
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"{path} is not a SimicCallback state file")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"{path}: state version {state.get('version')!r}, expected {_STATE_VERSION}")
+        if self.hub is not None and not self.hub.closed:
+            self._apply_state(state)
+        else:
+            self._restore = state
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        hub = self.hub
+        assert hub is not None
+        if state["heads"] != dict(hub.heads):
+            raise ValueError(f"saved state is for heads {state['heads']}, the hub has {dict(hub.heads)}")
+        hub.load_state_dict(state["hub"])
+        self._last_step = max(self._last_step, int(state["last_step"]))
 
     def __enter__(self) -> SimicCallback:
         return self
