@@ -81,6 +81,7 @@ import torch
 from torch._utils import _flatten_dense_tensors  # one dispatch for the copy of a whole bucket (DDP uses it)
 
 from telemetry_core.config import TelemetryLevel, Thresholds
+from telemetry_core.reductions.transfer import accumulation_dtype
 from telemetry_core.schema import GradientStats
 
 __all__ = [
@@ -378,6 +379,7 @@ FOLD_EVERY = 64  # calls kept as rows before they are folded (bounds memory on l
 FLAT_MAX = 1 << 17
 SMALL_FOLD_ELEMENTS = 1 << 22
 PAD_MAX = 1024  # small-bucket tensors up to this size are reduced together, zero-padded
+NONFINITE_NAMES = 16  # GradientStats.nonfinite_params lists at most this many names
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -583,7 +585,7 @@ class GradientReducer:
         values = host.get(PREFIX + "stats")
         if level <= TelemetryLevel.OFF or self.calls == 0 or values is None:
             return stats
-        n_params, n_groups, calls = len(self.params), len(self.group_names), self.calls
+        n_params, calls = len(self.params), self.calls
         sums = dict(zip(_SUMS, values))
         maxes = dict(zip(_MAXES, values[len(_SUMS) :]))
         stats.total_norm = sums["total"] / calls
@@ -595,11 +597,16 @@ class GradientReducer:
         stats.inf_params = int(sums["inf_params"])
         stats.nan_count = int(sums["nan_est"])
         stats.inf_count = int(sums["inf_est"])
+        flagged = values[_HEAD + 2 * n_params + 3 * len(self.group_names) + self._nb :]
+        stats.nonfinite_params = [
+            name for name, c in zip(self.names, flagged) if c > 0
+        ][:NONFINITE_NAMES]
         if level < TelemetryLevel.NORMAL:
             return stats
         o = _HEAD
         param_sum, param_calls = values[o : o + n_params], values[o + n_params : o + 2 * n_params]
         o += 2 * n_params
+        n_groups = len(self.group_names)
         g_norm, g_normalized, g_calls = (values[o + k * n_groups : o + (k + 1) * n_groups] for k in range(3))
         o += 3 * n_groups
         cats = [int(c) for c in values[o : o + self._nb]]
@@ -663,9 +670,8 @@ class GradientReducer:
         est = torch.maximum((k[..., -2:] * scale.unsqueeze(-1)).round() * scope, flags)
         per_call = torch.stack([((n < self._vanish_thr) & present).sum(1), (n > self._explode_thr).sum(1)])
         pieces = [
-            torch.stack(
-                [total.sum(), (total > self.max_grad_norm).sum()]
-            ).double(),  # float64 sets cat's dtype
+            # the accumulation dtype (float64, float32 without it) sets cat's dtype
+            torch.stack([total.sum(), (total > self.max_grad_norm).sum()]).to(accumulation_dtype(home)),
             flags.sum((0, 1)),  # inf_params, nan_params
             est.sum((0, 1)),  # inf_est, nan_est
             (total * (presentf @ numel).rsqrt()).sum().unsqueeze(0),  # model normalised norm
@@ -677,13 +683,18 @@ class GradientReducer:
             present.sum(0),
         ]
         if member_t is not None and member_numel is not None:
-            g_norm = (sq @ member_t).sqrt()  # (C, G)
+            # (C, G). A matmul would spread a NaN/Inf of one group's tensor to every group (NaN * 0):
+            # finite squares are summed by it, non-finite ones flagged per group and put back.
+            g_norm = (torch.where(sq.isfinite(), sq, 0.0) @ member_t).sqrt()
+            g_norm = torch.where((sq.isinf().to(sq.dtype) @ member_t) > 0, math.inf, g_norm)
+            g_norm = torch.where((sq.isnan().to(sq.dtype) @ member_t) > 0, math.nan, g_norm)
             g_numel = presentf @ member_numel
             g_present = g_numel > 0
             g_normalized = torch.where(g_present, g_norm * g_numel.rsqrt(), 0.0)
             pieces += [g_norm.sum(0), g_normalized.sum(0), g_present.sum(0)]
         pieces.append(k.sum((0, 1)))
-        vec = torch.cat(pieces)  # promotes everything to float64 (counts exact below 2**53)
+        pieces.append((has_nan | has_inf).sum(0))  # per parameter: calls with a NaN/Inf gradient
+        vec = torch.cat(pieces)  # promotes everything to the accumulation dtype
         if self._partial is not None:
             a = self._partial
             s, m = len(_SUMS), len(_SUMS) + len(_MAXES)
@@ -913,7 +924,7 @@ class GradientReducer:
             buckets=buckets,
             identity=present == list(range(len(self.params))),
             param_index=_to_device(torch.tensor(present, dtype=torch.int64), home),
-            scale=_to_device(torch.tensor(scale, dtype=torch.float64), home),
+            scale=_to_device(torch.tensor(scale, dtype=accumulation_dtype(home)), home),
             numel=sum(self.numels[i] for i in present),
             examined=examined,
             graph=any(grads[i].requires_grad for i in present),  # type: ignore[union-attr]
