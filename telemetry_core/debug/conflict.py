@@ -53,9 +53,9 @@ class GradientConflictProbe:
             self.due = self._updates % self.every == 0
             self._updates += 1
 
-    @property
-    def computed(self) -> bool:
-        return self._conflict is not None
+    def restart_schedule(self) -> None:
+        """The next DEBUG update is the first of the schedule (it computes the conflict)."""
+        self._updates = 0
 
     def pending(self, prefix: str) -> dict[str, torch.Tensor]:
         return {} if self._conflict is None else {prefix + "conflict": self._conflict["values"]}

@@ -79,6 +79,7 @@ class DebugDiagnostics:
         self._conflict = GradientConflictProbe(self.heads, self.train_params, conflict_every)
         self.device = torch.device("meta")
         self.reset()
+        self._conflict.restart_schedule()  # construction is not a DEBUG update
 
     @property
     def table_every(self) -> int:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from telemetry_core.reductions.advantage import to_device
 from telemetry_core.reductions.transfer import accumulation_dtype
 from telemetry_core.schema import LayerRow
 
@@ -156,7 +157,7 @@ class LayerTable:
         key_p = tuple(present)
         index = self._index.get(key_p)
         if index is None:
-            index = self._index[key_p] = torch.tensor(present, dtype=torch.int64).to(self.device)
+            index = self._index[key_p] = to_device(torch.tensor(present, dtype=torch.int64), self.device)
         wide = norms.to(self.dtype)
         if self._norms is None:
             self._norms = torch.zeros(len(self.params), 3, dtype=self.dtype, device=self.device)
@@ -285,12 +286,12 @@ class LayerTable:
                     scratch=torch.empty(slab, CHUNK, dtype=buf_dtype, device=device),
                     res=torch.empty(9, total, dtype=buf_dtype, device=device),
                     views=views,
-                    owner=torch.tensor(owner, dtype=torch.int64, device=device),
-                    lengths=torch.tensor(lengths, dtype=torch.int64, device=device),
-                    tails=torch.tensor(tails, dtype=torch.int64, device=device),
-                    pads=torch.tensor(pads, dtype=acc, device=device),
-                    member_index=torch.tensor([present[k] for k in ks], dtype=torch.int64, device=device),
-                    span=torch.arange(CHUNK, device=device),
+                    owner=to_device(torch.tensor(owner, dtype=torch.int64), device),
+                    lengths=to_device(torch.tensor(lengths, dtype=torch.int64), device),
+                    tails=to_device(torch.tensor(tails, dtype=torch.int64), device),
+                    pads=to_device(torch.tensor(pads, dtype=acc), device),
+                    member_index=to_device(torch.tensor([present[k] for k in ks], dtype=torch.int64), device),
+                    span=torch.arange(CHUNK, device=device),  # made on the device: no copy
                 )
             )
         return out
