@@ -945,4 +945,47 @@ def test_float32_accumulation_path_matches_the_float64_reference() -> None:
     assert out is not None
     th = Thresholds()
     for row in out.layers:
-        check_row(row, reference_layer(seen[row.name], th.grad_small_rel * 0.5, th.grad_large_rel * 0.5), rtol=1e-4)
+        check_row(
+            row, reference_layer(seen[row.name], th.grad_small_rel * 0.5, th.grad_large_rel * 0.5), rtol=1e-4
+        )
+
+
+def test_a_whole_debug_update_without_float64_matches_the_float64_one() -> None:
+    """The demo trainer under a real hub at DEBUG, every reducer accumulating and transferring in
+    float32 (as on MPS, forced here on the CPU), against the same training in float64."""
+    from telemetry_core.config import TelemetryConfig
+    from telemetry_core.demo.ppo import DemoConfig, iter_train, make_agent, make_hub
+    from telemetry_core.reductions.transfer import float64_disabled
+
+    cfg = DemoConfig(seed=3, num_updates=1, num_envs=2, num_steps=16, update_epochs=1, num_minibatches=2)
+    snaps = []
+    for forced in (False, True):
+        agent = make_agent(cfg)
+        hub = make_hub(
+            agent, cfg, bind=None, strict=True, config=TelemetryConfig(level="DEBUG", auto_escalate=False)
+        )
+        got = []
+        original = hub.end_update
+
+        def keep(*args, _orig=original, _got=got, **kwargs):  # type: ignore[no-untyped-def]
+            snap = _orig(*args, **kwargs)
+            _got.append(snap)
+            return snap
+
+        hub.end_update = keep  # type: ignore[method-assign]
+        try:
+            if forced:
+                with float64_disabled():
+                    list(iter_train(cfg, hub=hub, agent=agent))
+            else:
+                list(iter_train(cfg, hub=hub, agent=agent))
+        finally:
+            hub.close()
+        snaps.append(got[-1])
+    wide, narrow = snaps
+    assert wide is not None and narrow is not None and narrow.debug is not None
+    assert narrow.gradients.total_norm == pytest.approx(wide.gradients.total_norm, rel=1e-5)
+    assert narrow.policy.kl_k3_mean == pytest.approx(wide.policy.kl_k3_mean, rel=1e-3, abs=1e-7)
+    assert narrow.value.explained_variance == pytest.approx(wide.value.explained_variance, rel=1e-4, abs=1e-6)
+    for a, b in zip(wide.debug.layers, narrow.debug.layers):
+        assert b.norm == pytest.approx(a.norm, rel=1e-5) and b.std == pytest.approx(a.std, rel=1e-4)
