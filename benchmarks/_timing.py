@@ -67,6 +67,7 @@ class PairStats:
     """One candidate against its baseline over the pairs."""
 
     ratio: tuple[float, float, float]  # thread CPU time ratio: q1, median, q3
+    mean_ratio: float  # ... mean: what an occasional cost (a schedule) adds on average
     wall_ratio: tuple[float, float, float]  # wall-clock ratio: q1, median, q3
     seconds: float  # median thread CPU seconds of the candidate
     base_seconds: float  # median thread CPU seconds of the baseline (over its pairs with this one)
@@ -74,7 +75,7 @@ class PairStats:
 
     def cell(self) -> str:
         q1, med, q3 = self.ratio
-        return f"{med:6.2f}x ({q1:.2f}-{q3:.2f}) wall {self.wall_ratio[1]:.2f}x"
+        return f"{med:6.2f}x ({q1:.2f}-{q3:.2f}) mean {self.mean_ratio:.2f}x wall {self.wall_ratio[1]:.2f}x"
 
 
 def paired(
@@ -120,6 +121,7 @@ def paired(
         wall_ratios = [c / n / b for b, c in wall[name] if b > 0]
         out[name] = PairStats(
             ratio=quartiles(ratios),
+            mean_ratio=statistics.fmean(ratios) if ratios else float("nan"),
             wall_ratio=quartiles(wall_ratios),
             seconds=statistics.median(c / n for _, c in cpu[name]),
             base_seconds=statistics.median(b for b, _ in cpu[name]),
