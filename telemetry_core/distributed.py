@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from telemetry_core.config import TelemetryConfig, TelemetryLevel, Thresholds
+from telemetry_core.kinds import SPECS
 from telemetry_core.schema import Anomaly, RankStats
 
 if TYPE_CHECKING:
@@ -106,11 +107,7 @@ NONFINITE_ONLY: tuple[str, ...] = ("policy_loss",)
 
 REASON_CONFIGURED, REASON_OPERATOR, REASON_ESCALATION = 0, 1, 2
 
-_ACTION = (
-    "Compare this rank with the others: its environment seeds and workers, its data, its device "
-    "(memory errors, clocks, thermal throttling). A NaN on one rank poisons the averaged gradients of "
-    "every rank: find its input. The DEBUG screen of rank 0 shows only rank 0's layers."
-)
+_ACTION = SPECS["rank_divergence"].action
 _STRAGGLER_ACTION = (
     "Every collective waits for the slowest rank: check this rank's host load, its environment "
     "workers and simulator, its share of environments, and its device clocks."
@@ -228,6 +225,8 @@ class RankJudge:
     verdict. Keeps a small rolling state: each judged statistic's recent per-update MADs and each
     rank's previous value (to name the rank that moved when two ranks disagree).
     """
+
+    KIND = "rank_divergence"  # its spec in telemetry_core.kinds names this class as its rule
 
     def __init__(self, thresholds: Thresholds, keys: Sequence[str]) -> None:
         if not isinstance(thresholds, Thresholds):

@@ -11,7 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from telemetry_core.config import TelemetryLevel
+from telemetry_core.config import TelemetryLevel, Thresholds
 from telemetry_core.reductions.policy import PolicyReducer
 from telemetry_core.reductions.transfer import transfer
 
@@ -227,6 +227,48 @@ def test_every_statistic_matches_float64_reference(shapes, scale):
     assert stats.logratio_nan == 0 and stats.logratio_inf == 0
     assert 0 < stats.ess <= 1 and 0 < stats.ess_min <= stats.ess
     assert not stats.early_stopped
+
+
+@pytest.mark.parametrize("shapes", [[(64,), (64,), (64,), (17,)], [(8, 16), (8, 16)], [(1,)]])
+def test_ratio_tail_counts_match_float64_reference(shapes):
+    """Samples beyond the anomaly limits (Thresholds the reducer is given), joint and per head,
+    counted over every minibatch and epoch; tight limits so the wide log-ratios cross them often."""
+    gen = torch.Generator().manual_seed(len(shapes))
+    mbs = make_minibatches(gen, shapes, epochs=2, scale=0.8)
+    limits = {
+        "ratio_explosion": 1.5,
+        "ratio_explosion_critical": 3.0,
+        "ratio_collapse": 0.6,
+        "ratio_collapse_critical": 0.25,
+    }
+    reducer = PolicyReducer(HEADS, Thresholds(**limits))
+    feed(reducer, mbs, 0.2)
+    stats = run(reducer)
+    r = np.exp(np.concatenate([f64(mb["new"]) - f64(mb["old"]) for mb in mbs]))
+    expected = (
+        int((r > 1.5).sum()),
+        int((r > 3.0).sum()),
+        int((r < 0.6).sum()),
+        int((r < 0.25).sum()),
+    )
+    got = (stats.ratio_above, stats.ratio_above_critical, stats.ratio_below, stats.ratio_below_critical)
+    assert got == expected
+    if r.size > 100:  # the test means something: every count but the deepest tail is crossed
+        assert all(n > 0 for n in expected[:3]) and expected[0] > expected[1]
+    assert stats.ratio_tail_limits == [1.5, 3.0, 0.6, 0.25]
+    for h in ("direction", "force"):
+        rh = np.exp(np.concatenate([f64(mb["hnew"][h]) - f64(mb["hold"][h]) for mb in mbs]))
+        assert stats.head_ratio_above[h] == int((rh > 1.5).sum())
+        assert stats.head_ratio_below[h] == int((rh < 0.6).sum())
+    # The default limits: nothing of this noise reaches them (and a value exactly at a limit is not beyond it).
+    reducer = PolicyReducer(HEADS)
+    at = torch.tensor([math.log(10.0), math.log(0.02), 0.0], dtype=torch.float64)
+    reducer.observe(new_logprob=at, old_logprob=torch.zeros(3, dtype=torch.float64), clip_range=0.2, epoch=0)
+    stats = run(reducer)
+    assert stats.ratio_max == pytest.approx(10.0) and stats.ratio_min == pytest.approx(0.02)
+    r_at = np.exp(f64(at))
+    assert stats.ratio_above == int((r_at > 10.0).sum()) and stats.ratio_below == int((r_at < 0.02).sum())
+    assert (stats.ratio_above_critical, stats.ratio_below_critical) == (0, 0)
 
 
 def test_accumulation_over_minibatches_equals_one_big_batch():
