@@ -6,23 +6,27 @@ after its last element, "padding", stay 0). Every statistic is then a row reduct
 followed by one ``index_add_`` / ``scatter_reduce_`` from chunks to parameters, so the number of
 dispatches per backward does not depend on the number of parameter tensors:
 
-* ``|g|`` once into a second buffer; non-finite elements of the copy set to 0 in place;
-* from the finite copy: sum, L2 norm, min and max per chunk;
-* five counts per chunk from ``|g|`` by a comparison into the (now free) copy and a float row sum
-  (exact: a chunk holds 1024 elements, far below float32's 2**24): ``== 0``, ``< small``,
-  ``> large``, NaN, ``== inf``. Padding is subtracted (a host constant per parameter).
+Slab by slab (``SLAB_ROWS`` chunks, so the scratch stays in cache between the pass that writes it
+and the reductions that read it), per chunk:
 
-Setting non-finite elements to 0 keeps sums exact; for min and max a 0 could stand in for a NaN,
-so the chunks where it can matter are recomputed with a mask: every parameter's last chunk (it
+* five counts from ``|g|`` by a comparison into a scratch buffer and a float row sum (exact: a chunk
+  holds 1024 elements, far below float32's 2**24): ``== 0``, ``< small``, ``> large``, ``== inf``,
+  NaN. Padding is subtracted afterwards (a host constant per parameter);
+* the finite part (non-finite elements as 0) into the scratch buffer, then its sum, L2 norm, min
+  and max. The copy itself stays raw.
+
+Taking non-finite elements as 0 keeps sums exact; for min and max a 0 could stand in for a NaN,
+so the chunks where it can matter are recomputed from the raw copy with a mask: every parameter's last chunk (it
 holds the padding) and up to ``MIXED_CHUNKS`` chunks that hold both non-finite and non-zero finite
 elements, found with ``topk`` on the device. Beyond that many mixed chunks, min and max may include
 a 0 in place of a NaN (a tensor with NaN scattered over more than 64k elements). Chunks with no
 finite element contribute nothing.
 
-Cost (thread CPU time, one thread, float32, a 10M- and 40M-parameter LSTM-shaped set): about 20
-passes of bare ``torch._foreach_norm`` per examined backward (3 elementwise passes, 5 comparisons,
-5 row reductions; ``benchmarks/bench_gradients.py``), against 116-195 for the former per-parameter
-loop. Memory: two float32 (float64 for float64 gradients) buffers of the bucket's size.
+Cost (thread CPU time, one thread, float32, LSTM-shaped sets of 10M and 40M parameters; BENCHMARKS.md):
+about 12-13 passes of a bare ``torch._foreach_norm`` per examined backward (3 elementwise passes,
+5 comparisons, 9 row reductions), against 116-195 for the former loop of ~20 kernels per parameter
+tensor. Memory: one buffer of the bucket's size (float32; float64 for float64 gradients) and two
+slab-sized scratch buffers.
 
 Because even that is many times a NORMAL backward, the table examines every ``every``-th backward
 of the run (a counter that continues across updates; ``every="auto"`` is 1 up to
@@ -47,8 +51,8 @@ __all__ = ["AUTO_ELEMENTS", "CHUNK", "MIXED_CHUNKS", "LayerTable", "float32_norm
 
 CHUNK = 1024
 MIXED_CHUNKS = 64
-# ``every="auto"``: the table examines every ceil(elements / AUTO_ELEMENTS)-th backward, which bounds
-# its average cost per backward near 4x a bare norm pass at any model size (it costs ~20x when it runs).
+# ``every="auto"``: the table examines every ceil(elements / AUTO_ELEMENTS)-th backward, which keeps its
+# average cost per backward at a few bare norm passes at any model size (~13 when it runs).
 AUTO_ELEMENTS = 1 << 21
 # Columns summed from chunks into parameters (then over the examined backwards of the update).
 _SUM, _SUMSQ, _ZERO, _SMALL, _LARGE, _NAN, _INF = range(7)

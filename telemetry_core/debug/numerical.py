@@ -3,7 +3,10 @@
 Per-parameter flags and maxima travel; names are resolved on the host. Non-finite gradients come
 from the per-layer table (:mod:`.layers`); weights are checked once, in ``pending`` (after the
 update's last optimizer step): a non-finite weight never heals by itself, so one check per update
-names every one. The pre-clip total norm of every backward is kept.
+names every one, from one ``aminmax`` per parameter (min or max non-finite exactly when a weight
+is). ``max_abs_weight`` is the largest |w| among the parameters whose weights are all finite; those
+with a NaN/Inf are named in ``nonfinite_weights`` instead (their largest finite |w| would need a
+masked pass over every weight). The pre-clip total norm of every backward is kept.
 """
 
 from __future__ import annotations
