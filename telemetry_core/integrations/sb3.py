@@ -58,8 +58,10 @@ callback adds a few small kernels per minibatch and no host sync to PPO (SB3's o
 minibatch with one ``nonzero`` (a sync; SB3's masked means make several) and selects by index. The
 hub's own per-minibatch reductions dominate the cost: ``benchmarks/bench_sb3.py`` measures it
 against SB3's 64x64 MLP, where a minibatch step is itself only a few milliseconds. At OFF the
-callback only counts episodes. Continuous (``Box``) action spaces are refused:
-the hub's heads are discrete (entropy is normalised by ``log(number of actions)``). SB3's
+callback only counts episodes. A continuous (``Box``) action space is one diagonal Gaussian head
+(``action``, registered with size 1): ratios, KL, clip fractions and ESS are as for any head, its
+entropy is SB3's differential entropy (summed over dimensions, in nats, possibly negative) and it
+has no normalised entropy; gSDE (``use_sde=True``) is refused. SB3's
 ``train/*`` logger values are what the callback's own statistics compute (read fresh at the
 boundary, not one update late as a callback reading them at ``on_rollout_end`` would get them);
 ``sb3_logged`` holds the last update's, and ``on_update`` receives them with each snapshot.
@@ -126,10 +128,15 @@ def heads_from_action_space(space: spaces.Space, names: Sequence[str] | None = N
             raise ValueError(f"MultiBinary action spaces must be 1-D for SB3, got n={space.n!r}")
         sizes = [2] * int(space.n)
         default = [f"head{i}" for i in range(len(sizes))]
+    elif isinstance(space, spaces.Box):
+        # one diagonal Gaussian head over every dimension (SB3 sums its log-probs and entropies);
+        # registered with size 1: a continuous head has no normalised entropy, only a differential one
+        sizes = [1]
+        default = ["action"]
     else:
         raise ValueError(
-            f"SimicCallback supports Discrete, MultiDiscrete and MultiBinary action spaces, not "
-            f"{type(space).__name__}: the hub's heads are discrete (entropy is normalised by log(actions))"
+            f"SimicCallback supports Discrete, MultiDiscrete, MultiBinary and Box action spaces, not "
+            f"{type(space).__name__}"
         )
     if names is None:
         return dict(zip(default, sizes))
@@ -276,6 +283,7 @@ class SimicCallback(BaseCallback):
         _check_distribution(policy)
         self._multi = len(self.heads) > 1
         self._bernoulli = isinstance(model.action_space, spaces.MultiBinary)
+        self._continuous = isinstance(model.action_space, spaces.Box)
         self._rollout_size = model.n_steps * model.n_envs
         total = self.locals.get("total_timesteps")
         total_updates = (
@@ -698,7 +706,7 @@ class SimicCallback(BaseCallback):
         """Per-head new log-probs, entropies and actions from the distribution SB3's loss used."""
         names = list(self.heads)
         acts = sample.actions.reshape(sample.actions.shape[0], -1)
-        actions = {h: acts[:, i].long() for i, h in enumerate(names)}
+        actions = None if self._continuous else {h: acts[:, i].long() for i, h in enumerate(names)}
         if not self._multi:
             ent = None if entropy is None else {names[0]: entropy.detach()}
             return None, ent, actions
@@ -870,10 +878,16 @@ def _supported_distributions() -> tuple[type, ...]:
     from stable_baselines3.common.distributions import (
         BernoulliDistribution,
         CategoricalDistribution,
+        DiagGaussianDistribution,
         MultiCategoricalDistribution,
     )
 
-    known: tuple[type, ...] = (CategoricalDistribution, MultiCategoricalDistribution, BernoulliDistribution)
+    known: tuple[type, ...] = (
+        CategoricalDistribution,
+        MultiCategoricalDistribution,
+        BernoulliDistribution,
+        DiagGaussianDistribution,
+    )
     try:
         from sb3_contrib.common.maskable.distributions import (
             MaskableCategoricalDistribution,
@@ -894,8 +908,8 @@ def _check_distribution(policy: Any) -> None:
     if not isinstance(dist, _supported_distributions()):
         raise TypeError(
             f"SimicCallback cannot read the action distribution {type(dist).__name__} of "
-            f"{type(policy).__name__}: supported are SB3's Categorical, MultiCategorical and Bernoulli "
-            "distributions and sb3-contrib's maskable ones"
+            f"{type(policy).__name__}: supported are SB3's Categorical, MultiCategorical, Bernoulli and "
+            "DiagGaussian distributions and sb3-contrib's maskable ones (not gSDE: use_sde=False)"
         )
 
 
