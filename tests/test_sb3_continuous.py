@@ -19,7 +19,8 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 
 from telemetry_core.config import TelemetryConfig, TelemetryLevel
-from telemetry_core.integrations.sb3 import SimicCallback
+from telemetry_core.integrations.sb3 import SimicCallback, sb3_log_values
+from telemetry_core.reductions.policy import PolicyReducer
 from telemetry_core.schema import Snapshot
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,6 +87,11 @@ def test_pendulum_frozen_policy_has_unit_ratios_and_the_gaussian_entropy() -> No
         assert math.isclose(p.entropy["action"], gaussian_entropy(log_std), rel_tol=1e-6)
         assert p.entropy_normalized == {}  # no normalised entropy for a continuous head
         assert math.isclose(-p.entropy["action"], logged["train/entropy_loss"], rel_tol=1e-6)
+        # frozen: the log-std after the update is the rollout's
+        assert p.log_std_mean == {"action": float(log_std.mean())}
+        assert p.log_std_min == {"action": float(log_std.min())} and p.log_std_max == {
+            "action": float(log_std.max())
+        }
 
 
 def test_pendulum_learning_matches_sb3s_logger() -> None:
@@ -93,8 +99,15 @@ def test_pendulum_learning_matches_sb3s_logger() -> None:
     model = PPO(
         "MlpPolicy", env, n_steps=64, batch_size=32, n_epochs=3, learning_rate=3e-3, seed=22, device="cpu"
     )
-    published, _, cb = run(model, 3, level="DEBUG")
+    published, ref, cb = run(model, 3, level="DEBUG")
     assert cb.mismatches == 0
+    # the log-std after update k is the one the rollout of update k + 1 sampled with
+    for (snap, _), after in zip(published, ref.log_stds[1:]):
+        assert snap is not None and snap.policy is not None
+        assert math.isclose(snap.policy.log_std_mean["action"], float(after.mean()), rel_tol=1e-12)
+        assert snap.policy.log_std_min["action"] == float(after.min())
+        logged_std = sb3_log_values(snap)
+        assert logged_std["simic/log_std_mean/action"] == snap.policy.log_std_mean["action"]
     for snap, logged in published:
         assert snap is not None and snap.policy is not None and snap.value is not None
         p = snap.policy
@@ -107,3 +120,26 @@ def test_pendulum_learning_matches_sb3s_logger() -> None:
         assert math.isclose(-p.entropy["action"], logged["train/entropy_loss"], rel_tol=1e-5)
         g = snap.gradients
         assert g is not None and g.calls == 12 and math.isfinite(g.total_norm)
+
+
+def test_log_std_statistics_against_a_float64_reference() -> None:
+    reducer = PolicyReducer({"arm": 1, "grip": 1})
+    g = torch.Generator().manual_seed(3)
+    calls = [torch.randn(6, generator=g), torch.randn(5, 6, generator=g) - 2.0, torch.randn(1, generator=g)]
+    for t in calls:
+        reducer.observe_log_std("arm", t.float())
+    level = TelemetryLevel.NORMAL
+    host = {k: v.double().reshape(-1).tolist() for k, v in reducer.pending(level).items()}
+    stats = reducer.build(host, level)
+    assert stats is not None
+    ref = torch.cat([t.float().double().reshape(-1) for t in calls])
+    assert math.isclose(stats.log_std_mean["arm"], float(ref.mean()), rel_tol=1e-12)
+    assert stats.log_std_min["arm"] == float(ref.min()) and stats.log_std_max["arm"] == float(ref.max())
+    assert "grip" not in stats.log_std_mean  # no log-std observed: nothing reported
+    reducer.reset()
+    host = {k: v.double().reshape(-1).tolist() for k, v in reducer.pending(level).items()}
+    assert reducer.build(host, level).log_std_mean == {}
+    with pytest.raises(ValueError, match="unknown head"):
+        reducer.observe_log_std("leg", torch.zeros(2))
+    with pytest.raises(ValueError, match="empty"):
+        reducer.observe_log_std("arm", torch.zeros(0))

@@ -174,7 +174,7 @@ def sb3_log_values(snapshot: Snapshot) -> dict[str, float]:
     """The key health statistics of one update as ``simic/...`` logger values: KL (k3 mean over the
     update, and k3 / k1 of the last epoch that ran — SB3's ``train/approx_kl`` is that epoch's k3,
     whatever epoch ``target_kl`` stopped at), clip fraction, ratio extremes, ESS, entropy and
-    normalised entropy per head, the pre-clip gradient norm and its clip rate, explained variance,
+    normalised entropy per head, a Gaussian head's log-std mean / min / max, the pre-clip gradient norm and its clip rate, explained variance,
     and the number of warning / critical anomalies. Undefined values are left out."""
     out: dict[str, float] = {}
     p, g, v = snapshot.policy, snapshot.gradients, snapshot.value
@@ -191,6 +191,10 @@ def sb3_log_values(snapshot: Snapshot) -> dict[str, float]:
             out[f"simic/entropy/{head}"] = ent
         for head, ent in p.entropy_normalized.items():
             out[f"simic/entropy_normalized/{head}"] = ent
+        for head, value in p.log_std_mean.items():
+            out[f"simic/log_std_mean/{head}"] = value
+            out[f"simic/log_std_min/{head}"] = p.log_std_min.get(head, math.nan)
+            out[f"simic/log_std_max/{head}"] = p.log_std_max.get(head, math.nan)
     if g is not None:
         out["simic/grad_norm_preclip"] = g.total_norm
         out["simic/grad_clip_rate"] = g.clip_rate
@@ -780,6 +784,10 @@ class SimicCallback(BaseCallback):
                 kl = float(self._last_kl)  # the one host read the callback adds per update
                 if kl > 1.5 * model.target_kl:
                     hub.early_stop(epoch=self._last_epoch, kl=kl)
+            log_std = getattr(model.policy, "log_std", None) if self._continuous else None
+            if isinstance(log_std, torch.Tensor) and hub.level > TelemetryLevel.OFF:
+                # the Gaussian head's log-std after the update: what the next rollout samples with
+                hub._policy.observe_log_std(next(iter(self.heads)), log_std.detach(), hub.level)
             if self.recurrent and model._last_lstm_states is not None:
                 lstm_state = tuple(model._last_lstm_states.pi)
                 if self._gate_capture is not None:

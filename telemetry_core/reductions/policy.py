@@ -208,6 +208,8 @@ class PolicyReducer:
         self._entropy_counts: dict[str, int] = dict.fromkeys(self.heads, 0)
         # per head: float64 [sum of entropy / log(valid actions), samples with > 1 valid] per call
         self._masked: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
+        # per continuous head: float64 [sum, count, min, max] of its log-std per call
+        self._log_std: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._loss = ScalarSeries("policy_loss")
         self._clip_range = math.nan
         self._early: tuple[int, float | torch.Tensor | None] | None = None
@@ -348,6 +350,22 @@ class PolicyReducer:
                 )
                 self._masked[head].append(torch.stack((per_sample.sum(), several.sum().to(dtype))))
 
+    def observe_log_std(
+        self, head: str, log_std: torch.Tensor, level: TelemetryLevel = TelemetryLevel.NORMAL
+    ) -> None:
+        """A continuous (diagonal Gaussian) head's log standard deviations, any shape (per dimension,
+        or per sample and dimension); pooled over calls into its mean, min and max. No sync."""
+        if head not in self.heads:
+            raise ValueError(f"observe_log_std: unknown head {head!r}; known heads: {list(self.heads)}")
+        t = check_float_tensor("log_std", log_std)  # (refuses an empty tensor)
+        if level <= TelemetryLevel.OFF:
+            return
+        with torch.no_grad():
+            x = t.reshape(-1).to(acc_dtype(t.device))
+            lo, hi = torch.aminmax(x)
+            count = torch.full((), float(x.numel()), dtype=x.dtype, device=x.device)
+            self._log_std[head].append(torch.stack((x.sum(), count, lo, hi)))
+
     def early_stop(self, epoch: int, kl: torch.Tensor | float | None = None) -> None:
         """Record the loop's target-KL early stop (the first of the update counts). No sync: a
         tensor ``kl`` is transferred with everything else."""
@@ -426,6 +444,12 @@ class PolicyReducer:
                     out[f"policy.entropy.{head}"] = (
                         sums_h[0].reshape(1) if len(sums_h) == 1 else torch.stack(sums_h).sum().reshape(1)
                     )
+            for head, parts in self._log_std.items():
+                if parts:
+                    p = torch.stack(parts)  # (calls, [sum, count, min, max])
+                    out[f"policy.log_std.{head}"] = torch.cat(
+                        (p[:, :2].sum(0), p[:, 2].amin().reshape(1), p[:, 3].amax().reshape(1))
+                    )
             for head, parts in self._masked.items():
                 if parts:
                     out[f"policy.masked_entropy.{head}"] = (
@@ -490,6 +514,10 @@ class PolicyReducer:
                 stats.head_ratio_min[head] = h[_H_R_MIN]
                 stats.head_ratio_above[head] = int(h[_T_ABOVE])
                 stats.head_ratio_below[head] = int(h[_T_BELOW])
+            log_std = host.get(f"policy.log_std.{head}")
+            if log_std is not None:
+                stats.log_std_mean[head] = log_std[0] / log_std[1]
+                stats.log_std_min[head], stats.log_std_max[head] = log_std[2], log_std[3]
             key = f"policy.entropy.{head}"
             if key in host:
                 ent = host[key][0] / self._entropy_counts[head]
