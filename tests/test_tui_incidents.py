@@ -254,7 +254,7 @@ async def test_trainer_text_in_incidents_is_shown_literally_never_as_markup() ->
         1,
         "entropy_collapse",
         snap.step,
-        scope=f"head:{hostile}",
+        scope="head:[red]h[/]",
         severity="critical",
         peak_severity="critical",
         message=f"msg {hostile}",
@@ -268,7 +268,7 @@ async def test_trainer_text_in_incidents_is_shown_literally_never_as_markup() ->
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.pause()
         policy = app.dashboard.query_one("#policy")
-        assert hostile in policy._border_title.plain
+        assert "ENTROPY COLLAPSE ([red]h[/])" in policy._border_title.plain
         assert (
             any(hostile in n.message for n in app._notifications) or True
         )  # toasts are plain (markup=False)
@@ -276,9 +276,45 @@ async def test_trainer_text_in_incidents_is_shown_literally_never_as_markup() ->
         screen = app.screen
         assert isinstance(screen, AnomalyLogScreen)
         row = screen.query_one("DataTable").get_row("1")
-        assert hostile in str(row[1]) and hostile in str(row[6])
+        assert "[red]h[/]" in str(row[1]) and hostile in str(row[6])
         await pilot.press("enter")
         detail = app.screen
         assert isinstance(detail, IncidentDetailScreen)
         body = "\n".join(str(w.content) for w in detail.query(".detail-value"))
         assert f"msg {hostile}" in body and f"act {hostile}" in body
+
+
+async def test_incident_toasts_are_rate_limited_and_a_burst_becomes_one_summary() -> None:
+    from simic_tui.app import SimicApp
+    from simic_tui.store import StoreEvent
+
+    now = [1000.0]
+    store = TelemetryStore(clock=lambda: now[0])
+    app = SimicApp(store, clock=lambda: now[0], run_client=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        before = len(app._notifications)
+
+        def arrive(*incidents: Incident) -> None:
+            for i in incidents:
+                store.events.append(StoreEvent("incident", "", "warning", incident=onset(i)))
+
+        arrive(inc(1, "kl_spike", 40, severity="critical"))
+        app.tick()
+        await pilot.pause()
+        assert len(app._notifications) == before + 1  # the first onset: at once
+        arrive(inc(2, "ev_low", 41), inc(3, "gradient_drift", 41, group=2), inc(4, "entropy_collapse", 41))
+        now[0] += 1.0
+        app.tick()
+        await pilot.pause()
+        assert len(app._notifications) == before + 1  # within the gap: held back, no stacking
+        now[0] += app.INCIDENT_TOAST_GAP
+        app.tick()
+        await pilot.pause()
+        assert len(app._notifications) == before + 2  # then one summary of the three
+        summary = list(app._notifications)[-1].message
+        assert "3 incidents at step 41" in summary and "+1 consequence(s)" in summary
+        now[0] += 10 * app.INCIDENT_TOAST_GAP
+        app.tick()
+        await pilot.pause()
+        assert len(app._notifications) == before + 2  # nothing new: nothing shown

@@ -229,17 +229,23 @@ class Panel(Static):
         axis = 8
         plot_w = max(width - axis, 1)
         values = store.series(spec.column, plot_w)
-        lines, lo, hi = chart(values, plot_w, spare - 1, store.present(spec.column, plot_w), spec.marks)
         shown = min(len(values), plot_w)
-        # the limits' names and numbers are never cut: the span ("last N updates") goes first
+        # the limits' names and numbers are never cut: the span ("last N updates") goes first, then
+        # the legend takes a row of its own
         legend = "".join(f"  ┈ {name} {fmt_limit(level)}" for level, name in spec.marks.items())
         span = f", last {shown} updates"
         if len(spec.title) + len(span) + len(legend) > width:
             span = ""
+        own_row = bool(legend) and len(spec.title) + len(legend) > width and spare >= 4
+        lines, lo, hi = chart(
+            values, plot_w, spare - (2 if own_row else 1), store.present(spec.column, plot_w), spec.marks
+        )
         title = Line().label(spec.title + span)
-        if legend:
+        if legend and not own_row:
             title.label(legend)
         rows.add(title, 9)
+        if own_row:
+            rows.add(Line().label(legend.strip()), 9)
         for i, text in enumerate(lines):
             tick = fmt_num(hi) if i == 0 else fmt_num(lo) if i == len(lines) - 1 else ""
             rows.add(Line().label(tick.rjust(axis - 1) + " ").add(text, "$accent"), 9)
@@ -264,13 +270,16 @@ def panel_title(
             if word not in words:
                 words.append(word)
         glyph = GLYPH[incident_verdict(active[0])]
-        for n in range(len(words), 0, -1):
-            more = f" +{len(words) - n}" if n < len(words) else ""
-            for head in heads:
-                text = f"{head} {glyph} " + ", ".join(words[:n]) + more
-                if len(text) <= width:
-                    return text
-        return f"{heads[-1]} {glyph} {words[0]}" + (f" +{len(words) - 1}" if len(words) > 1 else "")
+        # last resort before counting: the kinds without their scopes (the log names the scopes)
+        bare = list(dict.fromkeys(kind_title(inc.kind) for inc in active))
+        for candidates in (words, bare):
+            for n in range(len(candidates), 0, -1):
+                more = f" +{len(candidates) - n}" if n < len(candidates) else ""
+                for head in heads:
+                    text = f"{head} {glyph} " + ", ".join(candidates[:n]) + more
+                    if len(text) <= width:
+                        return text
+        return f"{heads[-1]} {glyph} {bare[0]}" + (f" +{len(bare) - 1}" if len(bare) > 1 else "")
     if cleared:
         inc = cleared[0]
         word = kind_title(inc.kind)

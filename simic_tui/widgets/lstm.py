@@ -22,7 +22,9 @@ class LSTMPanel(Panel):
         s = snap.lstm
         verdicts: list[Verdict] = []
         if s is None:
-            rows.add(Line().label("no LSTM state reported (no recurrent model, or level MINIMAL)"), 1)
+            # two short rows rather than one that a narrow panel cuts mid-word
+            rows.add(Line().label("no LSTM state reported"), 1)
+            rows.add(Line().label("(no recurrent model, or level MINIMAL)"), 2)
             return verdicts
 
         # Past lstm_norm_max is ▲ (a limit t lists); EXPLODED and ✖ belong to the lstm_unhealthy
