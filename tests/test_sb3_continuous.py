@@ -143,3 +143,27 @@ def test_log_std_statistics_against_a_float64_reference() -> None:
         reducer.observe_log_std("leg", torch.zeros(2))
     with pytest.raises(ValueError, match="empty"):
         reducer.observe_log_std("arm", torch.zeros(0))
+
+
+def test_recurrent_ppo_on_pendulum() -> None:
+    sb3_contrib = pytest.importorskip("sb3_contrib")
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=23)
+    model = sb3_contrib.RecurrentPPO(
+        "MlpLstmPolicy",
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=2,
+        seed=23,
+        device="cpu",
+        policy_kwargs={"lstm_hidden_size": 16},
+    )
+    published, ref, cb = run(model, 2)
+    assert cb.mismatches == 0 and len(published) == 2
+    for (snap, logged), after in zip(published, ref.log_stds[1:]):
+        assert snap is not None and snap.policy is not None and snap.lstm is not None
+        p = snap.policy
+        assert snap.counters.telemetry_errors == 0 and p.samples == 2 * 64
+        assert math.isclose(p.clip_fraction, logged["train/clip_fraction"], rel_tol=1e-6, abs_tol=1e-9)
+        assert math.isclose(-p.entropy["action"], logged["train/entropy_loss"], rel_tol=1e-5)
+        assert math.isclose(p.log_std_mean["action"], float(after.mean()), rel_tol=1e-12)
