@@ -243,7 +243,14 @@ def reduce(reducer: PolicyReducer, level: TelemetryLevel = TelemetryLevel.NORMAL
     return reducer.build(host, level)
 
 
-def test_masked_entropy_normalisation_against_a_float64_reference() -> None:
+@pytest.mark.parametrize("fold_elements", [None, 50])
+def test_masked_entropy_normalisation_against_a_float64_reference(
+    fold_elements: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if fold_elements is not None:  # the early fold that bounds the memory of huge updates
+        import telemetry_core.reductions.policy as policy_module
+
+        monkeypatch.setattr(policy_module, "FOLD_ELEMENTS", fold_elements)
     reducer = PolicyReducer({"a": 20, "b": 4, "c": 3})
     # a uniform policy over 10 valid of 20 actions reads 1.0
     n = 8
