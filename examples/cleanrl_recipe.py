@@ -157,6 +157,7 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             episodic_returns: list[float] = []
+            episodic_lengths: list[float] = []  # simic
             for step in range(args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
@@ -173,6 +174,7 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
                 next_obs = torch.as_tensor(next_obs_np, device=device)
                 if "_episode" in infos:
                     episodic_returns += infos["episode"]["r"][infos["_episode"]].tolist()
+                    episodic_lengths += infos["episode"]["l"][infos["_episode"]].tolist()  # simic
 
             # bootstrap value if not done
             with torch.no_grad():
@@ -199,7 +201,7 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
             b_values = values.reshape(-1)
             # fmt: off
             hub.observe_rollout(raw_advantages=b_advantages, returns=b_returns, values=b_values,  # simic
-                                episode_returns=episodic_returns)  # simic
+                                episode_returns=episodic_returns, episode_lengths=episodic_lengths)  # simic
             # fmt: on
 
             # Optimizing the policy and value network
@@ -278,6 +280,7 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
                 "clipfrac": float(np.mean(clipfracs)),
                 "explained_variance": float(explained_var),
                 "episodic_returns": episodic_returns,
+                "episodic_lengths": episodic_lengths,
                 "sps": int(global_step / (time.time() - start_time)),
                 "snapshot": snapshot,
             }

@@ -155,6 +155,10 @@ class PolicyStats(_S):
     head_kl_k3: dict[Str, float] = {}
     entropy: dict[Str, float] = {}  # per head, nats, mean over minibatches
     entropy_normalized: dict[Str, float] = {}  # per head, / log(number of actions); 1-action heads absent
+    # continuous (diagonal Gaussian) heads: their log standard deviations over dimensions (and samples)
+    log_std_mean: dict[Str, float] = {}
+    log_std_min: dict[Str, float] = {}
+    log_std_max: dict[Str, float] = {}
     early_stopped: bool = False  # the loop reported a target-KL early stop
     early_stop_epoch: Int | None = None
     early_stop_kl: float | None = None

@@ -435,8 +435,9 @@ def test_recording_and_hub_continue_across_learn_calls(tmp_path: Path) -> None:
 
 def test_errors_name_what_is_wrong() -> None:
     assert heads_from_action_space(gym.spaces.MultiBinary(3)) == {"head0": 2, "head1": 2, "head2": 2}
-    with pytest.raises(ValueError, match="Box"):
-        heads_from_action_space(gym.spaces.Box(-1, 1, (2,)))
+    assert heads_from_action_space(gym.spaces.Box(-1, 1, (2,))) == {"action": 1}
+    with pytest.raises(ValueError, match="Box action spaces, not Text"):
+        heads_from_action_space(gym.spaces.Text(3))
     with pytest.raises(ValueError, match="head_names"):
         heads_from_action_space(gym.spaces.MultiDiscrete([2, 3]), ["a"])
     with pytest.raises(ValueError, match="either hub= or hub keyword"):
@@ -451,8 +452,8 @@ def test_errors_name_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="not built on this model's policy"):
         model.learn(32, callback=SimicCallback(other))
     pendulum = make_vec_env("Pendulum-v1", n_envs=1, seed=9)
-    with pytest.raises(ValueError, match="Discrete, MultiDiscrete and MultiBinary"):
-        PPO("MlpPolicy", pendulum, n_steps=32, batch_size=32, device="cpu").learn(
+    with pytest.raises(TypeError, match="StateDependentNoiseDistribution"):
+        PPO("MlpPolicy", pendulum, n_steps=32, batch_size=32, use_sde=True, device="cpu").learn(
             32, callback=SimicCallback(bind=None)
         )
 

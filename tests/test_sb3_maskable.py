@@ -70,6 +70,27 @@ class FlatForce(gym.Wrapper):
         return self.env.step(int(action) % 2)
 
 
+class BinaryPush(gym.Wrapper):
+    """CartPole with ``MultiBinary(2)``: bit 0 is the direction, bit 1 a second switch the masks
+    constrain (it does not change the dynamics)."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.action_space = gym.spaces.MultiBinary(2)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        return self.env.step(int(np.asarray(action).reshape(-1)[0]))
+
+
+def binary_masks(env: gym.Env) -> np.ndarray:
+    """The second switch may be on only while the cart is left of the centre."""
+    return np.array([True, True, True, env.unwrapped.state[0] < 0])
+
+
+def masked_binary() -> gym.Env:
+    return ActionMasker(BinaryPush(gym.make("CartPole-v1")), binary_masks)
+
+
 def masked_factored() -> gym.Env:
     return ActionMasker(make_env(), factored_masks)
 
@@ -165,6 +186,24 @@ def test_maskable_multidiscrete_heads_are_aligned_with_the_buffer_rows() -> None
         assert not math.isclose(p.entropy_normalized["head1"], p.entropy["head1"] / math.log(3), rel_tol=1e-3)
 
 
+def test_maskable_multibinary() -> None:
+    env = make_vec_env(masked_binary, n_envs=2, seed=8)
+    model = MaskablePPO(
+        "MlpPolicy", env, n_steps=64, batch_size=32, n_epochs=2, learning_rate=0.0, seed=8, device="cpu"
+    )
+    published, ref, cb = run(model, 2, [2, 2])
+    assert cb.mismatches == 0
+    for (snap, logged), row in zip(published, ref.rows):
+        assert snap is not None and snap.policy is not None
+        p = snap.policy
+        assert snap.counters.telemetry_errors == 0
+        assert p.head_kl_k3 == {"head0": 0.0, "head1": 0.0}
+        for head, (ent, normalized) in row.items():
+            assert math.isclose(p.entropy[head], ent, rel_tol=1e-6)
+            assert math.isclose(p.entropy_normalized[head], normalized, rel_tol=1e-6)
+        assert math.isclose(-sum(p.entropy.values()), logged["train/entropy_loss"], rel_tol=1e-5)
+
+
 def test_maskable_discrete() -> None:
     env = make_vec_env(masked_flat, n_envs=2, seed=6)
     model = MaskablePPO(
@@ -204,7 +243,14 @@ def reduce(reducer: PolicyReducer, level: TelemetryLevel = TelemetryLevel.NORMAL
     return reducer.build(host, level)
 
 
-def test_masked_entropy_normalisation_against_a_float64_reference() -> None:
+@pytest.mark.parametrize("fold_elements", [None, 50])
+def test_masked_entropy_normalisation_against_a_float64_reference(
+    fold_elements: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if fold_elements is not None:  # the early fold that bounds the memory of huge updates
+        import telemetry_core.reductions.policy as policy_module
+
+        monkeypatch.setattr(policy_module, "FOLD_ELEMENTS", fold_elements)
     reducer = PolicyReducer({"a": 20, "b": 4, "c": 3})
     # a uniform policy over 10 valid of 20 actions reads 1.0
     n = 8

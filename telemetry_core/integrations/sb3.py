@@ -58,8 +58,10 @@ callback adds a few small kernels per minibatch and no host sync to PPO (SB3's o
 minibatch with one ``nonzero`` (a sync; SB3's masked means make several) and selects by index. The
 hub's own per-minibatch reductions dominate the cost: ``benchmarks/bench_sb3.py`` measures it
 against SB3's 64x64 MLP, where a minibatch step is itself only a few milliseconds. At OFF the
-callback only counts episodes. Continuous (``Box``) action spaces are refused:
-the hub's heads are discrete (entropy is normalised by ``log(number of actions)``). SB3's
+callback only counts episodes. A continuous (``Box``) action space is one diagonal Gaussian head
+(``action``, registered with size 1): ratios, KL, clip fractions and ESS are as for any head, its
+entropy is SB3's differential entropy (summed over dimensions, in nats, possibly negative) and it
+has no normalised entropy; gSDE (``use_sde=True``) is refused. SB3's
 ``train/*`` logger values are what the callback's own statistics compute (read fresh at the
 boundary, not one update late as a callback reading them at ``on_rollout_end`` would get them);
 ``sb3_logged`` holds the last update's, and ``on_update`` receives them with each snapshot.
@@ -126,10 +128,15 @@ def heads_from_action_space(space: spaces.Space, names: Sequence[str] | None = N
             raise ValueError(f"MultiBinary action spaces must be 1-D for SB3, got n={space.n!r}")
         sizes = [2] * int(space.n)
         default = [f"head{i}" for i in range(len(sizes))]
+    elif isinstance(space, spaces.Box):
+        # one diagonal Gaussian head over every dimension (SB3 sums its log-probs and entropies);
+        # registered with size 1: a continuous head has no normalised entropy, only a differential one
+        sizes = [1]
+        default = ["action"]
     else:
         raise ValueError(
-            f"SimicCallback supports Discrete, MultiDiscrete and MultiBinary action spaces, not "
-            f"{type(space).__name__}: the hub's heads are discrete (entropy is normalised by log(actions))"
+            f"SimicCallback supports Discrete, MultiDiscrete, MultiBinary and Box action spaces, not "
+            f"{type(space).__name__}"
         )
     if names is None:
         return dict(zip(default, sizes))
@@ -167,7 +174,7 @@ def sb3_log_values(snapshot: Snapshot) -> dict[str, float]:
     """The key health statistics of one update as ``simic/...`` logger values: KL (k3 mean over the
     update, and k3 / k1 of the last epoch that ran — SB3's ``train/approx_kl`` is that epoch's k3,
     whatever epoch ``target_kl`` stopped at), clip fraction, ratio extremes, ESS, entropy and
-    normalised entropy per head, the pre-clip gradient norm and its clip rate, explained variance,
+    normalised entropy per head, a Gaussian head's log-std mean / min / max, the pre-clip gradient norm and its clip rate, explained variance,
     and the number of warning / critical anomalies. Undefined values are left out."""
     out: dict[str, float] = {}
     p, g, v = snapshot.policy, snapshot.gradients, snapshot.value
@@ -184,6 +191,10 @@ def sb3_log_values(snapshot: Snapshot) -> dict[str, float]:
             out[f"simic/entropy/{head}"] = ent
         for head, ent in p.entropy_normalized.items():
             out[f"simic/entropy_normalized/{head}"] = ent
+        for head, value in p.log_std_mean.items():
+            out[f"simic/log_std_mean/{head}"] = value
+            out[f"simic/log_std_min/{head}"] = p.log_std_min.get(head, math.nan)
+            out[f"simic/log_std_max/{head}"] = p.log_std_max.get(head, math.nan)
     if g is not None:
         out["simic/grad_norm_preclip"] = g.total_norm
         out["simic/grad_clip_rate"] = g.clip_rate
@@ -276,6 +287,7 @@ class SimicCallback(BaseCallback):
         _check_distribution(policy)
         self._multi = len(self.heads) > 1
         self._bernoulli = isinstance(model.action_space, spaces.MultiBinary)
+        self._continuous = isinstance(model.action_space, spaces.Box)
         self._rollout_size = model.n_steps * model.n_envs
         total = self.locals.get("total_timesteps")
         total_updates = (
@@ -698,7 +710,7 @@ class SimicCallback(BaseCallback):
         """Per-head new log-probs, entropies and actions from the distribution SB3's loss used."""
         names = list(self.heads)
         acts = sample.actions.reshape(sample.actions.shape[0], -1)
-        actions = {h: acts[:, i].long() for i, h in enumerate(names)}
+        actions = None if self._continuous else {h: acts[:, i].long() for i, h in enumerate(names)}
         if not self._multi:
             ent = None if entropy is None else {names[0]: entropy.detach()}
             return None, ent, actions
@@ -772,6 +784,10 @@ class SimicCallback(BaseCallback):
                 kl = float(self._last_kl)  # the one host read the callback adds per update
                 if kl > 1.5 * model.target_kl:
                     hub.early_stop(epoch=self._last_epoch, kl=kl)
+            log_std = getattr(model.policy, "log_std", None) if self._continuous else None
+            if isinstance(log_std, torch.Tensor) and hub.level > TelemetryLevel.OFF:
+                # the Gaussian head's log-std after the update: what the next rollout samples with
+                hub._policy.observe_log_std(next(iter(self.heads)), log_std.detach(), hub.level)
             if self.recurrent and model._last_lstm_states is not None:
                 lstm_state = tuple(model._last_lstm_states.pi)
                 if self._gate_capture is not None:
@@ -870,10 +886,16 @@ def _supported_distributions() -> tuple[type, ...]:
     from stable_baselines3.common.distributions import (
         BernoulliDistribution,
         CategoricalDistribution,
+        DiagGaussianDistribution,
         MultiCategoricalDistribution,
     )
 
-    known: tuple[type, ...] = (CategoricalDistribution, MultiCategoricalDistribution, BernoulliDistribution)
+    known: tuple[type, ...] = (
+        CategoricalDistribution,
+        MultiCategoricalDistribution,
+        BernoulliDistribution,
+        DiagGaussianDistribution,
+    )
     try:
         from sb3_contrib.common.maskable.distributions import (
             MaskableCategoricalDistribution,
@@ -894,8 +916,8 @@ def _check_distribution(policy: Any) -> None:
     if not isinstance(dist, _supported_distributions()):
         raise TypeError(
             f"SimicCallback cannot read the action distribution {type(dist).__name__} of "
-            f"{type(policy).__name__}: supported are SB3's Categorical, MultiCategorical and Bernoulli "
-            "distributions and sb3-contrib's maskable ones"
+            f"{type(policy).__name__}: supported are SB3's Categorical, MultiCategorical, Bernoulli and "
+            "DiagGaussian distributions and sb3-contrib's maskable ones (not gSDE: use_sde=False)"
         )
 
 
