@@ -380,6 +380,7 @@ class TelemetryHub:
         indices: torch.Tensor | Sequence[int] | None = None,
         policy_loss: torch.Tensor | None = None,
         value_loss: torch.Tensor | None = None,
+        action_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """After each minibatch: log-probs (joint and per head), entropies, advantages, losses.
 
@@ -396,6 +397,9 @@ class TelemetryHub:
                 :meth:`next_epoch` every minibatch counts as epoch 0.
             entropy: a single-head policy's per-sample entropies (``head_entropies={head: ...}``
                 for several heads; not both).
+            action_masks: head -> bool ``(n, actions)`` tensor (True = valid) of a masked policy:
+                that head's normalised entropy divides by log(valid actions) per sample instead
+                of log(number of actions), so heavy masking does not read as entropy collapse.
         """
         level = self._level
         if level == TelemetryLevel.OFF:
@@ -422,6 +426,8 @@ class TelemetryHub:
                 level=level,
             )
             self._last_epoch = epoch
+            if action_masks:
+                self._policy.observe_action_masks(head_entropies or {}, action_masks, level)
             if value_loss is not None:
                 self._value.observe_minibatch(value_loss, level=level)
             if advantages is not None and level >= TelemetryLevel.NORMAL:
@@ -439,6 +445,14 @@ class TelemetryHub:
         except Exception:
             with self._guard("observe_minibatch"):
                 raise
+
+    def observe_log_std(self, head: str, log_std: torch.Tensor) -> None:
+        """A continuous (diagonal Gaussian) head's log standard deviations (per dimension, or per
+        sample and dimension), e.g. after each update: reported as their mean, min and max."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("observe_log_std"):
+            self._policy.observe_log_std(head, log_std, self._level)
 
     def next_epoch(self) -> None:
         """Start a new epoch of the update for minibatches observed without ``epoch=``.

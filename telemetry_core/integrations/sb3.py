@@ -663,11 +663,9 @@ class SimicCallback(BaseCallback):
             indices=positions if level >= TelemetryLevel.DEBUG else None,
             policy_loss=policy_loss,
             value_loss=value_loss,
+            # MaskablePPO: the normalised entropy divides by log(valid actions) per sample
+            action_masks=action_masks or None,
         )
-        if action_masks:
-            # MaskablePPO: the normalised entropy divides by log(valid actions) per sample; the
-            # hub's policy reducer takes the masks beside the entropies observe_minibatch handed it
-            hub._policy.observe_action_masks(head_ent, action_masks, level)
 
     def _normalized_advantages(self, adv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """SB3's advantage normalisation (PPO: only when the minibatch has more than one sample);
@@ -787,7 +785,7 @@ class SimicCallback(BaseCallback):
             log_std = getattr(model.policy, "log_std", None) if self._continuous else None
             if isinstance(log_std, torch.Tensor) and hub.level > TelemetryLevel.OFF:
                 # the Gaussian head's log-std after the update: what the next rollout samples with
-                hub._policy.observe_log_std(next(iter(self.heads)), log_std.detach(), hub.level)
+                hub.observe_log_std(next(iter(self.heads)), log_std.detach())
             if self.recurrent and model._last_lstm_states is not None:
                 lstm_state = tuple(model._last_lstm_states.pi)
                 if self._gate_capture is not None:
