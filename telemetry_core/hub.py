@@ -138,11 +138,15 @@ class TelemetryHub:
         self.thresholds = self.config.thresholds
         if not isinstance(heads, Mapping) or not heads:
             raise ValueError("heads must be a non-empty mapping: head name -> number of actions")
-        self.heads = {name: as_int(f"heads[{name!r}] (number of actions)", n, minimum=1) for name, n in heads.items()}
+        self.heads = {
+            name: as_int(f"heads[{name!r}] (number of actions)", n, minimum=1) for name, n in heads.items()
+        }
         self._only_head = next(iter(self.heads))  # what entropy= means for a single-head policy
         self._epoch_marked = False  # next_epoch() was called: epochs are counted by its calls from then on
         self.max_grad_norm = as_real("max_grad_norm", max_grad_norm, above=0.0)
-        self.total_updates = None if total_updates is None else as_int("total_updates", total_updates, minimum=1)
+        self.total_updates = (
+            None if total_updates is None else as_int("total_updates", total_updates, minimum=1)
+        )
         self.clip_range = None if clip_range is None else as_real("clip_range", clip_range, minimum=0.0)
         self.run_name = run_name
 
@@ -323,7 +327,9 @@ class TelemetryHub:
                     raise TypeError("pass raw_advantages= (or its older name advantages=), not both")
                 raw_advantages = advantages
             if raw_advantages is None:
-                raise TypeError("observe_rollout() needs raw_advantages= (the advantages as GAE produced them)")
+                raise TypeError(
+                    "observe_rollout() needs raw_advantages= (the advantages as GAE produced them)"
+                )
             self._value.observe_rollout(values, returns, level=self._level)
             self._adv.observe_rollout(raw_advantages, returns, level=self._level)
             self._rollout_samples += raw_advantages.numel()
@@ -374,6 +380,7 @@ class TelemetryHub:
         indices: torch.Tensor | Sequence[int] | None = None,
         policy_loss: torch.Tensor | None = None,
         value_loss: torch.Tensor | None = None,
+        action_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """After each minibatch: log-probs (joint and per head), entropies, advantages, losses.
 
@@ -390,6 +397,9 @@ class TelemetryHub:
                 :meth:`next_epoch` every minibatch counts as epoch 0.
             entropy: a single-head policy's per-sample entropies (``head_entropies={head: ...}``
                 for several heads; not both).
+            action_masks: head -> bool ``(n, actions)`` tensor (True = valid) of a masked policy:
+                that head's normalised entropy divides by log(valid actions) per sample instead
+                of log(number of actions), so heavy masking does not read as entropy collapse.
         """
         level = self._level
         if level == TelemetryLevel.OFF:
@@ -416,6 +426,8 @@ class TelemetryHub:
                 level=level,
             )
             self._last_epoch = epoch
+            if action_masks:
+                self._policy.observe_action_masks(head_entropies or {}, action_masks, level)
             if value_loss is not None:
                 self._value.observe_minibatch(value_loss, level=level)
             if advantages is not None and level >= TelemetryLevel.NORMAL:
@@ -433,6 +445,14 @@ class TelemetryHub:
         except Exception:
             with self._guard("observe_minibatch"):
                 raise
+
+    def observe_log_std(self, head: str, log_std: torch.Tensor) -> None:
+        """A continuous (diagonal Gaussian) head's log standard deviations (per dimension, or per
+        sample and dimension), e.g. after each update: reported as their mean, min and max."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("observe_log_std"):
+            self._policy.observe_log_std(head, log_std, self._level)
 
     def next_epoch(self) -> None:
         """Start a new epoch of the update for minibatches observed without ``epoch=``.

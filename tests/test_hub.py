@@ -38,6 +38,16 @@ OBS, HID, ENVS, T = 4, 16, 8, 6
 
 
 @pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The tiny loop's ops are microseconds: two intra-op threads on a loaded 2-core machine only
+    contend (an update measured 7 s instead of 0.3 s), which let DEBUG leases expire mid-test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "runtime"
     d.mkdir(mode=0o700)
@@ -468,9 +478,11 @@ class Dashboard:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        protocol.client_curve(self.sub, self.info)
         self.sub.connect(self.info.pub)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        protocol.client_curve(self.dealer, self.info)
         self.dealer.connect(self.info.cmd)
         self.key = self.info.key_bytes
 
@@ -765,7 +777,7 @@ def test_numpy_numbers_are_taken_wherever_a_number_is() -> None:
         hub.observe_rollout(raw_advantages=torch.randn(n), returns=torch.randn(n), values=torch.randn(n))
         new, old = _logprobs(n, 1)
         hub.observe_minibatch(new_logprob=new, old_logprob=old, clip_range=np.float32(0.2), epoch=np.int64(1),
-                              entropy=torch.rand(n), policy_loss=np.float32(0.5), value_loss=np.float64(1.5))
+                              entropy=torch.rand(n), policy_loss=np.float32(0.5), value_loss=np.array(1.5))
         hub.early_stop(epoch=np.int32(1), kl=np.float32(0.03))
         snap = hub.end_update(np.int64(5))
     finally:
@@ -891,7 +903,8 @@ def _epoch_run(
                 hub.next_epoch()
             for k, n in enumerate(mbs):
                 new, old = _logprobs(n, seed + 100 * epoch + k)
-                hub.observe_minibatch(new_logprob=new, old_logprob=old, **({"epoch": epoch} if explicit else {}))
+                given = {"epoch": epoch} if explicit else {}
+                hub.observe_minibatch(new_logprob=new, old_logprob=old, **given)
                 seen.append((epoch, new, old))
             if marks == "end":
                 hub.next_epoch()
@@ -951,7 +964,8 @@ def test_next_epoch_marks_epochs_wherever_the_loop_calls_it() -> None:
                 hub.next_epoch()
             snap = hub.end_update(step)
             assert snap is not None and snap.policy.epochs == 3, step
-            np.testing.assert_allclose(snap.policy.kl_k3_per_epoch, _k3_per_epoch(seen), rtol=1e-9, atol=1e-15)
+            want = _k3_per_epoch(seen)
+            np.testing.assert_allclose(snap.policy.kl_k3_per_epoch, want, rtol=1e-9, atol=1e-15)
     finally:
         hub.close()
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from telemetry_core.config import TelemetryLevel
+from telemetry_core.reductions.transfer import accumulation_dtype
 from telemetry_core.schema import AdvantageStats, Moments, ReturnStats
 
 __all__ = [
@@ -152,7 +153,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def acc_dtype(device: torch.device) -> torch.dtype:
     """float64 for accumulation, except on MPS, which has no float64 (there: float32)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+    return accumulation_dtype(device)
 
 
 def nan_max(values: Sequence[float]) -> float:
@@ -412,9 +413,14 @@ class ScalarSeries:
         """The value ready to add (a detached float tensor or a float); TypeError naming the argument."""
         if isinstance(value, torch.Tensor):
             return check_float_tensor(self.argname, value)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError(f"{self.argname} must be a tensor or a real number, got {type(value).__name__}")
+        if type(value) is float:
+            return value
+        try:  # Python and numpy numbers, a 0-d array; NaN and infinities stay (a broken loss must show)
+            return float(_number(self.argname, value))  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"{self.argname} must be a tensor or a real number, got {type(value).__name__}"
+            ) from None
 
     def add(self, value: torch.Tensor | float) -> None:
         self.add_checked(self.check(value))

@@ -259,10 +259,10 @@ def replay_lstm(
     keeps the input's layout. ``resets`` (shaped like the inputs' leading dimensions: ``(T, B)``,
     ``(B, T)`` with ``batch_first``, ``(B,)`` for one step) zeroes the state entering each step where
     it is nonzero, as a recurrent PPO loop does at episode starts (module docstring); the output is
-    then what that loop computed, not what ``lstm`` would. ``on_gates(layer, direction, t, z)`` sees each step's gate
-    pre-activations ``z`` of shape ``(B, 4 * hidden)`` in nn.LSTM's order (input, forget, cell, output),
-    after the replay (a reverse direction's steps in the order it runs them, over the reversed
-    sequence).
+    then what that loop computed, not what ``lstm`` would. ``on_gates(layer, direction, t, z)``
+    sees each step's gate pre-activations ``z`` of shape ``(B, 4 * hidden)`` in nn.LSTM's order
+    (input, forget, cell, output), after the replay (a reverse direction's steps in the order it
+    runs them, over the reversed sequence).
     """
     if not isinstance(lstm, nn.LSTM):
         raise TypeError(f"lstm must be a torch.nn.LSTM, got {type(lstm).__name__}")
@@ -334,7 +334,7 @@ class LSTMReducer:
         self._logit_low = math.log(eps / (1 - eps))  # sigmoid(z) < eps  <=>  z < this
         self._logit_high = -self._logit_low  # sigmoid(z) > 1 - eps  <=>  z > this
         self._row_index: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-        self._not_fed = 0  # over the run: updates whose state came without gate inputs
+        self._not_fed = 0  # over the run: updates whose state came without gate inputs (counted in build)
         self.reset()
 
     def reset(self) -> None:
@@ -386,8 +386,6 @@ class LSTMReducer:
         if level < TelemetryLevel.NORMAL:
             return
         self.reset()
-        if replay is None:
-            self._not_fed += 1
         with torch.no_grad():
             if h.shape == c.shape and h.dtype == c.dtype:
                 self._state = _state_stats(torch.stack((h, c))).reshape(-1)
@@ -414,6 +412,7 @@ class LSTMReducer:
         k = len(_STATE)
         h, c = dict(zip(_STATE, s[:k])), dict(zip(_STATE, s[k:]))
         fed = "lstm.gates" in host and self._gate_total > 0
+        self._not_fed += not fed  # once per update (build is), however often the state was observed
         stats = LSTMStats(
             h_norm=h["norm"],
             c_norm=c["norm"],

@@ -45,7 +45,11 @@ Definitions (population statistics over every sample of every minibatch of the u
 * ``entropy[head]``: mean of the per-sample entropies handed over, pooled over all minibatches
   (a 0-d entropy counts as one value, i.e. the minibatch mean); ``entropy_normalized[head]`` divides
   it by ``log(number of actions)``. A 1-action head always has zero entropy and no normalised
-  entropy: it is left out of ``entropy_normalized``.
+  entropy: it is left out of ``entropy_normalized``. With action masks
+  (:meth:`PolicyReducer.observe_action_masks`) each sample's entropy is divided by the log of ITS
+  number of valid actions instead and those ratios are averaged (a uniform policy over 10 valid of
+  20 actions reads 1.0, not log 10 / log 20); samples with one valid action have no normalised
+  entropy and are left out of that mean (all of them: the head is left out).
 * ``head_*``: the same ratio, KL and clip statistics from the per-head log-probs.
 """
 
@@ -202,6 +206,14 @@ class PolicyReducer:
         self._head_sizes: dict[str, int] = dict.fromkeys(self.heads, 0)
         self._entropy: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._entropy_counts: dict[str, int] = dict.fromkeys(self.heads, 0)
+        # Masked heads: per call a (2 x heads, n) block of each head's entropies and valid-action
+        # counts, by (heads, device, dtype), folded into float64 [sum of entropy / log(valid
+        # actions), samples with > 1 valid] per head in pending() (or early, past FOLD_ELEMENTS).
+        self._mask_blocks: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._mask_elements = 0
+        self._masked: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
+        # per continuous head: float64 [sum, count, min, max] of its log-std per call
+        self._log_std: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._loss = ScalarSeries("policy_loss")
         self._clip_range = math.nan
         self._early: tuple[int, float | torch.Tensor | None] | None = None
@@ -300,6 +312,86 @@ class PolicyReducer:
         if self._stored_elements > FOLD_ELEMENTS:
             self._fold()
 
+    def observe_action_masks(
+        self,
+        head_entropies: Mapping[str, torch.Tensor],
+        head_action_masks: Mapping[str, torch.Tensor],
+        level: TelemetryLevel = TelemetryLevel.NORMAL,
+    ) -> None:
+        """One minibatch's action masks, for the mask-aware normalised entropy of those heads: each
+        ``head_action_masks[head]`` is a bool ``(n, actions)`` tensor (True = valid) for the ``n``
+        per-sample entropies ``head_entropies[head]`` (also handed to :meth:`observe`). Heads
+        without a mask keep ``log(number of actions)``. No sync: one ``sum`` kernel per head and
+        one ``stack`` (a private copy, like :meth:`observe`'s); the rest is batched in :meth:`pending`."""
+        if type(head_action_masks) is not dict and not isinstance(head_action_masks, Mapping):
+            raise TypeError("head_action_masks must be a mapping head -> bool tensor")
+        checked: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for head, mask in head_action_masks.items():
+            if head not in self.heads:
+                raise ValueError(
+                    f"head_action_masks names unknown head {head!r}; known heads: {list(self.heads)}"
+                )
+            ent = head_entropies.get(head) if isinstance(head_entropies, Mapping) else None
+            if ent is None:
+                raise ValueError(f"head_action_masks[{head!r}] needs head_entropies[{head!r}]")
+            ent = check_float_tensor(f"head_entropies[{head!r}]", ent)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"head_action_masks[{head!r}] must be a bool tensor")
+            if mask.shape != (ent.numel(), self.heads[head]) or mask.device != ent.device:
+                raise ValueError(
+                    f"head_action_masks[{head!r}] must have shape ({ent.numel()}, {self.heads[head]}) on "
+                    f"{ent.device}, got {tuple(mask.shape)} on {mask.device}"
+                )
+            checked.append((head, ent, mask))
+        if level <= TelemetryLevel.OFF:
+            return
+        if not checked:
+            return
+        # counts in float32 at least (exact to 2**24 actions), float64 if an entropy is
+        dtype = torch.float64 if any(e.dtype == torch.float64 for _, e, _ in checked) else torch.float32
+        with torch.no_grad():
+            cols: list[torch.Tensor] = []
+            for _, ent, mask in checked:
+                cols.append(ent.reshape(-1).to(dtype))
+                cols.append(mask.sum(1, dtype=dtype))
+            block = torch.stack(cols)
+        key = (tuple(h for h, _, _ in checked), block.device, dtype)
+        self._mask_blocks.setdefault(key, []).append(block)
+        self._mask_elements += block.numel()
+        if self._mask_elements > FOLD_ELEMENTS:
+            self._fold_masks()
+
+    def _fold_masks(self) -> None:
+        """Each masked head's [sum of entropy / log(valid actions), samples with > 1 valid] over the
+        stored blocks: ~10 kernels per layout, however many minibatches."""
+        blocks, self._mask_blocks = self._mask_blocks, {}
+        self._mask_elements = 0
+        with torch.no_grad():
+            for (names, device, _), parts in blocks.items():
+                x = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(acc_dtype(device))
+                ent, valid = x[0::2], x[1::2]
+                several = valid > 1
+                per_sample = torch.where(several, ent / torch.log(valid.clamp(min=2)), 0.0)
+                sums = torch.stack((per_sample.sum(1), several.sum(1).to(x.dtype)), dim=1)  # (heads, 2)
+                for j, head in enumerate(names):
+                    self._masked[head].append(sums[j])
+
+    def observe_log_std(
+        self, head: str, log_std: torch.Tensor, level: TelemetryLevel = TelemetryLevel.NORMAL
+    ) -> None:
+        """A continuous (diagonal Gaussian) head's log standard deviations, any shape (per dimension,
+        or per sample and dimension); pooled over calls into its mean, min and max. No sync."""
+        if head not in self.heads:
+            raise ValueError(f"observe_log_std: unknown head {head!r}; known heads: {list(self.heads)}")
+        t = check_float_tensor("log_std", log_std)  # (refuses an empty tensor)
+        if level <= TelemetryLevel.OFF:
+            return
+        with torch.no_grad():
+            x = t.reshape(-1).to(acc_dtype(t.device))
+            lo, hi = torch.aminmax(x)
+            count = torch.full((), float(x.numel()), dtype=x.dtype, device=x.device)
+            self._log_std[head].append(torch.stack((x.sum(), count, lo, hi)))
+
     def early_stop(self, epoch: int, kl: torch.Tensor | float | None = None) -> None:
         """Record the loop's target-KL early stop (the first of the update counts). No sync: a
         tensor ``kl`` is transferred with everything else."""
@@ -378,6 +470,18 @@ class PolicyReducer:
                     out[f"policy.entropy.{head}"] = (
                         sums_h[0].reshape(1) if len(sums_h) == 1 else torch.stack(sums_h).sum().reshape(1)
                     )
+            for head, parts in self._log_std.items():
+                if parts:
+                    p = torch.stack(parts)  # (calls, [sum, count, min, max])
+                    out[f"policy.log_std.{head}"] = torch.cat(
+                        (p[:, :2].sum(0), p[:, 2].amin().reshape(1), p[:, 3].amax().reshape(1))
+                    )
+            self._fold_masks()
+            for head, parts in self._masked.items():
+                if parts:
+                    out[f"policy.masked_entropy.{head}"] = (
+                        parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+                    )
             loss = self._loss.pending()
             if loss is not None:
                 out["policy.loss"] = loss
@@ -437,11 +541,19 @@ class PolicyReducer:
                 stats.head_ratio_min[head] = h[_H_R_MIN]
                 stats.head_ratio_above[head] = int(h[_T_ABOVE])
                 stats.head_ratio_below[head] = int(h[_T_BELOW])
+            log_std = host.get(f"policy.log_std.{head}")
+            if log_std is not None:
+                stats.log_std_mean[head] = log_std[0] / log_std[1]
+                stats.log_std_min[head], stats.log_std_max[head] = log_std[2], log_std[3]
             key = f"policy.entropy.{head}"
             if key in host:
                 ent = host[key][0] / self._entropy_counts[head]
                 stats.entropy[head] = ent
-                if self.heads[head] > 1:
+                masked = host.get(f"policy.masked_entropy.{head}")
+                if masked is not None:  # per sample, by the log of its valid actions
+                    if masked[1] > 0:
+                        stats.entropy_normalized[head] = masked[0] / masked[1]
+                elif self.heads[head] > 1:
                     stats.entropy_normalized[head] = ent / math.log(self.heads[head])
         stats.policy_loss = self._loss.result(host.get("policy.loss"))[0]
         if self._early is not None:
