@@ -17,7 +17,7 @@ from test_anomaly import CAP, HEADS, TOTAL, detector, healthy, kinds, warm
 from telemetry_core.config import Thresholds
 from telemetry_core.detection import CRITICAL, WARNING, AnomalyDetector
 from telemetry_core.distributed import RankJudge
-from telemetry_core.schema import Snapshot
+from telemetry_core.schema import ReturnStats, Snapshot
 
 T = Thresholds()
 RUN = ("run", None)
@@ -125,6 +125,41 @@ def test_a_slide_must_fall_within_its_window_to_be_critical(flagged_before: int,
     # Critical stays so while the alarm lasts, even back above the fraction; a warning stays one.
     found = det.check(_ent(step + flagged_before + 1, 0.25))
     assert severity(found, "entropy_collapse", "direction") == (CRITICAL if critical else WARNING)
+
+
+def _force(step: int, force: float, stopped: bool = False) -> Snapshot:
+    return healthy(step, policy={"entropy_normalized": {"direction": 0.62, "force": force}, "early_stopped": stopped})
+
+
+@pytest.mark.parametrize(("stopped", "fraction"), [(False, T.entropy_fall_fraction), (True, T.entropy_throttled_fall_fraction)])
+@pytest.mark.parametrize("side", ["at", "below"])
+def test_entropy_slide_fraction_limits(stopped: bool, fraction: float, side: str) -> None:
+    """Three falls from a median of 0.82, the third landing at (or just below) the fraction of it;
+    without early stops the fast-fall rule, with them the pushed-down rule."""
+    det = detector()
+    step = warm(det, 12)  # force entropy 0.82: the median
+    limit = fraction * 0.82
+    path = [0.7, 0.6] if not stopped else [0.77, 0.72]
+    for i, e in enumerate(path):
+        assert det.check(_force(step + i, e, stopped)) == []
+    e = limit if side == "at" else below(limit)
+    found = det.check(_force(step + 2, e, stopped))
+    assert (severity(found, "entropy_collapse", "force") == WARNING) is (side == "below")
+
+
+@pytest.mark.parametrize(("stopped", "fall"), [(False, T.entropy_fall_step), (True, T.entropy_throttled_fall_step)])
+@pytest.mark.parametrize("side", ["at", "below"])
+def test_entropy_fall_step_limits(stopped: bool, fall: float, side: str) -> None:
+    """The third update falls by exactly the fall step (not a fall: the slide ends) or just more."""
+    det = detector()
+    step = warm(det, 12)
+    path = [0.65, 0.55] if not stopped else [0.72, 0.68]
+    for i, e in enumerate(path):
+        assert det.check(_force(step + i, e, stopped)) == []
+    limit = (1.0 - fall) * path[-1]
+    e = limit if side == "at" else below(limit)
+    found = det.check(_force(step + 2, e, stopped))
+    assert (severity(found, "entropy_collapse", "force") == WARNING) is (side == "below")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,6 +280,43 @@ def test_value_loss_relative_limit(loss: float, fires: bool) -> None:
         det.check(healthy(step, value={"value_loss": 0.25}))
     found = det.check(healthy(110, value={"value_loss": loss, "return_std": 1.0}))
     assert (severity(found, "value_collapse") == WARNING) is fires
+
+
+@pytest.mark.parametrize(("rstd", "fires"), sides(T.value_returns_std_min, high=True))
+def test_value_collapse_needs_returns_that_vary(rstd: float, fires: bool) -> None:
+    det = detector()
+    step = warm(det, 10)
+    found = det.check(healthy(step, value={"value_std": 0.0, "return_std": rstd}))
+    assert (severity(found, "value_collapse") == CRITICAL) is fires
+
+
+@pytest.mark.parametrize(("rstd", "fires"), sides(2.5, high=False))
+def test_value_loss_must_also_exceed_the_returns_variance(rstd: float, fires: bool) -> None:
+    """A loss of 6.25 (25x its median 0.25) against returns whose variance is exactly 6.25."""
+    det = detector()
+    for step in range(100, 110):
+        det.check(healthy(step, value={"value_loss": 0.25}))
+    found = det.check(healthy(110, value={"value_loss": 6.25, "return_std": rstd}))
+    assert (severity(found, "value_collapse") == WARNING) is fires
+
+
+@pytest.mark.parametrize(
+    ("rstd", "judged"),
+    [
+        (T.ev_return_cv_min * 10.0, True),
+        (below(T.ev_return_cv_min * 10.0), False),
+        (above(T.ev_return_cv_min * 10.0), True),
+    ],
+)
+def test_ev_is_judged_only_when_the_returns_vary_enough(rstd: float, judged: bool) -> None:
+    """Returns of mean 10: a spread of exactly ev_return_cv_min x 10 is still judged."""
+    det = detector()
+    flat = {"returns": ReturnStats(count=1024, mean=10.0, std=rstd)}  # percentiles not measured
+    found = [
+        det.check(healthy(150 + i, value={"explained_variance": -0.5}, advantage=flat))
+        for i in range(T.ev_patience)
+    ][-1]
+    assert (severity(found, "ev_low") == WARNING) is judged
 
 
 @pytest.mark.parametrize(("ev", "fires"), sides(T.ev_mid, high=False))
