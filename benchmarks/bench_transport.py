@@ -26,6 +26,7 @@ import argparse
 import math
 import multiprocessing as mp
 import os
+import platform
 import random
 import statistics
 import sys
@@ -279,16 +280,17 @@ def full_snapshot(
 # ------------------------------------------------------------------------------------------------
 
 
-def _subscriber(endpoint: str, ready, conn, expect: int, timeout: float) -> None:  # type: ignore[no-untyped-def]
+def _subscriber(info, ready, conn, expect: int, timeout: float) -> None:  # type: ignore[no-untyped-def]
     """Decode snapshots (envelope + body) and report latency = receive time - publish wall time."""
     import zmq
 
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
+    protocol.client_curve(sub, info)
     sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC_SNAPSHOT)
     sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC_HEARTBEAT)
     sub.setsockopt(zmq.RCVHWM, 100000)
-    sub.connect(endpoint)
+    sub.connect(info.pub)
     while not sub.poll(5000):  # the first heartbeat proves the subscription is in place
         pass
     sub.recv_multipart()
@@ -311,7 +313,7 @@ def _subscriber(endpoint: str, ready, conn, expect: int, timeout: float) -> None
     ctx.term()
 
 
-def _stalled_subscribers(endpoint: str, n: int, ready, stop) -> None:  # type: ignore[no-untyped-def]
+def _stalled_subscribers(info, n: int, ready, stop) -> None:  # type: ignore[no-untyped-def]
     """``n`` subscribers that connect, subscribe and never read."""
     import zmq
 
@@ -322,7 +324,8 @@ def _stalled_subscribers(endpoint: str, n: int, ready, stop) -> None:  # type: i
         s.setsockopt(zmq.RCVHWM, 1)
         s.setsockopt(zmq.RCVBUF, 4096)
         s.setsockopt(zmq.SUBSCRIBE, b"")
-        s.connect(endpoint)
+        protocol.client_curve(s, info)
+        s.connect(info.pub)
         socks.append(s)
     time.sleep(0.5)
     ready.set()
@@ -389,7 +392,7 @@ def bench_latency(rate: float, seconds: float) -> tuple[list[float], int, int]:
     n = int(rate * seconds)
     ready = ctx.Event()
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_subscriber, args=(pub.endpoints.pub, ready, child, n, seconds + 10))
+    proc = ctx.Process(target=_subscriber, args=(pub.connection_info, ready, child, n, seconds + 10))
     proc.start()
     ready.wait(30)
     period = 1.0 / rate
@@ -412,7 +415,7 @@ def bench_throughput(seconds: float) -> dict[str, float]:
     snap = full_snapshot()
     ready = ctx.Event()
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_subscriber, args=(pub.endpoints.pub, ready, child, 10**9, seconds + 1.0))
+    proc = ctx.Process(target=_subscriber, args=(pub.connection_info, ready, child, 10**9, seconds + 1.0))
     proc.start()
     ready.wait(30)
     start = time.perf_counter()
@@ -459,7 +462,7 @@ def bench_stalled(n: int, stalled: int = 10) -> dict[str, dict[str, list[float]]
     snap = full_snapshot(debug=True)  # the largest frame: the stalled queues fill fastest
     stop, ready = ctx.Event(), ctx.Event()
     proc = ctx.Process(
-        target=_stalled_subscribers, args=(pubs[f"{stalled} stalled"].endpoints.pub, stalled, ready, stop)
+        target=_stalled_subscribers, args=(pubs[f"{stalled} stalled"].connection_info, stalled, ready, stop)
     )
     proc.start()
     ready.wait(30)
@@ -482,9 +485,135 @@ def bench_stalled(n: int, stalled: int = 10) -> dict[str, dict[str, list[float]]
     return out
 
 
+def _spin(n: int) -> int:
+    """CPU-bound pure Python (holds the GIL, as a training loop's Python does between calls)."""
+    x = 0
+    for i in range(n):
+        x += i * i % 7
+    return x
+
+
+def _iqr(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def bench_hub_publish(updates: int, spin: int) -> dict[str, object]:
+    """Publishing inside a real TelemetryHub, a subscriber process attached, CPU-bound Python between.
+
+    Two hubs on the same small model (stream on with a CURVE subscriber attached, and ``bind=None``)
+    take turns update by update, in adjacent pairs whose order alternates, so machine load hits
+    both alike. Per update: ``spin`` iterations of pure Python (timed: what the publisher thread's
+    share of the GIL costs the training thread between calls), one backward, ``observe_gradients``
+    and ``end_update`` (whose publish step, ``hub._publish``, is timed: wall and thread CPU).
+    """
+    import torch
+
+    from telemetry_core import TelemetryHub
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
+    hubs = {
+        "stream on": TelemetryHub(model, heads={"a": 4}, max_grad_norm=0.5, bind="tcp://127.0.0.1:0"),
+        "bind=None": TelemetryHub(model, heads={"a": 4}, max_grad_norm=0.5, bind=None),
+    }
+    publish: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in hubs}
+    work: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in hubs}
+    for label, hub in hubs.items():
+        inner = hub._publish
+
+        def timed(snapshot, inner=inner, out=publish[label]):  # type: ignore[no-untyped-def]
+            w, c = time.perf_counter(), time.thread_time()
+            inner(snapshot)
+            out["cpu"].append(time.thread_time() - c)
+            out["wall"].append(time.perf_counter() - w)
+
+        hub._publish = timed  # type: ignore[method-assign]
+    call: dict[str, list[float]] = {"wall": [], "cpu": []}  # Publisher.publish_snapshot alone
+    pub_obj = hubs["stream on"].publisher
+    inner_call = pub_obj.publish_snapshot
+
+    def timed_call(snapshot):  # type: ignore[no-untyped-def]
+        w, c = time.perf_counter(), time.thread_time()
+        out = inner_call(snapshot)
+        call["cpu"].append(time.thread_time() - c)
+        call["wall"].append(time.perf_counter() - w)
+        return out
+
+    pub_obj.publish_snapshot = timed_call  # type: ignore[method-assign]
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    _parent, child = ctx.Pipe()
+    info = hubs["stream on"].publisher.connection_info
+    proc = ctx.Process(target=_subscriber, args=(info, ready, child, 10**9, 600.0))
+    proc.start()
+    ready.wait(60)
+    x = torch.randn(256, 64)
+    labels = list(hubs)
+    for step in range(updates):
+        order = labels if step % 2 == 0 else labels[::-1]
+        for label in order:
+            hub = hubs[label]
+            w, c = time.perf_counter(), time.thread_time()
+            _spin(spin)
+            work[label]["cpu"].append(time.thread_time() - c)
+            work[label]["wall"].append(time.perf_counter() - w)
+            model.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            hub.observe_gradients(loss)
+            hub.end_update(step)
+    subscriber_saw = hubs["stream on"].publisher.counters.published
+    for hub in hubs.values():
+        hub.close()
+    proc.terminate()
+    proc.join(5)
+    on, off = publish["stream on"], publish["bind=None"]
+    ratios = {
+        kind: [a / b for a, b in zip(work["stream on"][kind], work["bind=None"][kind])]
+        for kind in ("wall", "cpu")
+    }
+    publish["stream on: Publisher.publish_snapshot"] = call
+    return {
+        "publish": publish,
+        "work": work,
+        "ratios": ratios,
+        "published": subscriber_saw,
+        "on": on,
+        "off": off,
+    }
+
+
+def report_hub_publish(updates: int, spin: int) -> None:
+    res = bench_hub_publish(updates, spin)
+    print(
+        "method: wall (perf_counter) and thread CPU (thread_time) of hub._publish on the training thread; "
+        f"{updates} updates per hub, adjacent pairs in alternating order; torch.set_num_threads(1); "
+        f"{spin:,} iterations of pure Python between updates; machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+    )
+    for label, times in res["publish"].items():  # type: ignore[union-attr]
+        print(
+            f"{'hub._publish (' + label + ')':40s} wall p50 {_pct(times['wall'], 0.5) * 1e6:7.1f} µs  p99 "
+            f"{_pct(times['wall'], 0.99) * 1e6:7.1f} µs | CPU p50 {_pct(times['cpu'], 0.5) * 1e6:7.1f} µs  "
+            f"p99 {_pct(times['cpu'], 0.99) * 1e6:7.1f} µs"
+        )
+    for kind, ratios in res["ratios"].items():  # type: ignore[union-attr]
+        lo, hi = _iqr(ratios)
+        print(
+            f"Python work between updates, stream on / bind=None ({kind}): median {statistics.median(ratios):.3f}"
+            f" (IQR {lo:.3f}-{hi:.3f})"
+        )
+    print(f"snapshots published to the subscriber: {res['published']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument(
+        "--hub-only", action="store_true", help="only section 5: publishing inside a real hub"
+    )
     args = parser.parse_args()
     os.environ.setdefault("SIMIC_RUNTIME_DIR", tempfile.mkdtemp(prefix="simic-bench-"))
     n = 500 if args.quick else 3000
@@ -495,6 +624,10 @@ def main() -> None:
         print(f"snapshot frame ({name}): {len(frame)} bytes")
 
     t_start = time.perf_counter()
+    print("\n## 5. publishing inside a real hub, a subscriber attached, CPU-bound Python between calls")
+    report_hub_publish(200 if args.quick else 1000, 200_000)
+    if args.hub_only:
+        return
     print("\n## 1. publish cost on the calling thread")
     for label, values in bench_publish_cost(n).items():
         print(f"{label:44s} {_fmt_us(values)}")

@@ -13,8 +13,8 @@ DEBUG escalation on onsets) judged by the real ``AnomalyDetector`` with the defa
   full run). *Onset* is the update at which the injected mechanism first acts (a coefficient, the
   learning rate, weights or an observation of that update changed), as the trainer's own record
   reports it (``UpdateRecord.injected``); latency 0 means flagged by that update's own snapshot.
-  The run stops ``--after`` updates after onset + the 3-update detection window (the bar of
-  issue 5 C: flagged as its own kind within 3 updates of onset).
+  The run stops ``--after`` updates after onset + the detection window (the bar: flagged as its
+  own kind within 2 updates of onset, on every agent).
 * Healthy runs: ``--healthy-seeds`` x ``--updates`` updates, nothing injected; every anomaly is a
   false alarm. Counted per kind and severity as onsets (a new alarm: what a toast would show) and
   as updates flagged.
@@ -40,7 +40,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Injection kind -> the anomaly kind it must be flagged as.
+from telemetry_core.kinds import SPECS
+
+# Injection kind -> the anomaly kind (of the registry) it must be flagged as.
 EXPECTED: dict[str, str] = {
     "entropy-collapse": "entropy_collapse",
     "kl-spike": "kl_spike",
@@ -50,7 +52,8 @@ EXPECTED: dict[str, str] = {
     "exploding-gradients": "gradient_exploding",
     "lstm-explosion": "lstm_unhealthy",
 }
-WINDOW = 3  # issue 5 C: flagged within 3 updates of onset
+assert set(EXPECTED.values()) <= set(SPECS), "EXPECTED names a kind the registry does not define"
+WINDOW = 2  # flagged as its own kind within 2 updates of onset
 
 
 @dataclass
@@ -91,7 +94,10 @@ def _stats(snap: Any) -> dict[str, float]:
     p, v, g, lstm = snap.policy, snap.value, snap.gradients, snap.lstm
     if p is not None:
         out.update({f"entropy.{h}": e for h, e in p.entropy_normalized.items()})
-        out.update(kl=p.kl_k3_mean, ratio_max=p.ratio_max, ratio_min=p.ratio_min)
+        out.update(kl=p.kl_k3_mean, ratio_max=p.ratio_max, ratio_min=p.ratio_min, samples=p.samples)
+        for name in ("ratio_above", "ratio_above_critical", "ratio_below", "ratio_below_critical"):
+            if getattr(p, name) is not None:
+                out[name] = getattr(p, name)
     if v is not None:
         out.update(
             value_loss=v.value_loss, ev=v.explained_variance if v.explained_variance is not None else math.nan
@@ -328,6 +334,15 @@ def markdown(injected: list[InjectedVerdict], healthy: list[HealthyVerdict], met
             f"| {h.seed} | {h.updates} | {_kinds(h.critical_onsets)} | {_kinds(h.warning_onsets)} "
             f"| {_kinds(h.critical_updates)} | {_kinds(h.warning_updates)} |"
         )
+    updates = sum(h.updates for h in healthy)
+    if updates:
+        crit = sum(sum(h.critical_onsets.values()) for h in healthy)
+        warn = sum(sum(h.warning_onsets.values()) for h in healthy)
+        lines += [
+            "",
+            f"All healthy runs: {updates} updates, {crit} critical onsets, {warn} warning onsets "
+            f"({100 * warn / updates:.2f} per 100 updates; targets: 0 critical, at most 0.5 warnings).",
+        ]
     lines += ["", f"Wall time: {meta['seconds']:.0f} s with {meta['jobs']} processes."]
     return "\n".join(lines) + "\n"
 

@@ -49,6 +49,9 @@ from telemetry_core import protocol  # noqa: E402
 from telemetry_core.schema import (  # noqa: E402
     BODY_TYPES,
     COMMAND_ACTIONS,
+    MAGIC,
+    SCHEMA_MAJOR,
+    SCHEMA_MINOR,
     Ack,
     Command,
     Heartbeat,
@@ -57,7 +60,7 @@ from telemetry_core.schema import (  # noqa: E402
     Snapshot,
 )
 
-__all__ = ["check_decoders", "fuzz_decoders", "fuzz_socket", "mutate", "seed_frames"]
+__all__ = ["check_decoders", "fuzz_decoders", "fuzz_socket", "hostile_snapshot", "mutate", "seed_frames"]
 
 _SWAP_VALUES: list[Any] = [
     None,
@@ -263,6 +266,115 @@ def fuzz_decoders(n: int, seed: int = 0) -> collections.Counter[str]:
     return outcomes
 
 
+# -- structure-aware hostile snapshots (valid msgpack, valid shape, hostile values) ----------------
+
+HOSTILE_INTS = [2**53 + 1, 2**63, 2**64 - 1, -(2**63), -(2**53) - 1, 2**31]
+HOSTILE_FLOATS = [math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -0.0]
+HOSTILE_STRINGS = [
+    "[/x]",
+    "[bold red]boom[/]",
+    "[link=file:///etc/passwd]x[/link]",
+    "\x1b]0;pwned\x07",  # rewrites the terminal's title
+    "\x1b[2J\x1b[H",  # clears the screen
+    "\x1b[31mred\x1b[0m",
+    "\u202eevil",  # right-to-left override
+    "nul\x00bell\x07back\x08",
+    "line\nbreak\rtab\t",
+    "🔥" * 600,
+    "x" * 2_000_000,  # a 2 MB string
+]
+
+
+def _leaves(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any]]:
+    out: list[tuple[tuple[Any, ...], Any]] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _leaves(v, (*path, k))
+        if path:
+            out.append((path, obj))  # a dict itself: a target for many new keys
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _leaves(v, (*path, i))
+    else:
+        out.append((path, obj))
+    return out
+
+
+def _set(obj: Any, path: tuple[Any, ...], value: Any) -> None:
+    for key in path[:-1]:
+        obj = obj[key]
+    obj[path[-1]] = value
+
+
+def hostile_snapshot(
+    rng: random.Random, seq: int, base: dict[str, Any], *, session: str = "hostile"
+) -> bytes:
+    """A snapshot frame of valid msgpack and valid shape whose values are hostile.
+
+    Picks a few leaves of a real DEBUG snapshot and replaces each by a hostile value of its own
+    kind: huge or negative integers, NaN / inf floats, markup, escape sequences, control
+    characters, 2 MB strings; or floods a dict with thousands of new keys. Sometimes the
+    envelope's own seq or step is the hostile integer.
+    """
+    snap = msgspec.msgpack.decode(msgspec.msgpack.encode(base))  # a deep copy, as builtins
+    leaves = _leaves(snap)
+    for _ in range(rng.randrange(1, 6)):
+        path, value = rng.choice(leaves)
+        if not path:
+            continue
+        if isinstance(value, dict):
+            value.update(
+                {
+                    f"k{rng.randrange(10**9)}\x1b[{i}m": rng.random()
+                    for i in range(rng.choice((50, 2000, 20_000)))
+                }
+            )
+        elif isinstance(value, bool) or value is None:
+            _set(snap, path, rng.choice(HOSTILE_STRINGS[:4] + HOSTILE_INTS[:2]))
+        elif isinstance(value, int):
+            _set(snap, path, rng.choice(HOSTILE_INTS))
+        elif isinstance(value, float):
+            _set(snap, path, rng.choice(HOSTILE_FLOATS))
+        elif isinstance(value, str):
+            _set(snap, path, rng.choice(HOSTILE_STRINGS))
+    if rng.random() < 0.3:  # new history columns: a dict the dashboard keeps as columns
+        section, name = rng.choice(
+            [("policy", "entropy"), ("gradients", "group_norms"), ("lstm", "gate_saturation")]
+        )
+        if isinstance(snap.get(section), dict):
+            snap[section][name] = {
+                f"{name}{rng.randrange(10**9)}": rng.random() for _ in range(rng.choice((100, 20_000)))
+            }
+    if rng.random() < 0.3:
+        snap["run"]["name"] = rng.choice(HOSTILE_STRINGS)
+    if rng.random() < 0.2:
+        snap["anomalies"] = [
+            {
+                "kind": rng.choice(HOSTILE_STRINGS[:7]),
+                "severity": "critical",
+                "step": 1,
+                "message": rng.choice(HOSTILE_STRINGS),
+                "action": rng.choice(HOSTILE_STRINGS),
+            }
+        ]
+    env_seq = rng.choice(HOSTILE_INTS) if rng.random() < 0.05 else seq
+    env_step = rng.choice(HOSTILE_INTS) if rng.random() < 0.05 else snap.get("step", 0)
+    if not isinstance(env_step, int):
+        env_step = 0
+    env = {
+        "magic": MAGIC,
+        "major": SCHEMA_MAJOR,
+        "minor": SCHEMA_MINOR,
+        "session": session,
+        "seq": env_seq,
+        "step": env_step,
+        "wall_time": time.time(),
+        "kind": "snapshot",
+        "body": msgspec.Raw(msgspec.msgpack.encode(snap)),
+    }
+    return msgspec.msgpack.encode(env)
+
+
 def fuzz_socket(n: int, seed: int = 0, *, resign: float = 0.6) -> dict[str, Any]:
     """Send ``n`` mutated messages into a live publisher's command port; check the invariants."""
     import zmq
@@ -279,6 +391,7 @@ def fuzz_socket(n: int, seed: int = 0, *, resign: float = 0.6) -> dict[str, Any]
         read_rate=1e9,
         read_burst=10**9,
         history_cost=1.0,
+        command_cpu_share=1.0,  # the fuzz measures the gate, not the CPU budget
     ).start()
     assert pub.network, "the publisher did not bind"
     info = pub.connection_info
@@ -294,6 +407,10 @@ def fuzz_socket(n: int, seed: int = 0, *, resign: float = 0.6) -> dict[str, Any]
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.SNDHWM, 0)
     dealer.setsockopt(zmq.RCVHWM, 0)
+    if info.curve_server_public:  # the connection file's keys, as a dashboard uses them
+        dealer.curve_serverkey = info.curve_server_public.encode()
+        dealer.curve_publickey = (info.curve_client_public or "").encode()
+        dealer.curve_secretkey = (info.curve_client_secret or "").encode()
     dealer.connect(info.cmd)
     replies: collections.Counter[str] = collections.Counter()
 

@@ -9,7 +9,10 @@ Run it and attach the dashboard from another terminal::
 ``simic-tui replay`` / ``simic-tui export``. The loop is CleanRL's (vectorised envs, GAE, epochs of
 shuffled minibatches, clipped objective, clipped value loss, entropy bonus, global-norm clipping,
 optional target-KL stop); its TensorBoard writer is replaced by one printed line per update.
-The hub adds the ``# simic`` lines only: it never changes what the loop computes.
+The hub adds the ``# simic`` lines only: it never changes what the loop computes. It takes the
+loop's values as they are: the action space's ``n`` (a numpy integer), the advantages before
+normalisation in ``observe_rollout`` and as fed to the loss in ``observe_minibatch``, the one head's
+entropy, and no epoch (the hub counts epochs as passes over the rollout).
 """
 
 from __future__ import annotations
@@ -128,8 +131,9 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
     agent = Agent(envs).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     # fmt: off
-    hub = TelemetryHub(agent, heads={"action": int(envs.single_action_space.n)},  # simic
-                       max_grad_norm=args.max_grad_norm, total_updates=args.num_iterations,  # simic
+    hub = TelemetryHub(agent, heads={"action": envs.single_action_space.n},  # simic
+                       max_grad_norm=args.max_grad_norm, clip_range=args.clip_coef,  # simic
+                       total_updates=args.num_iterations,  # simic
                        bind=args.bind, record=args.record, run_name="cleanrl-ppo")  # simic
     # fmt: on
 
@@ -153,6 +157,7 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             episodic_returns: list[float] = []
+            episodic_lengths: list[float] = []  # simic
             for step in range(args.num_steps):
                 global_step += args.num_envs
                 obs[step] = next_obs
@@ -169,6 +174,7 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
                 next_obs = torch.as_tensor(next_obs_np, device=device)
                 if "_episode" in infos:
                     episodic_returns += infos["episode"]["r"][infos["_episode"]].tolist()
+                    episodic_lengths += infos["episode"]["l"][infos["_episode"]].tolist()  # simic
 
             # bootstrap value if not done
             with torch.no_grad():
@@ -194,14 +200,14 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
             b_returns = returns.reshape(-1)
             b_values = values.reshape(-1)
             # fmt: off
-            hub.observe_rollout(advantages=b_advantages, returns=b_returns, values=b_values,  # simic
-                                episode_returns=episodic_returns)  # simic
+            hub.observe_rollout(raw_advantages=b_advantages, returns=b_returns, values=b_values,  # simic
+                                episode_returns=episodic_returns, episode_lengths=episodic_lengths)  # simic
             # fmt: on
 
             # Optimizing the policy and value network
             b_inds = np.arange(args.batch_size)
             clipfracs = []
-            for epoch in range(args.update_epochs):
+            for epoch in range(args.update_epochs):  # noqa: B007 - CleanRL's own loop; the hub counts epochs
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb_inds = b_inds[start : start + args.minibatch_size]
@@ -249,13 +255,12 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
                     optimizer.step()
                     # fmt: off
                     hub.observe_minibatch(new_logprob=newlogprob.detach(), old_logprob=b_logprobs[mb_inds],  # simic
-                                          advantages=mb_advantages, clip_range=args.clip_coef, epoch=epoch,  # simic
-                                          head_entropies={"action": entropy.detach()},  # simic
+                                          advantages=mb_advantages, entropy=entropy.detach(),  # simic
                                           policy_loss=pg_loss.detach(), value_loss=v_loss.detach())  # simic
                     # fmt: on
 
                 if args.target_kl is not None and approx_kl > args.target_kl:
-                    hub.early_stop(epoch=epoch, kl=approx_kl)  # simic
+                    hub.early_stop(kl=approx_kl)  # simic: at the epoch the hub counted
                     break
 
             snapshot = hub.end_update(iteration)  # simic: one host transfer, detection, publish
@@ -275,6 +280,7 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
                 "clipfrac": float(np.mean(clipfracs)),
                 "explained_variance": float(explained_var),
                 "episodic_returns": episodic_returns,
+                "episodic_lengths": episodic_lengths,
                 "sps": int(global_step / (time.time() - start_time)),
                 "snapshot": snapshot,
             }

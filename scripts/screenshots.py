@@ -36,7 +36,7 @@ MAIN = (
     "incompatible",
     "help",
 )
-MORE = ("thresholds", "anomaly_log", "disconnected", "connecting", "zoom")
+MORE = ("thresholds", "anomaly_log", "incident_detail", "kl_spike_after", "disconnected", "connecting", "zoom")
 COMPACT = ("healthy", "entropy_collapse", "debug_screen")
 
 

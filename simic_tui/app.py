@@ -30,15 +30,18 @@ from simic_tui.keys import (
     REPLAY_ONLY,
 )
 from simic_tui.replay import ReplaySource
-from simic_tui.screens.anomaly_log import AnomalyLogScreen
+from simic_tui.screens.anomaly_log import AnomalyLogScreen, IncidentDetailScreen
 from simic_tui.screens.dashboard import DashboardScreen
 from simic_tui.screens.debug import DebugScreen
+from simic_tui.screens.goto import GotoStepScreen
 from simic_tui.screens.help import HelpScreen, key_name
 from simic_tui.screens.ranks import RanksScreen
 from simic_tui.screens.thresholds import ThresholdsScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.widgets.base import View
 from simic_tui.widgets.header import HeaderModel
+from simic_tui.widgets.incidents import incident_toast
+from telemetry_core.schema import IncidentEvent
 
 __all__ = ["SimicApp", "TrainerProcess"]
 
@@ -66,7 +69,9 @@ class SimicApp(App[None]):
     ]
     VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (36, "-tall")]
     NOTIFICATION_TIMEOUT = 8.0
-    NOTIFY_COOLDOWN = 30.0  # seconds before the same anomaly (kind, head) toasts again
+    # Seconds between incident toasts: what arrives meanwhile waits and is summarised in one toast,
+    # so a burst of onsets never stacks toasts over the panels.
+    INCIDENT_TOAST_GAP = 3.0
 
     def __init__(
         self,
@@ -102,7 +107,8 @@ class SimicApp(App[None]):
         self.display_paused = False
         self._paused_at_count = 0
         self._last_tick = clock()
-        self._notified: dict[tuple[str, str | None], float] = {}
+        self._pending_incidents: list[IncidentEvent] = []
+        self._last_incident_toast = -1e18
         self.dashboard = DashboardScreen(id="dashboard")
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -150,7 +156,9 @@ class SimicApp(App[None]):
         if screen is self.dashboard or under_modal:
             self.dashboard.show_panels(self.current_view())
         elif (
-            isinstance(screen, (DebugScreen, ThresholdsScreen, AnomalyLogScreen, RanksScreen))
+            isinstance(
+                screen, (DebugScreen, ThresholdsScreen, AnomalyLogScreen, IncidentDetailScreen, RanksScreen)
+            )
             and screen.is_mounted
         ):
             with contextlib.suppress(NoMatches):  # a screen being composed or torn down
@@ -180,40 +188,62 @@ class SimicApp(App[None]):
     def lease_text(self) -> str:
         return self.client.lease.describe() if self.client is not None else ""
 
+    def notify(  # type: ignore[override]
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: Any = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """Toasts are plain text here: their messages quote the trainer, and trainer text is never markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
+    def _handle_exception(self, error: Exception) -> None:
+        """A crash: exit status 1, the traceback to a private log file, one plain line to the terminal.
+
+        Textual would print a traceback with local variables, which can hold trainer text (escape
+        sequences included) and keys; the operator gets where to find it instead.
+        """
+        from rich.text import Text
+
+        from simic_tui.crash import write_crash_log
+
+        self._return_code = 1
+        if self._exception is None:  # Pilot re-raises it in tests
+            self._exception = error
+            self._exception_event.set()
+        path = write_crash_log(error)
+        where = f"; the traceback is in {path}" if path else ""
+        self._exit_renderables.append(
+            Text(f"simic-tui: internal error {type(error).__name__}{where} (please report it)")
+        )
+        self._close_messages_no_wait()
+
     def _notify_events(self) -> None:
         """Toasts for what happened since the last tick, without burying the panels.
 
-        Critical anomalies get a toast each (the same kind and head at most once per
-        ``NOTIFY_COOLDOWN`` seconds of the app's clock); warnings of one tick share a single toast;
-        command results and link events always get their own.
+        Incident onsets and upgrades: one toast each, at most one per ``INCIDENT_TOAST_GAP`` seconds
+        of the app's clock; several waiting become one summary (a group reads as its head plus a
+        count of consequences). Command results and link events always get their own toast.
         """
         now = self.clock()
-        warnings: list[str] = []
         for event in self.store.drain_events():
-            a = event.anomaly
-            if a is None:
-                self.notify(event.message, severity=event.severity, timeout=self.NOTIFICATION_TIMEOUT)  # type: ignore[arg-type]
+            if event.incident is not None:
+                self._pending_incidents.append(event.incident)
                 continue
-            key = (a.kind, a.head)
-            if now - self._notified.get(key, -1e18) < self.NOTIFY_COOLDOWN:
-                continue
-            self._notified[key] = now
-            if a.severity == "critical":
-                self.notify(event.message, severity="error", timeout=self.NOTIFICATION_TIMEOUT)
-            else:
-                warnings.append(a.kind + (f" ({a.head})" if a.head else ""))
-        if len(warnings) == 1:
             self.notify(
-                f"warning: {warnings[0]} (a: anomaly log)",
-                severity="warning",
+                event.message,
+                severity=event.severity,  # type: ignore[arg-type]
                 timeout=self.NOTIFICATION_TIMEOUT,
+                markup=False,
             )
-        elif warnings:
-            self.notify(
-                f"{len(warnings)} new warnings: {', '.join(warnings)} (a: anomaly log)",
-                severity="warning",
-                timeout=self.NOTIFICATION_TIMEOUT,
-            )
+        if self._pending_incidents and now - self._last_incident_toast >= self.INCIDENT_TOAST_GAP:
+            message, severity = incident_toast(self._pending_incidents)
+            self._pending_incidents = []
+            self._last_incident_toast = now
+            self.notify(message, severity=severity, timeout=self.NOTIFICATION_TIMEOUT, markup=False)  # type: ignore[arg-type]
 
     def _check_trainer(self) -> None:
         if self.trainer is None or self.trainer_note:
@@ -263,6 +293,39 @@ class SimicApp(App[None]):
         self.display_paused = not self.display_paused
         self._paused_at_count = self.store.count
         self.tick()
+
+    def acknowledge_all(self) -> None:
+        n = self.store.incidents.acknowledge_all()
+        self.notify(f"acknowledged {n} incident(s)" if n else "nothing to acknowledge", timeout=3)
+        self.tick()
+
+    def replay_incident(self, direction: int) -> None:
+        """``n`` / ``N``: the next / previous incident onset of the recording."""
+        if self.replay is None:
+            return
+        target = self.replay.next_onset(direction)
+        if target is None:
+            where = "after" if direction > 0 else "before"
+            self.notify(f"no incident onset {where} this update", timeout=3)
+            return
+        self.replay.playing = False
+        self.replay.seek(target)
+        self.tick()
+
+    def replay_goto(self) -> None:
+        """``g``: ask for a step, then go there."""
+        if self.replay is None or not self.replay.total:
+            return
+        first, last = self.replay.steps
+
+        def go(step: int | None) -> None:
+            if step is None or self.replay is None:
+                return
+            self.replay.playing = False
+            self.replay.seek(self.replay.position_of_step(step))
+            self.tick()
+
+        self.push_screen(GotoStepScreen(first, last), go)
 
     def open_anomaly_log(self) -> None:
         self.push_screen(AnomalyLogScreen(self.store))

@@ -56,11 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach to a running trainer (HOST:PORT)",
         description="Attach to a trainer's telemetry stream. A local trainer's connection file (key, "
         "command port, session) is found by port; for a remote trainer copy its connection file and "
-        "pass it with --connection-file. Without one the dashboard watches but cannot send commands.",
+        "pass it with --connection-file. The file holds the keys of the encrypted link (CURVE): "
+        "without it a trainer refuses the dashboard, unless it was started with curve=False.",
     )
     attach.add_argument("address", metavar="HOST:PORT", help="the trainer's PUB address, e.g. 127.0.0.1:5555")
     attach.add_argument(
         "--connection-file", metavar="FILE", help="the trainer's connection file (JSON, mode 0600)"
+    )
+    attach.add_argument(
+        "--allow-plaintext-commands",
+        action="store_true",
+        help="send commands to a remote trainer whose connection file has no CURVE keys (the link is "
+        "not encrypted: anyone on the path can read and replay them)",
     )
 
     replay = sub.add_parser(
@@ -122,7 +129,16 @@ def _attach(args: argparse.Namespace) -> int:
         target = resolve_target(args.address, args.connection_file)
     except TargetError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    except PermissionError as exc:  # a runtime directory another user created or opened up
+        raise CliError(str(exc)) from None
+    if args.allow_plaintext_commands:
+        target = replace(target, allow_plaintext=True)
     return _run_live(target)
+
+
+def _exit_code(app) -> int:  # type: ignore[no-untyped-def]
+    """The dashboard's own status: 1 after a crash (its traceback is in a private log file)."""
+    return app.return_code or 0
 
 
 def _run_live(target) -> int:  # type: ignore[no-untyped-def]
@@ -131,8 +147,9 @@ def _run_live(target) -> int:  # type: ignore[no-untyped-def]
     from simic_tui.store import TelemetryStore
 
     store = TelemetryStore()
-    SimicApp(store, client=TelemetryClient(target, store)).run()
-    return 0
+    app = SimicApp(store, client=TelemetryClient(target, store))
+    app.run()
+    return _exit_code(app)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -160,8 +177,9 @@ def _replay(args: argparse.Namespace) -> int:
         source.seek(1 if args.play else source.total)
     if args.play:
         source.playing = True
-    SimicApp(store, replay=source, banner=notice).run()
-    return 0
+    app = SimicApp(store, replay=source, banner=notice)
+    app.run()
+    return _exit_code(app)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -275,7 +293,10 @@ def _demo(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 return proc.wait()
-    app, trainer = launch_demo(args)
+    try:
+        app, trainer = launch_demo(args)
+    except PermissionError as exc:  # the runtime directory (connection files, the trainer's log)
+        raise CliError(str(exc)) from None
     try:
         app.run()
     finally:
@@ -288,7 +309,7 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAIL
-    return 0
+    return _exit_code(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,11 @@ signed with the connection file's key; replies are verified before they are deco
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import enum
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -32,10 +34,7 @@ from telemetry_core.protocol import (
     MAX_FRAME_BYTES,
     TOPIC_HEARTBEAT,
     TOPIC_SNAPSHOT,
-    FrameError,
     IncompatibleVersion,
-    decode_body,
-    decode_envelope,
     encode_envelope,
     new_command,
     sign,
@@ -56,6 +55,23 @@ __all__ = ["DebugLease", "LeasePhase", "LinkState", "LinkStatus", "TelemetryClie
 
 
 _SHADOWS: dict[int, zmq.Socket] = {}
+log = logging.getLogger(__name__)
+
+# What the trainer may make this process buffer, in bytes: libzmq caps queues in messages, so the
+# cap in messages is the byte budget over the largest message allowed (8 with 8 MiB frames), with
+# the kernel's socket buffer held at 1 MiB. A flood of frames is then dropped by the trainer's PUB
+# (and counted as missed here) instead of piling up in this process.
+RECEIVE_BUDGET_BYTES = 64 * 1024 * 1024
+
+
+def _keys(t: AttachTarget) -> tuple[object, ...]:
+    return (t.key, t.cmd, t.curve_server_public, t.curve_client_public, t.curve_client_secret)
+
+
+def _cap_receive(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
+    sock.setsockopt(zmq.RCVHWM, max(4, RECEIVE_BUDGET_BYTES // (MAX_FRAME_BYTES + 1024)))
+    sock.setsockopt(zmq.RCVBUF, 1024 * 1024)
 
 
 def _sync(sock: zmq.asyncio.Socket) -> zmq.Socket:
@@ -93,6 +109,8 @@ class LinkStatus:
     their_version: tuple[int, int] | None = None  # an incompatible trainer's schema version
     banner: str = ""  # a problem the operator must see (incompatible schema, authentication)
     commands_note: str = ""  # why commands are unavailable ('' when they are)
+    unencrypted: bool = False  # a non-loopback link without CURVE: anyone on the path reads and rewrites it
+    worker_failures: int = 0  # times the network worker failed and was restarted
 
     def set(self, state: LinkState, now: float, detail: str = "") -> None:
         if state != self.state:
@@ -189,7 +207,7 @@ class TelemetryClient:
         self._monitor: zmq.asyncio.Socket | None = None
         self._queue: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(maxlen=64)
         self._pending: dict[str, _Pending] = {}
-        self._live_buffer: collections.deque[Envelope] = collections.deque(maxlen=4096)
+        self._live_buffer: collections.deque[tuple[Envelope, Snapshot]] = collections.deque(maxlen=256)
         self._history_since: float | None = None  # wanting history since (live frames are held)
         self._history_sent = False
         self._stopping = False
@@ -245,7 +263,37 @@ class TelemetryClient:
     # The worker
     # ------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Run until :meth:`stop` (or cancellation); never raises for anything the network does."""
+        """Run until :meth:`stop` (or cancellation); never raises.
+
+        A failure of the worker itself (a bug, or a frame that got past every check and still broke
+        something) is logged with its traceback, shown in the header as a failed worker, and the
+        worker restarts with fresh sockets after a short back-off; it never dies silently.
+        """
+        while not self._stopping:
+            try:
+                await self._run_once()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.status.worker_failures += 1
+                n = self.status.worker_failures
+                log.error("simic-tui: the network worker failed (%d); restarting", n, exc_info=True)
+                self.status.set(
+                    LinkState.DISCONNECTED,
+                    self.clock(),
+                    f"network worker failed ({type(exc).__name__}); restarting (failure {n})",
+                )
+                self.store.events.append(
+                    StoreEvent("info", f"network worker failed: {type(exc).__name__}; restarted", "error")
+                )
+                self.store.version += 1
+                self._pending.clear()
+                self._live_buffer.clear()
+                self._history_since = None
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(n, 6)))
+
+    async def _run_once(self) -> None:
         self._ctx = zmq.asyncio.Context()
         try:
             self._open_sockets()
@@ -277,7 +325,8 @@ class TelemetryClient:
                 with contextlib.suppress(Exception):
                     self._send_now("release", {})
             self._close_sockets()
-            self._ctx.term()
+            if self._ctx is not None:
+                self._ctx.term()
             self._ctx = None
 
     def _register(self, poller: zmq.asyncio.Poller) -> None:
@@ -298,8 +347,7 @@ class TelemetryClient:
         t = self.target
         sub = self._ctx.socket(zmq.SUB)
         sub.linger = 0
-        sub.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
-        sub.setsockopt(zmq.RCVHWM, 10_000)
+        _cap_receive(sub)
         sub.setsockopt(zmq.RECONNECT_IVL, 250)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sub.ipv6 = t.ipv6
@@ -320,7 +368,7 @@ class TelemetryClient:
         if t.can_command:
             dealer = self._ctx.socket(zmq.DEALER)
             dealer.linger = 0
-            dealer.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
+            _cap_receive(dealer)
             dealer.setsockopt(zmq.IMMEDIATE, 1)  # refuse to queue while no trainer is connected
             dealer.setsockopt(zmq.SNDHWM, 64)
             dealer.ipv6 = t.ipv6
@@ -329,6 +377,7 @@ class TelemetryClient:
             dealer.connect(t.cmd)
             self._dealer = dealer
         self.status.endpoint = t.pub
+        self.status.unencrypted = not t.curve and not t.loopback
         self._update_commands_note()
 
     def _close_sockets(self) -> None:
@@ -348,6 +397,11 @@ class TelemetryClient:
             note = f"commands disabled: the trainer speaks schema {major}.{minor}, this dashboard {SCHEMA_MAJOR}.{SCHEMA_MINOR}"
         elif not t.can_command:
             note = t.note or "commands disabled: no connection file"
+        elif not t.curve and not t.loopback and not t.allow_plaintext:
+            note = (
+                "commands disabled: the link is not encrypted (the connection file has no CURVE keys); "
+                "anyone on the path could read or replay them. Pass --allow-plaintext-commands to send anyway"
+            )
         elif self.session is None:
             note = "commands wait for the first frame from the trainer"
         elif t.session is not None and t.session != self.session:
@@ -368,35 +422,23 @@ class TelemetryClient:
             except zmq.Again:
                 return
             except zmq.ZMQError:
-                self.store.counters.note_bad("socket_error")
+                self.store.note_bad("socket_error")
                 return
             self._on_sub_frames(frames)
 
     def _on_sub_frames(self, frames: list[bytes]) -> None:
         store = self.store
         if len(frames) != 2:
-            store.counters.note_bad("frame_count")
-            store.version += 1
+            store.note_bad("frame_count")
             return
         topic, data = frames
         if topic not in (TOPIC_SNAPSHOT, TOPIC_HEARTBEAT):
-            store.counters.note_bad("unknown_topic")
-            store.version += 1
+            store.note_bad("unknown_topic")
             return
-        try:
-            env = decode_envelope(data)
-        except IncompatibleVersion as exc:
-            self._on_incompatible(exc)
+        decoded = self._decode(data, ("snapshot",) if topic == TOPIC_SNAPSHOT else ("heartbeat",))
+        if decoded is None:
             return
-        except FrameError as exc:
-            store.counters.note_bad(exc.code)
-            store.version += 1
-            return
-        expected = "snapshot" if topic == TOPIC_SNAPSHOT else "heartbeat"
-        if env.kind != expected:
-            store.counters.note_bad("wrong_topic")
-            store.version += 1
-            return
+        env, body = decoded
         now = self.clock()
         if not self._accept_session(env):
             return
@@ -406,29 +448,23 @@ class TelemetryClient:
             self.status.banner = ""
             self.status.their_version = None
             self._update_commands_note()
-        if env.kind == "heartbeat":
-            try:
-                hb = decode_body(env)
-            except FrameError as exc:
-                store.counters.note_bad(exc.code)
-                store.version += 1
-                return
-            assert isinstance(hb, Heartbeat)
-            store.note_heartbeat(env, hb)
+        if isinstance(body, Heartbeat):
+            store.note_heartbeat(env, body)
             return
         if self._history_since is not None:
-            self._live_buffer.append(env)  # held until the history reply (or its timeout)
+            self._live_buffer.append((env, body))  # held until the history reply (or its timeout)
             return
-        self._ingest(env)
+        self._ingest(env, body)
 
-    def _ingest(self, env: Envelope, *, backfill: bool = False) -> None:
+    def _decode(self, data: bytes, kinds: tuple[str, ...]) -> tuple[Envelope, Any] | None:
+        """The store's one decode path (counts bad frames); an incompatible trainer changes the link."""
         try:
-            snap = decode_body(env)
-        except FrameError as exc:
-            self.store.counters.note_bad(exc.code)
-            self.store.version += 1
-            return
-        assert isinstance(snap, Snapshot)
+            return self.store.decode_frame(data, kinds)
+        except IncompatibleVersion as exc:
+            self._on_incompatible(exc)
+            return None
+
+    def _ingest(self, env: Envelope, snap: Snapshot, *, backfill: bool = False) -> None:
         self.store.ingest(env, snap, quiet=backfill, backfill=backfill)
         self._track_lease(snap)
         if snap.profile_trace and not backfill:
@@ -471,9 +507,7 @@ class TelemetryClient:
         return True
 
     def _on_incompatible(self, exc: IncompatibleVersion) -> None:
-        now = self.clock()
-        self.store.counters.note_bad("incompatible")
-        self.store.version += 1
+        now = self.clock()  # the store counted the frame
         self.status.their_version = (exc.major, exc.minor)
         self.status.last_frame_at = now
         self.status.banner = (
@@ -492,7 +526,7 @@ class TelemetryClient:
             except zmq.Again:
                 return
             except zmq.ZMQError:
-                self.store.counters.note_bad("socket_error")
+                self.store.note_bad("socket_error")
                 return
             self._on_reply(frames)
 
@@ -500,54 +534,50 @@ class TelemetryClient:
         store = self.store
         key = self.target.key
         if len(frames) != 2 or key is None:
-            store.counters.note_bad("frame_count")
-            store.version += 1
+            store.note_bad("frame_count")
             return
         mac, data = frames
         if not mac:
             self._on_unsigned_reply(data)
             return
+        # The trainer's replies carry history (straight into the store) and acknowledgements:
+        # nothing is decoded before the signature under the connection file's key is checked.
         if not verify(key, mac, data):
-            store.counters.note_bad("bad_signature")
-            store.version += 1
+            store.note_bad("bad_signature")
             self._reply_auth_failures += 1
             self.status.banner = (
                 "Replies from the trainer fail authentication: the connection file's key does not match "
                 "this trainer (a wrong or stale key file?)."
             )
             return
-        try:
-            env = decode_envelope(data)
-            body = decode_body(env)
-        except IncompatibleVersion as exc:
-            self._on_incompatible(exc)
+        decoded = self._decode(data, ("history", "ack", "nack"))
+        if decoded is None:
             return
-        except FrameError as exc:
-            store.counters.note_bad(exc.code)
-            store.version += 1
+        env, body = decoded
+        if env.session != self.session:
+            # Signed with this file's key but for another session: a replay of an old reply.
+            store.note_bad("wrong_session")
+            return
+        if body.command_id not in self._pending:
+            # Every reply answers a command this dashboard sent and still waits for; anything else
+            # (a reply replayed on a plaintext path, a late duplicate) changes nothing.
+            store.note_bad("unexpected_reply")
             return
         if isinstance(body, History):
             self._on_history(env, body)
         elif isinstance(body, Ack):
             self._on_ack(body)
-        elif isinstance(body, Nack):
-            self._on_nack(body)
         else:
-            store.counters.note_bad("unexpected_kind")
-            store.version += 1
+            self._on_nack(body)
 
     def _on_unsigned_reply(self, data: bytes) -> None:
         """The trainer's constant, unsigned refusal of a badly signed command: say what to do."""
-        try:
-            env = decode_envelope(data)
-            body = decode_body(env)
-        except FrameError as exc:
-            self.store.counters.note_bad(exc.code)
-            self.store.version += 1
+        decoded = self._decode(data, ("nack",))
+        if decoded is None:
             return
-        if not isinstance(body, Nack) or body.code not in ("unsigned", "bad_signature"):
-            self.store.counters.note_bad("unsigned")
-            self.store.version += 1
+        body = decoded[1]
+        if body.code not in ("unsigned", "bad_signature"):
+            self.store.note_bad("unsigned")
             return
         self._pending.clear()
         if self._history_since is not None:
@@ -567,18 +597,16 @@ class TelemetryClient:
         if last_chunk:
             for cid in [cid for cid, p in self._pending.items() if p.action == "history"]:
                 del self._pending[cid]
-        if env.session != self.session:
-            return
         self._session_confirmed = True  # signed by this session's key holder
         for frame in hist.frames:
-            try:
-                fenv = decode_envelope(frame)
-            except FrameError as exc:
-                self.store.counters.note_bad(exc.code)
+            decoded = self._decode(frame, ("snapshot",))
+            if decoded is None:
                 continue
-            if fenv.session != self.session or fenv.kind != "snapshot":
+            fenv, snap = decoded
+            if fenv.session != self.session:
+                self.store.note_bad("wrong_session")
                 continue
-            self._ingest(fenv, backfill=True)
+            self._ingest(fenv, snap, backfill=True)
         if last_chunk:
             self._finish_backfill()
         elif self._history_since is not None:
@@ -589,8 +617,8 @@ class TelemetryClient:
         self._history_sent = False
         buffered = list(self._live_buffer)
         self._live_buffer.clear()
-        for env in buffered:
-            self._ingest(env)
+        for env, snap in buffered:
+            self._ingest(env, snap)
         self.store.version += 1
 
     def _on_ack(self, ack: Ack) -> None:
@@ -730,13 +758,18 @@ class TelemetryClient:
             self.lease.last_sent = now
         reopen = self._reopen_needed
         self._reopen_needed = False
-        if not self.target.can_command and now - self._last_rescan > self.rescan_interval:
+        if (not self.target.can_command or st.state != LinkState.LIVE) and (
+            now - self._last_rescan > self.rescan_interval
+        ):
+            # No key yet (the trainer has not written its file), or no frames: a restarted trainer
+            # has new keys, and with CURVE the old ones cannot even complete a handshake.
             self._last_rescan = now
             fresh = self.target.reload()
-            if fresh.can_command:
+            if fresh.session != self.target.session and _keys(fresh) != _keys(self.target):
+                had_key = self.target.can_command
                 self.target = fresh
                 reopen = True
-                if self.session is not None:
+                if self.session is not None and not had_key:
                     self._ask_history()
         if reopen:
             self._update_commands_note()

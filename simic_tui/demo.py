@@ -15,11 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import telemetry_core
+from simic_tui.crash import open_private
+from telemetry_core.protocol import connection_dir
 
 __all__ = ["DemoError", "DemoTrainer", "demo_available", "free_port_pair", "trainer_command"]
 
@@ -83,7 +84,7 @@ class DemoTrainer:
 
     def __init__(self, command: list[str], *, log_path: Path | None = None) -> None:
         self.command = command
-        self._log_path = log_path or Path(tempfile.gettempdir()) / f"simic-tui-demo-{os.getpid()}.log"
+        self._log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,15 +96,23 @@ class DemoTrainer:
         return self.proc.pid if self.proc is not None else None
 
     def start(self) -> DemoTrainer:
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._log_path, "wb") as log:
+        # In the user's 0700 runtime directory, 0600, never through a planted symlink: the shared
+        # temporary directory would let another user pre-create or redirect the file.
+        if self._log_path is None:
+            self._log_path = connection_dir() / f"demo-{os.getpid()}.log"
+        else:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = open_private(self._log_path)
+        try:
             self.proc = subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # the dashboard's terminal keys never reach it
             )
+        finally:
+            os.close(fd)
         return self
 
     def poll(self) -> int | None:

@@ -14,6 +14,7 @@ __all__ = [
     "APP_BINDINGS",
     "DASHBOARD_BINDINGS",
     "DEBUG_BINDINGS",
+    "INCIDENT_LOG_BINDINGS",
     "LIVE_ONLY",
     "PALETTE_TITLES",
     "REPLAY_BINDINGS",
@@ -86,7 +87,17 @@ DASHBOARD_BINDINGS: list[Binding] = [
     ),
     Binding("5", "panel(5)", "LSTM", show=False, id="panel_lstm", tooltip="Focus LSTM (again: zoom)"),
     Binding("escape", "unzoom", "Unzoom", show=False, id="unzoom", tooltip="Restore a zoomed panel"),
-    Binding("a", "anomalies", "Log", id="anomaly_log", tooltip="The full anomaly log"),
+    Binding(
+        "a", "anomalies", "Log", id="anomaly_log", tooltip="The incident log: filter, acknowledge, details"
+    ),
+    Binding(
+        "X",
+        "acknowledge_all",
+        "Ack all",
+        key_display="X",
+        id="incidents_ack_all",
+        tooltip="Acknowledge every incident (the header's new count goes to 0)",
+    ),
     Binding(
         "t", "thresholds", "Limits", id="thresholds", tooltip="The trainer's thresholds (limits) and why"
     ),
@@ -112,6 +123,42 @@ REPLAY_BINDINGS: list[Binding] = [
         id="replay_forward",
         tooltip="One update on",
     ),
+    Binding(
+        "pageup",
+        "step(-10)",
+        "-10",
+        show=False,
+        key_display="PgUp",
+        id="replay_page_back",
+        tooltip="Ten updates back",
+    ),
+    Binding(
+        "pagedown",
+        "step(10)",
+        "+10",
+        show=False,
+        key_display="PgDn",
+        id="replay_page_forward",
+        tooltip="Ten updates on",
+    ),
+    Binding(
+        "n",
+        "incident(1)",
+        "Incident",
+        key_display="n/N",
+        id="replay_next_incident",
+        tooltip="Go to the next incident onset",
+    ),
+    Binding(
+        "N",
+        "incident(-1)",
+        "Previous incident",
+        show=False,
+        key_display="N",
+        id="replay_previous_incident",
+        tooltip="Go to the previous incident onset",
+    ),
+    Binding("g", "goto", "Go to", id="replay_goto", tooltip="Go to a step (type it, Enter)"),
     Binding("home", "seek_start", "Start", show=False, id="replay_start", tooltip="Go to the first update"),
     Binding("end", "seek_end", "End", show=False, id="replay_end", tooltip="Go to the last update"),
     Binding(
@@ -128,6 +175,38 @@ REPLAY_BINDINGS: list[Binding] = [
     ),
 ]
 
+INCIDENT_LOG_BINDINGS: list[Binding] = [
+    Binding("escape,a", "app.pop_screen", "Back", id="anomalies_back", tooltip="Back to the dashboard"),
+    Binding(
+        "enter",
+        "detail",
+        "Detail",
+        id="incident_detail",
+        tooltip="The incident whole: message, value against limit, what to try, its history",
+    ),
+    Binding(
+        "x", "acknowledge", "Ack", id="incident_ack", tooltip="Acknowledge the incident under the cursor"
+    ),
+    Binding(
+        "X",
+        "acknowledge_all",
+        "Ack all",
+        key_display="X",
+        id="incident_ack_all",
+        tooltip="Acknowledge every incident",
+    ),
+    Binding(
+        "s",
+        "filter_severity",
+        "Severity",
+        id="incident_filter_severity",
+        tooltip="Filter: all, critical, warning incidents",
+    ),
+    Binding(
+        "k", "filter_kind", "Kind", id="incident_filter_kind", tooltip="Filter: every kind, or one at a time"
+    ),
+]
+
 DEBUG_BINDINGS: list[Binding] = [
     Binding("escape", "app.pop_screen", "Back", id="debug_back", tooltip="Back to the dashboard"),
     Binding("s", "sort_next", "Sort", id="debug_sort", tooltip="Sort the layer table by the next column"),
@@ -136,7 +215,7 @@ DEBUG_BINDINGS: list[Binding] = [
 
 # Actions that only make sense with a live trainer, or only in a replay (hidden otherwise).
 LIVE_ONLY = frozenset({"set_level", "profile", "toggle_pause"})  # in a replay, space pauses
-REPLAY_ONLY = frozenset({"play_pause", "step", "seek_start", "seek_end", "speed"})
+REPLAY_ONLY = frozenset({"play_pause", "step", "seek_start", "seek_end", "speed", "incident", "goto"})
 
 # Names on the help screen and in the command palette where the Footer's short label would not do.
 PALETTE_TITLES: dict[str, str] = {
@@ -146,7 +225,12 @@ PALETTE_TITLES: dict[str, str] = {
     "unzoom": "Unzoom",
     "level_normal": "Level NORMAL",
     "level_minimal": "Level MINIMAL",
-    "anomaly_log": "Anomaly log",
+    "anomaly_log": "Incident log",
+    "incidents_ack_all": "Acknowledge all",
+    "incident_ack": "Acknowledge",
+    "incident_ack_all": "Acknowledge all",
+    "incident_filter_severity": "Filter severity",
+    "incident_filter_kind": "Filter kind",
     "thresholds": "Thresholds",
     "ranks": "Ranks",
     "panel_policy": "Focus/zoom Policy",
@@ -155,6 +239,11 @@ PALETTE_TITLES: dict[str, str] = {
     "panel_gradients": "Focus/zoom Gradients",
     "panel_lstm": "Focus/zoom LSTM",
     "replay_back": "Step back",
+    "replay_page_back": "Ten updates back",
+    "replay_page_forward": "Ten updates on",
+    "replay_next_incident": "Next incident",
+    "replay_previous_incident": "Previous incident",
+    "replay_goto": "Go to step",
     "replay_forward": "Step forward",
     "replay_faster": "Replay faster",
     "replay_slower": "Replay slower",

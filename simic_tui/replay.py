@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simic_tui.store import TelemetryStore
-from telemetry_core.protocol import FrameError, IncompatibleVersion, decode_body, decode_envelope
+from simic_tui.store import TelemetryStore, decode_checked
+from telemetry_core.protocol import FrameError, IncompatibleVersion
 from telemetry_core.record import Recording, RecordingError, read_recording
 from telemetry_core.schema import SCHEMA_MAJOR, SCHEMA_MINOR, Envelope, Snapshot
 
@@ -67,13 +67,10 @@ def load_recording(path: str | Path) -> LoadedRecording:
     last_seq = -math.inf
     for data in rec.frames:
         try:
-            env = decode_envelope(data)
+            env, body = decode_checked(data, ("snapshot", "heartbeat"))
             if env.kind == "heartbeat":
                 loaded.heartbeats += 1
                 continue
-            if env.kind != "snapshot":
-                raise FrameError("unexpected_kind", f"a {env.kind} frame in a recording")
-            body = decode_body(env)
         except IncompatibleVersion as exc:
             raise ReplayError(
                 f"{path} holds frames of schema {exc.major}.{exc.minor}; this simic-tui reads "
@@ -104,6 +101,13 @@ class ReplaySource:
         for code, n in loaded.bad_frames.items():
             for _ in range(n):
                 store.counters.note_bad(code)
+        # the log lists the whole recording's incidents; the cursor decides which are active now
+        store.incidents.preload(snap for _, snap in loaded.frames)
+        self.onsets = [
+            i + 1
+            for i, (_, snap) in enumerate(loaded.frames)
+            if any(e.event == "onset" for e in snap.incident_events)
+        ]  # positions whose latest snapshot opens an incident
 
     @property
     def total(self) -> int:
@@ -130,6 +134,24 @@ class ReplaySource:
                 ((s.step, s.debug) for _, s in reversed(frames[:position]) if s.debug is not None), None
             )
         self.position = position
+
+    def next_onset(self, direction: int) -> int | None:
+        """The position of the next (``direction`` > 0) or previous incident onset, or None."""
+        if direction > 0:
+            return next((p for p in self.onsets if p > self.position), None)
+        return next((p for p in reversed(self.onsets) if p < self.position), None)
+
+    def position_of_step(self, step: int) -> int:
+        """The position whose latest snapshot is the first at or after ``step`` (clamped to the ends)."""
+        for i, (_, snap) in enumerate(self.loaded.frames):
+            if snap.step >= step:
+                return i + 1
+        return self.total
+
+    @property
+    def steps(self) -> tuple[int, int]:
+        frames = self.loaded.frames
+        return (frames[0][1].step, frames[-1][1].step) if frames else (0, 0)
 
     def step(self, delta: int) -> None:
         """One update forward (its anomalies notify, as they would live) or back."""

@@ -12,9 +12,12 @@ The store computes nothing about training health: it flattens the trainer's numb
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import operator
 import time
+import types
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,19 +25,27 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from simic_tui.incidents import DEFAULT_INCIDENT_CAPACITY, IncidentLog
+from simic_tui.sanitize import sanitize
 from telemetry_core.protocol import FrameError, IncompatibleVersion, decode_body, decode_envelope
-from telemetry_core.schema import Anomaly, DebugReport, Envelope, Heartbeat, Snapshot
+from telemetry_core.schema import Anomaly, DebugReport, Envelope, Heartbeat, IncidentEvent, Snapshot
 
 __all__ = [
     "DEFAULT_CAPACITY",
+    "DEFAULT_MAX_COLUMNS",
     "AnomalyEntry",
     "FrameCounters",
     "StoreEvent",
     "TelemetryStore",
+    "decode_checked",
     "flatten_snapshot",
 ]
 
 DEFAULT_CAPACITY = 10_000
+# Distinct history columns kept (each costs capacity x 9 bytes: 90 MB at 1024). A real trainer
+# uses a few hundred; a hostile one inventing keys in every frame gets its extras counted and
+# dropped instead of growing the dashboard without bound.
+DEFAULT_MAX_COLUMNS = 1024
 _INITIAL_COLUMNS = 160
 _SECTIONS = ("policy", "value", "gradients", "lstm", "episodes")
 
@@ -53,10 +64,11 @@ class AnomalyEntry:
 class StoreEvent:
     """Something the operator should be told once (drained by the UI on its timer)."""
 
-    kind: str  # "anomaly" | "profile" | "reset" | "info"
+    kind: str  # "incident" | "profile" | "reset" | "info"
     message: str
     severity: str = "information"  # textual notify severities: information | warning | error
     anomaly: Anomaly | None = None
+    incident: IncidentEvent | None = None  # an onset or upgrade (the app rate-limits their toasts)
 
 
 @dataclass
@@ -70,6 +82,7 @@ class FrameCounters:
     missed: int = 0  # snapshot sequence numbers never seen (gaps the backfill did not fill)
     older_dropped: int = 0  # frames older than what the store holds (backfill overlap), ignored
     backfilled: int = 0  # snapshots that arrived through a history request
+    columns_dropped: int = 0  # values not kept because the store holds max_columns distinct columns
 
     def note_bad(self, code: str) -> None:
         self.bad_frames += 1
@@ -91,8 +104,9 @@ def _plan(struct_type: type) -> tuple[tuple[int, str, bool, bool], ...]:
         return plan
     out: list[tuple[int, str, bool, bool]] = []
     for pos, f in enumerate(msgspec.structs.fields(struct_type)):
-        text = str(f.type)
-        if f.type in (float, int, bool):
+        ftype = _bare(f.type)
+        text = str(ftype)
+        if ftype in (float, int, bool):
             out.append((pos, f.name, False, False))
         elif text in ("float | None", "int | None", "bool | None"):
             out.append((pos, f.name, False, True))
@@ -124,10 +138,22 @@ class _StructPlan:
         ]
 
 
-def _types(struct_type: type) -> list[type]:
-    """The declared type of each planned field, in plan order."""
+def _types(struct_type: type) -> list[Any]:
+    """The declared type of each planned field, in plan order (constraints stripped)."""
     fields = msgspec.structs.fields(struct_type)
-    return [fields[pos].type for pos, _, _, _ in _plan(struct_type)]
+    return [_bare(fields[pos].type) for pos, _, _, _ in _plan(struct_type)]
+
+
+def _bare(tp: Any) -> Any:
+    """``tp`` without its ``Annotated`` constraints, unions written ``a | b`` (as declared)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _bare(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, [_bare(a) for a in typing.get_args(tp)])
+    if origin in (dict, list):
+        return origin[tuple(_bare(a) for a in typing.get_args(tp))]
+    return tp
 
 
 def _getter(positions: list[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
@@ -140,16 +166,24 @@ def _getter(positions: list[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]
 
 
 class _Flattener:
-    """Turns snapshots into (column indices, values); column names are resolved once each."""
+    """Turns snapshots into (column indices, values); column names are resolved once each.
 
-    def __init__(self) -> None:
+    At most ``max_columns`` distinct columns: a new one beyond that resolves to -1, and its values
+    are dropped and counted in ``dropped``.
+    """
+
+    def __init__(self, max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
         self.columns: dict[str, int] = {}
+        self.max_columns = max_columns
+        self.dropped = 0
         self._plans: dict[tuple[str, type], _StructPlan] = {}
         self._keyed: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
     def col(self, name: str) -> int:
         j = self.columns.get(name)
         if j is None:
+            if len(self.columns) >= self.max_columns:
+                return -1
             j = self.columns[name] = len(self.columns)
         return j
 
@@ -170,12 +204,18 @@ class _Flattener:
             keys = tuple(mapping)
             cols = self._keyed.get((name, keys))
             if cols is None:
+                if len(self._keyed) >= 4 * self.max_columns:  # key sets that keep changing
+                    self._keyed.clear()
                 cols = self._keyed[(name, keys)] = [self.col(f"{name}.{k}") for k in keys]
-            idx.extend(cols)
-            if nullable:
-                vals.extend([_NAN if v is None else v for v in mapping.values()])
+            values = [_NAN if v is None else v for v in mapping.values()] if nullable else mapping.values()
+            if -1 in cols:
+                kept = [(j, v) for j, v in zip(cols, values) if j >= 0]
+                self.dropped += len(cols) - len(kept)
+                idx.extend(j for j, _ in kept)
+                vals.extend(v for _, v in kept)
             else:
-                vals.extend(mapping.values())
+                idx.extend(cols)
+                vals.extend(values)
 
     def flatten(self, snap: Snapshot) -> tuple[list[int], list[Any]]:
         idx = [self.col("update_seconds"), self.col("anomalies")]
@@ -190,6 +230,17 @@ class _Flattener:
             self._struct("advantage.normalized", adv.normalized, idx, vals)
             self._struct("advantage.returns", adv.returns, idx, vals)
         return idx, vals
+
+
+def decode_checked(data: bytes, kinds: tuple[str, ...] | None = None) -> tuple[Envelope, Any]:
+    """Decode, range-check and clean one frame; FrameError (or IncompatibleVersion) when refused.
+
+    What :meth:`TelemetryStore.decode_frame` (the stream) and the replay (a recording) both use.
+    """
+    env = decode_envelope(data)
+    if kinds is not None and env.kind not in kinds:
+        raise FrameError("unexpected_kind", f"a {env.kind[:32]!r} frame where {'/'.join(kinds)} belongs")
+    return sanitize(env), sanitize(decode_body(env))
 
 
 def flatten_snapshot(snap: Snapshot) -> list[tuple[str, float]]:
@@ -216,13 +267,17 @@ class TelemetryStore:
         self,
         capacity: int = DEFAULT_CAPACITY,
         *,
+        max_columns: int = DEFAULT_MAX_COLUMNS,
         anomaly_capacity: int = 10_000,
+        incident_capacity: int = DEFAULT_INCIDENT_CAPACITY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 2:
             raise ValueError(f"capacity must be >= 2, got {capacity}")
         self.capacity = capacity
+        self.max_columns = max_columns
         self.anomaly_capacity = anomaly_capacity
+        self.incidents = IncidentLog(incident_capacity)
         self.clock = clock
         self.counters = FrameCounters()
         self.events: collections.deque[StoreEvent] = collections.deque(maxlen=256)
@@ -243,8 +298,12 @@ class TelemetryStore:
         self.last_seq: int | None = None
         self.anomalies: collections.deque[AnomalyEntry] = collections.deque(maxlen=self.anomaly_capacity)
         self.anomaly_total = 0
+        if self.incidents.preloaded:  # a replay's log is the whole recording's: it outlives a rebuild
+            self.incidents.position(None)
+        else:
+            self.incidents.clear()
         self.profile_traces: list[tuple[int, str]] = []
-        self._flat = _Flattener()
+        self._flat = _Flattener(self.max_columns)
         self._cols = self._flat.columns
         self._data = np.full((self.capacity, _INITIAL_COLUMNS), np.nan)
         self._present = np.zeros((self.capacity, _INITIAL_COLUMNS), dtype=np.bool_)
@@ -258,31 +317,43 @@ class TelemetryStore:
         self.session = session
 
     # -- ingest ----------------------------------------------------------------------------------
+    def decode_frame(self, data: bytes, kinds: tuple[str, ...] | None = None) -> tuple[Envelope, Any] | None:
+        """The one way a frame from the stream, a reply or a recording enters the dashboard.
+
+        Decodes the envelope and its body (sizes, types and integer ranges checked by the schema),
+        refuses a kind outside ``kinds``, and cleans every string for the terminal. A bad frame is
+        counted here (and nowhere else) and None returned; :class:`IncompatibleVersion` is counted
+        and re-raised: it is a state of the link, not one bad frame.
+        """
+        try:
+            return decode_checked(data, kinds)
+        except IncompatibleVersion:
+            self.counters.note_bad("incompatible")
+            self.version += 1
+            raise
+        except FrameError as exc:
+            self.note_bad(exc.code)
+            return None
+
+    def note_bad(self, code: str) -> None:
+        """Count a frame refused before decoding (wrong frame count, topic, signature, ...)."""
+        self.counters.note_bad(code)
+        self.version += 1
+
     def ingest_bytes(self, data: bytes, *, quiet: bool = False, backfill: bool = False) -> Envelope | None:
         """Decode one published frame and ingest it; a bad frame is counted, never raised.
 
         Returns the envelope for frames that decoded (snapshots and heartbeats), else None.
         :class:`IncompatibleVersion` is re-raised: it is a state of the link, not one bad frame.
         """
-        try:
-            env = decode_envelope(data)
-            body = decode_body(env)
-        except IncompatibleVersion:
-            self.counters.note_bad("incompatible")
-            self.version += 1
-            raise
-        except FrameError as exc:
-            self.counters.note_bad(exc.code)
-            self.version += 1
+        decoded = self.decode_frame(data, ("snapshot", "heartbeat"))
+        if decoded is None:
             return None
+        env, body = decoded
         if isinstance(body, Snapshot):
             self.ingest(env, body, quiet=quiet, backfill=backfill)
-        elif isinstance(body, Heartbeat):
-            self.note_heartbeat(env, body)
         else:
-            self.counters.note_bad("unexpected_kind")
-            self.version += 1
-            return None
+            self.note_heartbeat(env, body)
         return env
 
     def note_heartbeat(self, env: Envelope, hb: Heartbeat) -> None:
@@ -306,6 +377,9 @@ class TelemetryStore:
         self.last_seq = env.seq
         pos = self.count % self.capacity
         self._write_row(pos, *self._flat.flatten(snap))
+        if self._flat.dropped:
+            self.counters.columns_dropped += self._flat.dropped
+            self._flat.dropped = 0
         self._steps[pos] = snap.step
         self._seqs[pos] = env.seq
         self.count += 1
@@ -322,7 +396,8 @@ class TelemetryStore:
                 self.events.append(
                     StoreEvent("profile", f"profile trace written to {snap.profile_trace}", "information")
                 )
-        self._log_anomalies(env, snap, quiet)
+        self._log_anomalies(env, snap)
+        self._log_incidents(snap, quiet)
         self.counters.snapshots += 1
         if backfill:
             self.counters.backfilled += 1
@@ -355,23 +430,29 @@ class TelemetryStore:
         mask[:, :width] = self._present
         self._present = mask
 
-    def _log_anomalies(self, env: Envelope, snap: Snapshot, quiet: bool) -> None:
-        before = {(a.kind, a.head) for a in self.previous.anomalies} if self.previous else set()
+    def _log_anomalies(self, env: Envelope, snap: Snapshot) -> None:
+        """The detector's per-update judgements, kept for export and the DEBUG view (no toasts: the
+        operator is told of incidents, which do not repeat every update)."""
         for anomaly in snap.anomalies:
             self.anomalies.append(AnomalyEntry(self.count - 1, env.seq, env.wall_time, anomaly))
             self.anomaly_total += 1
-            if not quiet and (anomaly.kind, anomaly.head) not in before:
-                severity = "error" if anomaly.severity == "critical" else "warning"
-                where = f" ({anomaly.head})" if anomaly.head else ""
-                message = anomaly.message if len(anomaly.message) <= 110 else anomaly.message[:109] + "…"
-                self.events.append(
-                    StoreEvent(
-                        "anomaly",
-                        f"{anomaly.kind}{where} at step {anomaly.step}: {message}",
-                        severity,
-                        anomaly,
-                    )
+
+    def _log_incidents(self, snap: Snapshot, quiet: bool) -> None:
+        news = self.incidents.update(snap)
+        if quiet:
+            return
+        for event in news:
+            inc = event.incident
+            where = f" ({inc.scope})" if inc.scope else ""
+            verb = "now critical" if event.event == "upgrade" else inc.severity
+            self.events.append(
+                StoreEvent(
+                    "incident",
+                    f"{inc.kind}{where} {verb} at step {event.step}",
+                    "error" if inc.severity == "critical" else "warning",
+                    incident=event,
                 )
+            )
 
     def truncate(
         self, keep: int, latest: tuple[Envelope, Snapshot] | None, previous: Snapshot | None
@@ -391,6 +472,7 @@ class TelemetryStore:
             self.latest_env, self.latest = latest
             self.last_seq = self.latest_env.seq
         self.previous = previous
+        self.incidents.position(self.latest)
         self.profile_traces = [
             (s, p) for s, p in self.profile_traces if self.latest and s <= self.latest.step
         ]

@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from telemetry_core.kinds import SPECS
+
 __all__ = [
     "ANOMALY_KINDS",
     "DEFAULT_ESCALATION_UPDATES",
@@ -77,22 +79,9 @@ class Phase(str, enum.Enum):
     LATE = "late"
 
 
-# Stable anomaly identifiers. The dashboard, the recordings and the tests refer to these strings.
-ANOMALY_KINDS: tuple[str, ...] = (
-    "entropy_collapse",
-    "kl_spike",
-    "ratio_explosion",
-    "ratio_collapse",
-    "value_collapse",
-    "ev_low",
-    "numerical_instability",
-    "gradient_exploding",
-    "gradient_vanishing",
-    "gradient_drift",
-    "lstm_unhealthy",
-    "performance_degradation",
-    "rank_divergence",
-)
+# Stable anomaly identifiers, in registry order (``telemetry_core.kinds`` defines each kind). The
+# dashboard, the recordings and the tests refer to these strings.
+ANOMALY_KINDS: tuple[str, ...] = tuple(SPECS)
 
 
 def _t(default: Any, why: str) -> Any:
@@ -169,6 +158,22 @@ class Thresholds:
         "bursts while they learn fast; in 8 seeds x 300 updates this fired once (seed 8, update 43, "
         "at 0.67: a head sharpening fast) - a warning, the price of flagging the slow seeds in time",
     )
+    entropy_slide_critical_updates: int = _t(
+        3,
+        "a head flagged (collapsing or collapsed) at least this many updates in a row ... (a healthy "
+        "demo head's dip is flagged for 1-2 updates at most)",
+    )
+    entropy_slide_critical_window: int = _t(
+        10,
+        "... and at most this many ... (a converged feed-forward Acrobot agent's head sat below the "
+        "limit for 600+ updates, drifting from 0.1 to 0.06: slow, healthy, never critical) ...",
+    )
+    entropy_slide_critical_fraction: float = _t(
+        0.3,
+        "... that fell below this fraction of its median before the slide is critical, and stays so "
+        "while flagged: a wrong-sign ent_coef stayed a warning for 9+ updates at normalised entropy "
+        "0.035; the demo's (seed 1) is at 0.15 of its median 4 updates after onset",
+    )
     entropy_baseline_window: int = _t(10, "updates in each head's rolling entropy baseline (median)")
     # ---- policy: KL, ratios, clipping ----------------------------------------------------------
     kl_target: float = _t(0.01, "typical PPO KL target per update (Schulman; SB3 and Spinning Up defaults)")
@@ -205,6 +210,24 @@ class Thresholds:
         "min ratio below this is critical: a probability fell 1000x in one update (one sample of "
         "16k in a healthy demo run reached 0.0073: probabilities can shrink without bound)",
     )
+    ratio_tail_share: float = _t(
+        0.002,
+        "ratio_explosion / ratio_collapse fire when more than this share of the update's samples lies "
+        "beyond the limit (critical: beyond the critical limit): the single extreme of ~16k samples is "
+        "noise (a healthy recurrent agent's min ratio reached 2.1e-4)",
+    )
+    ratio_tail_share_critical: float = _t(
+        0.02,
+        "ratio_explosion / ratio_collapse are also critical when more than this share of the samples "
+        "lies beyond the warning limit",
+    )
+    ratio_tail_min_samples: int = _t(
+        3,
+        "the ratio tail rules need more than this many samples beyond the limit, however small the "
+        "update: healthy demo updates (3 seeds x 300) never had more than 2 samples beyond any ratio "
+        "limit; the demo's actor/learner mismatch, cut to 256 samples by the target-KL stop, had 5 "
+        "above 10x and 31 below 0.02",
+    )
     clip_fraction_warning: float = _t(
         0.3, "clip fraction above this is shown yellow (folklore 0.1-0.3 band; not a KL proxy)"
     )
@@ -233,10 +256,21 @@ class Thresholds:
         "value_collapse's std rule also needs std(values) below this fraction of its recent median: "
         "a solved task's critic rightly predicts ~one value while rare failures inflate std(returns)",
     )
+    value_std_tracking_min: float = _t(
+        0.25,
+        "value_collapse's std rule also needs that recent median to have been at least this fraction "
+        "of std(returns): a feed-forward Acrobot agent that learnt nothing (return -500 throughout) "
+        "held a critic spread of 0.05-1.1 against a return std of 3.6 (median ratio 0.13) and was "
+        "judged collapsed; healthy critics of the demo and the two-head Acrobot agent hold 0.4-0.9",
+    )
     ev_return_cv_min: float = _t(
-        0.01,
-        "ev_low is not judged when std(returns) < this x |mean(returns)|: EV of nearly constant "
-        "returns is noise (a solved demo scores EV -3 with value errors of 0.03)",
+        0.05,
+        "ev_low is not judged when the returns' spread (std, or the inter-decile range / 2.563 when "
+        "smaller) < this x |mean(returns)|: EV of nearly constant returns is noise. The solved demo "
+        "(seeds 1, 2) fired ev_low 5 times in 2 x 300 updates on returns whose bulk spread was 1-3% "
+        "of the mean (one failed episode making the std); a recurrent Acrobot agent failing every "
+        "episode alike (returns within 3.1% of their mean, the critic blind to the time limit) fired "
+        "in 2 of 3 seeds; 0.01 on the std alone let all of them through",
     )
     baseline_min_updates: int = _t(
         5,
@@ -277,12 +311,18 @@ class Thresholds:
     )
     grad_ema_momentum: float = _t(0.99, "EMA momentum of gradient drift tracking (reference)")
     grad_drift: float = _t(
-        2.0,
-        "|x - ema| / ema above this (for grad_drift_patience updates) is gradient_drift; the reference's 0.5 "
-        "flagged ~55 of 300 healthy demo updates, 2.0 leaves 2-5 and still catches every injection",
+        3.0,
+        "|x - ema| / ema above this (for grad_drift_patience updates) is gradient_drift. The reference's "
+        "0.5 flagged ~55 of 300 healthy demo updates; 2.0 (patience 3) still fired 2 onsets per healthy "
+        "demo run (seeds 1, 2: updates 24-36, where the pre-clip norm rises 6x while the EMA of momentum "
+        "0.99 still remembers update 1: drift 2-4.3); a reward scale changed 30x mid-run (a real small "
+        "PPO) drifts 13-39 for the 7 updates after it",
     )
     grad_drift_patience: int = _t(
-        3, "consecutive updates of drift above grad_drift before gradient_drift fires (one-off noise)"
+        4,
+        "consecutive updates of drift above grad_drift before gradient_drift fires: in 3 healthy demo "
+        "runs x 300 updates the drift stayed above 3 for 3 updates once (seed 3, 158-160, a 5x burst of "
+        "the norm that settled), never for 4",
     )
     grad_drift_warmup: int = _t(10, "no drift verdict before this many updates (review L4)")
     # ---- LSTM -----------------------------------------------------------------------------------
@@ -300,12 +340,20 @@ class Thresholds:
     )
     lstm_gate_sample: int = _t(64, "rows of the batch used for gate saturation at NORMAL (DEBUG uses all)")
     lstm_relative_factor: float = _t(
-        3.0,
-        "lstm_unhealthy's state explosion also needs the h/c L2 norm above this multiple of its "
-        "largest recent value: a healthy counting LSTM holds |c| in the hundreds and grows its state "
-        "<1.8x within 20 updates; demo lstm-explosion jumps 6x",
+        4.0,
+        "lstm_unhealthy's state explosion also needs the h/c L2 norm above this multiple of its recent "
+        "level (median of the last baseline_min_updates norms): a healthy counting LSTM grows its "
+        "state ~8% per update, the demo's lstm-explosion jumps ~8x in one update",
     )
-    lstm_baseline_window: int = _t(20, "updates in the rolling LSTM state-norm baselines (largest value)")
+    lstm_spread_k: float = _t(
+        5.0,
+        "... and its log-norm more than this many robust sigmas (1.4826 x MAD) of its own recent "
+        "update-to-update log changes above that level: a bursty healthy LSTM (c norm 77 -> 250 in "
+        "one update while its return improved) is judged against its own burstiness",
+    )
+    lstm_baseline_window: int = _t(
+        20, "updates in the rolling LSTM state log-norm baselines (the spread of their update-to-update changes)"
+    )
     # ---- advantages -------------------------------------------------------------------------------
     adv_skew_warning: float = _t(3.0, "|skew| of raw advantages above this is shown yellow: outliers")
     adv_kurtosis_warning: float = _t(
@@ -438,23 +486,9 @@ def phase_of(step: int, total_updates: int | None, thresholds: Thresholds) -> Ph
     return Phase.LATE
 
 
-# Updates of automatic DEBUG after each anomaly kind. Severe, rare events get long captures; noisy,
-# mild ones short ones (review L5).
-DEFAULT_ESCALATION_UPDATES: dict[str, int] = {
-    "numerical_instability": 20,
-    "ratio_explosion": 10,
-    "gradient_exploding": 10,
-    "entropy_collapse": 8,
-    "kl_spike": 5,
-    "ratio_collapse": 5,
-    "value_collapse": 5,
-    "lstm_unhealthy": 5,
-    "gradient_vanishing": 5,
-    "performance_degradation": 5,
-    "rank_divergence": 5,
-    "ev_low": 3,
-    "gradient_drift": 3,
-}
+# Updates of automatic DEBUG after each anomaly kind (its spec's): severe, rare events get long
+# captures; noisy, mild ones short ones (review L5).
+DEFAULT_ESCALATION_UPDATES: dict[str, int] = {k: s.escalation_updates for k, s in SPECS.items()}
 
 
 @dataclass

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from telemetry_core.config import TelemetryConfig, TelemetryLevel, Thresholds
+from telemetry_core.kinds import SPECS
 from telemetry_core.schema import Anomaly, RankStats
 
 if TYPE_CHECKING:
@@ -106,11 +107,7 @@ NONFINITE_ONLY: tuple[str, ...] = ("policy_loss",)
 
 REASON_CONFIGURED, REASON_OPERATOR, REASON_ESCALATION = 0, 1, 2
 
-_ACTION = (
-    "Compare this rank with the others: its environment seeds and workers, its data, its device "
-    "(memory errors, clocks, thermal throttling). A NaN on one rank poisons the averaged gradients of "
-    "every rank: find its input. The DEBUG screen of rank 0 shows only rank 0's layers."
-)
+_ACTION = SPECS["rank_divergence"].action
 _STRAGGLER_ACTION = (
     "Every collective waits for the slowest rank: check this rank's host load, its environment "
     "workers and simulator, its share of environments, and its device clocks."
@@ -228,6 +225,8 @@ class RankJudge:
     verdict. Keeps a small rolling state: each judged statistic's recent per-update MADs and each
     rank's previous value (to name the rank that moved when two ranks disagree).
     """
+
+    KIND = "rank_divergence"  # its spec in telemetry_core.kinds names this class as its rule
 
     def __init__(self, thresholds: Thresholds, keys: Sequence[str]) -> None:
         if not isinstance(thresholds, Thresholds):
@@ -625,7 +624,6 @@ class RankAggregator:
             return None
         import torch
 
-        from telemetry_core.reductions.gradients import _SUMS
         from telemetry_core.reductions.policy import _SUM_K3
 
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -643,9 +641,10 @@ class RankAggregator:
         g = pending.get("grad.stats")
         calls = int(getattr(grads, "calls", 0) or 0)
         if g is not None and calls:
-            entry(g[_SUMS.index("total")], 0.0, float(calls))
-            entry(torch.trunc(g[_SUMS.index("nan_est")]))
-            entry(torch.trunc(g[_SUMS.index("inf_est")]))
+            total, nan_est, inf_est = grads.rank_sums().unbind()
+            entry(total, 0.0, float(calls))
+            entry(torch.trunc(nan_est))
+            entry(torch.trunc(inf_est))
         else:
             entry(None, nan)
             entry(None, 0.0)

@@ -15,7 +15,7 @@ Typical use (see README for the ~10 lines a CleanRL-style loop adds)::
                       total_updates=num_updates, lstm=agent.lstm) as hub:
         for update in range(num_updates):
             ...rollout, GAE...
-            hub.observe_rollout(advantages=b_adv, returns=b_returns, values=b_values)
+            hub.observe_rollout(raw_advantages=b_adv, returns=b_returns, values=b_values)
             for epoch in range(update_epochs):
                 for mb in minibatches:
                     ...loss...
@@ -26,6 +26,10 @@ Typical use (see README for the ~10 lines a CleanRL-style loop adds)::
                     hub.observe_minibatch(new_logprob=..., old_logprob=..., advantages=mb_adv,
                                           clip_range=0.2, epoch=epoch)
             hub.end_update(update, lstm_state=(h, c))
+
+Numbers may be Python or numpy numbers wherever the API takes one (``heads={"action":
+envs.single_action_space.n}``, a ``np.float32`` clip range); a tensor is refused where reading it
+would sync the device.
 """
 
 from __future__ import annotations
@@ -34,11 +38,10 @@ import contextlib
 import logging
 import math
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import torch
@@ -55,7 +58,7 @@ from telemetry_core.debug import DebugDiagnostics
 from telemetry_core.ema import GradientEMA
 from telemetry_core.incidents import IncidentTracker
 from telemetry_core.record import Recorder
-from telemetry_core.reductions.advantage import AdvantageReducer
+from telemetry_core.reductions.advantage import AdvantageReducer, as_int, as_real
 from telemetry_core.reductions.episodes import EpisodeReducer
 from telemetry_core.reductions.gradients import GradientReducer, resolve_groups
 from telemetry_core.reductions.lstm import LSTMReducer
@@ -76,8 +79,6 @@ __all__ = ["TelemetryHub"]
 
 log = logging.getLogger("telemetry_core")
 
-T = TypeVar("T")
-
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 DEFAULT_LEASE_UPDATES = 50
 DEFAULT_LEASE_SECONDS = 15.0
@@ -89,9 +90,12 @@ class TelemetryHub:
     Args:
         model: the ``nn.Module`` being trained (its named parameters are observed), or an iterable of
             ``(name, parameter)`` pairs.
-        heads: action head name -> number of actions (order = columns of ``actions``).
+        heads: action head name -> number of actions (order = columns of ``actions``); a Python or
+            numpy integer (``envs.single_action_space.n`` as it is).
         max_grad_norm: the loop's gradient clipping cap (gradient limits are relative to it).
         total_updates: planned number of updates (training phase, performance checks).
+        clip_range: the PPO clip range, when it is constant: :meth:`observe_minibatch` may then
+            omit it (a value given there wins, e.g. a scheduled clip range).
         config: levels, escalation, thresholds (default :class:`TelemetryConfig`).
         bind: ZeroMQ endpoint for the PUB socket (commands on port + 1); ``None`` for no network.
         record: path of a recording file for every published frame, or ``None``.
@@ -117,6 +121,7 @@ class TelemetryHub:
         heads: Mapping[str, int],
         max_grad_norm: float,
         total_updates: int | None = None,
+        clip_range: float | None = None,
         config: TelemetryConfig | None = None,
         bind: str | None = DEFAULT_BIND,
         record: str | Path | None = None,
@@ -133,18 +138,16 @@ class TelemetryHub:
         self.thresholds = self.config.thresholds
         if not isinstance(heads, Mapping) or not heads:
             raise ValueError("heads must be a non-empty mapping: head name -> number of actions")
-        for name, n in heads.items():
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"heads[{name!r}] must be a positive int (number of actions), got {n!r}")
-        self.heads = dict(heads)
-        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
-            raise TypeError(f"max_grad_norm must be a number, got {max_grad_norm!r}")
-        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm!r}")
-        self.max_grad_norm = float(max_grad_norm)
-        if total_updates is not None and (not isinstance(total_updates, int) or total_updates < 1):
-            raise ValueError(f"total_updates must be a positive int or None, got {total_updates!r}")
-        self.total_updates = total_updates
+        self.heads = {
+            name: as_int(f"heads[{name!r}] (number of actions)", n, minimum=1) for name, n in heads.items()
+        }
+        self._only_head = next(iter(self.heads))  # what entropy= means for a single-head policy
+        self._epoch_marked = False  # next_epoch() was called: epochs are counted by its calls from then on
+        self.max_grad_norm = as_real("max_grad_norm", max_grad_norm, above=0.0)
+        self.total_updates = (
+            None if total_updates is None else as_int("total_updates", total_updates, minimum=1)
+        )
+        self.clip_range = None if clip_range is None else as_real("clip_range", clip_range, minimum=0.0)
         self.run_name = run_name
 
         named = list(model.named_parameters()) if isinstance(model, nn.Module) else list(model)
@@ -168,7 +171,7 @@ class TelemetryHub:
         self._ema = GradientEMA(
             momentum=th.grad_ema_momentum, warmup=th.grad_drift_warmup
         )
-        self.detector = AnomalyDetector(th, total_updates=total_updates, heads=self.heads)
+        self.detector = AnomalyDetector(th, total_updates=self.total_updates, heads=self.heads)
         self.incidents = IncidentTracker.from_thresholds(th)
 
         self.session = protocol.new_session_id()
@@ -176,14 +179,13 @@ class TelemetryHub:
         self._error_kinds: set[str] = set()
         self._seq = 0
         self._pid = os.getpid()
-        self._lock = threading.Lock()
         self.run_info = RunInfo(
             name=run_name,
             heads=self.heads,
             param_names=[n for n, _ in named],
             param_numels=[p.numel() for _, p in named],
             groups={g: sum(named[i][1].numel() for i in idx) for g, idx in group_index.items()},
-            planned_updates=total_updates,
+            planned_updates=self.total_updates,
             world_size=1,
             rank=0,
             device=str(device),
@@ -197,9 +199,7 @@ class TelemetryHub:
         self._profile_remaining = 0
         self._profile_path: str | None = None
         self._profile_done: str | None = None
-        self._pending_acks: list[tuple[Any, Ack | Nack]] = []
 
-        self._step = 0
         self._last_end = time.perf_counter()
         self._level, self._reason = self.config.effective(0)
         self._closed = False
@@ -297,31 +297,42 @@ class TelemetryHub:
             if self.strict:
                 raise
 
-    def _call(self, where: str, fn: Callable[[], T]) -> T | None:
-        with self._guard(where):
-            return fn()
-        return None
-
     # ------------------------------------------------------------------------------------------
     # observation (hot path: no host syncs)
     # ------------------------------------------------------------------------------------------
     def observe_rollout(
         self,
         *,
-        advantages: torch.Tensor,
+        raw_advantages: torch.Tensor | None = None,
         returns: torch.Tensor,
         values: torch.Tensor,
         episode_returns: Sequence[float] | torch.Tensor | None = None,
         episode_lengths: Sequence[float] | torch.Tensor | None = None,
+        advantages: torch.Tensor | None = None,
     ) -> None:
-        """Once per update, on the rollout buffer (raw GAE advantages, returns, value predictions)."""
+        """Once per update, on the rollout buffer: the advantages as GAE produced them (before any
+        normalisation), the returns and the value predictions, same shape; the episodes that ended.
+
+        ``advantages=`` is the older name of ``raw_advantages=`` (passing both is an error). The
+        rollout's size (elements of ``raw_advantages``) is what :meth:`observe_minibatch` counts
+        epochs against when the loop does not say its epoch.
+        """
         if self._rollout_at is None:  # end of the rollout: the rank-straggler clock (distributed.py)
             self._rollout_at = time.perf_counter()
         if self._level == TelemetryLevel.OFF:
             return
         with self._guard("observe_rollout"):
+            if advantages is not None:
+                if raw_advantages is not None:
+                    raise TypeError("pass raw_advantages= (or its older name advantages=), not both")
+                raw_advantages = advantages
+            if raw_advantages is None:
+                raise TypeError(
+                    "observe_rollout() needs raw_advantages= (the advantages as GAE produced them)"
+                )
             self._value.observe_rollout(values, returns, level=self._level)
-            self._adv.observe_rollout(advantages, returns, level=self._level)
+            self._adv.observe_rollout(raw_advantages, returns, level=self._level)
+            self._rollout_samples += raw_advantages.numel()
             if episode_returns is not None:
                 self._episodes.observe(episode_returns, episode_lengths, level=self._level)
 
@@ -359,8 +370,9 @@ class TelemetryHub:
         new_logprob: torch.Tensor,
         old_logprob: torch.Tensor,
         advantages: torch.Tensor | None = None,
-        clip_range: float,
-        epoch: int,
+        clip_range: float | None = None,
+        epoch: int | None = None,
+        entropy: torch.Tensor | None = None,
         head_new_logprobs: Mapping[str, torch.Tensor] | None = None,
         head_old_logprobs: Mapping[str, torch.Tensor] | None = None,
         head_entropies: Mapping[str, torch.Tensor] | None = None,
@@ -368,12 +380,40 @@ class TelemetryHub:
         indices: torch.Tensor | Sequence[int] | None = None,
         policy_loss: torch.Tensor | None = None,
         value_loss: torch.Tensor | None = None,
+        action_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """After each minibatch: log-probs (joint and per head), entropies, advantages, losses."""
+        """After each minibatch: log-probs (joint and per head), entropies, advantages, losses.
+
+        Args:
+            advantages: the minibatch's advantages as fed to the loss (normalised or not, as the
+                loop does it); the rollout's raw ones go to :meth:`observe_rollout`.
+            clip_range: the PPO clip range (a Python or numpy number); may be omitted when the hub
+                was built with ``clip_range=``.
+            epoch: the epoch this minibatch belongs to. When omitted the hub counts: a new epoch
+                starts at :meth:`next_epoch` once the loop calls it, and until then when this
+                minibatch's samples would take the epoch past the rollout's size (one pass over
+                the buffer, as CleanRL's, TorchRL's and SB3's loops make, a short last minibatch
+                or a dropped remainder included). Without :meth:`observe_rollout` nor
+                :meth:`next_epoch` every minibatch counts as epoch 0.
+            entropy: a single-head policy's per-sample entropies (``head_entropies={head: ...}``
+                for several heads; not both).
+            action_masks: head -> bool ``(n, actions)`` tensor (True = valid) of a masked policy:
+                that head's normalised entropy divides by log(valid actions) per sample instead
+                of log(number of actions), so heavy masking does not read as entropy collapse.
+        """
         level = self._level
         if level == TelemetryLevel.OFF:
             return
         try:  # per minibatch: a plain try (free) on the hot path, the guard only on failure
+            if clip_range is None:
+                clip_range = self.clip_range
+                if clip_range is None:
+                    raise TypeError(
+                        "observe_minibatch() needs clip_range= (or build the hub with clip_range=)"
+                    )
+            if entropy is not None:
+                head_entropies = self._single_head_entropy(entropy, head_entropies)
+            epoch = self._epoch_of(new_logprob) if epoch is None else as_int("epoch", epoch, minimum=0)
             self._policy.observe(
                 new_logprob=new_logprob,
                 old_logprob=old_logprob,
@@ -385,6 +425,9 @@ class TelemetryHub:
                 policy_loss=policy_loss,
                 level=level,
             )
+            self._last_epoch = epoch
+            if action_masks:
+                self._policy.observe_action_masks(head_entropies or {}, action_masks, level)
             if value_loss is not None:
                 self._value.observe_minibatch(value_loss, level=level)
             if advantages is not None and level >= TelemetryLevel.NORMAL:
@@ -403,11 +446,58 @@ class TelemetryHub:
             with self._guard("observe_minibatch"):
                 raise
 
-    def early_stop(self, *, epoch: int, kl: torch.Tensor | float | None = None) -> None:
-        """The loop's target-KL early stop fired at ``epoch``."""
+    def observe_log_std(self, head: str, log_std: torch.Tensor) -> None:
+        """A continuous (diagonal Gaussian) head's log standard deviations (per dimension, or per
+        sample and dimension), e.g. after each update: reported as their mean, min and max."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("observe_log_std"):
+            self._policy.observe_log_std(head, log_std, self._level)
+
+    def next_epoch(self) -> None:
+        """Start a new epoch of the update for minibatches observed without ``epoch=``.
+
+        Call it at the start of every epoch (a call before any minibatch of the current epoch was
+        observed changes nothing, so the first epoch's call is harmless). From the first call on,
+        for the rest of the run, epochs are counted by these calls only, not by samples: what a
+        loop needs whose epochs are not one pass over the rollout (minibatches sampled with
+        replacement). Called at the end of every epoch instead it counts the same, except in the
+        first update when that update's first epoch runs past the rollout's size.
+        """
+        self._epoch_marked = True
+        if self._epoch_samples:
+            self._epoch_counted += 1
+            self._epoch_samples = 0
+
+    def _epoch_of(self, new_logprob: object) -> int:
+        """The counted epoch of a minibatch that came without one (see :meth:`observe_minibatch`)."""
+        n = new_logprob.numel() if isinstance(new_logprob, torch.Tensor) else 0
+        rollout = self._rollout_samples
+        if not self._epoch_marked and rollout and self._epoch_samples and self._epoch_samples + n > rollout:
+            self._epoch_counted += 1
+            self._epoch_samples = 0
+        self._epoch_samples += n
+        return self._epoch_counted
+
+    def _single_head_entropy(
+        self, entropy: torch.Tensor, head_entropies: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        if head_entropies is not None:
+            raise TypeError("pass entropy= (one head) or head_entropies= (per head), not both")
+        if len(self.heads) != 1:
+            raise ValueError(
+                f"entropy= is for a single-head policy; this hub has heads {list(self.heads)}: "
+                "pass head_entropies={head: entropy, ...}"
+            )
+        return {self._only_head: entropy}
+
+    def early_stop(self, *, epoch: int | None = None, kl: torch.Tensor | float | None = None) -> None:
+        """The loop's target-KL early stop fired at ``epoch`` (default: the epoch of the last
+        minibatch observed, given or counted)."""
         if self._level == TelemetryLevel.OFF:
             return
         with self._guard("early_stop"):
+            epoch = self._last_epoch if epoch is None else as_int("epoch", epoch, minimum=0)
             self._policy.early_stop(epoch, kl)
 
     # ------------------------------------------------------------------------------------------
@@ -420,11 +510,23 @@ class TelemetryHub:
         lstm_state: tuple[torch.Tensor, torch.Tensor] | None = None,
         lstm_inputs: torch.Tensor | None = None,
         lstm_input_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        lstm_resets: torch.Tensor | None = None,
     ) -> Snapshot | None:
         """Close update ``step``: one host transfer, detection, publish; apply queued commands.
 
+        ``lstm_state`` is the final ``(h, c)``. For gate saturation also pass the LSTM's inputs over
+        the rollout (``lstm_inputs``, laid out as the LSTM takes them), the state they started from
+        (``lstm_input_state``; zeros when omitted) and, when the loop zeroes the state at episode
+        starts, where it did (``lstm_resets``: ``(T, B)``, ``(B, T)`` with ``batch_first``; nonzero
+        where the state entering that step was zeroed, as CleanRL's ``dones`` and TorchRL's
+        ``is_init``): the whole rollout is replayed as the loop ran it, no sequence cutting needed.
+        Without ``lstm_inputs`` the snapshot says the gates were not fed.
+
         Returns the published :class:`Snapshot` (``None`` at OFF, or if telemetry failed).
         """
+        if type(step) is not int:  # a numpy step is fine; a bad one is telemetry's error, not training's
+            with self._guard("end_update"):
+                step = as_int("step", step)
         now = time.perf_counter()
         update_seconds = now - self._last_end
         rollout_at, self._rollout_at = self._rollout_at, None
@@ -437,13 +539,12 @@ class TelemetryHub:
             if level > TelemetryLevel.OFF and os.getpid() == self._pid:
                 with self._guard("end_update"):
                     snapshot = self._collect(
-                        step, level, update_seconds, lstm_state, lstm_inputs, lstm_input_state
+                        step, level, update_seconds, lstm_state, lstm_inputs, lstm_input_state, lstm_resets
                     )
         finally:
             if self._ranks is not None and os.getpid() == self._pid:
                 with self._guard("ranks"):  # every rank joins this update's collective, whatever happened
                     self._ranks.settle()
-        self._step = step
         with self._guard("commands"):
             self._boundary(step)
         self._reset_reducers()
@@ -458,10 +559,13 @@ class TelemetryHub:
         lstm_state: tuple[torch.Tensor, torch.Tensor] | None,
         lstm_inputs: torch.Tensor | None,
         lstm_input_state: tuple[torch.Tensor, torch.Tensor] | None,
+        lstm_resets: torch.Tensor | None = None,
     ) -> Snapshot:
         if lstm_state is not None and level >= TelemetryLevel.NORMAL:
             h, c = lstm_state
-            self._lstm.observe(h, c, inputs=lstm_inputs, input_state=lstm_input_state, level=level)
+            self._lstm.observe(
+                h, c, inputs=lstm_inputs, input_state=lstm_input_state, resets=lstm_resets, level=level
+            )
         pending: dict[str, torch.Tensor] = {}
         reducers = (self._grads, self._policy, self._value, self._adv, self._lstm, self._episodes, self._debug)
         for reducer in reducers:
@@ -674,6 +778,11 @@ class TelemetryHub:
         for reducer in (self._grads, self._policy, self._value, self._adv, self._lstm, self._episodes):
             reducer.reset()
         self._debug.reset(self._level)
+        # Epochs counted for minibatches observed without one (observe_minibatch, next_epoch).
+        self._rollout_samples = 0
+        self._epoch_counted = 0
+        self._epoch_samples = 0
+        self._last_epoch = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Host-side state worth checkpointing: the gradient EMA, the detector's history and, under

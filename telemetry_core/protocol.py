@@ -43,11 +43,14 @@ from telemetry_core.schema import (
 __all__ = [
     "MAX_COMMAND_BYTES",
     "MAX_FRAME_BYTES",
+    "MAX_LEASE_UPDATES",
+    "MAX_PROFILE_UPDATES",
     "TOPIC_HEARTBEAT",
     "TOPIC_SNAPSHOT",
     "ConnectionInfo",
     "FrameError",
     "IncompatibleVersion",
+    "client_curve",
     "connection_dir",
     "connection_path",
     "decode_body",
@@ -66,6 +69,10 @@ TOPIC_SNAPSHOT = b"snap"
 TOPIC_HEARTBEAT = b"hb"
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # a snapshot or history frame; larger is refused
 MAX_COMMAND_BYTES = 4096  # a command envelope; larger is refused before decoding
+# Command arguments the trainer's hub applies; the command gate refuses anything beyond them, so a
+# command it accepts is never refused later for its range.
+MAX_LEASE_UPDATES = 100_000
+MAX_PROFILE_UPDATES = 100
 
 _ENCODER = msgspec.msgpack.Encoder()
 _ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
@@ -207,9 +214,18 @@ def connection_dir() -> Path:
     else:
         path = Path(tempfile.gettempdir()) / f"simic-tui-{os.getuid()}"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        raise PermissionError(f"{path} must be owned by this user with mode 0700")
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(
+            f"the runtime directory {path} exists but is not this user's own directory (owner uid "
+            f"{st.st_uid}, you are {os.getuid()}): another user may have created it to read or plant "
+            "connection files. Remove it, or set SIMIC_RUNTIME_DIR to a private directory."
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise PermissionError(
+            f"the runtime directory {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"simic-tui keeps its keys there. Run chmod 700 {path}, or set SIMIC_RUNTIME_DIR."
+        )
     return path
 
 
@@ -259,6 +275,18 @@ def read_connection_file(path: str | Path) -> ConnectionInfo:
     if len(info.key_bytes) < 16:
         raise ValueError(f"connection file {path} holds a key that is too short")
     return info
+
+
+def client_curve(sock: Any, info: ConnectionInfo) -> None:
+    """Give a dashboard's SUB or DEALER socket the connection file's CURVE keys (before connect).
+
+    A trainer binds with CURVE by default, loopback included: without these keys a socket never
+    completes the handshake. A no-op for a file without CURVE keys (a ``curve=False`` trainer).
+    """
+    if info.curve_server_public and info.curve_client_public and info.curve_client_secret:
+        sock.curve_serverkey = info.curve_server_public.encode()
+        sock.curve_publickey = info.curve_client_public.encode()
+        sock.curve_secretkey = info.curve_client_secret.encode()
 
 
 def find_connection_file(host: str, port: int, search: Sequence[Path] | None = None) -> Path | None:

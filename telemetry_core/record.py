@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import struct
 import threading
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from telemetry_core.schema import SCHEMA_MAJOR
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FILE_MAGIC",
@@ -45,6 +48,7 @@ MAX_RECORD_BYTES = 64 * 1024 * 1024
 _HEAD = struct.Struct("<8sHHH")
 _LEN = struct.Struct("<QI")
 _CRC = struct.Struct("<I")
+_ZEROS = bytes(65536)
 
 
 class RecordingError(ValueError):
@@ -126,37 +130,66 @@ def _read_header(data: bytes, path: Path) -> tuple[int, int, str, int]:
     return version, major, data[_HEAD.size : end].decode("utf-8", "replace"), end
 
 
+def _zeros_end(data: bytes, pos: int) -> int:
+    """The first offset at or after ``pos`` that is not a zero byte (``len(data)`` if none)."""
+    view = memoryview(data)
+    n = len(data)
+    size = len(_ZEROS)
+    while pos + size <= n and view[pos : pos + size] == _ZEROS:
+        pos += size
+    while pos < n and data[pos] == 0:
+        pos += 1
+    return pos
+
+
 def iter_records(data: bytes, start: int, rec: Recording) -> Iterator[bytes]:
-    """Yield intact payloads from ``data[start:]``, updating ``rec``'s corruption counters."""
+    """Yield intact payloads from ``data[start:]``, updating ``rec``'s corruption counters.
+
+    A record is trusted only when both its length CRC and its payload CRC check out. Anything else
+    (a flipped bit, or a crafted length whose CRC passes but that points past the end or over
+    other records) is skipped by scanning forward from the next byte, so one bad record never
+    hides the records after it. Zero-filled regions (a crashed filesystem's holes) are skipped in
+    one step: a record header is never all zeros.
+    """
     pos = start
     n = len(data)
     resyncing = False
+    tail = False  # resyncing from a length that ran past the end: truncated, unless a record follows
     while pos < n:
         if n - pos < _LEN.size:
-            rec.truncated = not resyncing  # a corrupt last record is corrupt, not truncated
+            if resyncing:
+                rec.truncated = rec.truncated or tail  # a corrupt last record is corrupt, not truncated
+            else:
+                rec.truncated = True
             return
         length, lcrc = _LEN.unpack_from(data, pos)
-        if lcrc != _crc(data[pos : pos + 8]) or length > MAX_RECORD_BYTES:
-            # Corrupt length: scan forward one byte at a time for a plausible record start.
-            if not resyncing:
-                rec.corrupt_records += 1
-                resyncing = True
-            pos += 1
-            rec.skipped_bytes += 1
-            continue
+        ok = lcrc == _crc(data[pos : pos + 8]) and length <= MAX_RECORD_BYTES
         end = pos + _LEN.size + length + _CRC.size
-        if end > n:
-            rec.truncated = True
-            return
-        payload = data[pos + _LEN.size : pos + _LEN.size + length]
-        (pcrc,) = _CRC.unpack_from(data, end - _CRC.size)
-        resyncing = False
-        if pcrc != _crc(payload):
-            rec.corrupt_records += 1
-            pos = end
+        past_end = ok and end > n
+        if ok and not past_end:
+            (pcrc,) = _CRC.unpack_from(data, end - _CRC.size)
+            ok = pcrc == _crc(data[pos + _LEN.size : end - _CRC.size])
+        if not ok or past_end:
+            # The writer died mid-record, or a crafted length: keep scanning from the next byte.
+            if not resyncing:
+                resyncing = True
+                tail = past_end
+                if not tail:
+                    rec.corrupt_records += 1
+            step = 1
+            if data[pos] == 0:
+                # Skip a run of zeros: a header starting inside it must end past it.
+                step = max(1, _zeros_end(data, pos) - pos - (_LEN.size - 1))
+            pos += step
+            rec.skipped_bytes += step
             continue
+        if resyncing and tail:
+            rec.corrupt_records += 1  # a record follows: that length was corrupt, not a cut tail
+        resyncing = tail = False
+        yield data[pos + _LEN.size : end - _CRC.size]
         pos = end
-        yield payload
+    if resyncing and tail:
+        rec.truncated = True
 
 
 def read_recording(path: str | Path) -> Recording:
@@ -219,6 +252,11 @@ class Recorder:
                 self.written += len(batch)  # counted once flushed: buffered is not written
             except OSError as exc:  # disk full, file removed: stop writing, keep training
                 self.error = f"recording to {self.path} stopped: {exc}"
+                # Said once, here; every frame lost from now on is counted in records_dropped
+                # (every snapshot carries it, and the dashboard adds it to "dropped").
+                log.warning(
+                    "telemetry: %s; training continues, further frames are counted as dropped", self.error
+                )
                 with self._cv:
                     # The failed batch counts as dropped (part of it may have reached the disk;
                     # the reader recovers those), and so does everything still queued.

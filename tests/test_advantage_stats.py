@@ -442,3 +442,38 @@ def test_observe_minibatch_is_one_copy():
     with KernelCounter() as counter:
         reducer.observe_minibatch(adv)
     assert counter.ops == ["unsqueeze", "clone"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Boundaries: comparisons at exactly their limits
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["at-once", "folded-early"])
+def test_frac_positive_is_strict_and_quantiles_exact_up_to_their_limit(folded, monkeypatch):
+    """frac_positive counts x > 0: +0 and -0 are not positive, the smallest subnormal is, in the raw
+    advantages (rollout path) and in the normalised ones (minibatch path). Percentiles use every
+    element up to exactly ``quantile_max_exact`` elements and a sample of that size beyond.
+    "folded-early" forces the streaming path (moment rows merged) that large updates take.
+    Mutation check (by hand): ``> 0`` -> ``>= 0`` in either moment path, and ``n > max_exact`` ->
+    ``n >= max_exact`` in the quantiles, each fail this test."""
+    import telemetry_core.reductions.advantage as advantage_module
+
+    if folded:
+        monkeypatch.setattr(advantage_module, "FOLD_ELEMENTS", 0)
+    tiny = float(np.nextafter(np.float32(0), np.float32(1)))
+    x = torch.tensor([0.0, -0.0, tiny, -tiny, 1.0, -1.0])
+    reducer = AdvantageReducer(quantile_max_exact=6)
+    reducer.observe_rollout(x, x + 1.0)
+    reducer.observe_minibatch(x.clone())
+    stats = run(reducer)
+    assert stats.raw.frac_positive == 2 / 6
+    assert stats.normalized.frac_positive == 2 / 6
+    assert stats.returns.quantile_n == 6  # exactly the limit: every element
+    want = ref_returns(f64(x + 1.0))
+    assert [stats.returns.p10, stats.returns.p50, stats.returns.p90] == pytest.approx(
+        [want["p10"], want["p50"], want["p90"]], rel=1e-12
+    )
+    reducer = AdvantageReducer(quantile_max_exact=5)
+    reducer.observe_rollout(x, x + 1.0)
+    assert run(reducer).returns.quantile_n == 5  # one past it: a sample of the limit's size

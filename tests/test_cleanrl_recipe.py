@@ -47,6 +47,7 @@ def test_snapshots_agree_with_the_loops_own_statistics(recipe: ModuleType, tmp_p
     )
     records = recipe.main(args)
     assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert sum(len(r["episodic_lengths"]) for r in records) > 0  # episodes ended: lengths were checked
     for r in records:
         snap = r["snapshot"]
         assert snap is not None and snap.step == r["iteration"] and snap.run.name == "cleanrl-ppo"
@@ -64,6 +65,7 @@ def test_snapshots_agree_with_the_loops_own_statistics(recipe: ModuleType, tmp_p
         assert e.count == len(r["episodic_returns"])
         if e.count:
             assert math.isclose(e.return_mean, float(np.mean(r["episodic_returns"])), rel_tol=1e-9)
+            assert math.isclose(e.length_mean, float(np.mean(r["episodic_lengths"])), rel_tol=1e-9)
         assert 0 < p.entropy_normalized["action"] <= 1
         assert snap.counters.telemetry_errors == 0
     rec = read_recording(tmp_path / "cleanrl.simrec")

@@ -246,3 +246,72 @@ def test_the_dashboard_process_never_imports_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_foreign_or_open_runtime_directory_is_explained_in_a_sentence(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    (runtime / "simic-tui").mkdir(parents=True, mode=0o700)
+    (runtime / "simic-tui").chmod(0o755)  # as another user's umask would leave it
+    proc = cli("attach", "127.0.0.1:5555", env={"SIMIC_RUNTIME_DIR": str(runtime)})
+    assert_plain_error(proc, 1, "open to other users", "SIMIC_RUNTIME_DIR")
+    assert "internal error" not in proc.stderr
+
+
+def test_the_demo_log_is_private_and_never_follows_a_planted_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(runtime))
+    trainer = DemoTrainer([sys.executable, "-c", "print('hello from the trainer')"]).start()
+    assert trainer.proc is not None and trainer.proc.wait(30) == 0
+    log = trainer.log_path
+    assert log is not None and log.parent == runtime / "simic-tui"
+    assert (log.stat().st_mode & 0o777) == 0o600 and "hello" in log.read_text()
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    planted = tmp_path / "planted.log"
+    planted.symlink_to(victim)
+    with pytest.raises(OSError):
+        DemoTrainer([sys.executable, "-c", "pass"], log_path=planted).start()
+    assert victim.read_text() == "keep me"
+
+
+async def test_a_crash_exits_1_with_its_traceback_in_a_private_file_not_on_the_screen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simic_tui.app import SimicApp
+    from simic_tui.store import TelemetryStore
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(runtime))
+    app = SimicApp(TelemetryStore())
+    with pytest.raises(ZeroDivisionError):
+        async with app.run_test() as pilot:
+            app.call_later(lambda: 1 / 0)
+            await pilot.pause()
+    assert app.return_code == 1
+    shown = capsys.readouterr().err  # what reached the terminal
+    assert "internal error ZeroDivisionError" in shown and "Traceback" not in shown
+    (crash,) = (runtime / "simic-tui").glob("crash-*.log")
+    assert (crash.stat().st_mode & 0o777) == 0o600 and "Traceback" in crash.read_text()
+
+
+def test_a_wildcard_bind_prints_an_attach_line_that_works(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import io
+    import socket
+
+    from telemetry_core.demo.cli import _announce
+
+    class Hub:
+        endpoints = ("tcp://0.0.0.0:5555", "tcp://0.0.0.0:5556")
+
+        class publisher:
+            connection_path = Path("/run/user/1/simic-tui/all-5555.json")
+
+    out = io.StringIO()
+    _announce(Hub(), "tcp://0.0.0.0:5555", argparse.Namespace(quiet=True), out)
+    line = out.getvalue().splitlines()[0]
+    assert line == f"simic-tui attach {socket.gethostname()}:5555 --connection-file all-5555.json"

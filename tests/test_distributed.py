@@ -591,9 +591,11 @@ def test_two_ranks_commands_to_rank_zero_change_every_rank_at_the_same_step(tmp_
             sub = ctx.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
+            protocol.client_curve(sub, info)
             sub.connect(info.pub)
             dealer = ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
+            protocol.client_curve(dealer, info)
             dealer.connect(info.cmd)
 
             def send(action: str, **fields: Any) -> Ack:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -34,6 +35,16 @@ pytestmark = pytest.mark.timeout(120)
 
 HEADS = {"direction": 2, "force": 3}
 OBS, HID, ENVS, T = 4, 16, 8, 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The tiny loop's ops are microseconds: two intra-op threads on a loaded 2-core machine only
+    contend (an update measured 7 s instead of 0.3 s), which let DEBUG leases expire mid-test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +113,7 @@ class Loop:
         returns = rewards.flip(0).cumsum(0).flip(0)
         advantages = returns - values
         hub.observe_rollout(
-            advantages=advantages.reshape(-1),
+            raw_advantages=advantages.reshape(-1),
             returns=returns.reshape(-1),
             values=values.reshape(-1),
             episode_returns=[10.0, 12.0, 9.5],
@@ -467,9 +478,11 @@ class Dashboard:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        protocol.client_curve(self.sub, self.info)
         self.sub.connect(self.info.pub)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        protocol.client_curve(self.dealer, self.info)
         self.dealer.connect(self.info.cmd)
         self.key = self.info.key_bytes
 
@@ -721,3 +734,259 @@ def test_state_dict_round_trips_the_host_side_state(loop: Loop) -> None:
         assert other.hub.state_dict() == state
     finally:
         other.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A loop as it is: numpy numbers, unambiguous names, one head's entropy, epochs counted
+# ---------------------------------------------------------------------------------------------
+
+
+class Tiny(nn.Module):
+    def __init__(self, actions: int = 3) -> None:
+        super().__init__()
+        self.actor = nn.Linear(4, actions)
+        self.critic = nn.Linear(4, 1)
+
+
+def _tiny_hub(**kwargs: Any) -> TelemetryHub:
+    torch.manual_seed(0)
+    base: dict[str, Any] = {"heads": {"action": 3}, "max_grad_norm": 0.5, "bind": None, "strict": True}
+    base.update(kwargs)
+    return TelemetryHub(Tiny(), **base)
+
+
+def _logprobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(n, generator=g, dtype=torch.float64) * 2 - 0.1
+    return (old + torch.randn(n, generator=g, dtype=torch.float64) * 0.05).float(), old.float()
+
+
+def test_numpy_numbers_are_taken_wherever_a_number_is() -> None:
+    """gymnasium's Discrete.n is np.int64, hyper-parameters read from numpy arrays or configs are
+    numpy scalars: all of them are numbers to the hub, and what it publishes holds Python numbers."""
+    hub = _tiny_hub(
+        heads={"action": np.int64(3)},
+        max_grad_norm=np.float32(0.5),
+        total_updates=np.int64(10),
+        clip_range=np.array(0.25),
+    )
+    try:
+        assert type(hub.heads["action"]) is int and type(hub.total_updates) is int
+        assert hub.max_grad_norm == pytest.approx(0.5) and hub.clip_range == 0.25
+        n = 64
+        hub.observe_rollout(raw_advantages=torch.randn(n), returns=torch.randn(n), values=torch.randn(n))
+        new, old = _logprobs(n, 1)
+        hub.observe_minibatch(new_logprob=new, old_logprob=old, clip_range=np.float32(0.2), epoch=np.int64(1),
+                              entropy=torch.rand(n), policy_loss=np.float32(0.5), value_loss=np.array(1.5))
+        hub.early_stop(epoch=np.int32(1), kl=np.float32(0.03))
+        snap = hub.end_update(np.int64(5))
+    finally:
+        hub.close()
+    assert snap is not None and type(snap.step) is int and snap.step == 5
+    assert snap.policy.clip_range == pytest.approx(float(np.float32(0.2)))
+    assert snap.policy.early_stop_epoch == 1 and snap.policy.epochs == 1
+    assert snap.policy.policy_loss == pytest.approx(0.5) and snap.value.value_loss == pytest.approx(1.5)
+    assert snap.run.planned_updates == 10 and snap.run.heads == {"action": 3}
+    frame = protocol.encode_envelope("snapshot", snap, session="s", seq=1, step=snap.step)
+    assert protocol.decode_body(protocol.decode_envelope(frame)).step == 5  # no numpy scalar inside
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"heads": {"action": "3"}}, TypeError, "heads['action'] (number of actions) must be a number"),
+        ({"heads": {"action": 2.5}}, ValueError, "heads['action'] (number of actions) must be an integer"),
+        ({"heads": {"action": np.int64(0)}}, ValueError, ">= 1"),
+        ({"heads": {"action": True}}, TypeError, "must be a number, got bool"),
+        ({"max_grad_norm": torch.tensor(0.5)}, TypeError, "reading a tensor would sync"),
+        ({"max_grad_norm": np.float32("nan")}, ValueError, "max_grad_norm must be a finite number"),
+        ({"max_grad_norm": np.float64(0.0)}, ValueError, "max_grad_norm must be a finite number > 0"),
+        ({"total_updates": 2.0}, ValueError, "total_updates must be an integer"),
+        ({"clip_range": -0.1}, ValueError, "clip_range must be a finite number >= 0"),
+    ],
+)
+def test_non_numbers_are_refused_naming_the_argument(kwargs: dict[str, Any], error: type, words: str) -> None:
+    with pytest.raises(error) as info:
+        _tiny_hub(**kwargs)
+    assert words in str(info.value)
+
+
+def test_minibatch_numbers_are_checked_through_the_guard(caplog: pytest.LogCaptureFixture) -> None:
+    new, old = _logprobs(8, 2)
+    hub = _tiny_hub()
+    try:
+        with pytest.raises(TypeError, match="epoch must be a number, got str"):
+            hub.observe_minibatch(new_logprob=new, old_logprob=old, clip_range=0.2, epoch="1")
+        with pytest.raises(TypeError, match="needs clip_range="):
+            hub.observe_minibatch(new_logprob=new, old_logprob=old)
+        with pytest.raises(TypeError, match="step must be a number"):
+            hub.end_update("7")
+    finally:
+        hub.close()
+    lenient = _tiny_hub(strict=False)
+    try:
+        lenient.observe_minibatch(new_logprob=new, old_logprob=old, clip_range=torch.tensor(0.2))
+        assert lenient.counters.telemetry_errors == 1  # counted and logged, never raised into training
+        assert "reading a tensor would sync" in caplog.text
+    finally:
+        lenient.close()
+
+
+def test_raw_advantages_and_the_older_name_give_the_same_statistics() -> None:
+    g = torch.Generator().manual_seed(3)
+    raw, ret, val = (torch.randn(50, generator=g) for _ in range(3))
+    got = []
+    for name in ("raw_advantages", "advantages"):
+        hub = _tiny_hub()
+        try:
+            hub.observe_rollout(**{name: raw}, returns=ret, values=val)
+            snap = hub.end_update(1)
+        finally:
+            hub.close()
+        assert snap is not None
+        got.append(snap.advantage.raw)
+    assert got[0] == got[1]
+    ref = raw.double().numpy()
+    assert got[0].count == 50 and got[0].mean == pytest.approx(ref.mean(), rel=1e-12)
+    assert got[0].std == pytest.approx(ref.std(), rel=1e-12)
+    hub = _tiny_hub()
+    try:
+        with pytest.raises(TypeError, match="not both"):
+            hub.observe_rollout(raw_advantages=raw, advantages=raw, returns=ret, values=val)
+        with pytest.raises(TypeError, match="needs raw_advantages="):
+            hub.observe_rollout(returns=ret, values=val)
+    finally:
+        hub.close()
+
+
+def test_entropy_of_a_single_head_policy() -> None:
+    new, old = _logprobs(40, 4)
+    ent = torch.rand(40) * math.log(3)
+    got = []
+    for kwargs in ({"entropy": ent}, {"head_entropies": {"action": ent}}):
+        hub = _tiny_hub()
+        try:
+            hub.observe_minibatch(new_logprob=new, old_logprob=old, clip_range=0.2, **kwargs)
+            snap = hub.end_update(1)
+        finally:
+            hub.close()
+        assert snap is not None
+        got.append((snap.policy.entropy, snap.policy.entropy_normalized))
+    assert got[0] == got[1]
+    assert got[0][0]["action"] == pytest.approx(ent.double().mean().item(), rel=1e-6)
+    hub = _tiny_hub()
+    two = _tiny_hub(heads={"a": 2, "b": 3})
+    try:
+        with pytest.raises(TypeError, match="not both"):
+            hub.observe_minibatch(new_logprob=new, old_logprob=old, clip_range=0.2, entropy=ent,
+                                  head_entropies={"action": ent})
+        with pytest.raises(ValueError, match=r"single-head policy; this hub has heads \['a', 'b'\]"):
+            two.observe_minibatch(new_logprob=new, old_logprob=old, clip_range=0.2, entropy=ent)
+    finally:
+        hub.close()
+        two.close()
+
+
+def _epoch_run(
+    rollout: int | None, sizes: list[list[int]], *, explicit: bool = False, marks: str = "", seed: int = 5
+) -> tuple[Snapshot, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """One update of minibatches of the given sizes per epoch; epochs given, counted, or marked by
+    next_epoch() at each epoch's "start" or "end". Returns the snapshot and (true epoch, new, old)."""
+    hub = _tiny_hub(clip_range=0.2)
+    seen = []
+    try:
+        if rollout is not None:
+            hub.observe_rollout(raw_advantages=torch.randn(rollout), returns=torch.randn(rollout),
+                                values=torch.randn(rollout))
+        for epoch, mbs in enumerate(sizes):
+            if marks == "start":
+                hub.next_epoch()
+            for k, n in enumerate(mbs):
+                new, old = _logprobs(n, seed + 100 * epoch + k)
+                given = {"epoch": epoch} if explicit else {}
+                hub.observe_minibatch(new_logprob=new, old_logprob=old, **given)
+                seen.append((epoch, new, old))
+            if marks == "end":
+                hub.next_epoch()
+        snap = hub.end_update(1)
+    finally:
+        hub.close()
+    assert snap is not None
+    return snap, seen
+
+
+def _k3_per_epoch(seen: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[float]:
+    out: dict[int, list[np.ndarray]] = {}
+    for epoch, new, old in seen:
+        lr = new.double().numpy() - old.double().numpy()
+        out.setdefault(epoch, []).append(np.expm1(lr) - lr)
+    return [float(np.concatenate(v).mean()) for _, v in sorted(out.items())]
+
+
+@pytest.mark.parametrize(
+    ("rollout", "sizes"),
+    [
+        (1024, [[256] * 4] * 3),  # CleanRL: the buffer split evenly
+        (1000, [[300, 300, 300, 100]] * 2),  # a short last minibatch (SB3, TorchRL without drop_last)
+        (1000, [[300, 300, 300]] * 3),  # the remainder dropped (drop_last)
+        (96, [[96]] * 4),  # one minibatch per epoch
+    ],
+)
+def test_epochs_are_counted_against_the_rollout_when_the_loop_does_not_say(
+    rollout: int, sizes: list[list[int]]
+) -> None:
+    counted, seen = _epoch_run(rollout, sizes)
+    given, _ = _epoch_run(rollout, sizes, explicit=True)
+    assert counted.policy.epochs == given.policy.epochs == len(sizes)
+    assert counted.policy.kl_k3_per_epoch == given.policy.kl_k3_per_epoch
+    np.testing.assert_allclose(counted.policy.kl_k3_per_epoch, _k3_per_epoch(seen), rtol=1e-9, atol=1e-15)
+
+
+def test_next_epoch_marks_epochs_wherever_the_loop_calls_it() -> None:
+    """Sampling with replacement (more samples per epoch than the buffer holds) cannot be counted by
+    size: next_epoch() at the start of each epoch counts it; at the end of each epoch too, from the
+    first call on (the run then counts by calls only)."""
+    sizes = [[64] * 5] * 3  # 320 samples per epoch from a rollout of 100
+    snap, seen = _epoch_run(100, sizes, marks="start")
+    assert snap.policy.epochs == 3
+    np.testing.assert_allclose(snap.policy.kl_k3_per_epoch, _k3_per_epoch(seen), rtol=1e-9, atol=1e-15)
+    hub = _tiny_hub(clip_range=0.2)
+    try:
+        for step, per_epoch in ((1, [50, 50]), (2, [64] * 5)):  # one pass, then with replacement
+            hub.observe_rollout(raw_advantages=torch.randn(100), returns=torch.randn(100),
+                                values=torch.randn(100))
+            seen = []
+            for epoch in range(3):
+                for k, n in enumerate(per_epoch):
+                    new, old = _logprobs(n, 10 * epoch + k)
+                    hub.observe_minibatch(new_logprob=new, old_logprob=old)
+                    seen.append((epoch, new, old))
+                hub.next_epoch()
+            snap = hub.end_update(step)
+            assert snap is not None and snap.policy.epochs == 3, step
+            want = _k3_per_epoch(seen)
+            np.testing.assert_allclose(snap.policy.kl_k3_per_epoch, want, rtol=1e-9, atol=1e-15)
+    finally:
+        hub.close()
+
+
+def test_without_rollout_or_marks_every_minibatch_is_epoch_zero_and_early_stop_takes_the_last() -> None:
+    snap, _ = _epoch_run(None, [[32, 32]] * 3)
+    assert snap.policy.epochs == 1 and snap.policy.minibatches == 6
+    hub = _tiny_hub(clip_range=0.2)
+    try:
+        hub.observe_rollout(raw_advantages=torch.randn(64), returns=torch.randn(64), values=torch.randn(64))
+        for _ in range(5):  # epochs 0, 0, 1, 1, 2
+            new, old = _logprobs(32, 9)
+            hub.observe_minibatch(new_logprob=new, old_logprob=old)
+        hub.early_stop(kl=0.5)
+        snap = hub.end_update(1)
+        assert snap is not None and snap.policy.epochs == 3 and snap.policy.early_stop_epoch == 2
+        # the count starts again with the next update
+        hub.observe_rollout(raw_advantages=torch.randn(64), returns=torch.randn(64), values=torch.randn(64))
+        hub.observe_minibatch(new_logprob=new, old_logprob=old)
+        hub.early_stop()
+        snap = hub.end_update(2)
+        assert snap is not None and snap.policy.epochs == 1 and snap.policy.early_stop_epoch == 0
+    finally:
+        hub.close()

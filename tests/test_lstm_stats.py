@@ -1,6 +1,7 @@
 """LSTMReducer: state statistics and gate saturation against float64 numpy; the manual replay
-reproduces nn.LSTM itself (layers, batch_first, proj_size, bidirectional, no bias); bad input;
-zero host syncs before the transfer."""
+reproduces nn.LSTM itself (layers, batch_first, proj_size, bidirectional, no bias), and, with a
+reset mask, a loop that zeroes the state at episode starts (against float64 nn.LSTMCell stepped by
+hand); bad input; zero host syncs before the transfer; cuDNN's process-wide switch never touched."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from telemetry_core.config import TelemetryLevel, Thresholds
-from telemetry_core.reductions.lstm import LSTMReducer, replay_lstm
+from telemetry_core.reductions.lstm import LSTMReducer, _replay, replay_lstm
 from telemetry_core.reductions.transfer import transfer
 
 NORMAL, DEBUG = TelemetryLevel.NORMAL, TelemetryLevel.DEBUG
@@ -61,8 +62,9 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def numpy_lstm(lstm: torch.nn.LSTM, x: np.ndarray, h0: np.ndarray, c0: np.ndarray):
-    """x time-major (T, B, F). Returns (gate pre-activations per (layer, dir) as (T, B, 4H), out, h_n, c_n)."""
+def numpy_lstm(lstm: torch.nn.LSTM, x: np.ndarray, h0: np.ndarray, c0: np.ndarray, resets=None):
+    """x time-major (T, B, F). Returns (gate pre-activations per (layer, dir) as (T, B, 4H), out, h_n, c_n).
+    ``resets`` (T, B): the state entering step t of row b is zeroed where it is nonzero (unidirectional)."""
     dirs = 2 if lstm.bidirectional else 1
     w = {name: np64(p) for name, p in lstm.named_parameters()}
     gates, hn, cn = {}, [], []
@@ -76,6 +78,9 @@ def numpy_lstm(lstm: torch.nn.LSTM, x: np.ndarray, h0: np.ndarray, c0: np.ndarra
             h, c = h0[layer * dirs + d], c0[layer * dirs + d]
             zs, ys = [], []
             for t in range(seq.shape[0]):
+                if resets is not None:
+                    keep = (resets[t] == 0)[:, None]
+                    h, c = h * keep, c * keep
                 z = seq[t] @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
                 if lstm.bias:
                     z = z + w["bias_ih" + sfx] + w["bias_hh" + sfx]
@@ -487,3 +492,280 @@ def test_gate_replay_kernels_do_not_grow_with_the_steps(config):
         counts[steps] = counter.count
         assert run(reducer, DEBUG).gate_steps == steps
     assert counts[2] == counts[16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Episode resets: the state entering a step is zeroed where the mask says, per env and step
+# ------------------------------------------------------------------------------------------------
+
+UNIDIRECTIONAL = [c for c in CONFIGS if not c.get("bidirectional")]
+
+
+def cell_reference(lstm: torch.nn.LSTM, x: torch.Tensor, h0, c0, resets: torch.Tensor):
+    """Float64 nn.LSTMCell per layer, stepped by hand, zeroing every layer's state of row b before
+    step t where ``resets[t, b]``. x time-major. Returns (gate pre-activations per (layer, 0) as
+    (T, B, 4H), out (T, B, H), h_n, c_n)."""
+    cells = []
+    for layer in range(lstm.num_layers):
+        cell = torch.nn.LSTMCell(
+            lstm.input_size if layer == 0 else lstm.hidden_size, lstm.hidden_size, bias=lstm.bias,
+            dtype=torch.float64,
+        )
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if lstm.bias else ()):
+                getattr(cell, name).copy_(getattr(lstm, f"{name}_l{layer}"))
+        cells.append(cell)
+    h = [h0[k].double() for k in range(lstm.num_layers)]
+    c = [c0[k].double() for k in range(lstm.num_layers)]
+    gates: dict = {(k, 0): [] for k in range(lstm.num_layers)}
+    outs = []
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            keep = (resets[t] == 0).double().unsqueeze(1)
+            inp = x[t].double()
+            for k, cell in enumerate(cells):
+                h[k], c[k] = h[k] * keep, c[k] * keep
+                z = inp @ cell.weight_ih.T + h[k] @ cell.weight_hh.T
+                if lstm.bias:
+                    z = z + cell.bias_ih + cell.bias_hh
+                gates[(k, 0)].append(z.numpy())
+                h[k], c[k] = cell(inp, (h[k], c[k]))
+                inp = h[k]
+            outs.append(inp)
+    return (
+        {key: np.stack(v) for key, v in gates.items()},
+        torch.stack(outs).numpy(),
+        torch.stack(h).numpy(),
+        torch.stack(c).numpy(),
+    )
+
+
+def reset_mask(steps: int, batch: int, seed: int, p: float = 0.25) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(steps, batch, generator=g) < p
+    mask[0, 0] = True  # a reset of the initial state itself
+    mask[:, 1] = False  # a row that never resets
+    mask[1:, 2] = True  # a row that resets at every step
+    return mask
+
+
+@pytest.mark.parametrize("config", [c for c in UNIDIRECTIONAL if not c.get("proj_size")])
+def test_replay_across_resets_matches_float64_lstm_cells(config):
+    lstm = make_lstm(11, scale=3.0, **config)
+    steps, batch = 9, 6
+    x = torch.randn(steps, batch, 5) * 2
+    h0, c0 = random_state(lstm, batch)
+    resets = reset_mask(steps, batch, 0)
+    gates, ref_out, ref_h, ref_c = cell_reference(lstm, x, h0, c0, resets)
+    x_in, r_in = (x.transpose(0, 1), resets.t()) if lstm.batch_first else (x, resets)
+    seen: dict = {}
+    out, (h, c) = replay_lstm(
+        lstm, x_in, (h0, c0), resets=r_in.float(),  # CleanRL's dones are float
+        on_gates=lambda layer, d, t, z: seen.setdefault((layer, d), []).append(z),
+    )
+    np.testing.assert_allclose(np64(out.transpose(0, 1) if lstm.batch_first else out), ref_out, atol=1e-5)
+    np.testing.assert_allclose(np64(h), ref_h, atol=1e-5)
+    np.testing.assert_allclose(np64(c), ref_c, atol=1e-5)
+    for key, zs in seen.items():
+        np.testing.assert_allclose(np64(torch.stack(zs)), gates[key], atol=5e-5, rtol=1e-5)
+    # The reducer counts the same gates over the whole batch at DEBUG, and the resets it replayed.
+    reducer = LSTMReducer(lstm)
+    reducer.observe(h, c, inputs=x_in, input_state=(h0, c0), resets=r_in, level=DEBUG)
+    stats = run(reducer, DEBUG)
+    low, high, near = reference_saturation(gates, lstm.hidden_size, 0.01)
+    total = steps * batch * lstm.hidden_size * lstm.num_layers
+    assert stats.gate_total == total and stats.gates_fed and stats.gate_resets == int(resets.sum())
+    for name in low:
+        assert abs(stats.gate_saturation_low[name] - low[name] / total) <= near[name] / total
+        assert abs(stats.gate_saturation_high[name] - high[name] / total) <= near[name] / total
+    assert sum(low.values()) + sum(high.values()) > 0
+
+
+def test_replay_across_resets_with_projection_matches_float64():
+    lstm = make_lstm(12, scale=3.0, input_size=5, hidden_size=8, proj_size=3, num_layers=2)
+    x = torch.randn(7, 5, 5)
+    h0, c0 = random_state(lstm, 5)
+    resets = reset_mask(7, 5, 1)
+    gates, ref_out, ref_h, ref_c = numpy_lstm(lstm, np64(x), np64(h0), np64(c0), resets=resets.numpy())
+    seen: dict = {}
+    out, (h, c) = replay_lstm(
+        lstm, x, (h0, c0), resets=resets,
+        on_gates=lambda layer, d, t, z: seen.setdefault((layer, d), []).append(z),
+    )
+    np.testing.assert_allclose(np64(out), ref_out, atol=1e-5)
+    np.testing.assert_allclose(np64(h), ref_h, atol=1e-5)
+    np.testing.assert_allclose(np64(c), ref_c, atol=1e-5)
+    for key, zs in seen.items():
+        np.testing.assert_allclose(np64(torch.stack(zs)), gates[key], atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_replay_with_resets_is_what_a_recurrent_loop_computed(batch_first):
+    """CleanRL's recurrent PPO steps the LSTM one step at a time and multiplies the state by
+    ``1 - done`` first; handing its whole rollout over with ``dones`` as the mask gives back every
+    step's output and the final state it computed (no sequence cutting at resets)."""
+    lstm = make_lstm(13, input_size=5, hidden_size=8, num_layers=2, batch_first=batch_first)
+    steps, envs = 12, 4
+    x = torch.randn(steps, envs, 5)
+    dones = reset_mask(steps, envs, 2).float()
+    h0, c0 = random_state(lstm, envs)
+    state, outs = (h0, c0), []
+    with torch.no_grad():
+        for t in range(steps):
+            keep = (1.0 - dones[t]).view(1, -1, 1)
+            step_in = x[t].unsqueeze(1 if batch_first else 0)
+            y, state = lstm(step_in, (keep * state[0], keep * state[1]))
+            outs.append(y.squeeze(1 if batch_first else 0))
+    want = torch.stack(outs)
+    x_in, d_in = (x.transpose(0, 1), dones.t()) if batch_first else (x, dones)
+    out, (h, c) = replay_lstm(lstm, x_in, (h0, c0), resets=d_in)
+    torch.testing.assert_close(out.transpose(0, 1) if batch_first else out, want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(h, state[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(c, state[1], atol=2e-6, rtol=1e-5)
+    # One step of B rows: (B,) flags.
+    one, _ = replay_lstm(lstm, x[0], (h0, c0), resets=dones[0] > 0)
+    torch.testing.assert_close(one, outs[0], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_stepwise_replay_reproduces_nn_lstm(config):
+    """The stepwise path (every device but the CPU takes it, and the CPU with resets) against nn.LSTM,
+    bidirectional included: forced here on the CPU by an all-ones keep mask."""
+    lstm = make_lstm(14, **config)
+    x = torch.randn(5, 6, 5)
+    h0, c0 = random_state(lstm, 6)
+    with torch.no_grad():
+        want, (want_h, want_c) = lstm(x.transpose(0, 1) if lstm.batch_first else x, (h0, c0))
+        fused = _replay(lstm, x, h0, c0, True)
+        got = _replay(lstm, x, h0, c0, True, torch.ones(5, 6, 1))
+    torch.testing.assert_close(got[0], want.transpose(0, 1) if lstm.batch_first else want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want_h, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got[2], want_c, atol=2e-6, rtol=1e-5)
+    for z_fused, z_step in zip(fused[3], got[3], strict=True):
+        torch.testing.assert_close(z_step, z_fused, atol=1e-5, rtol=1e-5)
+
+
+def test_resets_on_the_sampled_rows_and_gates_not_fed_are_counted():
+    lstm = make_lstm(15, scale=3.0, input_size=5, hidden_size=8)
+    batch, sample, steps = 40, 6, 5
+    x = torch.randn(steps, batch, 5)
+    h0, c0 = random_state(lstm, batch)
+    resets = reset_mask(steps, batch, 3)
+    with torch.no_grad():
+        _, (h, c) = replay_lstm(lstm, x, (h0, c0), resets=resets)
+    reducer = LSTMReducer(lstm, Thresholds(lstm_gate_sample=sample))
+    reducer.observe(h, c, level=NORMAL)
+    stats = run(reducer)
+    assert not stats.gates_fed and stats.gates_not_fed == 1 and stats.gate_total == 0
+    reducer.reset()  # a new update: the run's count of unfed updates stays
+    reducer.observe(h, c, level=NORMAL)
+    assert run(reducer).gates_not_fed == 2
+    reducer.reset()
+    reducer.observe(h, c, inputs=x, input_state=(h0, c0), resets=resets, level=NORMAL)
+    stats = run(reducer)
+    rows = [i * batch // sample for i in range(sample)]
+    assert stats.gates_fed and stats.gates_not_fed == 2
+    assert stats.gate_rows == sample and stats.gate_resets == int(resets[:, rows].sum())
+    gates, *_ = numpy_lstm(lstm, np64(x[:, rows]), np64(h0[:, rows]), np64(c0[:, rows]), resets[:, rows].numpy())
+    low, high, near = reference_saturation(gates, 8, 0.01)
+    for name in low:
+        tol = near[name] / stats.gate_total
+        assert abs(stats.gate_saturation_low[name] - low[name] / stats.gate_total) <= tol
+        assert abs(stats.gate_saturation_high[name] - high[name] / stats.gate_total) <= tol
+    # Without resets the count is zero, not missing.
+    reducer.reset()
+    reducer.observe(h, c, inputs=x, level=NORMAL)
+    assert run(reducer).gate_resets == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"resets": torch.zeros(3, 4)}, ValueError, "resets were given without inputs"),
+        ({"inputs": torch.randn(3, 4, 5), "resets": torch.zeros(4, 3)}, ValueError, "expected (3, 4), (T, B)"),
+        ({"inputs": torch.randn(3, 4, 5), "resets": torch.zeros(3, 4, 2)}, ValueError, "resets has shape (3, 4, 2)"),
+        ({"inputs": torch.randn(4, 5), "resets": torch.zeros(3, 4)}, ValueError, "(B,) for one step"),
+        ({"inputs": torch.randn(3, 4, 5), "resets": torch.zeros(3, 4, dtype=torch.complex64)}, TypeError, "bool, integer or float"),
+        ({"inputs": torch.randn(3, 4, 5), "resets": object()}, TypeError, "resets must be a tensor"),
+    ],
+)  # fmt: skip
+def test_bad_resets_name_the_argument(kwargs, error, words):
+    lstm = make_lstm(16, input_size=5, hidden_size=8)
+    reducer = LSTMReducer(lstm)
+    with pytest.raises(error) as info:
+        reducer.observe(torch.randn(1, 4, 8), torch.randn(1, 4, 8), level=NORMAL, **kwargs)
+    assert words in str(info.value)
+    bidir = make_lstm(16, input_size=5, hidden_size=8, bidirectional=True)
+    with pytest.raises(ValueError, match="bidirectional"):
+        replay_lstm(bidir, torch.randn(3, 4, 5), resets=torch.zeros(3, 4))
+
+
+def test_resets_accept_a_trailing_singleton_and_numpy_flags():
+    lstm = make_lstm(17, input_size=5, hidden_size=8)
+    x = torch.randn(6, 3, 5)
+    resets = reset_mask(6, 3, 4)
+    want, _ = replay_lstm(lstm, x, resets=resets)
+    got_col, _ = replay_lstm(lstm, x, resets=resets.float().unsqueeze(-1))
+    got_np, _ = replay_lstm(lstm, x, resets=resets.numpy())
+    torch.testing.assert_close(got_col, want)
+    torch.testing.assert_close(got_np, want)
+
+
+def test_replay_with_resets_never_syncs_and_never_touches_cudnn(monkeypatch):
+    """No host read before the transfer, and cuDNN's process-wide switch is never flipped (another
+    thread training through cuDNN must not see it change under it)."""
+    flips: list[bool] = []
+    original = torch._C._set_cudnn_enabled
+    monkeypatch.setattr(torch._C, "_set_cudnn_enabled", lambda v: (flips.append(v), original(v))[1])
+    lstm = make_lstm(18, input_size=5, hidden_size=8, num_layers=2, proj_size=4)
+    x = torch.randn(6, 100, 5)
+    h0, c0 = random_state(lstm, 100)
+    resets = reset_mask(6, 100, 5)
+    with torch.no_grad():
+        _, (h, c) = replay_lstm(lstm, x, (h0, c0), resets=resets)
+    reducer = LSTMReducer(lstm)
+    with SyncCounter() as counter:
+        reducer.observe(h, c, inputs=x, input_state=(h0, c0), resets=resets, level=NORMAL)
+        pending = reducer.pending(NORMAL)
+    assert counter.calls == []
+    with SyncCounter() as counter:
+        host = transfer(pending)
+    assert counter.calls == ["tolist"]
+    assert reducer.build(host, NORMAL).gates_fed
+    assert flips == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_replay_with_resets_no_sync_no_cudnn_switch_same_result(monkeypatch):
+    """On CUDA the replay is stepwise (no cuDNN): same statistics as the CPU's, with resets, under
+    sync debug mode "error", and cuDNN's global switch untouched."""
+    lstm = make_lstm(19, scale=3.0, input_size=5, hidden_size=8, num_layers=2)
+    x = torch.randn(6, 100, 5)
+    h0, c0 = random_state(lstm, 100)
+    resets = reset_mask(6, 100, 6)
+    with torch.no_grad():
+        _, (h, c) = replay_lstm(lstm, x, (h0, c0), resets=resets)
+    cpu = LSTMReducer(lstm)
+    cpu.observe(h, c, inputs=x, input_state=(h0, c0), resets=resets, level=DEBUG)
+    want = run(cpu, DEBUG)
+    lstm.cuda()
+    args = [t.cuda() for t in (h, c, x, h0, c0, resets)]
+    reducer = LSTMReducer(lstm)
+    flips: list[bool] = []
+    original = torch._C._set_cudnn_enabled
+    monkeypatch.setattr(torch._C, "_set_cudnn_enabled", lambda v: (flips.append(v), original(v))[1])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        reducer.observe(
+            args[0], args[1], inputs=args[2], input_state=(args[3], args[4]), resets=args[5], level=DEBUG
+        )
+        pending = reducer.pending(DEBUG)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = reducer.build(transfer(pending), DEBUG)
+    assert flips == []
+    assert got.gate_resets == want.gate_resets == int(resets.sum())
+    for name, value in want.gate_saturation.items():
+        assert got.gate_saturation[name] == pytest.approx(value, abs=0.01)

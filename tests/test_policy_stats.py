@@ -11,7 +11,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from telemetry_core.config import TelemetryLevel
+from telemetry_core.config import TelemetryLevel, Thresholds
 from telemetry_core.reductions.policy import PolicyReducer
 from telemetry_core.reductions.transfer import transfer
 
@@ -227,6 +227,48 @@ def test_every_statistic_matches_float64_reference(shapes, scale):
     assert stats.logratio_nan == 0 and stats.logratio_inf == 0
     assert 0 < stats.ess <= 1 and 0 < stats.ess_min <= stats.ess
     assert not stats.early_stopped
+
+
+@pytest.mark.parametrize("shapes", [[(64,), (64,), (64,), (17,)], [(8, 16), (8, 16)], [(1,)]])
+def test_ratio_tail_counts_match_float64_reference(shapes):
+    """Samples beyond the anomaly limits (Thresholds the reducer is given), joint and per head,
+    counted over every minibatch and epoch; tight limits so the wide log-ratios cross them often."""
+    gen = torch.Generator().manual_seed(len(shapes))
+    mbs = make_minibatches(gen, shapes, epochs=2, scale=0.8)
+    limits = {
+        "ratio_explosion": 1.5,
+        "ratio_explosion_critical": 3.0,
+        "ratio_collapse": 0.6,
+        "ratio_collapse_critical": 0.25,
+    }
+    reducer = PolicyReducer(HEADS, Thresholds(**limits))
+    feed(reducer, mbs, 0.2)
+    stats = run(reducer)
+    r = np.exp(np.concatenate([f64(mb["new"]) - f64(mb["old"]) for mb in mbs]))
+    expected = (
+        int((r > 1.5).sum()),
+        int((r > 3.0).sum()),
+        int((r < 0.6).sum()),
+        int((r < 0.25).sum()),
+    )
+    got = (stats.ratio_above, stats.ratio_above_critical, stats.ratio_below, stats.ratio_below_critical)
+    assert got == expected
+    if r.size > 100:  # the test means something: every count but the deepest tail is crossed
+        assert all(n > 0 for n in expected[:3]) and expected[0] > expected[1]
+    assert stats.ratio_tail_limits == [1.5, 3.0, 0.6, 0.25]
+    for h in ("direction", "force"):
+        rh = np.exp(np.concatenate([f64(mb["hnew"][h]) - f64(mb["hold"][h]) for mb in mbs]))
+        assert stats.head_ratio_above[h] == int((rh > 1.5).sum())
+        assert stats.head_ratio_below[h] == int((rh < 0.6).sum())
+    # The default limits: nothing of this noise reaches them (and a value exactly at a limit is not beyond it).
+    reducer = PolicyReducer(HEADS)
+    at = torch.tensor([math.log(10.0), math.log(0.02), 0.0], dtype=torch.float64)
+    reducer.observe(new_logprob=at, old_logprob=torch.zeros(3, dtype=torch.float64), clip_range=0.2, epoch=0)
+    stats = run(reducer)
+    assert stats.ratio_max == pytest.approx(10.0) and stats.ratio_min == pytest.approx(0.02)
+    r_at = np.exp(f64(at))
+    assert stats.ratio_above == int((r_at > 10.0).sum()) and stats.ratio_below == int((r_at < 0.02).sum())
+    assert (stats.ratio_above_critical, stats.ratio_below_critical) == (0, 0)
 
 
 def test_accumulation_over_minibatches_equals_one_big_batch():
@@ -743,3 +785,61 @@ def test_observe_costs_one_copy_and_defers_the_rest():
     with KernelCounter() as counter:
         feed(reducer, [square], 0.2)
     assert counter.ops == ["stack", "view"]  # a 2-D minibatch: its block is viewed flat
+
+
+# ------------------------------------------------------------------------------------------------
+# Boundaries: comparisons at exactly their limits, counts by shape
+# ------------------------------------------------------------------------------------------------
+
+
+def _at(lr: float) -> float:
+    """r - 1 for log-ratio ``lr``, computed as the reducer does (float64 expm1): a clip range equal
+    to it puts a sample exactly on the clip limit."""
+    return float(torch.expm1(torch.tensor(lr, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("side", ["high", "low"])
+def test_clip_fractions_at_exactly_the_clip_limit(side):
+    """A ratio exactly at 1 + eps (or 1 - eps) is not clipped; the next log-ratio out is. Also a
+    clip range of 0 with identical policies (r = 1 exactly) clips nothing.
+    Mutation check (by hand): ``d > eps`` -> ``d >= eps`` fails the "high" case, ``d < -eps`` ->
+    ``d <= -eps`` the "low" case; each also fails the clip-range-0 check."""
+    lr_at = 0.15 if side == "high" else -0.15
+    eps = abs(_at(lr_at))
+    outward = np.nextafter(lr_at, math.copysign(1.0, lr_at))
+    inward = np.nextafter(lr_at, 0.0)
+    new = torch.tensor([lr_at, float(outward), float(inward), 0.0], dtype=torch.float64)
+    reducer = PolicyReducer({"a": 2})
+    reducer.observe(new_logprob=new, old_logprob=torch.zeros(4, dtype=torch.float64), clip_range=eps, epoch=0)
+    stats = run(reducer)
+    assert _at(float(outward)) != _at(lr_at)  # the neighbour really is past the limit
+    high, low = (0.25, 0.0) if side == "high" else (0.0, 0.25)
+    assert (stats.clip_fraction_high, stats.clip_fraction_low) == (high, low)
+    assert stats.clip_fraction == 0.25
+    reducer = PolicyReducer({"a": 2})
+    x = -torch.rand(5, dtype=torch.float64)
+    reducer.observe(new_logprob=x, old_logprob=x, clip_range=0.0, epoch=0)
+    stats = run(reducer)
+    assert (stats.clip_fraction, stats.clip_fraction_high, stats.clip_fraction_low) == (0.0, 0.0, 0.0)
+
+
+def test_entropy_counts_a_0d_value_once_and_a_batch_per_sample():
+    """The pooled entropy is the mean over every value handed over: a minibatch's per-sample
+    entropies count each, a 0-d entropy (the minibatch mean) counts once, whatever the minibatch
+    size. Minibatches of different sizes tell the two apart.
+    Mutation check (by hand): counting a 0-d entropy as the minibatch's samples, or a batched one
+    as one value, each fail this test."""
+    reducer = PolicyReducer({"a": 4, "b": 4})
+    small, large = -torch.rand(3), -torch.rand(9)
+    per_sample = torch.tensor([0.1, 0.2, 0.3])
+    reducer.observe(
+        new_logprob=small, old_logprob=small, clip_range=0.2, epoch=0,
+        head_entropies={"a": per_sample, "b": torch.tensor(1.0)},
+    )  # fmt: skip
+    reducer.observe(
+        new_logprob=large, old_logprob=large, clip_range=0.2, epoch=0,
+        head_entropies={"a": torch.tensor(0.9), "b": torch.full((3, 3), 0.5)},  # a [T, N] batch
+    )  # fmt: skip
+    stats = run(reducer)
+    assert stats.entropy["a"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.9) / 4, rel=1e-6)
+    assert stats.entropy["b"] == pytest.approx((1.0 + 9 * 0.5) / 10, rel=1e-6)

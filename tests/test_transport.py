@@ -65,6 +65,8 @@ class Dashboard:
         self.info = info
         self.sub = self.ctx.socket(zmq.SUB)
         self.dealer = self.ctx.socket(zmq.DEALER)
+        if curve is None:  # what a dashboard does: the connection file's keys when it has them
+            curve = bool(info.curve_server_public)
         for sock in (self.sub, self.dealer):
             sock.setsockopt(zmq.LINGER, 0)
             if curve:
@@ -437,7 +439,7 @@ def test_connection_file_is_private_complete_and_removed_on_close(make: Any, run
     info = protocol.read_connection_file(path)
     assert (info.pub, info.cmd) == tuple(pub.endpoints)
     assert info.session == pub.session and info.run_name == "conn" and info.pid == os.getpid()
-    assert len(info.key_bytes) == 32 and info.curve_server_public is None
+    assert len(info.key_bytes) == 32 and info.curve_server_public and info.curve_client_secret
     port = int(pub.endpoints.pub.rsplit(":", 1)[1])
     assert protocol.find_connection_file("localhost", port) == path
     pub.close()
@@ -525,7 +527,7 @@ def test_context_manager_and_idempotent_close() -> None:
         ({"history": -1}, "history"),
         ({"heartbeat_interval": 0}, "heartbeat_interval"),
         ({"command_rate": float("nan")}, "command_rate"),
-        ({"curve_allow": [b"x" * 40]}, "curve_allow"),
+        ({"curve": False, "curve_allow": [b"x" * 40]}, "curve_allow"),
         ({"curve": True, "curve_allow": [b"short"]}, "z85"),
     ],
 )

@@ -507,14 +507,16 @@ def test_port_in_use_strict_raises_a_clear_error() -> None:
 def test_trainer_restart_on_the_same_port_gives_a_connected_dashboard_a_new_session(
     make: Any, dashboards: Any
 ) -> None:
-    first = make()
+    # Plaintext loopback: the same sockets reconnect by themselves. With CURVE (the default) a
+    # restarted trainer has new keys, and the dashboard re-reads its connection file (test_client).
+    first = make(curve=False)
     pub_ep, cmd_ep = first.endpoints
     dash = dashboards(first.connection_info)
     dash.wait_heartbeat()
     first.publish_snapshot(full_snapshot(1))
     (env1, _, _), *_ = dash.snapshots(1)
     first.close()
-    second = make(pub_ep, cmd_bind=cmd_ep)  # same ports, new process state
+    second = make(pub_ep, cmd_bind=cmd_ep, curve=False)  # same ports, new process state
     assert second.network and second.session != first.session
     env, _ = dash.wait_heartbeat()  # the same SUB socket reconnects by itself
     assert env.session == second.session and env.seq == 0
@@ -541,8 +543,13 @@ def test_dashboard_killed_mid_stream_then_a_new_one_backfills(make: Any, dashboa
         from telemetry_core import protocol
         info = protocol.read_connection_file({str(pub.connection_path)!r})
         ctx = zmq.Context()
-        sub = ctx.socket(zmq.SUB); sub.setsockopt(zmq.SUBSCRIBE, b""); sub.connect(info.pub)
-        dealer = ctx.socket(zmq.DEALER); dealer.connect(info.cmd)
+        sub = ctx.socket(zmq.SUB); dealer = ctx.socket(zmq.DEALER)
+        for sock in (sub, dealer):
+            sock.curve_serverkey = info.curve_server_public.encode()
+            sock.curve_publickey = info.curve_client_public.encode()
+            sock.curve_secretkey = info.curve_client_secret.encode()
+        sub.setsockopt(zmq.SUBSCRIBE, b""); sub.connect(info.pub)
+        dealer.connect(info.cmd)
         sub.recv_multipart()
         print("ready", flush=True)
         while True:
@@ -735,7 +742,7 @@ def test_curve_extra_allowed_key(make: Any, dashboards: Any) -> None:
 def test_curve_unknown_key_and_plain_clients_get_nothing(make: Any, dashboards: Any) -> None:
     pub = make(curve=True)
     stranger = dashboards(pub.connection_info, curve=zmq.curve_keypair())
-    plain = dashboards(pub.connection_info)  # no CURVE at all
+    plain = dashboards(pub.connection_info, curve=False)  # no CURVE at all
     allowed = dashboards(pub.connection_info, curve=True)
     allowed.wait_heartbeat()
     for step in range(5):
@@ -758,7 +765,8 @@ def test_curve_authenticator_down_fails_closed(make: Any, dashboards: Any) -> No
 
     def stop_zap() -> None:
         # Kill the ZAP handler from the thread that owns it: what remains must refuse everyone.
-        pub._auth.stop()
+        assert pub._zap is not None
+        pub._zap.close()
         stopped.set()
 
     pub._call_in_thread(stop_zap)
@@ -785,7 +793,7 @@ def test_non_loopback_bind_turns_curve_on(make: Any, dashboards: Any) -> None:
     info_local = protocol.ConnectionInfo(
         **{**info.__dict__, "pub": f"tcp://127.0.0.1:{port}", "cmd": f"tcp://127.0.0.1:{cmd_port}"}
     )
-    plain = dashboards(info_local)
+    plain = dashboards(info_local, curve=False)
     assert plain.recv(0.5) is None
     allowed = dashboards(info_local, curve=True)
     allowed.wait_heartbeat()

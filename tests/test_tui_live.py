@@ -191,7 +191,8 @@ async def test_p_freezes_the_display_while_ingest_continues() -> None:
             assert app.client.status.state == LinkState.LIVE
 
 
-async def test_commands_without_a_connection_file_say_why_instead_of_failing() -> None:
+async def test_without_a_connection_file_the_trainer_refuses_the_dashboard_and_it_says_why() -> None:
+    """The file holds the CURVE keys: without it not even watching is possible (nothing leaks)."""
     with Trainer() as trainer:
         assert trainer.pub.endpoints is not None
         path = trainer.pub.connection_path
@@ -201,7 +202,9 @@ async def test_commands_without_a_connection_file_say_why_instead_of_failing() -
         target = resolve_target(trainer.pub.endpoints.pub.replace("tcp://", ""))
         app = SimicApp(store, client=TelemetryClient(target, store))
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: store.count > 1, what="watching")
+            await until(pilot, lambda: "--connection-file" in app.client.status.banner, what="the banner")
+            assert trainer.pub.counters.handshake_failures >= 1
+            assert store.count == 0 and store.counters.snapshots == 0
             await pilot.press("n")
             await pilot.pause()
             assert any("commands disabled" in m and "--connection-file" in m for m in notes(app))

@@ -15,9 +15,13 @@ import pytest
 from textual.command import CommandList
 
 from simic_tui.app import SimicApp
+from simic_tui.fmt import fmt_num
+from simic_tui.judge import PANEL_KINDS, Verdict, judge_entropy, kind_title
 from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, LIVE_ONLY, REPLAY_BINDINGS
-from simic_tui.screens.anomaly_log import AnomalyLogScreen
+from simic_tui.replay import ReplaySource
+from simic_tui.screens.anomaly_log import AnomalyLogScreen, IncidentDetailScreen
 from simic_tui.screens.debug import DebugScreen
+from simic_tui.screens.goto import GotoStepScreen
 from simic_tui.screens.help import HelpScreen
 from simic_tui.screens.thresholds import ThresholdsScreen
 from simic_tui.store import TelemetryStore
@@ -88,18 +92,100 @@ async def test_t_shows_every_threshold_with_its_reason_from_the_stream() -> None
         assert app.screen is app.dashboard
 
 
-async def test_a_opens_the_full_anomaly_log_newest_first() -> None:
-    app = states.build("healthy")
+async def test_a_opens_the_incident_log_one_row_per_incident_grouped_by_cause() -> None:
+    app = states.build("anomaly_log")
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("a")
         screen = app.screen
         assert isinstance(screen, AnomalyLogScreen)
         table = screen.query_one("DataTable")
-        assert table.row_count == len(app.store.anomalies) > 0
-        steps = [int(table.get_row_at(i)[1]) for i in range(table.row_count)]
-        assert steps == sorted(steps, reverse=True)
+        log = app.store.incidents
+        ids = [int(k.value) for k in table.rows]
+        assert sorted(ids) == sorted(log.records) and len(ids) == len(set(ids))  # one row per incident
+        judgements = sum(len(snap.anomalies) for _, snap in app.replay.loaded.frames)
+        assert len(ids) < judgements / 2  # far fewer rows than per-update judgements (the whole recording)
+        for key in table.rows:  # a consequence sits right under its group: after its head
+            rec = log.records[int(key.value)]
+            kind = str(table.get_row(key)[1])
+            if rec.incident.group != rec.id and rec.incident.group in log.records:
+                assert kind.startswith("└ ")
+                assert ids.index(rec.incident.group) < ids.index(rec.id)
+            else:
+                assert not kind.startswith("└ ")
         await pilot.press("escape")
         assert app.screen is app.dashboard
+
+
+async def test_log_filters_keep_the_cursor_on_its_incident_and_acknowledge_clears_the_badge() -> None:
+    app = states.build("anomaly_log")
+    async with app.run_test(size=SIZE) as pilot:
+        log = app.store.incidents
+        header = app.dashboard.query_one("#header")
+        assert " new" in str(header.content)
+        await pilot.press("a")
+        screen = app.screen
+        assert isinstance(screen, AnomalyLogScreen)
+        table = screen.query_one("DataTable")
+        await pilot.press("down")
+        chosen = screen.cursor_id()
+        assert chosen is not None
+        app.store.incidents.version += 1  # new data arrives: the table is rebuilt ...
+        app.tick()
+        assert screen.cursor_id() == chosen  # ... and the cursor stays on the same incident
+        await pilot.press("s")  # critical only
+        assert screen.severity == "critical"
+        shown = [log.records[int(k.value)] for k in table.rows]
+        heads = [r for r in shown if not str(table.get_row(str(r.id))[1]).startswith("└ ")]
+        assert all(r.incident.peak_severity == "critical" for r in shown if r not in heads)
+        assert any(r.incident.peak_severity == "critical" for r in shown)
+        await pilot.press("s", "s")  # warning, then all again
+        assert screen.severity is None and table.row_count == len(log.records)
+        kinds = log.kinds()
+        await pilot.press("k")
+        assert screen.kind == kinds[0]
+        assert {log.records[int(k.value)].incident.kind for k in table.rows} >= {kinds[0]}
+        await pilot.press("k")
+        assert screen.kind == (kinds[1] if len(kinds) > 1 else None)
+        while screen.kind is not None:
+            await pilot.press("k")
+        table.move_cursor(row=0)  # the newest incident the replay has reached
+        target = screen.cursor_id()
+        assert target is not None and not log.records[target].acknowledged
+        await pilot.press("x")
+        assert log.records[target].acknowledged
+        assert "new" not in str(table.get_row(str(target))[4])
+        await pilot.press("X")
+        assert all(r.acknowledged for r in log.records.values() if log.reached(r))
+        assert log.badge() is None or log.badge()[1] == 0
+        await pilot.press("escape")
+        app.tick()
+        assert " new" not in str(header.content)
+
+
+async def test_enter_opens_the_detail_pane_with_the_whole_message_limit_advice_and_history() -> None:
+    app = states.build("anomaly_log")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("a")
+        screen = app.screen
+        assert isinstance(screen, AnomalyLogScreen)
+        kl_id = next(i for i, r in app.store.incidents.records.items() if r.incident.kind == "kl_spike")
+        table = screen.query_one("DataTable")
+        table.move_cursor(row=table.get_row_index(str(kl_id)))
+        await pilot.press("enter")
+        detail = app.screen
+        assert isinstance(detail, IncidentDetailScreen)
+        await pilot.pause()
+        inc = app.store.incidents.records[kl_id].incident
+        body = " ".join(" ".join(str(w.content) for w in detail.query(".detail-value") if w.display).split())
+        assert " ".join(inc.peak_message.split()) in body  # whole, wrapped, never cut
+        assert " ".join(inc.action.split()) in body
+        assert f"limit {fmt_num(inc.threshold)}" in body and f"onset {inc.onset_step}" in body
+        chart = str(detail.query_one("#detail-chart").content)
+        assert "KL k3 mean" in chart and "▔" in chart and f"limit {fmt_num(inc.last_threshold)}" in chart
+        await pilot.press("x")
+        assert app.store.incidents.records[kl_id].acknowledged
+        await pilot.press("escape")
+        assert app.screen is screen
 
 
 async def test_number_keys_focus_then_zoom_then_restore() -> None:
@@ -174,7 +260,7 @@ async def test_replay_keys_step_seek_play_and_change_speed() -> None:
 
 
 async def test_stepping_onto_entropy_collapse_alarms_with_colour_glyph_word_border_and_notification() -> None:
-    """The recording's first entropy_collapse: each flagged head, at the severity the detector gave."""
+    """The recording's first entropy_collapse incident: each flagged head, at its incident's severity."""
     app = states.build("entropy_collapse")
     async with app.run_test(size=SIZE) as pilot:
         policy = app.dashboard.query_one("#policy", Panel)
@@ -182,17 +268,32 @@ async def test_stepping_onto_entropy_collapse_alarms_with_colour_glyph_word_bord
         assert "COLLAPSE" not in "".join(text(policy).splitlines()[: len(app.store.latest.run.heads)])
         await pilot.press("right")
         await pilot.pause()
-        fired = [a for a in app.store.latest.anomalies if a.kind == "entropy_collapse"]
-        assert fired and all(a.head for a in fired)
-        critical = any(a.severity == "critical" for a in fired)
+        fired = [i for i in app.store.latest.incidents if i.kind == "entropy_collapse"]
+        assert fired and all(i.scope.startswith("head:") for i in fired)
+        critical = any(i.severity == "critical" for i in fired)
         glyph, cls = ("✖", "-crit") if critical else ("▲", "-warn")  # red / yellow border
         assert policy.has_class(cls)
         shown = text(policy)
-        for a in fired:
-            assert f"ENTROPY COLLAPSE ({a.head})" in policy.border_title
-            line = next(line for line in shown.splitlines() if f" {a.head} " in line)
-            assert f"{glyph} COLLAPSE" in line  # readable without colour, on the head's own line
-        assert any("entropy_collapse" in m for m in notes(app))
+        thr = app.store.latest.thresholds
+        named = [
+            i for i in fired if f"{kind_title('entropy_collapse')} ({i.scope[5:]})" in policy.border_title
+        ]
+        # words are never cut: the ones that do not fit are counted (+N), or, short of room even for
+        # one head, the kind stands alone and the strip names the heads
+        if named:
+            assert len(named) == len(fired) or policy.border_title.endswith(f"+{len(fired) - len(named)}")
+        else:
+            assert policy.border_title.endswith(kind_title("entropy_collapse"))
+            strip = text(app.dashboard.query_one("#anomalies", Panel))
+            assert all(f"entropy_collapse ({i.scope[5:]})" in strip for i in fired)
+        for i in fired:
+            head = i.scope[5:]
+            line = next(line for line in shown.splitlines() if f" {head} " in line)
+            value = app.store.latest.policy.entropy_normalized[head]
+            past = judge_entropy(thr, head, value) != Verdict.OK
+            assert (f"{'✖' if i.severity == 'critical' else '▲'} COLLAPSE" in line) == past, line
+        await until(pilot, lambda: any("ENTROPY COLLAPSE" in m for m in notes(app)), what="toast")
+        assert glyph in policy.border_title
 
 
 async def test_the_states_do_not_depend_on_the_origin_of_the_frozen_clock(
@@ -233,14 +334,119 @@ async def test_kl_spike_and_nan_gradients_stand_out() -> None:
         await pilot.pause()
         policy = app.dashboard.query_one("#policy", Panel)
         assert "KL SPIKE" in policy.border_title and "SPIKE" in text(policy)
-        assert any("kl_spike" in m for m in notes(app))
+        await until(
+            pilot, lambda: any("KL SPIKE" in m or "incidents at" in m for m in notes(app)), what="toast"
+        )
     app = states.build("nan")
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("right")
         await pilot.pause()
         grads = app.dashboard.query_one("#gradients", Panel)
-        assert grads.has_class("-crit") and "NUMERICAL INSTABILITY" in grads.border_title
+        title = kind_title("numerical_instability")
+        assert grads.has_class("-crit") and title in grads.border_title
         assert "NaN" in text(grads) and "NaN GRADIENTS" in text(grads)
+
+
+async def test_three_updates_after_the_kl_spike_the_screen_still_names_it() -> None:
+    """The alarm persists: the KL spike's incident is still in the Policy title (active, or cleared
+    at a step the title states) and in the incident strip, three updates after its onset."""
+    app = states.build("kl_spike_after")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        onset = app.replay.loaded.frames[states.position(app.replay.loaded, "kl_spike") - 1][1].step
+        assert app.store.latest.step == onset + states.AFTER_SPIKE
+        policy = app.dashboard.query_one("#policy", Panel)
+        assert "KL SPIKE" in policy.border_title
+        strip = app.dashboard.query_one("#anomalies", Panel)
+        assert "kl_spike" in text(strip)
+        assert " new" in str(app.dashboard.query_one("#header").content)
+
+
+def alarms_on_screen(app: SimicApp) -> list[tuple[str, str]]:
+    """(panel key, line) for every panel line with a ✖/▲ that carries an alarm word."""
+    words = (
+        "SPIKE",
+        "COLLAPSE",
+        "EXPLOSION",
+        "EXPLODING",
+        "EXPLODED",
+        "VANISHING",
+        "NaN GRADIENTS",
+        "INF",
+        "SATURATED",
+        "DRIFT",
+        "LOW",
+        "NON-FINITE",
+    )
+    out = []
+    for panel in app.dashboard.query(Panel):
+        if panel.KEY == "anomalies":
+            continue
+        for line in text(panel).splitlines():
+            if ("✖" in line or "▲" in line) and any(w in line for w in words):
+                out.append((panel.KEY, line))
+    return out
+
+
+async def test_nothing_in_the_panels_contradicts_the_log() -> None:
+    """Over the whole recording: a panel names an alarm (a word beside ✖/▲, an alarm border or title)
+    only while an incident of one of its kinds is active; and every active incident shows."""
+    loaded = states.recording()
+    store = TelemetryStore(clock=lambda: states.FROZEN)
+    replay = ReplaySource(loaded, store)
+    app = SimicApp(store, replay=replay, clock=lambda: states.FROZEN)
+    async with app.run_test(size=(160, 48)) as pilot:
+        checked = 0
+        for position in range(1, replay.total + 1):
+            replay.seek(position)
+            app.tick()
+            active = {i.kind for i in store.latest.incidents}
+            for key, line in alarms_on_screen(app):
+                assert active & set(PANEL_KINDS[key]), (store.latest.step, key, line)
+                checked += 1
+            for panel in app.dashboard.query(Panel):
+                if panel.KEY == "anomalies":
+                    continue
+                mine = active & set(PANEL_KINDS.get(panel.KEY, ()))
+                assert (panel.has_class("-crit") or panel.has_class("-warn")) == bool(mine), (
+                    store.latest.step,
+                    panel.KEY,
+                )
+                for kind in mine:
+                    assert kind_title(kind) in panel.border_title or "+" in panel.border_title
+        assert checked > 0  # the recording does raise alarms
+        await pilot.pause()
+
+
+async def test_n_and_N_jump_between_incident_onsets_page_keys_move_ten_and_g_goes_to_a_step() -> None:
+    app = states.build("healthy")
+    replay = app.replay
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("home")
+        assert replay.onsets and replay.position == 1
+        for expected in replay.onsets:
+            await pilot.press("n")
+            assert replay.position == expected
+            snap = app.store.latest
+            assert any(e.event == "onset" for e in snap.incident_events)
+        await pilot.press("n")  # none after the last: stays, and says so
+        assert replay.position == replay.onsets[-1]
+        await until(pilot, lambda: any("no incident onset after" in m for m in notes(app)), what="note")
+        await pilot.press("N")
+        assert replay.position == (replay.onsets[-2] if len(replay.onsets) > 1 else replay.onsets[-1])
+        start = replay.position
+        await pilot.press("pagedown")
+        assert replay.position == min(start + 10, replay.total)
+        await pilot.press("pageup", "pageup")
+        assert replay.position == max(min(start + 10, replay.total) - 20, 0)
+        target = replay.loaded.frames[57][1].step
+        await pilot.press("g")
+        assert isinstance(app.screen, GotoStepScreen)
+        await pilot.press(*str(target), "enter")
+        await until(pilot, lambda: app.screen is app.dashboard, what="back on the dashboard")
+        assert app.store.latest.step == target
+        await pilot.press("g", "escape")
+        assert app.screen is app.dashboard and app.store.latest.step == target
 
 
 async def test_below_the_minimum_size_a_clear_notice_replaces_the_panels() -> None:

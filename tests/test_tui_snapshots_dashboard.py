@@ -24,7 +24,17 @@ pytestmark = pytest.mark.usefixtures("deterministic_terminal")
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(
     "state",
-    ["healthy", "entropy_collapse", "kl_spike", "nan", "debug", "stale", "disconnected", "incompatible"],
+    [
+        "healthy",
+        "entropy_collapse",
+        "kl_spike",
+        "kl_spike_after",  # the header badge, the 'cleared at' / still-active title, the grouped strip
+        "nan",
+        "debug",
+        "stale",
+        "disconnected",
+        "incompatible",
+    ],
 )
 def test_dashboard_state(snap_compare, state: str, size: str) -> None:  # type: ignore[no-untyped-def]
     """The main screen in each state the issue names, at the compact and the large size."""

@@ -3,7 +3,7 @@
 tests/fixtures/ranks_run.simrec comes from tests/fixtures/build_rank_recording.py: four gloo ranks
 train the demo data-parallel with real hubs; rank 2 gets NaN gradients at update 5 and rank 3
 straggles at update 9. Frames are found by content (the first update with a critical
-rank_divergence, the first with a straggler), so a regenerated recording needs no test change.
+rank_divergence incident, the first with a straggler), so a regenerated recording needs no test change.
 Deterministic like the other snapshot tests: frozen clocks, fixed sizes, UTC, colours on.
 Regenerate after an intended change with
 ``python -m pytest tests/test_tui_snapshots_ranks.py --snapshot-update`` and look at the SVGs.
@@ -37,7 +37,7 @@ def _recording() -> LoadedRecording:
 
 
 def _nan_rank(s: Snapshot) -> bool:
-    return any(a.kind == "rank_divergence" and a.severity == "critical" for a in s.anomalies)
+    return any(i.kind == "rank_divergence" and i.severity == "critical" for i in s.incidents)
 
 
 def _straggler(s: Snapshot) -> bool:

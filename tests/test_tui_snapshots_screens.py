@@ -1,4 +1,5 @@
-"""SVG snapshots of the dashboard's other screens (DEBUG, help, thresholds, anomaly log, zoom) and of
+"""SVG snapshots of the dashboard's other screens (DEBUG, help, thresholds, the grouped incident log and
+an incident's detail pane, zoom) and of
 the too-small notice and the connecting state, fed from the committed recording. See
 test_tui_snapshots_dashboard.py for how determinism is ensured and how to regenerate.
 """
@@ -20,7 +21,9 @@ pytestmark = pytest.mark.usefixtures("deterministic_terminal")
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("state", ["debug_screen", "help", "thresholds", "anomaly_log", "zoom", "connecting"])
+@pytest.mark.parametrize(
+    "state", ["debug_screen", "help", "thresholds", "anomaly_log", "incident_detail", "zoom", "connecting"]
+)
 def test_screen(snap_compare, state: str, size: str) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(states.build(state), press=states.STATES[state].press, terminal_size=SIZES[size])
 

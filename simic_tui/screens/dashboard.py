@@ -122,6 +122,15 @@ class DashboardScreen(Screen):
         self.minimize()
         self.refresh_bindings()
 
+    def action_acknowledge_all(self) -> None:
+        self.simic.acknowledge_all()
+
+    def action_incident(self, direction: int) -> None:
+        self.simic.replay_incident(direction)
+
+    def action_goto(self) -> None:
+        self.simic.replay_goto()
+
     def action_anomalies(self) -> None:
         self.simic.open_anomaly_log()
 

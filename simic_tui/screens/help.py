@@ -15,6 +15,7 @@ from simic_tui.keys import (
     APP_BINDINGS,
     DASHBOARD_BINDINGS,
     DEBUG_BINDINGS,
+    INCIDENT_LOG_BINDINGS,
     LIVE_ONLY,
     PALETTE_TITLES,
     REPLAY_BINDINGS,
@@ -34,6 +35,9 @@ _NAMES = {
     "plus": "+",
     "equals_sign": "=",
     "minus": "-",
+    "pageup": "PgUp",
+    "pagedown": "PgDn",
+    "enter": "Enter",
 }
 
 
@@ -44,10 +48,14 @@ def key_name(binding: Binding) -> str:
 
 def key_table(title: str, bindings: list[Binding]) -> Content:
     lines: list[Content] = [Content.styled(title, "bold $accent")]
-    for b in bindings:
-        name = PALETTE_TITLES.get(b.id or "", b.description)
+    names = [PALETTE_TITLES.get(b.id or "", b.description) for b in bindings]
+    key_w = max((len(key_name(b)) for b in bindings), default=4) + 2
+    name_w = max((len(n) for n in names), default=10) + 2  # columns never run together
+    for b, name in zip(bindings, names):
         lines.append(
-            Content.assemble((f"  {key_name(b):<6}", "bold"), (f"{name:<19}", ""), (b.tooltip, "$text-muted"))
+            Content.assemble(
+                (f"  {key_name(b):<{key_w}}", "bold"), (f"{name:<{name_w}}", ""), (b.tooltip, "$text-muted")
+            )
         )
     return Content("\n").join(lines)
 
@@ -57,19 +65,28 @@ LEGEND = Content("\n").join(
         Content.styled("Colours and glyphs", "bold $accent"),
         Content.assemble(("  0.82  ", ""), ("healthy: inside every threshold", "$text-muted")),
         Content.assemble(
-            ("  0.31▲ ", "$warning"), ("warning: past the trainer's warning threshold", "$text-muted")
+            ("  0.31▲ ", "$warning"),
+            ("past a limit the t screen lists, or a warning incident of this panel", "$text-muted"),
         ),
         Content.assemble(
             ("  0.04✖ COLLAPSE ", "bold $error"),
-            ("critical: an alarm; the panel's border turns heavy", "$text-muted"),
+            ("a critical incident is active; the panel's border turns heavy", "$text-muted"),
+        ),
+        Content.assemble(
+            ("  ✓ KL SPIKE cleared at 44 ", "$text-muted"),
+            ("in a panel title: its incident ended (shown for 10 updates)", "$text-muted"),
+        ),
+        Content.assemble(
+            ("  ✖ 2 active · 1 new ", "bold reverse $error"),
+            ("header: incidents active now, and those not yet acknowledged (X)", "$text-muted"),
         ),
         Content.assemble(
             ("  —     ", "$text-muted"),
             ("undefined (e.g. explained variance of constant returns)", "$text-muted"),
         ),
         Content.assemble(
-            ("  NaN   ", "bold $error"),
-            ("not a number: the trainer computed NaN (always critical)", "$text-muted"),
+            ("  NaN✖  ", "bold $error"),
+            ("not a number while numerical_instability is active; unmeasured values say so", "$text-muted"),
         ),
         Content.assemble(
             ("  ×     ", "$accent"), ("in a sparkline: a NaN/inf update; blank: not measured", "$text-muted")
@@ -78,8 +95,8 @@ LEGEND = Content("\n").join(
             ("  ˆ     ", "$warning"), ("under the KL sparkline: a target-KL early stop", "$text-muted")
         ),
         Content.styled(
-            "  Every limit comes from the Thresholds the trainer sends with each snapshot (t lists them),\n"
-            "  so the dashboard and the trainer's anomaly detector never disagree.",
+            "  Every limit comes from the Thresholds the trainer sends with each snapshot (t lists them);\n"
+            "  every alarm (✖, a word, a border) is one of the trainer's incidents, listed by a.",
             "$text-muted",
         ),
         Content.styled("Link", "bold $accent"),
@@ -113,6 +130,7 @@ class HelpScreen(ModalScreen[None]):
             yield Static(key_table("Keys", keys), classes="help-section")
             if self.replay:
                 yield Static(key_table("Replay", REPLAY_BINDINGS), classes="help-section")
+            yield Static(key_table("Incident log (a)", INCIDENT_LOG_BINDINGS), classes="help-section")
             yield Static(key_table("DEBUG screen", DEBUG_BINDINGS), classes="help-section")
             yield Static(LEGEND, classes="help-section")
 

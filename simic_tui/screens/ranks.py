@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.content import Content
@@ -92,7 +93,7 @@ class RanksScreen(Screen):
         table.add_column("rank", key="rank")
         table.add_column("status", key="status")  # before the statistics: visible at 80 columns
         for k in rs.keys:
-            table.add_column(key_label(k), key=k)
+            table.add_column(Text(key_label(k)), key=k)  # a trainer key: never markup
         for r in range(rs.world_size):
             f = flags.get(r)
             style = STYLE[f.verdict] if f else ""
@@ -118,12 +119,13 @@ class RanksScreen(Screen):
     def _notes(self, snap: Snapshot) -> Content:
         thr = snap.thresholds
         lines: list[Content] = []
-        for a in snap.anomalies:
-            if a.kind != "rank_divergence":
+        for inc in snap.incidents:  # the active rank incidents, whole (trainer text: plain)
+            if inc.kind != "rank_divergence":
                 continue
-            v = Verdict.CRIT if a.severity == "critical" else Verdict.WARN
-            lines.append(Content.assemble((f"{GLYPH[v]} {a.severity} ", STYLE[v]), (a.message, "")))
-            lines.append(Content.styled(f"   → {a.action}", "$text-muted"))
+            v = Verdict.CRIT if inc.severity == "critical" else Verdict.WARN
+            since = f"since step {inc.onset_step}: "
+            lines.append(Content.assemble((f"{GLYPH[v]} {inc.severity} ", STYLE[v]), since, inc.message))
+            lines.append(Content.styled(f"   → {inc.action}", "$text-muted"))
         lines.append(
             Content.styled(
                 f"Diverges: NaN/inf where other ranks are finite (at once), or grad norm, KL, entropy or "

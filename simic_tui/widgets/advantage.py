@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from simic_tui.fmt import fmt_num, fmt_pct
-from simic_tui.judge import Verdict, judge_high, judge_low
+from simic_tui.judge import Alarms, Mark, Verdict, judge_high, judge_low
 from simic_tui.widgets.base import ChartSpec, Line, Panel, Rows, View
 from telemetry_core.config import Thresholds
 from telemetry_core.schema import Moments
@@ -13,17 +13,19 @@ __all__ = ["AdvantagePanel"]
 L = 9
 
 
-def _moment_verdicts(thr: Thresholds, m: Moments, raw: bool) -> dict[str, Verdict]:
+def _moment_verdicts(thr: Thresholds, alarms: Alarms, m: Moments, raw: bool) -> dict[str, Mark]:
+    """Limits of the t screen (▲ at most); NaN is red only with an incident behind it."""
     skew = abs(m.skew) if m.skew is not None else None
-    return {
-        "mean": judge_high(m.mean),
-        "std": judge_low(m.std, warn=thr.adv_std_min if raw else None),
-        "min": judge_high(m.min),
-        "max": judge_high(m.max),
-        "skew": judge_high(skew, warn=thr.adv_skew_warning),
-        "kurtosis": judge_high(m.kurtosis, warn=thr.adv_kurtosis_warning),
-        "frac_positive": judge_high(m.frac_positive),
+    limits = {
+        "mean": (judge_high(m.mean), m.mean),
+        "std": (judge_low(m.std, warn=thr.adv_std_min if raw else None), m.std),
+        "min": (judge_high(m.min), m.min),
+        "max": (judge_high(m.max), m.max),
+        "skew": (judge_high(skew, warn=thr.adv_skew_warning), skew),
+        "kurtosis": (judge_high(m.kurtosis, warn=thr.adv_kurtosis_warning), m.kurtosis),
+        "frac_positive": (judge_high(m.frac_positive), m.frac_positive),
     }
+    return {name: alarms.mark(v, value=x) for name, (v, x) in limits.items()}
 
 
 class AdvantagePanel(Panel):
@@ -32,16 +34,16 @@ class AdvantagePanel(Panel):
     KEY = "advantage"
 
     def build(self, rows: Rows, view: View, width: int) -> list[Verdict]:
-        snap, thr, store = view.snap, view.thresholds, view.store
+        snap, thr, store, alarms = view.snap, view.thresholds, view.store, view.alarms
         assert snap is not None and thr is not None
         adv = snap.advantage
         verdicts: list[Verdict] = []
         if adv is None:
             rows.add(Line().label("not measured at this level (MINIMAL)"), 1)
         else:
-            raw_v = _moment_verdicts(thr, adv.raw, raw=True)
-            norm_v = _moment_verdicts(thr, adv.normalized, raw=False)
-            verdicts += list(raw_v.values())
+            raw_v = _moment_verdicts(thr, alarms, adv.raw, raw=True)
+            norm_v = _moment_verdicts(thr, alarms, adv.normalized, raw=False)
+            verdicts += [m.verdict for m in raw_v.values()]
             if width >= 58:
                 cols = ("mean", "std", "min", "max", "skew", "kurtosis", "frac_positive")
                 heads = ("mean", "std", "min", "max", "skew", "kurt", ">0")
@@ -78,23 +80,25 @@ class AdvantagePanel(Panel):
                     line.label(" >0 ").val(m.frac_positive, vs["frac_positive"], fmt=fmt_pct)
                     rows.add(line, pri + 1)
             r = adv.returns
-            line = (
-                Line()
-                .label("returns", L)
-                .label("p10 ")
-                .val(r.p10)
-                .label(" p50 ")
-                .val(r.p50)
-                .label(" p90 ")
-                .val(r.p90)
-            )
-            line.label("  μ ").val(r.mean).label(" σ ").val(r.std)
+            line = Line().label("returns", L)
+            if r.quantile_n == 0 and r.count == 0:
+                line.label(f"not measured at {snap.level.level}")
+            else:
+                for name, x in (
+                    ("p10 ", r.p10),
+                    (" p50 ", r.p50),
+                    (" p90 ", r.p90),
+                    ("  μ ", r.mean),
+                    (" σ ", r.std),
+                ):
+                    line.label(name).val(x, alarms.mark(Verdict.OK, value=x))
             rows.add(line, 2)
         ep = snap.episodes
         if ep is not None:
             line = Line().label("episodes", L)
             if ep.count:
-                line.val(ep.count).label(" done  R ").val(ep.return_mean).label(" [").val(ep.return_min)
+                ret = alarms.mark(Verdict.OK, ("performance_degradation",), value=ep.return_mean)
+                line.val(ep.count).label(" done  R ").val(ep.return_mean, ret).label(" [").val(ep.return_min)
                 line.label(", ").val(ep.return_max).label("]  len ").val(ep.length_mean).add(" ")
                 line.spark_of(store, "episodes.return_mean", width - line.width)
             else:

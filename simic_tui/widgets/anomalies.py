@@ -1,63 +1,67 @@
-"""The anomaly log on the dashboard (newest first); ``a`` opens the full, scrollable log."""
+"""The incident strip on the dashboard: one row per incident, newest group first; ``a`` opens the log.
+
+A group (incidents that opened together) is headed by its most upstream incident, its consequences
+indented under it, so one cause reads as one alarm. Kind, scope, severity, count, steps and state
+come first and are never cut; the message follows in what width is left (the log's detail pane
+shows it whole).
+"""
 
 from __future__ import annotations
 
-from simic_tui.fmt import fmt_clock
-from simic_tui.judge import GLYPH, STYLE, Verdict
-from simic_tui.store import AnomalyEntry
+from simic_tui.judge import Verdict, incident_verdict
 from simic_tui.widgets.base import Line, Panel, Rows, View
+from simic_tui.widgets.incidents import kind_scope, record_state, severity_style, steps_text
 
-__all__ = ["AnomalyPanel", "severity_cell"]
-
-
-def severity_cell(severity: str) -> tuple[str, str]:
-    """Glyph + word and style of a severity (readable without colour)."""
-    v = Verdict.CRIT if severity == "critical" else Verdict.WARN
-    return f"{GLYPH[v]} {severity}", STYLE[v]
+__all__ = ["AnomalyPanel"]
 
 
 class AnomalyPanel(Panel):
     NUMBER = 0
-    TITLE = "Anomalies"
+    TITLE = "Incidents"
     KEY = "anomalies"
     can_focus = False
 
     def data_key(self, view: View) -> object:
-        """The log only changes when anomalies arrive (or a replay rolls back); not every update."""
-        snap = view.snap
-        return (
-            view.store.anomaly_total,
-            view.store.session,
-            tuple((a.kind, a.severity) for a in snap.anomalies) if snap else (),
-        )
+        """The strip changes when an incident or the cursor's position does, not every update."""
+        return (view.store.incidents.version, view.store.session)
 
     def build(self, rows: Rows, view: View, width: int) -> list[Verdict]:
-        store = view.store
-        entries: list[AnomalyEntry] = store.recent_anomalies(max(self.content_region.height, 1))
-        self.border_title = f"Anomalies ({store.anomaly_total})  a: full log"
-        if not entries:
+        log = view.store.incidents
+        shown = log.rows(include_ahead=False)
+        heads = sum(1 for r in shown if not r.consequence)
+        title = f"Incidents ({len(shown)} in {heads} groups)"
+        if width >= 60:
+            title += "  a: log · X: acknowledge all"
+        self.border_title = title
+        if not shown:
             rows.add(Line().label("none so far"), 1)
             return []
-        wide = width >= 100
-        for entry in entries:
-            a = entry.anomaly
-            sev, style = severity_cell(a.severity)
-            kind = a.kind + (f"({a.head})" if a.head else "")
+        wide = width >= 70
+        kind_w = min(max(len(kind_scope(r.record.incident)) for r in shown) + 2, 40) if wide else 0
+        for i, row in enumerate(shown):
+            inc = row.record.incident
+            glyph, style = severity_style(
+                inc.severity if row.record.id in log.active_ids else inc.peak_severity
+            )
             line = Line()
+            line.add(("  └ " if wide else "└") if row.consequence else "", "$text-muted")
+            line.add(f"{glyph} ", style)
+            name = kind_scope(inc)
             if wide:
-                line.label(fmt_clock(entry.wall_time) + " ")
-                line.label(f"{a.step:>6} ").add(sev.ljust(11), style).add(kind.ljust(25)[:25] + " ", style)
-                line.add(a.message)
-                if a.action:
-                    line.label(f"  → {a.action}")
-            else:
-                line.label(f"{a.step:>5} ").add(f"{sev[0]} {kind} ", style).add(a.message)
-            rows.add(line, 1)
+                line.add(name.ljust(max(kind_w - (4 if row.consequence else 0), len(name) + 1)), style)
+                line.label(f"×{inc.updates_active} ".rjust(6)).add(steps_text(inc).ljust(10))
+            else:  # narrow: kind, steps and state whole, single-spaced; the log has the rest
+                line.add(name + " ", style).add(steps_text(inc) + " ")
+            state = record_state(log, row.record)
+            line.add(state.ljust(22) if wide else state + " ", "bold" if "new" in state else "$text-muted")
+            message = inc.message or inc.peak_message
+            if message and wide:
+                line.add(message)
+            rows.add(line, 1 + i / 1000)
         return []
 
     def _set_state(self, view: View, verdicts: list[Verdict]) -> None:
-        snap = view.snap
-        current = snap.anomalies if snap is not None else []
-        crit = any(a.severity == "critical" for a in current)
-        self.set_class(bool(current) and not crit, "-warn")
-        self.set_class(crit, "-crit")
+        active = view.alarms.of_kinds(view.alarms.by_kind)
+        state = incident_verdict(active[0]) if active else Verdict.OK
+        self.set_class(state == Verdict.WARN, "-warn")
+        self.set_class(state == Verdict.CRIT, "-crit")

@@ -17,15 +17,27 @@ import numpy as np
 from textual.content import Content
 from textual.widgets import Static
 
-from simic_tui.fmt import chart, fmt_num, sparkline
-from simic_tui.judge import GLYPH, STYLE, Verdict, panel_anomalies, worst
+from simic_tui.fmt import chart, fmt_limit, fmt_num, sparkline
+from simic_tui.incidents import scope_label
+from simic_tui.judge import (
+    GLYPH,
+    PANEL_KINDS,
+    STYLE,
+    Alarms,
+    Mark,
+    Verdict,
+    incident_verdict,
+    kind_title,
+)
 from simic_tui.store import TelemetryStore
 from telemetry_core.config import Thresholds
-from telemetry_core.schema import Snapshot
+from telemetry_core.schema import Incident, Snapshot
 
-__all__ = ["ChartSpec", "Line", "Panel", "Row", "View", "fit_rows"]
+__all__ = ["CLEARED_FOR", "ChartSpec", "Line", "Panel", "Row", "View", "fit_rows", "panel_title"]
 
 LABEL = "$text-muted"
+# Updates a panel says "cleared at S" after its last incident cleared (long enough to be noticed).
+CLEARED_FOR = 10
 
 
 @dataclass
@@ -35,11 +47,12 @@ class View:
     store: TelemetryStore
     snap: Snapshot | None
     thresholds: Thresholds | None
+    alarms: Alarms = field(default_factory=Alarms)
 
     @classmethod
     def of(cls, store: TelemetryStore) -> View:
         snap = store.latest
-        return cls(store, snap, snap.thresholds if snap is not None else None)
+        return cls(store, snap, snap.thresholds if snap is not None else None, Alarms.of(snap))
 
 
 class Line:
@@ -67,13 +80,18 @@ class Line:
     def val(
         self,
         value: Any,
-        verdict: Verdict = Verdict.OK,
+        verdict: Verdict | Mark = Verdict.OK,
         *,
         fmt: Callable[[Any], str] = fmt_num,
         width: int = 0,
         word: str = "",
     ) -> Line:
-        """A value in its verdict's colour, followed by the verdict's glyph (and word for alarms)."""
+        """A value in its verdict's colour, followed by the verdict's glyph (and word for alarms).
+
+        Pass a :class:`Mark` (from ``view.alarms.mark``) for anything that may alarm: its word is
+        shown only while an incident stands behind it."""
+        if isinstance(verdict, Mark):
+            verdict, word = verdict.verdict, verdict.word
         text = fmt(value) + GLYPH[verdict]
         if word and verdict >= Verdict.WARN:
             text += f" {word}"
@@ -180,29 +198,19 @@ class Panel(Static):
         self._set_state(view, verdicts)
 
     def _set_state(self, view: View, verdicts: list[Verdict]) -> None:
-        alarms = panel_anomalies(view.snap, self.KEY)
-        state = worst(verdicts)
-        if alarms:
-            state = max(state, Verdict.CRIT if alarms[0].severity == "critical" else Verdict.WARN)
+        """Border and title from the panel's incidents only: the values' own marks never raise it."""
+        kinds = PANEL_KINDS.get(self.KEY, ())
+        active = view.alarms.of_kinds(kinds)
+        state = incident_verdict(active[0]) if active else Verdict.OK
         self.state = state
         self.set_class(state == Verdict.WARN, "-warn")
         self.set_class(state == Verdict.CRIT, "-crit")
-        title = f"{self.NUMBER} {self.TITLE}" if self.NUMBER else self.TITLE
-        if alarms:
-            words = []
-            for a in alarms:
-                word = a.kind.replace("_", " ").upper()
-                if a.head:
-                    word += f" ({a.head})"
-                if word not in words:
-                    words.append(word)
-            title += (
-                f" {GLYPH[Verdict.CRIT if alarms[0].severity == 'critical' else Verdict.WARN]} "
-                + ", ".join(words)
-            )
-        elif state >= Verdict.WARN:
-            title += f" {GLYPH[state]}"
-        self.border_title = title
+        cleared = [] if active else view.store.incidents.recently_cleared(kinds, CLEARED_FOR)
+        self.set_class(bool(cleared), "-cleared")
+        # a Content, not a str: head names in the title are trainer text, never markup
+        self.border_title = Content(
+            panel_title(self.NUMBER, self.TITLE, active, cleared, self.size.width - 6)
+        )
 
     def data_key(self, view: View) -> object:
         """What this panel's text depends on; it is rebuilt only when this changes."""
@@ -221,12 +229,61 @@ class Panel(Static):
         axis = 8
         plot_w = max(width - axis, 1)
         values = store.series(spec.column, plot_w)
-        lines, lo, hi = chart(values, plot_w, spare - 1, store.present(spec.column, plot_w), spec.marks)
         shown = min(len(values), plot_w)
-        title = Line().label(f"{spec.title}, last {shown} updates")
-        for level, name in spec.marks.items():
-            title.label("  ┈ ").label(f"{name} {fmt_num(level)}")
+        # the limits' names and numbers are never cut: the span ("last N updates") goes first, then
+        # the legend takes a row of its own
+        legend = "".join(f"  ┈ {name} {fmt_limit(level)}" for level, name in spec.marks.items())
+        span = f", last {shown} updates"
+        if len(spec.title) + len(span) + len(legend) > width:
+            span = ""
+        own_row = bool(legend) and len(spec.title) + len(legend) > width and spare >= 4
+        lines, lo, hi = chart(
+            values, plot_w, spare - (2 if own_row else 1), store.present(spec.column, plot_w), spec.marks
+        )
+        title = Line().label(spec.title + span)
+        if legend and not own_row:
+            title.label(legend)
         rows.add(title, 9)
+        if own_row:
+            rows.add(Line().label(legend.strip()), 9)
         for i, text in enumerate(lines):
             tick = fmt_num(hi) if i == 0 else fmt_num(lo) if i == len(lines) - 1 else ""
             rows.add(Line().label(tick.rjust(axis - 1) + " ").add(text, "$accent"), 9)
+
+
+def panel_title(
+    number: int, title: str, active: list[Incident], cleared: list[Incident], width: int = 200
+) -> str:
+    """``1 Policy ✖ KL SPIKE, RATIO EXPLOSION (direction)`` while incidents are active, then
+    ``1 Policy ✓ KL SPIKE cleared at 44`` for a while. Alarm words are never cut: when they do not
+    all fit ``width``, the panel's name goes first (its number stays), then the last words, which
+    are counted (``+2``)."""
+    heads = [f"{number} {title}" if number else title]
+    if number:
+        heads.append(str(number))  # short of width, the panel's name goes before an alarm word does
+    if active:
+        words: list[str] = []
+        for inc in active:
+            word = kind_title(inc.kind)
+            if inc.scope:
+                word += f" ({scope_label(inc.scope)})"
+            if word not in words:
+                words.append(word)
+        glyph = GLYPH[incident_verdict(active[0])]
+        # last resort before counting: the kinds without their scopes (the log names the scopes)
+        bare = list(dict.fromkeys(kind_title(inc.kind) for inc in active))
+        for candidates in (words, bare):
+            for n in range(len(candidates), 0, -1):
+                more = f" +{len(candidates) - n}" if n < len(candidates) else ""
+                for head in heads:
+                    text = f"{head} {glyph} " + ", ".join(candidates[:n]) + more
+                    if len(text) <= width:
+                        return text
+        return f"{heads[-1]} {glyph} {bare[0]}" + (f" +{len(bare) - 1}" if len(bare) > 1 else "")
+    if cleared:
+        inc = cleared[0]
+        word = kind_title(inc.kind)
+        options = [f"{h} ✓ {word} cleared at {inc.cleared_step}" for h in heads]
+        options.append(f"{heads[-1]} ✓ {word} cleared {inc.cleared_step}")
+        return next((o for o in options if len(o) <= width), options[-1])
+    return heads[0]

@@ -31,8 +31,12 @@ def _resolve(app: App, style: str) -> Style:
     return Style.parse(" ".join(parts))
 
 
-def rich_cell(app: App, text: str, style: str = "") -> Text | str:
-    """``text`` in a theme style like "bold $error" (plain str when unstyled)."""
+def rich_cell(app: App, text: str, style: str = "") -> Text:
+    """``text`` in a theme style like "bold $error", always as Text.
+
+    A plain str in a DataTable cell is parsed as markup, and cell text can come from the trainer
+    (names, keys): ``[/x]`` in a layer name would crash the table.
+    """
     if not style:
-        return text
+        return Text(text)
     return Text(text, style=_resolve(app, style))

@@ -7,8 +7,8 @@ import math
 
 from simic_tui.fmt import SPARK_BLOCKS, fmt_limit, fmt_num, fmt_pct
 from simic_tui.judge import (
+    Mark,
     Verdict,
-    alarm_word,
     grad_total,
     judge_high,
     judge_nonfinite_count,
@@ -41,7 +41,7 @@ class GradientsPanel(Panel):
     KEY = "gradients"
 
     def build(self, rows: Rows, view: View, width: int) -> list[Verdict]:
-        snap, thr, store = view.snap, view.thresholds, view.store
+        snap, thr, store, alarms = view.snap, view.thresholds, view.store, view.alarms
         assert snap is not None and thr is not None
         g = snap.gradients
         verdicts: list[Verdict] = []
@@ -50,42 +50,56 @@ class GradientsPanel(Panel):
             return verdicts
         cap = max_grad_norm_of(snap)
 
-        tv = grad_total(thr, snap, g.total_norm)
-        verdicts.append(tv)
+        grad_kinds = ("gradient_exploding", "gradient_vanishing")
+        tv = alarms.mark(grad_total(thr, snap, g.total_norm), grad_kinds, value=g.total_norm)
+        if tv.verdict >= Verdict.WARN and math.isfinite(g.total_norm) and cap:
+            word = "EXPLODING" if g.total_norm > cap else "VANISHING"
+            tv = alarms.mark(grad_total(thr, snap, g.total_norm), grad_kinds, value=g.total_norm, word=word)
+        verdicts.append(tv.verdict)
         # a NaN norm reads "NaN✖" already, and the NaN/Inf line below names the alarm
-        line = Line().label("pre-clip", L).val(g.total_norm, tv, word=alarm_word(g.total_norm, tv, "EXPLODING"))
+        line = Line().label("pre-clip", L).val(g.total_norm, tv)
         line.label(" / cap ").val(cap)
         if cap and math.isfinite(g.total_norm):
             line.label(f" = {g.total_norm / cap:.1f}×")
         if width >= 56:
-            line.label("  max ").val(g.total_norm_max, grad_total(thr, snap, g.total_norm_max))
+            line.label("  max ").val(
+                g.total_norm_max, alarms.mark(grad_total(thr, snap, g.total_norm_max), value=g.total_norm_max)
+            )
         line.add(" ")
         line.spark_of(store, "gradients.total_norm", width - line.width)
         rows.add(line, 1)
 
-        nv = judge_nonfinite_count(g.nan_count)
-        iv = judge_nonfinite_count(g.inf_count)
-        cr = judge_high(g.clip_rate, warn=thr.clip_rate_warning)
-        verdicts += [nv, iv, cr]
-        line = (
-            Line()
-            .label("NaN/Inf", L)
-            .val(g.nan_count, nv, word="NaN GRADIENTS" if nv == Verdict.CRIT else "")
+        nonfinite = ("numerical_instability",)
+        # a count above zero is red (and named) only while numerical_instability is active
+        nv = alarms.mark(
+            judge_nonfinite_count(g.nan_count), nonfinite, word="NaN GRADIENTS", at_most=Verdict.OK
         )
-        line.label(" / ").val(g.inf_count, iv, word="INF" if iv == Verdict.CRIT else "")
+        iv = alarms.mark(judge_nonfinite_count(g.inf_count), nonfinite, word="INF", at_most=Verdict.OK)
+        nv, iv = (nv if g.nan_count else Mark(Verdict.OK)), (iv if g.inf_count else Mark(Verdict.OK))
+        cr = alarms.mark(
+            judge_high(g.clip_rate, warn=thr.clip_rate_warning),
+            value=g.clip_rate,
+            limit=thr.clip_rate_warning,
+        )
+        verdicts += [nv.verdict, iv.verdict, cr.verdict]
+        line = Line().label("NaN/Inf", L).val(g.nan_count, nv)
+        line.label(" / ").val(g.inf_count, iv)
         line.label("  clip rate ").val(g.clip_rate, cr, fmt=fmt_pct)
         rows.add(line, 1)
         verdicts += rank_rows(rows, snap, width)  # multi-rank runs only
 
         n_params = len(g.param_norms) or len(snap.run.param_names)
-        van_v = judge_high(
-            g.vanishing_count / n_params if n_params else None, warn=thr.grad_vanishing_param_fraction
+        van_v = alarms.mark(
+            judge_high(
+                g.vanishing_count / n_params if n_params else None, warn=thr.grad_vanishing_param_fraction
+            ),
+            ("gradient_vanishing",),
         )
-        exp_v = judge_high(float(g.exploding_count), warn=0.0)
-        verdicts += [van_v, exp_v]
+        exp_v = alarms.mark(Verdict.OK, ("gradient_exploding",)) if g.exploding_count else Mark(Verdict.OK)
+        verdicts += [van_v.verdict]
         line = Line().label("params", L).label("vanish ").val(g.vanishing_count, van_v).label(f"/{n_params}")
         line.label("  explode ").val(g.exploding_count, exp_v).label("  max|g| ").val(
-            g.max_abs, judge_high(g.max_abs)
+            g.max_abs, alarms.mark(Verdict.OK, value=g.max_abs)
         )
         rows.add(line, 3)
 
@@ -94,7 +108,7 @@ class GradientsPanel(Panel):
             for name, norm in g.group_norms.items():
                 line.label(f"{name} ")
                 if width >= 56:
-                    line.val(norm, judge_high(norm)).add(" ")
+                    line.val(norm, alarms.mark(Verdict.OK, value=norm)).add(" ")
                 ratio = g.group_ratios.get(name)
                 if ratio is not None:
                     line.label(f"×{fmt_num(ratio, 2)}")
@@ -125,15 +139,18 @@ class GradientsPanel(Panel):
                 line.label(f" {fmt_pct(count / total)}".rjust(6))
                 rows.add(line, 7 + rank[i] / 100)  # short of rows: the fullest bins stay
 
-        dv = judge_high(g.ema_drift, warn=thr.grad_drift) if g.ema_drift is not None else Verdict.NA
-        verdicts.append(dv)
+        dv = alarms.mark(
+            judge_high(g.ema_drift, warn=thr.grad_drift) if g.ema_drift is not None else Verdict.NA,
+            ("gradient_drift",),
+            value=g.ema_drift,
+            word="DRIFT",
+        )
+        verdicts.append(dv.verdict)
         line = Line().label("EMA", L).val(g.ema_total_norm).label("  drift ")
         if g.ema_drift is None:
             line.label("warming up")
         else:
-            line.val(g.ema_drift, dv, word="DRIFT" if dv >= Verdict.WARN else "").label(
-                f" (limit {fmt_limit(thr.grad_drift)})"
-            )
+            line.val(g.ema_drift, dv).label(f" (limit {fmt_limit(thr.grad_drift)})")
         if g.zero_fraction is not None:
             line.label("  zero ").val(g.zero_fraction, fmt=fmt_pct)
         rows.add(line, 3)

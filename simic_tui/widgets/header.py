@@ -17,6 +17,7 @@ from simic_tui.client import LinkState, LinkStatus
 from simic_tui.fmt import fmt_count
 from simic_tui.judge import Verdict
 from simic_tui.store import TelemetryStore
+from simic_tui.widgets.incidents import badge_parts
 from simic_tui.widgets.ranks import rank_flags, ranks_of
 
 __all__ = ["Banner", "HeaderModel", "StatusHeader", "fit_segments"]
@@ -88,6 +89,9 @@ class StatusHeader(Static):
             if planned:
                 step += [(f"/{planned}", ""), (f" ({100 * snap.step / planned:.0f}%)", "$text-muted")]
             line1.append((0, step))
+            badge = badge_parts(store.incidents)
+            if badge:  # the incidents asking for attention: never dropped for width
+                line1.append((0, badge))
             line1.append((4, [("phase ", "$text-muted"), (snap.phase, "")]))
             level_style = "bold $warning" if snap.level.level == "DEBUG" else "bold"
             line1.append((0, [("level ", "$text-muted"), (snap.level.level, level_style)]))
@@ -114,6 +118,8 @@ class StatusHeader(Static):
         elif status.detail:
             state.append((f" {status.detail}", "$text-muted"))
         line2: list[Segment] = [(0, state)]
+        if status.unencrypted and not model.replay:  # anyone on the path can read and rewrite it
+            line2.append((0, [("⚠ unencrypted", "bold reverse $error")]))
         if not model.replay:
             line2.append((5, [(f"{store.rate():.1f} upd/s", "")]))
         c = store.counters
@@ -123,13 +129,18 @@ class StatusHeader(Static):
             codes = ", ".join(f"{k} {v}" for k, v in c.bad_by_code.most_common(3))
             bad.append((f" ({codes})", "$text-muted"))
         line2.append((2, bad))
-        dropped = snap.counters.snapshots_dropped if snap is not None else 0
+        # Everything the trainer lost: snapshots its publish queue dropped and records its recorder did.
+        dropped = snap.counters.snapshots_dropped + snap.counters.records_dropped if snap is not None else 0
         line2.append(
             (3, [("missed ", "$text-muted"), (fmt_count(c.missed), "bold $warning" if c.missed else "")])
         )
         line2.append(
             (3, [("dropped ", "$text-muted"), (fmt_count(dropped), "bold $warning" if dropped else "")])
         )
+        if c.columns_dropped:
+            line2.append(
+                (4, [("columns dropped ", "$text-muted"), (fmt_count(c.columns_dropped), "bold $warning")])
+            )
         if model.lease:
             line2.append((1, [(model.lease, "bold $warning")]))
         if model.profile:

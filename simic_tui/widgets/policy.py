@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from simic_tui.fmt import fmt_num, fmt_pct
 from simic_tui.judge import (
     Verdict,
-    alarm_word,
-    anomaly_verdict,
     judge_entropy,
     judge_high,
     judge_kl,
@@ -31,7 +27,7 @@ class PolicyPanel(Panel):
     KEY = "policy"
 
     def build(self, rows: Rows, view: View, width: int) -> list[Verdict]:
-        snap, thr, store = view.snap, view.thresholds, view.store
+        snap, thr, store, alarms = view.snap, view.thresholds, view.store, view.alarms
         assert snap is not None and thr is not None
         pol = snap.policy
         verdicts: list[Verdict] = []
@@ -43,22 +39,23 @@ class PolicyPanel(Panel):
         # entropy per head, normalised by log|A|: the collapse alarm lives here
         heads = list(pol.entropy_normalized) or list(snap.run.heads)
         head_w = max((len(h) for h in heads), default=4) + 1
-        # A head below its limit is a warning until the detector (which waits entropy_patience
-        # updates) reports entropy_collapse; from then on the anomaly's severity rules, so the
-        # panel and the detector never disagree.
-        collapsed = {a.head: anomaly_verdict(a) for a in snap.anomalies if a.kind == "entropy_collapse"}
+        # A head below its limit is ▲ (the t screen's entropy limits); its alarm (✖, COLLAPSE) is the
+        # entropy_collapse incident's, which the trainer raises after its patience and keeps through
+        # its hysteresis, so the panel and the log never disagree.
         for i, head in enumerate(heads):
             value = pol.entropy_normalized.get(head)
-            v = judge_entropy(thr, head, value)
-            finite = value is not None and math.isfinite(value)
-            if finite and head in collapsed:
-                v = collapsed[head]
-            elif finite and v == Verdict.CRIT:
-                v = Verdict.WARN
-            verdicts.append(v)
-            word = "COLLAPSE" if finite and head in collapsed else "LOW" if v == Verdict.WARN else ""
+            ev = judge_entropy(thr, head, value)
+            mark = alarms.mark(
+                ev,
+                ("entropy_collapse",),
+                head=head,
+                value=value,
+                word="COLLAPSE",
+                limit=thr.entropy_limit(head) if ev == Verdict.CRIT else thr.entropy_warning,
+            )
+            verdicts.append(mark.verdict)
             line = Line().label("entropy" if i == 0 else "", L).label(head.ljust(head_w))
-            line.val(value, v, width=6, word=word)
+            line.val(value, mark, width=6)
             if wide:
                 nats = pol.entropy.get(head)
                 line.add(f" {fmt_num(nats)} nats", "$text-muted")
@@ -68,13 +65,16 @@ class PolicyPanel(Panel):
             rows.add(line, 1)
 
         # KL k3: mean (judged) and max, history, early stops
-        kv = judge_kl(thr, pol.kl_k3_mean)
-        verdicts.append(kv)
+        kl_v = judge_kl(thr, pol.kl_k3_mean)
+        kl_limit = thr.kl_spike_critical if kl_v == Verdict.CRIT else thr.kl_spike_warning
+        kv = alarms.mark(kl_v, ("kl_spike",), value=pol.kl_k3_mean, word="SPIKE", limit=kl_limit)
+        verdicts.append(kv.verdict)
         line = Line().label("KL k3", L)
         if width >= 44:
             line.label("mean ")
-        line.val(pol.kl_k3_mean, kv, word=alarm_word(pol.kl_k3_mean, kv, "SPIKE"))
-        line.label(" max ").val(pol.kl_k3_max, judge_high(pol.kl_k3_max)).add(" ")
+        line.val(pol.kl_k3_mean, kv)
+        line.label(" max ").val(pol.kl_k3_max, alarms.mark(Verdict.OK, value=pol.kl_k3_max))
+        line.add(" ")
         spark_col = line.width
         spark_w = max(width - spark_col, 0)
         line.spark_of(store, "policy.kl_k3_mean", spark_w)
@@ -88,23 +88,41 @@ class PolicyPanel(Panel):
                 )
 
         # clipping, ratios, ESS
-        cv = judge_high(pol.clip_fraction, warn=thr.clip_fraction_warning)
-        rmax = judge_ratio_max(thr, pol.ratio_max)
-        rmin = judge_ratio_min(thr, pol.ratio_min)
-        ess = judge_low(pol.ess, warn=thr.ess_warning)
-        verdicts += [cv, rmax, rmin, ess]
+        cv = alarms.mark(
+            judge_high(pol.clip_fraction, warn=thr.clip_fraction_warning),
+            value=pol.clip_fraction,
+            limit=thr.clip_fraction_warning,
+        )
+        rmax = alarms.mark(
+            judge_ratio_max(thr, pol.ratio_max),
+            ("ratio_explosion",),
+            value=pol.ratio_max,
+            word="EXPLOSION",
+            limit=thr.ratio_explosion,
+        )
+        rmin = alarms.mark(
+            judge_ratio_min(thr, pol.ratio_min),
+            ("ratio_collapse",),
+            value=pol.ratio_min,
+            word="COLLAPSE",
+            limit=thr.ratio_collapse,
+        )
+        ess = alarms.mark(judge_low(pol.ess, warn=thr.ess_warning), value=pol.ess, limit=thr.ess_warning)
+        verdicts += [cv.verdict, rmax.verdict, rmin.verdict, ess.verdict]
         line = Line().label("clip", L).val(pol.clip_fraction, cv, fmt=fmt_pct)
         for head, value in pol.head_clip_fraction.items():
-            hv = judge_high(value, warn=thr.clip_fraction_warning)
+            hv = alarms.mark(
+                judge_high(value, warn=thr.clip_fraction_warning),
+                value=value,
+                limit=thr.clip_fraction_warning,
+            )
             line.label(f"  {head} ").val(value, hv, fmt=fmt_pct)
         rows.add(line, 2)
-        line = (
-            Line().label("ratio", L).val(pol.ratio_min, rmin, word=alarm_word(pol.ratio_min, rmin, "COLLAPSE"))
-        )
-        line.label(" – ").val(pol.ratio_max, rmax, word=alarm_word(pol.ratio_max, rmax, "EXPLOSION"))
+        line = Line().label("ratio", L).val(pol.ratio_min, rmin)
+        line.label(" – ").val(pol.ratio_max, rmax)
         line.label("  ESS ").val(pol.ess, ess)
         if width >= 50:
-            line.label("  std ").val(pol.ratio_std)
+            line.label("  std ").val(pol.ratio_std, alarms.mark(Verdict.OK, value=pol.ratio_std))
         rows.add(line, 2)
 
         # this update's early stop
@@ -116,7 +134,10 @@ class PolicyPanel(Panel):
         rows.add(line, 3)
 
         line = (
-            Line().label("loss", L).val(pol.policy_loss).label(f"   {pol.epochs} ep × {pol.minibatches} mb")
+            Line()
+            .label("loss", L)
+            .val(pol.policy_loss, alarms.mark(Verdict.OK, value=pol.policy_loss))
+            .label(f"   {pol.epochs} ep × {pol.minibatches} mb")
         )
         line.label("  clip ε ").val(pol.clip_range)
         rows.add(line, 4)
@@ -132,8 +153,11 @@ class PolicyPanel(Panel):
                 hmax = pol.head_ratio_max.get(head)
                 hmin = pol.head_ratio_min.get(head)
                 line = Line().label(f"  {head}".ljust(L + head_w))
-                line.label("ratio ").val(hmin, judge_ratio_min(thr, hmin)).label("–").val(
-                    hmax, judge_ratio_max(thr, hmax)
+                line.label("ratio ").val(
+                    hmin, alarms.mark(judge_ratio_min(thr, hmin), ("ratio_collapse",), head=head, value=hmin)
+                ).label("–")
+                line.val(
+                    hmax, alarms.mark(judge_ratio_max(thr, hmax), ("ratio_explosion",), head=head, value=hmax)
                 )
                 line.label("  KL ").val(pol.head_kl_k3.get(head))
                 rows.add(line, 6)

@@ -47,7 +47,7 @@ def ranks_of(snap: Snapshot | None) -> RankStats | None:
 
 
 class RankFlag:
-    """One flagged rank: its number, verdict (from its anomaly's severity) and a one-word reason."""
+    """One flagged rank: its number, verdict (from its incident's severity) and a one-word reason."""
 
     __slots__ = ("rank", "verdict", "word")
 
@@ -63,8 +63,11 @@ def rank_flags(snap: Snapshot) -> list[RankFlag]:
     rs = ranks_of(snap)
     if rs is None:
         return []
+    # the severity is the rank's active rank_divergence incident's (the panel never raises its own)
     severity = {
-        a.rank: a.severity for a in snap.anomalies if a.kind == "rank_divergence" and a.rank is not None
+        i.scope[5:]: i.severity
+        for i in snap.incidents
+        if i.kind == "rank_divergence" and i.scope.startswith("rank:")
     }
     flagged = sorted(set(rs.divergent_ranks) | set(rs.straggler_ranks))
     out: list[RankFlag] = []
@@ -79,7 +82,7 @@ def rank_flags(snap: Snapshot) -> list[RankFlag]:
             word = key_label(next((k for k in keys if k != rs.straggle_key), keys[0] if keys else "?"))
         else:
             word = "slow"
-        crit = severity.get(r) == "critical"
+        crit = severity.get(str(r)) == "critical"
         out.append(RankFlag(r, Verdict.CRIT if crit else Verdict.WARN, word))
     return sorted(out, key=lambda f: (-f.verdict, f.rank))
 

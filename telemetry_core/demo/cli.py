@@ -5,8 +5,9 @@ This module is torch-free until :func:`main` starts training, so ``--help``, arg
 without importing torch) answer at once.
 
 Output contract (for a parent process such as ``simic-tui demo``): once the stream is bound, one
-line exactly ``simic-tui attach HOST:PORT`` is printed and flushed on stdout; with ``--quiet`` it
-is the only line before the final summary. Ctrl-C (SIGINT) and SIGTERM stop training at once,
+line exactly ``simic-tui attach HOST:PORT`` is printed and flushed on stdout (for a wildcard bind,
+HOST is this machine's name and ``--connection-file NAME`` follows); with ``--quiet`` it is the only
+line before the final summary, which says what telemetry lost, if anything. Ctrl-C (SIGINT) and SIGTERM stop training at once,
 close the hub (sockets, connection file, recording) and exit with status 0. Bad arguments exit
 with status 2 and a one-line reason.
 
@@ -242,7 +243,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         print(f"{done}: no update completed", file=out, flush=True)
+    lost = _losses(hub)
+    if lost:
+        print(f"telemetry lost {lost}", file=out, flush=True)
     return 0
+
+
+def _losses(hub: Any) -> str:
+    """What telemetry could not deliver over the run, in words ('' when nothing was lost)."""
+    recorder = getattr(hub, "recorder", None)
+    publisher = getattr(hub, "publisher", None)
+    parts = []
+    if recorder is not None and recorder.dropped:
+        why = f" ({recorder.error})" if recorder.error else " (the disk was too slow)"
+        parts.append(f"{recorder.dropped} record(s) of {recorder.dropped + recorder.written}{why}")
+    if publisher is not None and publisher.counters.dropped:
+        parts.append(f"{publisher.counters.dropped} snapshot(s) dropped from the full publish queue")
+    return "; ".join(parts)
 
 
 def _join_ranks(device: str) -> tuple[int, str]:
@@ -284,9 +301,17 @@ def _announce(hub: Any, bind: str | None, args: argparse.Namespace, out: Any) ->
     if endpoints is None:
         print(f"telemetry: could not bind {bind}; training continues without a stream", file=out, flush=True)
         return
-    host_port = endpoints[0].removeprefix("tcp://")
-    print(f"simic-tui attach {host_port}", file=out, flush=True)
+    host, _, port = endpoints[0].removeprefix("tcp://").rpartition(":")
     path = getattr(hub.publisher, "connection_path", None)
+    if host.strip("[]") in ("0.0.0.0", "::", "*"):
+        # A wildcard bind is reached by this machine's name, with the connection file copied over
+        # (it holds the CURVE keys a remote dashboard needs).
+        import socket
+
+        where = f" --connection-file {path.name}" if path is not None else ""
+        print(f"simic-tui attach {socket.gethostname()}:{port}{where}", file=out, flush=True)
+    else:
+        print(f"simic-tui attach {host}:{port}", file=out, flush=True)
     if path is not None and not args.quiet:
         print(f"telemetry: connection file {path}", file=out, flush=True)
 

@@ -1,4 +1,4 @@
-"""Advantage and return distributions (review H1), and the distribution helpers the other reducers share.
+"""Advantage and return distributions, and the input checks and distribution helpers the other reducers share.
 
 Advantages are small tensors (one rollout, one minibatch), so every statistic here is computed in
 float64 on the device: an extra elementwise pass over a few thousand values costs nothing next to a
@@ -22,9 +22,11 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from telemetry_core.config import TelemetryLevel
+from telemetry_core.reductions.transfer import accumulation_dtype
 from telemetry_core.schema import AdvantageStats, Moments, ReturnStats
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "QuantileSampler",
     "ScalarSeries",
     "acc_dtype",
+    "as_int",
+    "as_real",
     "check_float_tensor",
     "check_same_layout",
     "merge_moment_rows",
@@ -63,6 +67,49 @@ _MERGED = ("n", "mean", "m2", "m3", "m4", "min", "max", "n_pos", "n_nan")
 # ---------------------------------------------------------------------------------------------
 # Input checks: a clear error naming the argument instead of a crash deep inside torch.
 # ---------------------------------------------------------------------------------------------
+
+
+def _number(name: str, value: object) -> object:
+    """``value`` with a 0-d numpy array unwrapped to its scalar; TypeError naming the argument unless
+    it is then a real number (bools and tensors are refused: a tensor would have to be read on the
+    host, a device sync, and a bool is almost always the wrong argument)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        hint = " (reading a tensor would sync the device: pass a Python or numpy number)" if isinstance(
+            value, torch.Tensor
+        ) else ""
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}{hint}")
+    return value
+
+
+def as_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int. Python and numpy integers are accepted (``np.int64(3)``, what
+    gymnasium's ``Discrete.n`` is, or a 0-d integer array); a non-number is a TypeError and a
+    number that is not a whole integer (1.5, and 2.0 too: an epoch or a count arriving as a float is
+    usually the wrong variable) or one below ``minimum`` a ValueError, each naming the argument."""
+    if type(value) is not int:  # the common case costs one type() check
+        value = _number(name, value)
+        if not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def as_real(name: str, value: object, *, minimum: float | None = None, above: float | None = None) -> float:
+    """``value`` as a finite Python float. Python and numpy numbers are accepted (``np.float32(0.2)``,
+    ``np.int64(1)``, a 0-d array); a non-number is a TypeError; NaN, an infinity, a value below
+    ``minimum`` or not above ``above`` a ValueError, each naming the argument."""
+    out = value if type(value) is float else float(_number(name, value))  # type: ignore[arg-type]
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
+    if above is not None and out <= above:
+        raise ValueError(f"{name} must be a finite number > {above}, got {value!r}")
+    return out
 
 
 def check_float_tensor(name: str, value: object, *, allow_empty: bool = False) -> torch.Tensor:
@@ -106,7 +153,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def acc_dtype(device: torch.device) -> torch.dtype:
     """float64 for accumulation, except on MPS, which has no float64 (there: float32)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+    return accumulation_dtype(device)
 
 
 def nan_max(values: Sequence[float]) -> float:
@@ -366,9 +413,14 @@ class ScalarSeries:
         """The value ready to add (a detached float tensor or a float); TypeError naming the argument."""
         if isinstance(value, torch.Tensor):
             return check_float_tensor(self.argname, value)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError(f"{self.argname} must be a tensor or a real number, got {type(value).__name__}")
+        if type(value) is float:
+            return value
+        try:  # Python and numpy numbers, a 0-d array; NaN and infinities stay (a broken loss must show)
+            return float(_number(self.argname, value))  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"{self.argname} must be a tensor or a real number, got {type(value).__name__}"
+            ) from None
 
     def add(self, value: torch.Tensor | float) -> None:
         self.add_checked(self.check(value))
@@ -414,12 +466,17 @@ class ScalarSeries:
 
 
 class AdvantageReducer:
-    """Advantages before and after normalisation, and returns (review H1). NORMAL and above.
+    """Advantages before and after normalisation, and returns. NORMAL and above.
 
-    * ``observe_rollout(advantages, returns)``: once per update on the rollout buffer (raw GAE
-      advantages and the returns); a second call in the same update adds to the same statistics.
-    * ``observe_minibatch(advantages)``: the normalised advantages fed to the loss, every minibatch
-      of every epoch; their moments are over all of them, as if they were one batch.
+    Two views, because a policy can be healthy on raw advantages and broken by their normalisation
+    (or the reverse):
+
+    * ``observe_rollout(raw_advantages, returns)``: once per update on the rollout buffer (the
+      advantages as GAE produced them, and the returns); a second call in the same update adds to
+      the same statistics.
+    * ``observe_minibatch(advantages)``: the advantages as fed to the loss (normalised or not, as the
+      loop does it), every minibatch of every epoch; their moments are over all of them, as if they
+      were one batch.
 
     Cost per minibatch: one kernel, a private copy of the minibatch's advantages (the loop may
     reuse its buffer); their moments are computed once per update in :meth:`pending` over the
@@ -443,15 +500,15 @@ class AdvantageReducer:
 
     def observe_rollout(
         self,
-        advantages: torch.Tensor,
+        raw_advantages: torch.Tensor,
         returns: torch.Tensor,
         *,
         level: TelemetryLevel = TelemetryLevel.NORMAL,
     ) -> None:
         """Raw advantages as GAE produced them and the returns, same shape (any layout)."""
-        adv = check_float_tensor("advantages", advantages)
+        adv = check_float_tensor("raw_advantages", raw_advantages)
         ret = check_float_tensor("returns", returns)
-        check_same_layout("advantages", adv, "returns", ret)
+        check_same_layout("raw_advantages", adv, "returns", ret)
         if level < TelemetryLevel.NORMAL:
             return
         with torch.no_grad():
@@ -463,7 +520,7 @@ class AdvantageReducer:
     def observe_minibatch(
         self, advantages: torch.Tensor, *, level: TelemetryLevel = TelemetryLevel.NORMAL
     ) -> None:
-        """The (normalised) advantages of one minibatch, exactly as fed to the policy loss."""
+        """The advantages of one minibatch exactly as fed to the policy loss (normalised or not)."""
         adv = check_float_tensor("advantages", advantages)
         if level < TelemetryLevel.NORMAL:
             return

@@ -1,4 +1,4 @@
-"""LSTM health at the end of an update (review L3): state statistics and gate saturation. NORMAL+.
+"""LSTM health at the end of an update: state statistics and gate saturation. NORMAL+.
 
 State statistics, from the final ``(h, c)`` of shape ``(num_layers * directions, batch, hidden)``
 (a 2-D ``(layers, hidden)`` state counts as one environment), in float64 on the device: L2 norm
@@ -10,26 +10,40 @@ Gate saturation: the share of input, forget and output gate activations ``sigmoi
 gradient. ``nn.LSTM`` never exposes its gates, so they are recomputed from the module's own weights
 (``weight_ih_l{k}``, ``weight_hh_l{k}``, biases, ``weight_hr_l{k}`` with ``proj_size``, ``_reverse``
 for bidirectional; every layer; ``batch_first`` honoured), for the inputs and initial state the
-loop hands over, in the weights' dtype: :func:`replay_lstm` runs the fused LSTM kernel
-(``torch.lstm``) once per layer and direction, which yields every step's ``h``, then computes every
-step's gate pre-activations at once, gate-major, ``z = W_ih x_t + W_hh h_(t-1) + b`` as two matmuls
-over all ``T x rows`` columns. Saturation is counted on the pre-activations, ``z < logit(eps)`` and
-``z > logit(1 - eps)`` (so float32 rounding of ``sigmoid`` near 0 and 1 cannot blur the test), per
-gate on its contiguous block of rows (whole-tensor ``count_nonzero``: reductions of bool tensors
-over some dimensions only are many times slower on CPU). Dropout between layers is not applied (eval
-semantics: the deterministic path is what saturates). At NORMAL it runs on
-``Thresholds.lstm_gate_sample`` batch rows, evenly spaced over the batch; at DEBUG on all rows.
+loop hands over, in the weights' dtype. :func:`replay_lstm` first reproduces every step's ``h``,
+then computes every step's gate pre-activations at once, gate-major,
+``z = W_ih x_t + W_hh h_(t-1) + b`` as two matmuls over all ``T x rows`` columns. Saturation is
+counted on the pre-activations, ``z < logit(eps)`` and ``z > logit(1 - eps)`` (so float32 rounding
+of ``sigmoid`` near 0 and 1 cannot blur the test), per gate on its contiguous block of rows
+(whole-tensor ``count_nonzero``: reductions of bool tensors over some dimensions only are many
+times slower on CPU). Dropout between layers is not applied (eval semantics: the deterministic
+path is what saturates). At NORMAL it runs on ``Thresholds.lstm_gate_sample`` batch rows, evenly
+spaced over the batch; at DEBUG on all rows.
 
-Cost: about twice the forward FLOPs of the replayed rows (the kernel's own pass, then the
-recomputed pre-activations) and ~15 kernels per layer and direction however many steps (a
-per-step replay from Python launched ~13 per step). Once per update, not per minibatch; the state
-statistics of ``h`` and ``c`` together are ~20 kernels. ``benchmarks/bench_lstm_gates.py`` times it
-against ``nn.LSTM`` forwards.
+Episode resets: a recurrent PPO loop zeroes the state of an environment whose episode ended, in
+the middle of the rollout. ``resets`` (``(T, B)``, ``(B, T)`` with ``batch_first``; bool, integer or
+float, nonzero = reset) marks where: the state *entering* step ``t`` of row ``b`` is zeroed first,
+in every layer — CleanRL's ``dones`` as its recurrent PPO stores them, TorchRL's ``is_init``. The
+replay then zeroes the state there too, so the loop hands over its whole rollout as it is.
+
+How ``h`` is reproduced: on the CPU without resets, by the fused LSTM kernel (``torch.lstm``) once
+per layer and direction. With resets (the kernel cannot zero a state mid-sequence) and on every
+other device, step by step with ``torch.lstm_cell`` (a projection's matmul after it), a few kernels
+per step. Never through cuDNN: it wants each call's weights in the module's one flat buffer, which
+a per-layer call cannot give (it would copy and warn on every call), and switching cuDNN off with
+``torch.backends.cudnn.flags`` would change a process-wide setting under the training code, other
+threads included. ``lstm_cell`` on CUDA is the fused non-cuDNN cell; nothing here reads a value
+on the host, so the replay stays free of device syncs.
+
+Cost: about twice the forward FLOPs of the replayed rows (the recurrence, then the recomputed
+pre-activations); ~15 kernels per layer and direction on the fused path however many steps, a few
+per step on the stepwise one. Once per update, not per minibatch; the state statistics of ``h``
+and ``c`` together are ~20 kernels. ``benchmarks/bench_lstm_gates.py`` times it against
+``nn.LSTM`` forwards.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping
 
@@ -103,47 +117,130 @@ def _layer_weights(lstm: nn.LSTM, sfx: str) -> list[torch.Tensor]:
     return [getattr(lstm, name + sfx) for name in names]
 
 
+def _reset_keep(
+    lstm: nn.LSTM, resets: object, x: torch.Tensor, two_d: bool
+) -> torch.Tensor:
+    """``(T, B, 1)`` multiplier, 0 where the state entering a step is zeroed, 1 elsewhere, in ``x``'s
+    dtype on its device (no host read: the mask's values are never looked at here)."""
+    if lstm.bidirectional:
+        raise ValueError(
+            "resets were given for a bidirectional LSTM; a state reset mid-sequence is defined for a "
+            "unidirectional LSTM stepped through episodes"
+        )
+    if not isinstance(resets, torch.Tensor):
+        try:
+            resets = torch.as_tensor(resets)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"resets must be a tensor or an array of flags, got {type(resets).__name__}"
+            ) from None
+        resets = to_device(resets, x.device)
+    if resets.is_complex():
+        raise TypeError(f"resets must hold bool, integer or float flags, got dtype {resets.dtype}")
+    if resets.device != x.device:
+        raise ValueError(f"resets is on {resets.device} but inputs are on {x.device}")
+    steps, batch = x.shape[0], x.shape[1]
+    m = resets.detach()
+    if m.dim() >= 1 and m.shape[-1] == 1 and m.dim() == (2 if two_d else 3):
+        m = m.squeeze(-1)  # a trailing singleton, as (T, B, 1) done buffers often are
+    if two_d:
+        want = (batch,)
+    elif lstm.batch_first:
+        want = (batch, steps)
+    else:
+        want = (steps, batch)
+    if tuple(m.shape) != want:
+        layout = "(B,) for one step" if two_d else "(B, T) with batch_first" if lstm.batch_first else "(T, B)"
+        raise ValueError(f"resets has shape {tuple(resets.shape)}; expected {want}, {layout} like the inputs")
+    if two_d:
+        m = m.unsqueeze(0)
+    elif lstm.batch_first:
+        m = m.t()
+    return (m == 0).to(x.dtype).unsqueeze(-1)
+
+
+def _steps(
+    seq: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    weights: list[torch.Tensor],
+    bias: bool,
+    keep: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer-direction step by step from ``(B, P)``/``(B, H)`` states; returns (every step's
+    output (T, B, P), h_n, c_n, every step's incoming h (T, B, P), after its reset)."""
+    w_ih, w_hh = weights[0], weights[1]
+    b_ih, b_hh = (weights[2], weights[3]) if bias else (None, None)
+    w_hr = weights[-1] if len(weights) in (3, 5) else None  # a projection comes last
+    outs: list[torch.Tensor] = []
+    incoming: list[torch.Tensor] = []
+    for t in range(seq.shape[0]):
+        if keep is not None:
+            h = h * keep[t]
+            c = c * keep[t]
+        incoming.append(h)
+        if w_hr is None:
+            h, c = torch.lstm_cell(seq[t], (h, c), w_ih, w_hh, b_ih, b_hh)
+        else:  # lstm_cell has no projection: its h must be as wide as c
+            z = torch.mm(seq[t], w_ih.t()).addmm_(h, w_hh.t())
+            if b_ih is not None and b_hh is not None:
+                z = z + b_ih + b_hh
+            i, f, g, o = z.chunk(4, 1)
+            c = torch.addcmul(f.sigmoid() * c, i.sigmoid(), g.tanh())
+            h = torch.mm(o.sigmoid() * c.tanh(), w_hr.t())
+        outs.append(h)
+    return torch.stack(outs), h, c, torch.stack(incoming)
+
+
 def _replay(
-    lstm: nn.LSTM, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, gates: bool
+    lstm: nn.LSTM,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    gates: bool,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Time-major replay; returns (output (T, B, D*P), h_n, c_n, gate pre-activations).
 
-    The gate pre-activations are one gate-major ``(4H, T * B)`` tensor per layer and direction
-    (layer-major order; column ``t * B + b`` is step t of row b, a reverse direction's steps counted
-    over the reversed sequence as it runs them), or none when ``gates`` is False. Gate-major, so
-    that each gate's block of rows is contiguous for counting.
+    ``keep`` (``(T, B, 1)``, 0 where a reset zeroes the state entering a step) selects the stepwise
+    path, as any device but the CPU does. The gate pre-activations are one gate-major
+    ``(4H, T * B)`` tensor per layer and direction (layer-major order; column ``t * B + b`` is step
+    t of row b, a reverse direction's steps counted over the reversed sequence as it runs them), or
+    none when ``gates`` is False. Gate-major, so that each gate's block of rows is contiguous for
+    counting.
     """
     dirs = _directions(lstm)
     steps, batch = x.shape[0], x.shape[1]
+    stepwise = keep is not None or x.device.type != "cpu"
     layer_in = x
     h_n: list[torch.Tensor] = []
     c_n: list[torch.Tensor] = []
     zs: list[torch.Tensor] = []
-    # cuDNN wants its weights in one flat buffer (it would copy and warn on every call): the
-    # native kernel, still one call per layer and direction, is what runs on CUDA here.
-    cudnn_off = torch.backends.cudnn.flags(enabled=False) if x.is_cuda else contextlib.nullcontext()
-    with cudnn_off:
-        for layer in range(lstm.num_layers):
-            outs = []
-            for direction in range(dirs):
-                sfx = f"_l{layer}" + ("_reverse" if direction else "")
-                weights = _layer_weights(lstm, sfx)
-                seq = layer_in.flip(0) if direction else layer_in
-                k = layer * dirs + direction
+    for layer in range(lstm.num_layers):
+        outs = []
+        for direction in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if direction else "")
+            weights = _layer_weights(lstm, sfx)
+            seq = layer_in.flip(0) if direction else layer_in
+            k = layer * dirs + direction
+            if stepwise:
+                y, h, c, h_prev = _steps(seq, h0[k], c0[k], weights, lstm.bias, keep)
+                h, c = h.unsqueeze(0), c.unsqueeze(0)
+            else:
                 h_init, c_init = h0[k : k + 1], c0[k : k + 1]
                 y, h, c = torch.lstm(seq, (h_init, c_init), weights, lstm.bias, 1, 0.0, False, False, False)
-                if gates:  # z_t = W_ih x_t + W_hh h_(t-1) + b for all t, from the h the kernel fed back
-                    h_prev = torch.cat((h_init, y[:-1])) if steps > 1 else h_init
-                    w_ih, w_hh = weights[0], weights[1]
-                    z = torch.mm(w_ih, seq.reshape(steps * batch, -1).t())
-                    z.addmm_(w_hh, h_prev.reshape(steps * batch, -1).t())
-                    if lstm.bias:
-                        z += (weights[2] + weights[3]).unsqueeze(1)
-                    zs.append(z)
-                outs.append(y.flip(0) if direction else y)
-                h_n.append(h)
-                c_n.append(c)
-            layer_in = torch.cat(outs, dim=2) if dirs == 2 else outs[0]
+                h_prev = torch.cat((h_init, y[:-1])) if steps > 1 else h_init
+            if gates:  # z_t = W_ih x_t + W_hh h_(t-1) + b for all t, from the h the recurrence fed back
+                w_ih, w_hh = weights[0], weights[1]
+                z = torch.mm(w_ih, seq.reshape(steps * batch, -1).t())
+                z.addmm_(w_hh, h_prev.reshape(steps * batch, -1).t())
+                if lstm.bias:
+                    z += (weights[2] + weights[3]).unsqueeze(1)
+                zs.append(z)
+            outs.append(y.flip(0) if direction else y)
+            h_n.append(h)
+            c_n.append(c)
+        layer_in = torch.cat(outs, dim=2) if dirs == 2 else outs[0]
     return layer_in, torch.cat(h_n), torch.cat(c_n), zs
 
 
@@ -152,16 +249,20 @@ def replay_lstm(
     inputs: torch.Tensor,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
+    resets: torch.Tensor | None = None,
     on_gates: GateCallback | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Run ``lstm`` layer by layer from its weights; returns ``(output, (h_n, c_n))`` as ``lstm`` would.
 
     ``inputs`` is ``(T, B, F)`` (``(B, T, F)`` with ``batch_first``) or ``(B, F)`` — one time step of
     ``B`` rows (unlike ``nn.LSTM``, which reads a 2-D input as one unbatched sequence); the output
-    keeps the input's layout. ``on_gates(layer, direction, t, z)`` sees each step's gate
-    pre-activations ``z`` of shape ``(B, 4 * hidden)`` in nn.LSTM's order (input, forget, cell, output),
-    after the replay (a reverse direction's steps in the order it runs them, over the reversed
-    sequence).
+    keeps the input's layout. ``resets`` (shaped like the inputs' leading dimensions: ``(T, B)``,
+    ``(B, T)`` with ``batch_first``, ``(B,)`` for one step) zeroes the state entering each step where
+    it is nonzero, as a recurrent PPO loop does at episode starts (module docstring); the output is
+    then what that loop computed, not what ``lstm`` would. ``on_gates(layer, direction, t, z)``
+    sees each step's gate pre-activations ``z`` of shape ``(B, 4 * hidden)`` in nn.LSTM's order
+    (input, forget, cell, output), after the replay (a reverse direction's steps in the order it
+    runs them, over the reversed sequence).
     """
     if not isinstance(lstm, nn.LSTM):
         raise TypeError(f"lstm must be a torch.nn.LSTM, got {type(lstm).__name__}")
@@ -169,7 +270,8 @@ def replay_lstm(
     with torch.no_grad():
         x = _time_major(lstm, inputs)
         h0, c0 = _initial_state(lstm, state, x.shape[1], x)
-        out, h_n, c_n, zs = _replay(lstm, x, h0, c0, on_gates is not None)
+        keep = None if resets is None else _reset_keep(lstm, resets, x, two_d)
+        out, h_n, c_n, zs = _replay(lstm, x, h0, c0, on_gates is not None, keep)
     if on_gates is not None:
         dirs = _directions(lstm)
         steps, batch = x.shape[0], x.shape[1]
@@ -213,6 +315,8 @@ class LSTMReducer:
 
     ``lstm`` may be None: state statistics still work, gate saturation needs the module's weights.
     A later :meth:`observe` in the same update replaces the earlier one (it is the final state).
+    An update whose state comes without gate inputs says so (``LSTMStats.gates_fed`` False) and is
+    counted over the run (``gates_not_fed``), so an empty gate panel is never silent.
     """
 
     PREFIX = "lstm."
@@ -230,6 +334,7 @@ class LSTMReducer:
         self._logit_low = math.log(eps / (1 - eps))  # sigmoid(z) < eps  <=>  z < this
         self._logit_high = -self._logit_low  # sigmoid(z) > 1 - eps  <=>  z > this
         self._row_index: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._not_fed = 0  # over the run: updates whose state came without gate inputs (counted in build)
         self.reset()
 
     def reset(self) -> None:
@@ -246,9 +351,11 @@ class LSTMReducer:
         *,
         inputs: torch.Tensor | None = None,
         input_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        resets: torch.Tensor | None = None,
         level: TelemetryLevel = TelemetryLevel.NORMAL,
     ) -> None:
-        """The final ``(h, c)``; with ``inputs`` (and optionally their ``input_state``) also gates."""
+        """The final ``(h, c)``; with ``inputs`` (and optionally their ``input_state`` and the
+        ``resets`` mask of the episode starts inside them, see :func:`replay_lstm`) also gates."""
         h = self._check_state("h", h)
         c = self._check_state("c", c)
         if h.shape[:2] != c.shape[:2] or h.device != c.device:
@@ -266,13 +373,16 @@ class LSTMReducer:
                 )
         if inputs is None and input_state is not None:
             raise ValueError("input_state was given without inputs")
+        if inputs is None and resets is not None:
+            raise ValueError("resets were given without inputs")
         if inputs is not None and self.lstm is None:
             raise ValueError("inputs were given but the reducer has no nn.LSTM to recompute gates with")
         replay = None
         if inputs is not None:
             assert self.lstm is not None
             x = _time_major(self.lstm, inputs)
-            replay = (x, *_initial_state(self.lstm, input_state, x.shape[1], x))
+            keep = None if resets is None else _reset_keep(self.lstm, resets, x, inputs.dim() == 2)
+            replay = (x, *_initial_state(self.lstm, input_state, x.shape[1], x), keep)
         if level < TelemetryLevel.NORMAL:
             return
         self.reset()
@@ -291,7 +401,7 @@ class LSTMReducer:
             return out
         out["lstm.state"] = self._state
         if self._gates is not None:
-            out["lstm.gates"] = self._gates.reshape(-1)
+            out["lstm.gates"] = self._gates
         return out
 
     def build(self, host: Mapping[str, list[float]], level: TelemetryLevel) -> LSTMStats | None:
@@ -301,6 +411,8 @@ class LSTMReducer:
         s = host["lstm.state"]
         k = len(_STATE)
         h, c = dict(zip(_STATE, s[:k])), dict(zip(_STATE, s[k:]))
+        fed = "lstm.gates" in host and self._gate_total > 0
+        self._not_fed += not fed  # once per update (build is), however often the state was observed
         stats = LSTMStats(
             h_norm=h["norm"],
             c_norm=c["norm"],
@@ -315,9 +427,11 @@ class LSTMReducer:
             h_inf=int(h["inf"]),
             c_nan=int(c["nan"]),
             c_inf=int(c["inf"]),
+            gates_fed=fed,
+            gates_not_fed=self._not_fed,
         )
-        if "lstm.gates" in host and self._gate_total > 0:
-            g = host["lstm.gates"]  # (input, forget, output) x (low, high), flattened
+        if fed:
+            g = host["lstm.gates"]  # (input, forget, output) x (low, high), flattened; resets replayed
             total = float(self._gate_total)
             for k, name in enumerate(_GATES):
                 low, high = g[2 * k], g[2 * k + 1]
@@ -327,6 +441,7 @@ class LSTMReducer:
             stats.gate_rows = self._gate_rows
             stats.gate_steps = self._gate_steps
             stats.gate_total = self._gate_total
+            stats.gate_resets = int(g[6])
         return stats
 
     # -- internals ---------------------------------------------------------------------------------
@@ -342,7 +457,12 @@ class LSTMReducer:
         return t
 
     def _observe_gates(
-        self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, level: TelemetryLevel
+        self,
+        x: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+        keep: torch.Tensor | None,
+        level: TelemetryLevel,
     ) -> None:
         lstm = self.lstm
         assert lstm is not None
@@ -356,8 +476,10 @@ class LSTMReducer:
                     torch.arange(rows, dtype=torch.int64) * batch // rows, x.device
                 )
             x, h0, c0 = x.index_select(1, idx), h0.index_select(1, idx), c0.index_select(1, idx)
+            if keep is not None:
+                keep = keep.index_select(1, idx)
         hidden = lstm.hidden_size
-        _, _, _, zs = _replay(lstm, x, h0, c0, True)
+        _, _, _, zs = _replay(lstm, x, h0, c0, True, keep)
         counts = []
         for z in zs:  # per gate a contiguous (H, T * B) block: full-tensor counts, the fast path
             for j in _GATES.values():
@@ -366,7 +488,9 @@ class LSTMReducer:
                     torch.count_nonzero(block < self._logit_low),
                     torch.count_nonzero(block > self._logit_high),
                 ]
-        self._gates = torch.stack(counts).view(len(zs), len(_GATES), 2).sum(0)  # (gate, low/high)
+        gates = torch.stack(counts).view(len(zs), len(_GATES), 2).sum(0).reshape(-1)  # (gate, low/high)
+        resets = torch.count_nonzero(keep == 0) if keep is not None else torch.zeros_like(gates[0])
+        self._gates = torch.cat((gates, resets.reshape(1)))
         self._gate_rows = rows
         self._gate_steps = x.shape[0]
         self._gate_total = x.shape[0] * rows * hidden * lstm.num_layers * _directions(lstm)

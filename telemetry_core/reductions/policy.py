@@ -13,7 +13,7 @@ log-ratios gives every minibatch's row of sums, which are merged as below; nothi
 hub's transfer. Memory: (2 + 2 x heads + entropies) floats per sample of the update (the demo's
 update of 4 epochs x 1024 samples with 2 heads: 32 floats per sample, 128 KiB); past
 ``FOLD_ELEMENTS`` stored elements the blocks are folded early, so a huge update keeps at most that
-many floats plus 13 per minibatch and head.
+many floats plus 17 per minibatch and head.
 
 Numerical care:
 
@@ -45,7 +45,11 @@ Definitions (population statistics over every sample of every minibatch of the u
 * ``entropy[head]``: mean of the per-sample entropies handed over, pooled over all minibatches
   (a 0-d entropy counts as one value, i.e. the minibatch mean); ``entropy_normalized[head]`` divides
   it by ``log(number of actions)``. A 1-action head always has zero entropy and no normalised
-  entropy: it is left out of ``entropy_normalized``.
+  entropy: it is left out of ``entropy_normalized``. With action masks
+  (:meth:`PolicyReducer.observe_action_masks`) each sample's entropy is divided by the log of ITS
+  number of valid actions instead and those ratios are averaged (a uniform policy over 10 valid of
+  20 actions reads 1.0, not log 10 / log 20); samples with one valid action have no normalised
+  entropy and are left out of that mean (all of them: the head is left out).
 * ``head_*``: the same ratio, KL and clip statistics from the per-head log-probs.
 """
 
@@ -63,6 +67,8 @@ from telemetry_core.reductions.advantage import (
     FOLD_ELEMENTS,
     ScalarSeries,
     acc_dtype,
+    as_int,
+    as_real,
     check_float_tensor,
     check_same_layout,
     to_device,
@@ -75,13 +81,16 @@ __all__ = ["PolicyReducer"]
 # first columns add across minibatches; the ratio's mean and central sum of squares are merged by
 # Chan's formula; the last two are extremes.
 # (_SUM_K3 and _SUM_K1 are adjacent: pending() slices them together.)
-_N, _SUM_D, _SUM_K3, _SUM_K1, _N_HI, _N_LO, _N_NAN, _N_INF, _SUM_NESS = range(9)
-_N_SUMS = 9
-_MEAN_R, _M2_R, _R_MAX, _R_MIN = range(9, 13)
+# _T_* count the ratio's tail beyond the anomaly limits (ratio_explosion, its critical limit,
+# ratio_collapse, its critical limit): how many samples moved that far, not only the one extreme.
+_N, _SUM_D, _SUM_K3, _SUM_K1, _N_HI, _N_LO, _N_NAN, _N_INF = range(8)
+_T_ABOVE, _T_ABOVE_CRIT, _T_BELOW, _T_BELOW_CRIT, _SUM_NESS = range(8, 13)
+_N_SUMS = 13
+_MEAN_R, _M2_R, _R_MAX, _R_MIN = range(13, 17)
 # Layout of the transferred joint summary: the sums above, then these.
-_S_M2, _S_R_MAX, _S_R_MIN, _S_ESS_MIN, _S_K3_MAX, _S_K1_MAX = range(9, 15)
+_S_M2, _S_R_MAX, _S_R_MIN, _S_ESS_MIN, _S_K3_MAX, _S_K1_MAX = range(13, 19)
 # Layout of a transferred head summary: the sums above, then its ratio max and min.
-_H_R_MAX, _H_R_MIN = 9, 10
+_H_R_MAX, _H_R_MIN = 13, 14
 
 
 def _is_like(t: object, shape: torch.Size, device: torch.device) -> bool:
@@ -116,14 +125,23 @@ def _ratio_terms(lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return r, d, k3
 
 
-def _ratio_rows(lr: torch.Tensor, eps: float) -> torch.Tensor:
+def _ratio_rows(lr: torch.Tensor, eps: float, tail: tuple[float, float, float, float]) -> torch.Tensor:
     """Per-minibatch rows (layout ``_N`` .. ``_R_MIN``) of a float64 ``(M, R, n)`` block of log-ratios:
-    M minibatches of n samples, R = the joint log-ratio and each head's. ~35 kernels, however
-    large M and R are."""
+    M minibatches of n samples, R = the joint log-ratio and each head's. ``tail``: the ratio limits
+    (above, above critical, below, below critical) whose exceedances are counted. ~40 kernels,
+    however large M and R are."""
     m, rr, n = lr.shape
     r, d, k3 = _ratio_terms(lr)
     sums = torch.stack((d, k3, -lr), dim=2).sum(3)
-    counts = torch.stack((d > eps, d < -eps, torch.isnan(lr), torch.isinf(lr)), dim=2).sum(3).to(lr.dtype)
+    hi, hi_crit, lo, lo_crit = tail
+    counts = (
+        torch.stack(
+            (d > eps, d < -eps, torch.isnan(lr), torch.isinf(lr), r > hi, r > hi_crit, r < lo, r < lo_crit),
+            dim=2,
+        )
+        .sum(3)
+        .to(lr.dtype)
+    )
     lr_min, lr_max = torch.aminmax(lr, dim=2)  # exp is monotone: the ratio's extremes follow
     w = torch.exp(lr - lr_max.unsqueeze(2))  # ESS is scale-free: weights relative to the largest
     ws = torch.stack((w, w * w), dim=2).sum(3)
@@ -156,13 +174,21 @@ class PolicyReducer:
     def __init__(self, heads: Mapping[str, int], thresholds: Thresholds | None = None) -> None:
         if not isinstance(heads, Mapping):
             raise TypeError(f"heads must be a mapping head -> number of actions, got {type(heads).__name__}")
-        for head, n in heads.items():
+        for head in heads:
             if not isinstance(head, str) or not head:
                 raise ValueError(f"heads: head names must be non-empty strings, got {head!r}")
-            if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
-                raise ValueError(f"heads[{head!r}] must be a positive number of actions, got {n!r}")
-        self.heads: dict[str, int] = {h: int(n) for h, n in heads.items()}
+        self.heads: dict[str, int] = {
+            h: as_int(f"heads[{h!r}] (number of actions)", n, minimum=1) for h, n in heads.items()
+        }
         self.thresholds = thresholds or Thresholds()
+        t = self.thresholds
+        # Python floats: comparing a tensor with them launches no transfer.
+        self.tail_limits = (
+            float(t.ratio_explosion),
+            float(t.ratio_explosion_critical),
+            float(t.ratio_collapse),
+            float(t.ratio_collapse_critical),
+        )
         self.reset()
 
     # -- protocol ----------------------------------------------------------------------------------
@@ -173,13 +199,21 @@ class PolicyReducer:
         # -> [(block, epoch)], a block being the call's (columns, n) copy.
         self._stored: dict[tuple[Any, ...], list[tuple[torch.Tensor, int]]] = {}
         self._stored_elements = 0
-        self._blocks: list[tuple[tuple[str, ...], torch.Tensor]] = []  # folded (heads, (M, 1 + heads, 13))
-        self._joint: list[torch.Tensor] = []  # the same blocks' (M, 13) rows of the joint log-ratio
+        self._blocks: list[tuple[tuple[str, ...], torch.Tensor]] = []  # folded (heads, (M, 1 + heads, 17))
+        self._joint: list[torch.Tensor] = []  # the same blocks' (M, 17) rows of the joint log-ratio
         self._row_epochs: list[int] = []  # epoch of every folded joint row, in row order
         self._head_rows: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._head_sizes: dict[str, int] = dict.fromkeys(self.heads, 0)
         self._entropy: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._entropy_counts: dict[str, int] = dict.fromkeys(self.heads, 0)
+        # Masked heads: per call a (2 x heads, n) block of each head's entropies and valid-action
+        # counts, by (heads, device, dtype), folded into float64 [sum of entropy / log(valid
+        # actions), samples with > 1 valid] per head in pending() (or early, past FOLD_ELEMENTS).
+        self._mask_blocks: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._mask_elements = 0
+        self._masked: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
+        # per continuous head: float64 [sum, count, min, max] of its log-std per call
+        self._log_std: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._loss = ScalarSeries("policy_loss")
         self._clip_range = math.nan
         self._early: tuple[int, float | torch.Tensor | None] | None = None
@@ -210,19 +244,8 @@ class PolicyReducer:
         old = (
             old_logprob if _is_like(old_logprob, shape, device) else _checked("old_logprob", old_logprob, new)
         )
-        if type(clip_range) is not float and (
-            isinstance(clip_range, torch.Tensor) or not isinstance(clip_range, numbers.Real)
-        ):
-            raise TypeError(
-                f"clip_range must be a Python number (reading a tensor would sync), got {type(clip_range).__name__}"
-            )
-        eps = float(clip_range)
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"clip_range must be a finite number >= 0, got {clip_range!r}")
-        if type(epoch) is not int and (not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool)):
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        if epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        eps = as_real("clip_range", clip_range, minimum=0.0)
+        epoch = as_int("epoch", epoch, minimum=0)
         if (head_new_logprobs is None) != (head_old_logprobs is None):
             raise ValueError("head_new_logprobs and head_old_logprobs must be given together")
         names: tuple[str, ...] = ()
@@ -289,11 +312,90 @@ class PolicyReducer:
         if self._stored_elements > FOLD_ELEMENTS:
             self._fold()
 
+    def observe_action_masks(
+        self,
+        head_entropies: Mapping[str, torch.Tensor],
+        head_action_masks: Mapping[str, torch.Tensor],
+        level: TelemetryLevel = TelemetryLevel.NORMAL,
+    ) -> None:
+        """One minibatch's action masks, for the mask-aware normalised entropy of those heads: each
+        ``head_action_masks[head]`` is a bool ``(n, actions)`` tensor (True = valid) for the ``n``
+        per-sample entropies ``head_entropies[head]`` (also handed to :meth:`observe`). Heads
+        without a mask keep ``log(number of actions)``. No sync: one ``sum`` kernel per head and
+        one ``stack`` (a private copy, like :meth:`observe`'s); the rest is batched in :meth:`pending`."""
+        if type(head_action_masks) is not dict and not isinstance(head_action_masks, Mapping):
+            raise TypeError("head_action_masks must be a mapping head -> bool tensor")
+        checked: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for head, mask in head_action_masks.items():
+            if head not in self.heads:
+                raise ValueError(
+                    f"head_action_masks names unknown head {head!r}; known heads: {list(self.heads)}"
+                )
+            ent = head_entropies.get(head) if isinstance(head_entropies, Mapping) else None
+            if ent is None:
+                raise ValueError(f"head_action_masks[{head!r}] needs head_entropies[{head!r}]")
+            ent = check_float_tensor(f"head_entropies[{head!r}]", ent)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"head_action_masks[{head!r}] must be a bool tensor")
+            if mask.shape != (ent.numel(), self.heads[head]) or mask.device != ent.device:
+                raise ValueError(
+                    f"head_action_masks[{head!r}] must have shape ({ent.numel()}, {self.heads[head]}) on "
+                    f"{ent.device}, got {tuple(mask.shape)} on {mask.device}"
+                )
+            checked.append((head, ent, mask))
+        if level <= TelemetryLevel.OFF:
+            return
+        if not checked:
+            return
+        # counts in float32 at least (exact to 2**24 actions), float64 if an entropy is
+        dtype = torch.float64 if any(e.dtype == torch.float64 for _, e, _ in checked) else torch.float32
+        with torch.no_grad():
+            cols: list[torch.Tensor] = []
+            for _, ent, mask in checked:
+                cols.append(ent.reshape(-1).to(dtype))
+                cols.append(mask.sum(1, dtype=dtype))
+            block = torch.stack(cols)
+        key = (tuple(h for h, _, _ in checked), block.device, dtype)
+        self._mask_blocks.setdefault(key, []).append(block)
+        self._mask_elements += block.numel()
+        if self._mask_elements > FOLD_ELEMENTS:
+            self._fold_masks()
+
+    def _fold_masks(self) -> None:
+        """Each masked head's [sum of entropy / log(valid actions), samples with > 1 valid] over the
+        stored blocks: ~10 kernels per layout, however many minibatches."""
+        blocks, self._mask_blocks = self._mask_blocks, {}
+        self._mask_elements = 0
+        with torch.no_grad():
+            for (names, device, _), parts in blocks.items():
+                x = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).to(acc_dtype(device))
+                ent, valid = x[0::2], x[1::2]
+                several = valid > 1
+                per_sample = torch.where(several, ent / torch.log(valid.clamp(min=2)), 0.0)
+                sums = torch.stack((per_sample.sum(1), several.sum(1).to(x.dtype)), dim=1)  # (heads, 2)
+                for j, head in enumerate(names):
+                    self._masked[head].append(sums[j])
+
+    def observe_log_std(
+        self, head: str, log_std: torch.Tensor, level: TelemetryLevel = TelemetryLevel.NORMAL
+    ) -> None:
+        """A continuous (diagonal Gaussian) head's log standard deviations, any shape (per dimension,
+        or per sample and dimension); pooled over calls into its mean, min and max. No sync."""
+        if head not in self.heads:
+            raise ValueError(f"observe_log_std: unknown head {head!r}; known heads: {list(self.heads)}")
+        t = check_float_tensor("log_std", log_std)  # (refuses an empty tensor)
+        if level <= TelemetryLevel.OFF:
+            return
+        with torch.no_grad():
+            x = t.reshape(-1).to(acc_dtype(t.device))
+            lo, hi = torch.aminmax(x)
+            count = torch.full((), float(x.numel()), dtype=x.dtype, device=x.device)
+            self._log_std[head].append(torch.stack((x.sum(), count, lo, hi)))
+
     def early_stop(self, epoch: int, kl: torch.Tensor | float | None = None) -> None:
         """Record the loop's target-KL early stop (the first of the update counts). No sync: a
         tensor ``kl`` is transferred with everything else."""
-        if not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        epoch = as_int("epoch", epoch, minimum=0)
         value: float | torch.Tensor | None
         if kl is None:
             value = None
@@ -368,6 +470,18 @@ class PolicyReducer:
                     out[f"policy.entropy.{head}"] = (
                         sums_h[0].reshape(1) if len(sums_h) == 1 else torch.stack(sums_h).sum().reshape(1)
                     )
+            for head, parts in self._log_std.items():
+                if parts:
+                    p = torch.stack(parts)  # (calls, [sum, count, min, max])
+                    out[f"policy.log_std.{head}"] = torch.cat(
+                        (p[:, :2].sum(0), p[:, 2].amin().reshape(1), p[:, 3].amax().reshape(1))
+                    )
+            self._fold_masks()
+            for head, parts in self._masked.items():
+                if parts:
+                    out[f"policy.masked_entropy.{head}"] = (
+                        parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+                    )
             loss = self._loss.pending()
             if loss is not None:
                 out["policy.loss"] = loss
@@ -396,6 +510,9 @@ class PolicyReducer:
             stats.kl_k1_mean = s[_SUM_K1] / n
             stats.kl_k3_max, stats.kl_k1_max = s[_S_K3_MAX], s[_S_K1_MAX]
             stats.logratio_nan, stats.logratio_inf = int(s[_N_NAN]), int(s[_N_INF])
+            stats.ratio_above, stats.ratio_above_critical = int(s[_T_ABOVE]), int(s[_T_ABOVE_CRIT])
+            stats.ratio_below, stats.ratio_below_critical = int(s[_T_BELOW]), int(s[_T_BELOW_CRIT])
+            stats.ratio_tail_limits = list(self.tail_limits)
             poisoned = s[_N_NAN] > 0
             stats.clip_fraction_high = math.nan if poisoned else s[_N_HI] / n
             stats.clip_fraction_low = math.nan if poisoned else s[_N_LO] / n
@@ -422,11 +539,21 @@ class PolicyReducer:
                 stats.head_clip_fraction[head] = math.nan if poisoned else (h[_N_HI] + h[_N_LO]) / hn
                 stats.head_ratio_max[head] = h[_H_R_MAX]
                 stats.head_ratio_min[head] = h[_H_R_MIN]
+                stats.head_ratio_above[head] = int(h[_T_ABOVE])
+                stats.head_ratio_below[head] = int(h[_T_BELOW])
+            log_std = host.get(f"policy.log_std.{head}")
+            if log_std is not None:
+                stats.log_std_mean[head] = log_std[0] / log_std[1]
+                stats.log_std_min[head], stats.log_std_max[head] = log_std[2], log_std[3]
             key = f"policy.entropy.{head}"
             if key in host:
                 ent = host[key][0] / self._entropy_counts[head]
                 stats.entropy[head] = ent
-                if self.heads[head] > 1:
+                masked = host.get(f"policy.masked_entropy.{head}")
+                if masked is not None:  # per sample, by the log of its valid actions
+                    if masked[1] > 0:
+                        stats.entropy_normalized[head] = masked[0] / masked[1]
+                elif self.heads[head] > 1:
                     stats.entropy_normalized[head] = ent / math.log(self.heads[head])
         stats.policy_loss = self._loss.result(host.get("policy.loss"))[0]
         if self._early is not None:
@@ -439,7 +566,7 @@ class PolicyReducer:
     # -- the deferred work (device only) -----------------------------------------------------------
     @staticmethod
     def _merge_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums and [ratio max, ratio min] over the minibatches (dim 0) of (M, ..., 13) rows."""
+        """Sums and [ratio max, ratio min] over the minibatches (dim 0) of (M, ..., 17) rows."""
         extremes = torch.stack((rows[..., _R_MAX].amax(0), rows[..., _R_MIN].amin(0)), dim=-1)
         return rows[..., :_N_SUMS].sum(0), extremes
 
@@ -450,7 +577,7 @@ class PolicyReducer:
         minibatches has one, so its whole update costs one ``stack`` and ~40 kernels here, however
         many minibatches and heads it has. Runs in :meth:`pending`, or earlier when the stored
         blocks exceed ``FOLD_ELEMENTS`` elements (which bounds the memory kept for huge updates to
-        that many floats plus 13 floats per minibatch and head).
+        that many floats plus 17 floats per minibatch and head).
         """
         stored, self._stored = self._stored, {}
         self._stored_elements = 0
@@ -459,7 +586,7 @@ class PolicyReducer:
             x = blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)  # (M, columns, n)
             x = x.to(acc_dtype(device))  # float64: the log-ratio is formed after the upcast
             r = 1 + len(names)
-            rows = _ratio_rows(x[:, :r] - x[:, r : 2 * r], eps)  # (M, r, 13)
+            rows = _ratio_rows(x[:, :r] - x[:, r : 2 * r], eps, self.tail_limits)  # (M, r, 17)
             self._blocks.append((names, rows))
             self._joint.append(rows[:, 0])
             self._row_epochs.extend(epoch for _, epoch in items)

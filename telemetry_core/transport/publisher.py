@@ -1,39 +1,32 @@
-"""The trainer side of the control plane: one thread owns every ZeroMQ socket.
+"""The publisher thread: snapshots out on PUB, authenticated commands in on ROUTER.
 
-:class:`Publisher` streams snapshots and heartbeats on a PUB socket and takes signed commands on
-a ROUTER socket (dashboards connect SUB + DEALER; frames are defined in
-:mod:`telemetry_core.protocol`). The training thread only encodes a snapshot and appends it to a
-bounded queue that drops the oldest (and counts it): it never waits on the network, a slow
-dashboard or a flood of commands.
+The training thread only encodes a snapshot and appends it to a bounded queue that drops the
+oldest (and counts it): it never waits on the network, a slow dashboard or a flood of commands,
+and it does not even wake the publisher thread. A pipe write per snapshot would release the GIL
+to a thread that then holds it while the training thread waits (hundreds of microseconds per
+publish with a subscriber attached); instead the thread looks at the queue every
+``wake_interval`` seconds (20 ms by default, imperceptible on a dashboard).
 
-Why it is built this way (facts in ``shared/reference/ANCHORS.md``):
+Why it is built this way:
 
-* Sockets are not thread-safe, so the publisher thread creates the context and owns every socket;
-  the training thread wakes it through a pipe. A process forked after construction (DataLoader
-  workers) checks ``os.getpid()`` and never touches the queue, the pipe or a socket.
+* Sockets are not thread-safe, so the publisher thread creates the context and owns every socket.
+  A process forked after construction (DataLoader workers) checks ``os.getpid()`` and never touches
+  the queue, the pipe or a socket.
 * PUB drops at its high-water mark instead of blocking, and LINGER 0 lets ``close()`` return within
   about a second even with messages queued. No REQ/REP (deadlocks on a lost reply), no CONFLATE
   (breaks multipart).
 * Late joiners subscribe first, then send a ``history`` command; the thread answers at once from
   the last ``history`` frames, chunked under the frame cap ("Clone" pattern).
-* Fail closed: every command is authenticated (HMAC-SHA256 over the raw envelope, checked with
-  ``compare_digest`` before anything is decoded), loopback included; a non-loopback bind requires
-  CURVE with an allow-list and ``ZAP_ENFORCE_DOMAIN`` and is refused when CURVE is unavailable.
-
-Refusals and replies (``REJECT_CODES`` lists every stable code):
-
-* ``rate_limited``, ``frame_count``, ``oversize``: dropped **without a reply** (counted). The peer
-  is not speaking the protocol, or is flooding; answering would only cost the trainer.
-* ``unsigned``, ``bad_signature``: answered with a constant, **unsigned** Nack (empty mac, empty
-  session, no command id, nothing echoed from the request), so a dashboard holding a stale key can
-  tell its user to re-read the connection file. It reveals only that a simic trainer listens here,
-  which the PUB port says anyway; it never signs anything for an unauthenticated peer.
-* Every other refusal comes from a holder of the key, so it gets a signed Nack with a plain reason.
-
-A peer's messages pass a per-peer token bucket, and the thread reads at most ``read_rate``
-messages a second in total: when that budget is spent it stops reading the ROUTER, ZeroMQ's
-receive high-water mark fills and TCP pushes back on the sender, so a flood costs the trainer
-process a bounded amount of CPU (and GIL).
+* Authentication happens at connect, on both ports (:mod:`.auth`): CURVE with the keys of the 0600
+  connection file, loopback included, so a peer without the file never completes a handshake and
+  none of its bytes are buffered. On top, every command is signed (:mod:`.gate`).
+* What an authenticated peer can cost is capped too: ``MAXMSGSIZE`` on both sockets (a subscription
+  is a message to the PUB socket: 10 MB topics are refused by libzmq), a cap on connected peers,
+  a per-peer token bucket, a global read rate and a CPU-time budget for everything the thread does
+  with incoming messages (``command_cpu_share`` of one core): when it is spent the thread stops
+  reading, libzmq's receive queue fills and TCP pushes back on the sender. libzmq delivers a
+  multipart message only once all of its parts arrived and has no limit on their number, so the
+  part count cannot be bounded before buffering; the peer must have passed the handshake to try.
 """
 
 from __future__ import annotations
@@ -41,7 +34,6 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -50,150 +42,70 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import msgspec
 import zmq
 
 from telemetry_core import protocol
 from telemetry_core.config import TelemetryLevel
-from telemetry_core.schema import (
-    COMMAND_ACTIONS,
-    Ack,
-    Command,
-    Counters,
-    Heartbeat,
-    History,
-    Nack,
-    Snapshot,
+from telemetry_core.schema import Ack, Command, Counters, Heartbeat, History, Nack, Snapshot
+from telemetry_core.transport.auth import ZAP_DOMAIN, ZapHandler
+from telemetry_core.transport.gate import AUTH_CODES, FRAME_CODES, CommandGate, TokenBucket
+from telemetry_core.transport.net import (
+    BindError,
+    Endpoints,
+    InsecureBindError,
+    TransportError,
+    is_loopback,
+    parse_tcp,
+    zmq_endpoint,
 )
 
-__all__ = [
-    "AUTH_CODES",
-    "REJECT_CODES",
-    "SILENT_CODES",
-    "BindError",
-    "Endpoints",
-    "InsecureBindError",
-    "Publisher",
-    "PublisherCounters",
-    "TokenBucket",
-    "TransportError",
-    "is_loopback",
-]
+__all__ = ["Publisher", "PublisherCounters"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("telemetry_core.transport")
 
-ZAP_DOMAIN = b"simic"
-
-# Every refusal has a stable code (counted, logged and shown by the dashboard).
-REJECT_CODES: dict[str, str] = {
-    "rate_limited": "too many messages from this peer (token bucket empty)",
-    "frame_count": "not [mac, envelope] after the routing id",
-    "oversize": f"command envelope over {protocol.MAX_COMMAND_BYTES} bytes",
-    "unsigned": "no HMAC signature",
-    "bad_signature": "HMAC signature does not match the connection file's key",
-    "empty": "empty envelope",
-    "malformed": "not a msgpack envelope / command (pickle payloads land here)",
-    "bad_magic": "wrong magic",
-    "incompatible": "different schema major version",
-    "unknown_kind": "unknown message kind",
-    "wrong_kind": "a valid message kind that is not a command",
-    "wrong_session": "meant for another trainer session",
-    "expired": "past its expiry time",
-    "stale": "issued too long ago",
-    "future": "issued too far in the future (clock skew?)",
-    "duplicate": "this command id was already received",
-    "unknown_action": "unknown command action",
-    "bad_argument": "an argument of the command is out of range",
-    "busy": "the trainer's command inbox or replay memory is full",
-}
-SILENT_CODES = frozenset({"rate_limited", "frame_count", "oversize"})  # never answered
-AUTH_CODES = frozenset({"unsigned", "bad_signature"})  # answered with a constant unsigned Nack
-_FRAME_CODES = frozenset(
-    {
-        "frame_count",
-        "oversize",
-        "unsigned",
-        "bad_signature",
-        "empty",
-        "malformed",
-        "bad_magic",
-        "incompatible",
-        "unknown_kind",
-        "wrong_kind",
-    }
-)
-_MAX_ID_CHARS = 128
-_MAX_LEASE_UPDATES = 1_000_000
-_MAX_PROFILE_UPDATES = 10_000
-_MAX_PEERS = 1024
 _READ_BATCH = 256
+# Inbound messages on the PUB socket are (un)subscriptions of a few bytes and, with CURVE, the
+# handshake's commands (HELLO 200 bytes, INITIATE under 512); libzmq applies MAXMSGSIZE to both.
+_MAX_INBOUND_PUB = 1024
+_MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_ACCEPTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CLOSED
+)
+_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
-class TransportError(RuntimeError):
-    """The stream could not be set up as asked."""
+class PublisherCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """A consistent copy of what the publisher sent, dropped and refused so far.
 
-
-class BindError(TransportError, OSError):
-    """Binding failed (port in use, bad address); raised only under ``strict=True``."""
-
-
-class InsecureBindError(TransportError):
-    """A non-loopback bind without CURVE: refused, always (it would fail open)."""
-
-
-class Endpoints(NamedTuple):
-    pub: str
-    cmd: str
-
-
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; :meth:`take` never waits."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
-        self.rate = float(rate)
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic() if now is None else now
-
-    def _refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-
-    def take(self, now: float, cost: float = 1.0) -> bool:
-        self._refill(now)
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return True
-        return False
-
-    def wait_time(self, now: float, cost: float = 1.0) -> float:
-        """Seconds until ``cost`` tokens are available."""
-        self._refill(now)
-        return 0.0 if self.tokens >= cost else (cost - self.tokens) / self.rate
-
-
-@dataclass(frozen=True)
-class PublisherCounters:
-    """A consistent copy of what the publisher sent, dropped and refused so far."""
+    A msgspec Struct: the hub builds one per update on the training thread, and a frozen dataclass
+    of this size costs tens of microseconds to construct.
+    """
 
     published: int = 0  # snapshot frames handed to the PUB socket
     dropped: int = 0  # snapshots dropped from the full publish queue (oldest first)
     unsent: int = 0  # snapshots encoded while the stream is off (bind=None, bind failed, closed)
     heartbeats: int = 0
     commands_accepted: int = 0  # passed every check (queued for the hub, or history served)
-    rejected: dict[str, int] = field(default_factory=dict)  # refusals by stable code
+    rejected: dict[str, int] = msgspec.field(default_factory=dict)  # refusals by stable code
     history_served: int = 0  # history replies (chunks) sent
     history_frames: int = 0  # snapshot frames sent in history replies
     replies_sent: int = 0
     replies_dropped: int = 0  # peer gone or its queue full (ROUTER_MANDATORY + NOBLOCK)
     handshake_failures: int = 0  # CURVE / ZMTP handshakes refused (unknown key, no CURVE, ...)
+    connections_refused: dict[str, int] = msgspec.field(default_factory=dict)  # by the ZAP handler, by reason
+    peers: int = 0  # open connections now (both ports; the cap is max_peers)
+    read_pauses: int = 0  # times the command CPU budget ran out and reading stopped
     errors: int = 0  # unexpected exceptions in the publisher thread (logged)
     network: bool = False  # the sockets are bound and the thread runs
 
@@ -204,7 +116,7 @@ class PublisherCounters:
     @property
     def bad_frames(self) -> int:
         """Refusals before a well-formed, authenticated command was decoded."""
-        return sum(n for code, n in self.rejected.items() if code in _FRAME_CODES)
+        return sum(n for code, n in self.rejected.items() if code in FRAME_CODES)
 
     def to_schema(self, base: Counters | None = None) -> Counters:
         """The wire :class:`Counters` with this publisher's fields filled in (others from ``base``)."""
@@ -216,53 +128,10 @@ class PublisherCounters:
         return out
 
 
-def is_loopback(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1; False for wildcards, interfaces and names."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _parse_tcp(endpoint: str, what: str) -> tuple[str, int]:
-    """``tcp://host:port`` -> (host, port); port 0 or ``*`` means an ephemeral port (returned 0)."""
-    if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
-        raise ValueError(f"{what} must look like 'tcp://127.0.0.1:5555', got {endpoint!r}")
-    host, sep, port_text = endpoint[len("tcp://") :].rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{what} must name a host and a port, got {endpoint!r}")
-    if port_text == "*":
-        return host, 0
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"{what} has a port that is not a number: {endpoint!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{what} has a port outside 0-65535: {endpoint!r}")
-    return host, port
-
-
-def _zmq_endpoint(host: str, port: int) -> str:
-    return f"tcp://{host}:{port if port else '*'}"
-
-
 def _close_at_exit(ref: weakref.ref[Publisher]) -> None:
     pub = ref()
     if pub is not None:
         pub.close()
-
-
-class _AllowList:
-    """CURVE credentials provider for ``zmq.auth``: only the listed client public keys (z85)."""
-
-    def __init__(self, keys: set[bytes]) -> None:
-        self.keys = frozenset(keys)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return domain == ZAP_DOMAIN.decode() and key in self.keys
 
 
 class Publisher:
@@ -275,6 +144,10 @@ class Publisher:
     ``bind=None`` turns the network off: snapshots are still encoded (and returned, for a
     recorder) and counted as ``unsent``. With port 0 the PUB and ROUTER get ephemeral ports (see
     :attr:`endpoints`); otherwise the ROUTER binds the PUB port + 1 unless ``cmd_bind`` is given.
+
+    ``curve=None`` (the default) encrypts and authenticates every connection with CURVE whenever
+    libzmq has it, loopback included; ``curve=False`` is allowed on loopback only (then any local
+    user can read the stream, though not command it) and ``curve=True`` insists.
     """
 
     def __init__(
@@ -303,6 +176,9 @@ class Publisher:
         max_clock_skew: float = 30.0,
         inbox_size: int = 256,
         replay_memory: int = 16384,
+        max_peers: int = 128,
+        command_cpu_share: float = 0.02,
+        wake_interval: float = 0.02,
     ) -> None:
         for name, value, low in (
             ("history", history, 0),
@@ -314,6 +190,7 @@ class Publisher:
             ("read_burst", read_burst, 1),
             ("inbox_size", inbox_size, 1),
             ("replay_memory", replay_memory, 1),
+            ("max_peers", max_peers, 2),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -324,6 +201,8 @@ class Publisher:
             ("read_rate", read_rate),
             ("max_command_age", max_command_age),
             ("max_clock_skew", max_clock_skew),
+            ("command_cpu_share", command_cpu_share),
+            ("wake_interval", wake_interval),
         ):
             if not isinstance(fvalue, (int, float)) or not math.isfinite(fvalue) or fvalue <= 0:
                 raise ValueError(f"{name} must be a positive number, got {fvalue!r}")
@@ -343,9 +222,9 @@ class Publisher:
         self._cmd_addr: tuple[str, int] | None = None
         self._curve = False
         if bind is not None:
-            host, port = _parse_tcp(bind, "bind")
+            host, port = parse_tcp(bind, "bind")
             if cmd_bind is not None:
-                cmd_host, cmd_port = _parse_tcp(cmd_bind, "cmd_bind")
+                cmd_host, cmd_port = parse_tcp(cmd_bind, "cmd_bind")
             else:
                 if port == 65535:
                     raise ValueError("bind port 65535 leaves no room for the command port; pass cmd_bind")
@@ -357,7 +236,13 @@ class Publisher:
                     f"refusing to bind {bind} without CURVE: a non-loopback bind must be encrypted and "
                     "authenticated (leave curve=None or set curve=True)"
                 )
-            self._curve = bool(curve) or not local
+            if curve is None and local and not zmq.has("curve"):
+                log.warning(
+                    "telemetry: this libzmq has no CURVE; the loopback stream is not encrypted and any "
+                    "local user can read it (commands still need the connection file's key)"
+                )
+                curve = False
+            self._curve = curve is not False
             if self._curve and not zmq.has("curve"):
                 raise InsecureBindError(
                     f"refusing to bind {bind}: this libzmq was built without CURVE, so the stream "
@@ -376,7 +261,7 @@ class Publisher:
                     raise ValueError(f"curve_allow keys must be 40-character z85 public keys, got {key!r}")
                 self._curve_allowed.add(raw)
         elif curve_allow:
-            raise ValueError("curve_allow needs CURVE (a non-loopback bind or curve=True)")
+            raise ValueError("curve_allow needs CURVE (leave curve=None or set curve=True)")
 
         self._connection_file_opt = connection_file
         self._connection_path: Path | None = None
@@ -390,14 +275,23 @@ class Publisher:
         self._queue_size = queue_size
         self._pub_hwm = pub_hwm
         self._hb_interval = float(heartbeat_interval)
-        self._command_rate = float(command_rate)
-        self._command_burst = float(command_burst)
-        self._history_cost = float(history_cost)
         self._read_bucket = TokenBucket(read_rate, read_burst)
-        self._max_age = float(max_command_age)
-        self._max_skew = float(max_clock_skew)
-        self._inbox_size = inbox_size
-        self._replay_memory = replay_memory
+        # CPU seconds per second the thread may spend on incoming messages, with a short burst.
+        self._cpu_bucket = TokenBucket(command_cpu_share, max(0.005, 2.5 * command_cpu_share))
+        self._max_peers = max_peers
+        self._wake_interval = float(wake_interval)
+        self._gate = CommandGate(
+            self._key,
+            self.session,
+            command_rate=command_rate,
+            command_burst=command_burst,
+            history_cost=history_cost,
+            max_age=max_command_age,
+            max_skew=max_clock_skew,
+            inbox_size=inbox_size,
+            replay_memory=replay_memory,
+            max_peers=1024,
+        )
 
         # -- shared between the training thread and the publisher thread -----------------------
         self._lock = threading.Lock()
@@ -425,24 +319,21 @@ class Publisher:
         self._dropped = 0
         self._unsent = 0
         self._heartbeats = 0
-        self._accepted = 0
-        self._rejected: dict[str, int] = {}
         self._history_served = 0
         self._history_frames = 0
         self._replies_sent = 0
         self._replies_dropped = 0
         self._handshake_failures = 0
+        self._read_pauses = 0
         self._errors = 0
 
         # -- publisher-thread state ------------------------------------------------------------
         self._history: collections.deque[tuple[int, bytes]] = collections.deque()
         self._history_size = 0
         self._last_sent_seq = 0
-        self._peers: collections.OrderedDict[bytes, TokenBucket] = collections.OrderedDict()
-        self._seen: dict[str, float] = {}  # command id -> monotonic time it may be forgotten
         self._auth_nacks: dict[str, bytes] = {}
         self._atexit: Callable[[], None] | None = None
-        self._auth: Any = None  # the ZAP handler (CURVE only), owned by the publisher thread
+        self._zap: ZapHandler | None = None  # owned by the publisher thread
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -551,10 +442,8 @@ class Publisher:
             if len(queue) >= self._queue_size:
                 queue.popleft()
                 self._dropped += 1
-            was_empty = not queue
             queue.append((seq, frame))
-        if was_empty:
-            self._wake()
+        # No wake-up: the thread looks every wake_interval (see the module docstring).
         return frame
 
     def set_status(
@@ -598,13 +487,16 @@ class Publisher:
             dropped=self._dropped,
             unsent=self._unsent,
             heartbeats=self._heartbeats,
-            commands_accepted=self._accepted,
-            rejected=dict(self._rejected),
+            commands_accepted=self._gate.accepted,
+            rejected=dict(self._gate.rejected),
             history_served=self._history_served,
             history_frames=self._history_frames,
             replies_sent=self._replies_sent,
             replies_dropped=self._replies_dropped,
             handshake_failures=self._handshake_failures,
+            connections_refused=dict(zap.refused) if (zap := self._zap) is not None else {},
+            peers=zap.peers if zap is not None else 0,
+            read_pauses=self._read_pauses,
             errors=self._errors,
             network=self._network,
         )
@@ -718,26 +610,17 @@ class Publisher:
         ctx: zmq.Context | None = None
         sockets: list[zmq.Socket] = []
         monitors: list[zmq.Socket] = []
-        auth: Any = None
         try:
             try:
                 ctx = zmq.Context()
-                if self._curve:
-                    from zmq.auth.thread import ThreadAuthenticator
-
-                    auth = ThreadAuthenticator(ctx, log=log.getChild("zap"))
-                    auth.start()
-                    auth.configure_curve_callback(ZAP_DOMAIN.decode(), _AllowList(self._curve_allowed))
-                    self._auth = auth
+                # The ZAP handler is bound before the sockets, so no connection is ever judged
+                # without it; it lives on this thread and is served from the loop below.
+                self._zap = ZapHandler(
+                    ctx, curve=self._curve, allowed=frozenset(self._curve_allowed), max_peers=self._max_peers
+                )
                 pub, router = self._make_sockets(ctx, sockets)
                 for sock in sockets:
-                    monitors.append(
-                        sock.get_monitor_socket(
-                            zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                        )
-                    )
+                    monitors.append(sock.get_monitor_socket(_MONITOR_EVENTS))
                 self._auth_nacks = {code: self._encode_auth_nack(code) for code in AUTH_CODES}
                 self._network = True
             except zmq.ZMQError as exc:
@@ -763,17 +646,17 @@ class Publisher:
                     sock.disable_monitor()
                 with contextlib.suppress(zmq.ZMQError):
                     sock.close(linger=0)
-            if auth is not None:
-                with contextlib.suppress(Exception):
-                    auth.stop()
+            if self._zap is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._zap.close()
             if ctx is not None:
                 with contextlib.suppress(zmq.ZMQError):
                     ctx.term()
 
     def _describe_bind_error(self, exc: zmq.ZMQError) -> str:
         assert self._pub_addr is not None and self._cmd_addr is not None
-        pub = _zmq_endpoint(*self._pub_addr)
-        cmd = _zmq_endpoint(*self._cmd_addr)
+        pub = zmq_endpoint(*self._pub_addr)
+        cmd = zmq_endpoint(*self._cmd_addr)
         what = "already in use" if exc.errno == zmq.EADDRINUSE else exc.strerror
         return (
             f"telemetry: cannot bind the stream on {pub} (commands {cmd}): {what}. Training continues "
@@ -798,10 +681,14 @@ class Publisher:
                 sock.setsockopt(zmq.CURVE_SERVER, 1)
                 sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve_server[0])
                 sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_server[1])
-                sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
-                sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler -> refuse (fail closed)
+            # Every handshake asks the ZAP handler (peer cap; CURVE keys); without it, refuse.
+            sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
         pub.setsockopt(zmq.RCVHWM, 16)
+        # What a subscriber sends is (un)subscriptions: a few bytes each. A longer message gets the
+        # peer disconnected by libzmq before it is buffered (a 10 MB topic used to be kept).
+        pub.setsockopt(zmq.MAXMSGSIZE, _MAX_INBOUND_PUB)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.SNDHWM, 1000)
         router.setsockopt(zmq.RCVHWM, 100)
@@ -810,34 +697,37 @@ class Publisher:
         for sock, (host, port) in ((pub, self._pub_addr), (router, self._cmd_addr)):
             if ":" in host.strip("[]"):
                 sock.setsockopt(zmq.IPV6, 1)
-            sock.bind(_zmq_endpoint(host, port))
+            sock.bind(zmq_endpoint(host, port))
         self._endpoints = Endpoints(
             pub.getsockopt_string(zmq.LAST_ENDPOINT), router.getsockopt_string(zmq.LAST_ENDPOINT)
         )
         return pub, router
 
     def _loop(self, pub: zmq.Socket, router: zmq.Socket, monitors: list[zmq.Socket]) -> None:
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
-        for mon in monitors:
-            poller.register(mon, zmq.POLLIN)
-        reading = False
         next_hb = time.monotonic()
+        was_reading = True
         while not self._stop:
             now = time.monotonic()
             if now >= next_hb:
                 self._send_heartbeat(pub)
                 next_hb = now + self._hb_interval
-            # Stop reading the ROUTER while the global read budget is spent: libzmq's receive
-            # queue fills and TCP pushes back on the flooding peer instead of costing us CPU.
-            wait = self._read_bucket.wait_time(now)
-            if (wait == 0.0) != reading:
-                reading = wait == 0.0
-                if reading:
-                    poller.register(router, zmq.POLLIN)
-                else:
-                    poller.unregister(router)
-            timeout = max(0.0, next_hb - now)
+            # Stop reading the ROUTER and the ZAP requests while the read rate or the CPU budget is
+            # spent: libzmq's queues fill and TCP pushes back on the flooding peer instead.
+            wait = max(self._read_bucket.wait_time(now), self._cpu_bucket.wait_time(now, 0.0))
+            reading = wait == 0.0
+            if was_reading and not reading:
+                self._read_pauses += 1
+            was_reading = reading
+            poller = zmq.Poller()
+            poller.register(self._wake_r, zmq.POLLIN)
+            for mon in monitors:
+                poller.register(mon, zmq.POLLIN)
+            zap = self._zap.socket if self._zap is not None else None
+            if reading:
+                poller.register(router, zmq.POLLIN)
+                if zap is not None:
+                    poller.register(zap, zmq.POLLIN)
+            timeout = min(max(0.0, next_hb - now), self._wake_interval)
             if not reading:
                 timeout = min(timeout, wait)
             events = dict(poller.poll(timeout * 1000.0))
@@ -851,11 +741,15 @@ class Publisher:
                     self._controls.popleft()()
                 self._drain_snapshots(pub)
                 self._drain_replies(router)
-                if reading and router in events:
-                    self._read_commands(router)
+                cpu = time.thread_time()
                 for mon in monitors:
                     if mon in events:
                         self._read_monitor(mon)
+                if reading and zap is not None and zap in events and self._zap is not None:
+                    self._zap.serve()
+                if reading and router in events:
+                    self._read_commands(router, cpu)
+                self._cpu_bucket.charge(time.monotonic(), time.thread_time() - cpu)
             except zmq.ContextTerminated:
                 raise
             except Exception as exc:  # one bad message must not stop the stream
@@ -945,10 +839,14 @@ class Publisher:
 
     # -- commands -------------------------------------------------------------------------------
 
-    def _read_commands(self, router: zmq.Socket) -> None:
-        for _ in range(_READ_BATCH):
+    def _read_commands(self, router: zmq.Socket, cpu_start: float) -> None:
+        budget = self._cpu_bucket
+        for i in range(_READ_BATCH):
             now = time.monotonic()
             if not self._read_bucket.take(now):
+                return
+            # Stop mid-batch once this batch alone has spent what the CPU budget still holds.
+            if i % 16 == 15 and time.thread_time() - cpu_start > budget.tokens:
                 return
             try:
                 parts = [router.recv(zmq.NOBLOCK)]
@@ -963,133 +861,20 @@ class Publisher:
                     parts.append(part)
             self._handle_command(router, parts, count, now)
 
-    def _reject(self, code: str, message: str) -> None:
-        self._rejected[code] = self._rejected.get(code, 0) + 1
-        if code not in self._warned:
-            self._warned.add(code)
-            log.warning("telemetry: refused a command (%s): %s; further refusals are counted", code, message)
-        else:
-            log.debug("telemetry: refused a command (%s): %s", code, message)
-
     def _handle_command(self, router: zmq.Socket, parts: list[bytes], count: int, now: float) -> None:
+        verdict = self._gate.admit(parts, count, now, len(self._inbox))
         peer = parts[0]
-        bucket = self._peers.get(peer)
-        if bucket is None:
-            if len(self._peers) >= _MAX_PEERS:
-                self._peers.popitem(last=False)
-            bucket = self._peers[peer] = TokenBucket(self._command_rate, self._command_burst, now)
-        else:
-            self._peers.move_to_end(peer)
-        if not bucket.take(now):
-            self._reject("rate_limited", f"peer {peer.hex()} over {self._command_rate:g} commands/s")
-            return
-        if count != 3:
-            self._reject("frame_count", f"{count - 1} frames after the routing id, expected 2")
-            return
-        mac, data = parts[1], parts[2]
-        if len(data) > protocol.MAX_COMMAND_BYTES or len(mac) > 128:
-            self._reject("oversize", f"{len(data)}-byte command envelope")
-            return
-        # Authentication on the raw bytes, before anything is decoded.
-        if not mac or not protocol.verify(self._key, mac, data):
-            code = "bad_signature" if mac else "unsigned"
-            self._reject(code, REJECT_CODES[code])
-            self._send_raw(router, peer, b"", self._auth_nacks[code])
-            return
-        command_id = ""
-        try:
-            env = protocol.decode_envelope(data, max_bytes=protocol.MAX_COMMAND_BYTES)
-            if env.kind != "command":
-                raise protocol.FrameError("wrong_kind", f"a {env.kind!r} message sent as a command")
-            command = protocol.decode_body(env)
-            command_id = command.id[:_MAX_ID_CHARS]
-            self._check_command(env.session, command, now)
-        except protocol.FrameError as exc:
-            self._reject(exc.code, str(exc))
-            self._send_signed(
-                router, peer, "nack", Nack(command_id=command_id, reason=str(exc), code=exc.code)
-            )
-            return
-        if command.action == "history":
-            # A history reply can be megabytes: it costs more of the peer's bucket.
-            if not bucket.take(now, self._history_cost - 1.0):
-                reason = "history requested too often; retry in a second"
-                self._reject("rate_limited", reason)
-                nack = Nack(command_id=command.id, reason=reason, code="rate_limited")
-                self._send_signed(router, peer, "nack", nack)
-                return
-            self._accepted += 1
-            self._serve_history(router, peer, command)
-        else:
-            self._accepted += 1
-            self._inbox.append((peer, command))
-
-    def _check_command(self, session: str, command: Command, now: float) -> None:
-        """Raise FrameError(code) unless ``command`` may be handed to the hub (or served here)."""
-        fail = protocol.FrameError
-        if not command.id or len(command.id) > _MAX_ID_CHARS or len(command.client) > _MAX_ID_CHARS:
-            raise fail("bad_argument", f"command id must be 1-{_MAX_ID_CHARS} characters")
-        if session != self.session or command.session != self.session:
-            raise fail(
-                "wrong_session",
-                f"command for session {command.session[:32]!r}, this trainer is session {self.session!r} "
-                "(the trainer restarted? re-read the connection file)",
-            )
-        if not (math.isfinite(command.issued) and math.isfinite(command.expires)):
-            raise fail("bad_argument", "issued and expires must be finite wall times")
-        wall = time.time()
-        if command.expires < command.issued:
-            raise fail("bad_argument", "expires is before issued")
-        if wall > command.expires:
-            raise fail("expired", f"expired {wall - command.expires:.1f} s ago (trainer clock {wall:.3f})")
-        if command.issued > wall + self._max_skew:
-            raise fail(
-                "future",
-                f"issued {command.issued - wall:.1f} s in the future (allowed skew {self._max_skew:g} s; "
-                "check the clocks)",
-            )
-        if wall - command.issued > self._max_age:
-            raise fail("stale", f"issued {wall - command.issued:.1f} s ago (limit {self._max_age:g} s)")
-        # Replay memory: every id seen within the acceptance window. Older replays are stale.
-        seen = self._seen
-        if command.id in seen:
-            raise fail("duplicate", f"command id {command.id!r} was already received")
-        if len(seen) >= self._replay_memory:
-            for key in [k for k, until in seen.items() if until <= now]:
-                del seen[key]
-            if len(seen) >= self._replay_memory:
-                raise fail("busy", "too many recent commands to remember; try again shortly")
-        seen[command.id] = now + self._max_age + max(0.0, command.issued - wall) + 1.0
-        self._check_action(command)
-
-    def _check_action(self, command: Command) -> None:
-        fail = protocol.FrameError
-        action = command.action
-        if action not in COMMAND_ACTIONS:
-            raise fail(
-                "unknown_action", f"unknown action {action[:32]!r}; known: {', '.join(COMMAND_ACTIONS)}"
-            )
-        if action in ("lease_debug", "renew"):
-            if command.updates is not None and not 1 <= command.updates <= _MAX_LEASE_UPDATES:
-                raise fail("bad_argument", f"updates must be 1-{_MAX_LEASE_UPDATES}")
-            if command.lease_seconds is not None and not (
-                math.isfinite(command.lease_seconds) and 0 < command.lease_seconds <= 86400
-            ):
-                raise fail("bad_argument", "lease_seconds must be in (0, 86400]")
-        elif action == "set_level":
-            if command.level is None:
-                raise fail("bad_argument", "set_level needs a level")
-            try:
-                TelemetryLevel.parse(command.level[:16])
-            except ValueError as exc:
-                raise fail("bad_argument", str(exc)) from None
-        elif action == "history":
-            if command.since_seq is not None and command.since_seq < 0:
-                raise fail("bad_argument", "since_seq must be >= 0")
-        elif action == "profile" and not 1 <= (command.profile_updates or 1) <= _MAX_PROFILE_UPDATES:
-            raise fail("bad_argument", f"profile_updates must be 1-{_MAX_PROFILE_UPDATES}")
-        if action != "history" and len(self._inbox) >= self._inbox_size:
-            raise fail("busy", "the trainer has not applied the previous commands yet")
+        if verdict.action == "auth_nack":
+            self._send_raw(router, peer, b"", self._auth_nacks[verdict.code])
+        elif verdict.action == "nack":
+            nack = Nack(command_id=verdict.command_id, reason=verdict.reason, code=verdict.code)
+            self._send_signed(router, peer, "nack", nack)
+        elif verdict.action == "history":
+            assert verdict.command is not None
+            self._serve_history(router, peer, verdict.command)
+        elif verdict.action == "accept":
+            assert verdict.command is not None
+            self._inbox.append((peer, verdict.command))
 
     def _serve_history(self, router: zmq.Socket, peer: bytes, command: Command) -> None:
         since = -1 if command.since_seq is None else command.since_seq
@@ -1119,24 +904,24 @@ class Publisher:
             self._history_served += 1
             self._history_frames += len(chunk)
 
-    def _read_monitor(self, mon: zmq.Socket) -> None:
+    def _read_monitor(self, mon: zmq.Socket, budget: int = 256) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
-        while True:
+        for _ in range(budget):
             try:
                 event = recv_monitor_message(mon, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] & (
-                zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            ):
+            kind = event["event"]
+            if self._zap is not None:
+                self._zap.on_event(kind, event["value"])
+            if kind & _FAILED:
                 self._handshake_failures += 1
                 self._warn_once(
                     "handshake",
                     f"telemetry: refused a connection at {event['endpoint']!r} (handshake failed: "
-                    "unknown CURVE key or not a simic dashboard); further refusals are counted",
+                    "no or unknown CURVE key, not a simic dashboard, or too many connections); further "
+                    "refusals are counted",
                 )
 
 

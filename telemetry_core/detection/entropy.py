@@ -1,0 +1,213 @@
+"""``entropy_collapse``: per head, on entropy normalised by log(number of actions)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from telemetry_core.detection.base import CRITICAL, WARNING, Context, Rule, finite, fmt
+from telemetry_core.schema import Anomaly, PolicyStats
+
+__all__ = ["EntropyCollapseRule", "head_entropies"]
+
+
+def head_entropies(p: PolicyStats, n_actions: Mapping[str, int]) -> dict[str, float | None]:
+    """Normalised entropy per head: the reported one, else raw / log(actions) when known."""
+    out: dict[str, float | None] = {}
+    for head in sorted(set(p.entropy_normalized) | set(p.entropy)):
+        value = finite(p.entropy_normalized.get(head))
+        if value is None and head not in p.entropy_normalized:
+            n = n_actions.get(head)
+            raw = finite(p.entropy.get(head))
+            if raw is not None and isinstance(n, int) and n > 1:
+                value = raw / math.log(n)
+        out[head] = value
+    return out
+
+
+class EntropyCollapseRule(Rule):
+    """``entropy_collapse`` per head, on entropy normalised by log(number of actions).
+
+    Collapsed (latched, with hysteresis): a head whose normalised entropy stays below its limit
+    (``entropy_limit(head)``) for ``entropy_patience`` consecutive updates collapses, and stays
+    collapsed - reported every update, so the dashboard shows it as active - until its entropy
+    rises above ``entropy_clear_factor`` x limit. Critical while below
+    ``entropy_critical_fraction`` x limit (deterministic: an entropy bonus of the right sign
+    does not allow that), warning otherwise (a healthy run may end with a nearly decided head).
+
+    Collapsing (warning, not latched), for a head not yet collapsed, against the median of its
+    last ``entropy_baseline_window`` unflagged updates (once ``baseline_min_updates`` are known):
+
+    * falling fast: its entropy fell by more than ``entropy_fall_step`` (a fraction of the previous
+      update's value) in each of the last ``entropy_fall_updates`` updates and is now below
+      ``entropy_fall_fraction`` x that median - a sustained slide, not one or two noisy dips;
+    * pushed down: it fell by more than ``entropy_throttled_fall_step`` in each of the last
+      ``entropy_fall_updates`` updates, the loop's target-KL early stop cut every one of them
+      short, and it is below ``entropy_throttled_fall_fraction`` x that median - the optimiser
+      spends the whole trust region on sharpening the policy, update after update;
+    * dropped: it is below ``entropy_drop_fraction`` x that median, however it got there.
+
+    A fast, sustained slide is critical before it bottoms out: a head flagged (collapsing or
+    collapsed) for at least ``entropy_slide_critical_updates`` and at most
+    ``entropy_slide_critical_window`` updates in a row that is below
+    ``entropy_slide_critical_fraction`` x that median (the median of the updates before the slide,
+    since flagged updates stay out of it) lost most of its entropy within a few updates and kept
+    losing it - a wrong-sign entropy coefficient. It stays critical until the head's alarm ends. A
+    head that decides slowly (a converged feed-forward agent's head below the limit for hundreds of
+    updates, drifting from 0.1 to 0.06) never loses that much within the window.
+
+    Healthy PPO lowers entropy slowly and noisily: a head can lose a third of its entropy in
+    two or three updates while it learns, then it rises again, and the target-KL stop fires in
+    about one update in eight, in short bursts. A wrong-sign entropy coefficient makes every
+    update sharpen the policy as far as the trust region allows: the stop fires every update
+    (the trust region is what slows the collapse, to 5-40% per update) and the entropy keeps
+    falling, so one of the slide rules fires two to three updates after onset, long before the
+    absolute limit (calibration: ``benchmarks/detection_matrix.py``).
+
+    A missing or NaN entropy holds the head's state (no verdict; NaN is numerical_instability).
+    """
+
+    KIND = "entropy_collapse"
+
+    def reset(self) -> None:
+        self.below: dict[str, int] = {}
+        self.collapsed: dict[str, bool] = {}
+        self.hist: dict[str, deque[float]] = {}
+        self.last: dict[str, float] = {}
+        self.falls: dict[str, int] = {}
+        self.throttled: dict[str, int] = {}
+        self.flagged: dict[str, int] = {}  # consecutive updates with an alarm, per head
+        self.slid: dict[str, bool] = {}  # the current alarm became a fast slide (critical)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "below": dict(self.below),
+            "collapsed": dict(self.collapsed),
+            "hist": {h: list(d) for h, d in self.hist.items()},
+            "last": dict(self.last),
+            "falls": dict(self.falls),
+            "throttled": dict(self.throttled),
+            "flagged": dict(self.flagged),
+            "slid": dict(self.slid),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.below = {str(k): int(v) for k, v in state["below"].items()}
+        self.collapsed = {str(k): bool(v) for k, v in state["collapsed"].items()}
+        for head, values in state["hist"].items():
+            self._hist(str(head)).extend(float(v) for v in values)
+        self.last = {str(k): float(v) for k, v in state["last"].items()}
+        self.falls = {str(k): int(v) for k, v in state["falls"].items()}
+        self.throttled = {str(k): int(v) for k, v in state["throttled"].items()}
+        self.flagged = {str(k): int(v) for k, v in state["flagged"].items()}
+        self.slid = {str(k): bool(v) for k, v in state["slid"].items()}
+
+    def _hist(self, head: str) -> deque[float]:
+        hist = self.hist.get(head)
+        if hist is None:
+            hist = self.hist[head] = deque(maxlen=max(1, self.t.entropy_baseline_window))
+        return hist
+
+    def check(self, ctx: Context) -> list[Anomaly]:
+        p = ctx.snapshot.policy
+        if p is None:
+            return []
+        t = self.t
+        step = ctx.step
+        out: list[Anomaly] = []
+        for head, e in head_entropies(p, ctx.heads).items():
+            if e is None:
+                continue
+            limit = t.entropy_limit(head)
+            below = self.below.get(head, 0) + 1 if e < limit else 0
+            collapsed = self.collapsed.get(head, False)
+            if not collapsed and below >= t.entropy_patience:
+                collapsed = True
+            elif collapsed and e > t.entropy_clear_factor * limit:
+                collapsed = False
+            self.below[head] = below
+            self.collapsed[head] = collapsed
+            last = self.last.get(head)
+            fell = last is not None and e < (1.0 - t.entropy_fall_step) * last
+            pushed = p.early_stopped and last is not None and e < (1.0 - t.entropy_throttled_fall_step) * last
+            falls = self.falls.get(head, 0) + 1 if fell else 0
+            throttled = self.throttled.get(head, 0) + 1 if pushed else 0
+            self.last[head] = e
+            self.falls[head] = falls
+            self.throttled[head] = throttled
+            hist = self._hist(head)
+            base = statistics.median(hist) if len(hist) >= max(1, t.baseline_min_updates) else None
+            slide: tuple[float, str] | None = None  # (limit as a fraction of the median, words)
+            if base is not None and base > 0:
+                if falls >= t.entropy_fall_updates and e < t.entropy_fall_fraction * base:
+                    slide = (t.entropy_fall_fraction, f" after falling for {falls} updates in a row")
+                elif throttled >= t.entropy_fall_updates and e < t.entropy_throttled_fall_fraction * base:
+                    slide = (
+                        t.entropy_throttled_fall_fraction,
+                        f" after falling for {throttled} updates in a row, each cut short by the "
+                        f"target-KL early stop",
+                    )
+                elif e < t.entropy_drop_fraction * base:
+                    slide = (t.entropy_drop_fraction, "")
+            flagged = self.flagged.get(head, 0) + 1 if collapsed or slide is not None else 0
+            self.flagged[head] = flagged
+            sustained = flagged > 0 and (
+                self.slid.get(head, False)
+                or (
+                    base is not None
+                    and t.entropy_slide_critical_updates <= flagged <= t.entropy_slide_critical_window
+                    and e < t.entropy_slide_critical_fraction * base
+                )
+            )
+            self.slid[head] = sustained
+            slid = (
+                f"; it lost {1 - e / base:.0%} of its recent median {fmt(base)} and has been flagged for "
+                f"{flagged} updates in a row"
+                if sustained and base is not None
+                else ""
+            )
+            if collapsed:
+                critical = e < t.entropy_critical_fraction * limit
+                since = (
+                    f"has been below {fmt(limit)} for {below} updates"
+                    if below
+                    else f"has not yet risen above {fmt(t.entropy_clear_factor * limit)}"
+                )
+                if critical:
+                    limit_now = t.entropy_critical_fraction * limit
+                elif sustained and base is not None:
+                    limit_now = t.entropy_slide_critical_fraction * base
+                else:
+                    limit_now = limit
+                out.append(
+                    self.anomaly(
+                        CRITICAL if critical or sustained else WARNING,
+                        step,
+                        f"Head '{head}' is nearly deterministic: normalised entropy {fmt(e)} {since}{slid}; "
+                        f"it has stopped exploring.",
+                        value=e,
+                        threshold=limit_now,
+                        head=head,
+                    )
+                )
+            elif slide is not None and base is not None:
+                fraction, how = slide
+                out.append(
+                    self.anomaly(
+                        CRITICAL if sustained else WARNING,
+                        step,
+                        f"Head '{head}' is collapsing: normalised entropy fell to {fmt(e)}, "
+                        f"{e / base:.0%} of its recent median {fmt(base)}{how}"
+                        + (f", flagged for {flagged} updates in a row." if sustained else "."),
+                        value=e,
+                        threshold=(t.entropy_slide_critical_fraction if sustained else fraction) * base,
+                        head=head,
+                    )
+                )
+            else:
+                hist.append(e)
+        return out

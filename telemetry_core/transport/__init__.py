@@ -1,0 +1,55 @@
+"""The trainer side of the control plane: one thread owns every ZeroMQ socket.
+
+:class:`Publisher` streams snapshots and heartbeats on a PUB socket and takes signed commands on
+a ROUTER socket (dashboards connect SUB + DEALER; frames are defined in
+:mod:`telemetry_core.protocol`). The parts:
+
+* :mod:`.net` - addresses, endpoints and setup errors;
+* :mod:`.auth` - authentication at connect (CURVE + a ZAP handler) and the peer cap;
+* :mod:`.gate` - the command gate: rate limits, signature, replay memory, refusal codes;
+* :mod:`.publisher` - the thread, its sockets, the publish queue, history and replies.
+"""
+
+from __future__ import annotations
+
+from telemetry_core.transport.auth import ZAP_DOMAIN, ZapHandler
+from telemetry_core.transport.gate import (
+    AUTH_CODES,
+    FRAME_CODES,
+    REJECT_CODES,
+    SILENT_CODES,
+    CommandGate,
+    TokenBucket,
+    Verdict,
+)
+from telemetry_core.transport.net import (
+    BindError,
+    Endpoints,
+    InsecureBindError,
+    TransportError,
+    is_loopback,
+    parse_tcp,
+    zmq_endpoint,
+)
+from telemetry_core.transport.publisher import Publisher, PublisherCounters
+
+__all__ = [
+    "AUTH_CODES",
+    "FRAME_CODES",
+    "REJECT_CODES",
+    "SILENT_CODES",
+    "ZAP_DOMAIN",
+    "BindError",
+    "CommandGate",
+    "Endpoints",
+    "InsecureBindError",
+    "Publisher",
+    "PublisherCounters",
+    "TokenBucket",
+    "TransportError",
+    "Verdict",
+    "ZapHandler",
+    "is_loopback",
+    "parse_tcp",
+    "zmq_endpoint",
+]

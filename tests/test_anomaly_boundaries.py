@@ -1,0 +1,434 @@
+"""Every rule of the detector at its limits: a value exactly at the limit, the next float below it
+and the next float above it. A limit is a boundary, not a verdict: turning a rule's ``>`` into
+``>=`` (or ``<`` into ``<=``) fails here. Limits are read from the default ``Thresholds`` and
+computed with the rule's own arithmetic, so recalibrating a threshold keeps these tests meaningful.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import statistics
+
+import pytest
+from test_anomaly import CAP, HEADS, TOTAL, detector, healthy, kinds, warm
+
+from telemetry_core.config import Thresholds
+from telemetry_core.detection import CRITICAL, WARNING, AnomalyDetector
+from telemetry_core.distributed import RankJudge
+from telemetry_core.schema import Snapshot
+
+T = Thresholds()
+RUN = ("run", None)
+
+
+def below(x: float) -> float:
+    return math.nextafter(x, -math.inf)
+
+
+def above(x: float) -> float:
+    return math.nextafter(x, math.inf)
+
+
+def severity(found: list, kind: str, head: str | None = None) -> str | None:
+    return kinds(found).get((kind, head))
+
+
+def sides(limit: float, *, high: bool) -> list[tuple[float, bool]]:
+    """(value, beyond the limit?) at the limit and on both sides; ``high``: beyond means above."""
+    return [(limit, False), (below(limit), not high), (above(limit), high)]
+
+
+# ------------------------------------------------------------------------------------------------
+# numerical_instability: any non-finite count above 0
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("nan", "fires"), [(0, False), (1, True)])
+def test_numerical_instability_at_zero_bad_elements(nan: int, fires: bool) -> None:
+    found = detector().check(healthy(150, gradients={"nan_count": nan}))
+    assert (severity(found, "numerical_instability") == CRITICAL) is fires
+
+
+# ------------------------------------------------------------------------------------------------
+# entropy_collapse
+# ------------------------------------------------------------------------------------------------
+def _ent(step: int, direction: float) -> Snapshot:
+    return healthy(step, policy={"entropy_normalized": {"direction": direction, "force": 0.82}})
+
+
+@pytest.mark.parametrize(("e", "fires"), sides(T.entropy_collapse, high=False))
+def test_entropy_collapse_limit(e: float, fires: bool) -> None:
+    det = detector(entropy_drop_fraction=0.0)
+    found = [det.check(_ent(s, e)) for s in range(1, 1 + T.entropy_patience)][-1]
+    assert (severity(found, "entropy_collapse", "direction") is not None) is fires
+
+
+@pytest.mark.parametrize(("e", "critical"), sides(T.entropy_critical_fraction * T.entropy_collapse, high=False))
+def test_entropy_collapse_critical_limit(e: float, critical: bool) -> None:
+    det = detector(entropy_drop_fraction=0.0)
+    found = [det.check(_ent(s, e)) for s in range(1, 1 + T.entropy_patience)][-1]
+    assert severity(found, "entropy_collapse", "direction") == (CRITICAL if critical else WARNING)
+
+
+@pytest.mark.parametrize(("e", "clears"), sides(T.entropy_clear_factor * T.entropy_collapse, high=True))
+def test_entropy_collapse_clears_above_its_hysteresis_limit(e: float, clears: bool) -> None:
+    det = detector(entropy_drop_fraction=0.0)
+    for s in range(1, 1 + T.entropy_patience):
+        det.check(_ent(s, 0.05))
+    found = det.check(_ent(10, e))
+    assert (severity(found, "entropy_collapse", "direction") is None) is clears
+
+
+@pytest.mark.parametrize(("e", "fires"), sides(T.entropy_drop_fraction * 0.62, high=False))
+def test_entropy_drop_below_a_fraction_of_the_median(e: float, fires: bool) -> None:
+    det = detector()
+    step = warm(det, 12)  # direction entropy 0.62: the median
+    assert (severity(det.check(_ent(step, e)), "entropy_collapse", "direction") == WARNING) is fires
+
+
+@pytest.mark.parametrize(("e", "critical"), sides(T.entropy_slide_critical_fraction * 0.62, high=False))
+def test_a_sustained_slide_is_critical_below_its_fraction_of_the_median(e: float, critical: bool) -> None:
+    det = detector()
+    step = warm(det, 12)
+    for i in range(T.entropy_slide_critical_updates - 1):  # flagged, above the critical fraction
+        assert severity(det.check(_ent(step + i, 0.25)), "entropy_collapse", "direction") == WARNING
+    found = det.check(_ent(step + T.entropy_slide_critical_updates, e))
+    assert severity(found, "entropy_collapse", "direction") == (CRITICAL if critical else WARNING)
+    if critical:
+        assert "flagged for 3 updates in a row" in found[0].message
+
+
+def test_a_slide_needs_its_updates_in_a_row_to_be_critical() -> None:
+    det = detector()
+    step = warm(det, 12)
+    low = below(T.entropy_slide_critical_fraction * 0.62)
+    sev = [severity(det.check(_ent(step + i, low)), "entropy_collapse", "direction") for i in range(4)]
+    assert sev == [WARNING] * (T.entropy_slide_critical_updates - 1) + [CRITICAL] * (
+        5 - T.entropy_slide_critical_updates
+    )
+
+
+@pytest.mark.parametrize(
+    ("flagged_before", "critical"),
+    [(T.entropy_slide_critical_window - 1, True), (T.entropy_slide_critical_window, False)],
+)
+def test_a_slide_must_fall_within_its_window_to_be_critical(flagged_before: int, critical: bool) -> None:
+    """The update that falls below the fraction is the ``flagged_before + 1``-th flagged one: at the
+    window's last update it is critical, one later it is a slow decline (and stays a warning)."""
+    det = detector()
+    step = warm(det, 12)
+    for i in range(flagged_before):
+        assert severity(det.check(_ent(step + i, 0.25)), "entropy_collapse", "direction") == WARNING
+    low = below(T.entropy_slide_critical_fraction * 0.62)
+    found = det.check(_ent(step + flagged_before, low))
+    assert severity(found, "entropy_collapse", "direction") == (CRITICAL if critical else WARNING)
+    # Critical stays so while the alarm lasts, even back above the fraction; a warning stays one.
+    found = det.check(_ent(step + flagged_before + 1, 0.25))
+    assert severity(found, "entropy_collapse", "direction") == (CRITICAL if critical else WARNING)
+
+
+# ------------------------------------------------------------------------------------------------
+# kl_spike
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("limit", "sev_at", "sev_above"),
+    [(T.kl_spike_warning, None, WARNING), (T.kl_spike_critical, WARNING, CRITICAL)],
+)
+def test_kl_spike_absolute_limits(limit: float, sev_at: str | None, sev_above: str) -> None:
+    for kl, want in ((limit, sev_at), (below(limit), sev_at), (above(limit), sev_above)):
+        assert severity(detector().check(healthy(1, policy={"kl_k3_mean": kl})), "kl_spike") == want
+
+
+@pytest.mark.parametrize(("kl", "fires"), sides(T.kl_relative_factor * 0.009, high=True))
+def test_kl_spike_relative_limit(kl: float, fires: bool) -> None:
+    det = detector()
+    step = warm(det, 10)  # KL 0.009 each update: the median
+    assert (severity(det.check(healthy(step, policy={"kl_k3_mean": kl})), "kl_spike") == WARNING) is fires
+
+
+# ------------------------------------------------------------------------------------------------
+# ratio_explosion / ratio_collapse: the mass of samples beyond the limit
+# ------------------------------------------------------------------------------------------------
+LIMITS = [T.ratio_explosion, T.ratio_explosion_critical, T.ratio_collapse, T.ratio_collapse_critical]
+
+
+def _tail(n: int, above_: int = 0, above_crit: int = 0, below_: int = 0, below_crit: int = 0) -> Snapshot:
+    return healthy(
+        150,
+        policy={
+            "samples": n,
+            "ratio_above": above_,
+            "ratio_above_critical": above_crit,
+            "ratio_below": below_,
+            "ratio_below_critical": below_crit,
+            "ratio_tail_limits": list(LIMITS),
+            "ratio_max": 60.0 if above_ or above_crit else 2.1,
+            "ratio_min": 1e-4 if below_ or below_crit else 0.4,
+        },
+    )
+
+
+def _counts(n: int, share: float) -> tuple[int, int, int]:
+    """(at, just below, just above) the largest count of n samples that is still noise."""
+    limit = max(float(T.ratio_tail_min_samples), share * n)
+    assert limit == int(limit), "choose n so that the limit is a whole number of samples"
+    return int(limit), int(limit) - 1, int(limit) + 1
+
+
+@pytest.mark.parametrize("n", [20_000, 1_000])  # the share decides; the minimum count decides
+@pytest.mark.parametrize(("kind", "field"), [("ratio_explosion", "above_"), ("ratio_collapse", "below_")])
+def test_ratio_tail_warning_limit(n: int, kind: str, field: str) -> None:
+    at, under, over = _counts(n, T.ratio_tail_share)
+    for c, want in ((at, None), (under, None), (over, WARNING)):
+        found = detector().check(_tail(n, **{field: c}))
+        assert severity(found, kind) == want, (n, c)
+    (a,) = detector().check(_tail(n, **{field: over}))
+    assert a.value == pytest.approx(over / n) and a.threshold == pytest.approx(at / n)
+    assert f"{over} of {n} samples" in a.message
+
+
+@pytest.mark.parametrize(("kind", "field"), [("ratio_explosion", "above_"), ("ratio_collapse", "below_")])
+def test_ratio_tail_critical_limits(kind: str, field: str) -> None:
+    n = 20_000
+    at, under, over = _counts(n, T.ratio_tail_share)
+    crit = field.replace("_", "_crit")
+    for c, want in ((at, WARNING), (under, WARNING), (over, CRITICAL)):  # beyond the critical limit
+        found = detector().check(_tail(n, **{field: over, crit: c}))
+        assert severity(found, kind) == want, c
+    at, under, over = _counts(n, T.ratio_tail_share_critical)  # a large share beyond the warning limit
+    for c, want in ((at, WARNING), (under, WARNING), (over, CRITICAL)):
+        assert severity(detector().check(_tail(n, **{field: c})), kind) == want, c
+
+
+def test_ratio_tail_of_other_limits_falls_back_to_a_warning_on_the_extreme() -> None:
+    """Counts against limits that are not this detector's (or none at all, an older recording)
+    cannot be judged by mass: the extreme alone warns, never critical."""
+    snap = healthy(150, policy={"ratio_max": 1e3, "ratio_min": 1e-6, "samples": 20_000})
+    found = detector().check(snap)
+    assert kinds(found) == {("ratio_explosion", None): WARNING, ("ratio_collapse", None): WARNING}
+    for r, fires in sides(T.ratio_explosion, high=True):
+        assert (severity(detector().check(healthy(1, policy={"ratio_max": r})), "ratio_explosion") is not None) is fires
+    for r, fires in sides(T.ratio_collapse, high=False):
+        assert (severity(detector().check(healthy(1, policy={"ratio_min": r})), "ratio_collapse") is not None) is fires
+
+
+# ------------------------------------------------------------------------------------------------
+# value_collapse / ev_low
+# ------------------------------------------------------------------------------------------------
+def test_value_collapse_tracking_limit() -> None:
+    """The critic's recent spread must have been at least value_std_tracking_min x the return std:
+    a median of 0.5 against a return std of 2.0 is exactly the limit."""
+    assert T.value_std_tracking_min * 2.0 == 0.5
+    for median, fires in ((0.5, True), (below(0.5), False), (above(0.5), True)):
+        det = detector()
+        for step in range(100, 110):
+            det.check(healthy(step, value={"value_std": median, "return_std": 2.0}))
+        found = det.check(healthy(110, value={"value_std": 0.0, "return_std": 2.0}))
+        assert (severity(found, "value_collapse") == CRITICAL) is fires, median
+
+
+def test_value_collapse_std_ratio_limit() -> None:
+    rstd = 2.0  # value std = limit x 2.0 is exact in binary, so value_std / return_std is the limit
+    at = T.value_std_collapse_ratio * rstd
+    assert at / rstd == T.value_std_collapse_ratio
+    for vstd, fires in ((at, False), (below(at), True)):
+        det = detector()
+        step = warm(det, 10)
+        found = det.check(healthy(step, value={"value_std": vstd, "return_std": rstd}))
+        assert (severity(found, "value_collapse") == CRITICAL) is fires, vstd
+
+
+@pytest.mark.parametrize(("loss", "fires"), sides(T.value_loss_relative_factor * 0.25, high=True))
+def test_value_loss_relative_limit(loss: float, fires: bool) -> None:
+    det = detector()
+    for step in range(100, 110):
+        det.check(healthy(step, value={"value_loss": 0.25}))
+    found = det.check(healthy(110, value={"value_loss": loss, "return_std": 1.0}))
+    assert (severity(found, "value_collapse") == WARNING) is fires
+
+
+@pytest.mark.parametrize(("ev", "fires"), sides(T.ev_mid, high=False))
+def test_ev_low_limit(ev: float, fires: bool) -> None:
+    det = detector()
+    found = [det.check(healthy(150 + i, value={"explained_variance": ev})) for i in range(T.ev_patience)][-1]
+    assert (severity(found, "ev_low") == WARNING) is fires
+
+
+def test_ev_low_names_every_phase_limit_of_its_streak() -> None:
+    """Updates 224 (mid: limit 0) and 225 (late: limit 0.1) of 300: one streak, two limits."""
+    det = detector()
+    assert det.check(healthy(224, value={"explained_variance": -0.05})) == []
+    (a,) = det.check(healthy(225, value={"explained_variance": -0.05}))
+    assert "limits 0 (mid), 0.1 (late)" in a.message and "(the late limit)" not in a.message
+    (a,) = detector(ev_patience=1).check(healthy(225, value={"explained_variance": -0.05}))
+    assert "below 0.1 (the late limit) for 1 updates" in a.message
+
+
+# ------------------------------------------------------------------------------------------------
+# gradient_exploding / gradient_vanishing / gradient_drift
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("tn", "fires"), sides(T.grad_total_exploding_rel * CAP, high=True))
+def test_gradient_exploding_warning_limit(tn: float, fires: bool) -> None:
+    det = detector()
+    for step in range(1, 6):
+        det.check(healthy(step, gradients={"total_norm": 0.4}))  # median 0.4: the jump holds above 4
+    found = det.check(healthy(6, gradients={"total_norm": tn}))
+    assert (severity(found, "gradient_exploding") == WARNING) is fires
+
+
+@pytest.mark.parametrize(("tn", "fires"), sides(T.grad_total_exploding_critical_rel * CAP, high=True))
+def test_gradient_exploding_without_a_baseline_warns_past_the_critical_limit(tn: float, fires: bool) -> None:
+    found = detector().check(healthy(1, gradients={"total_norm": tn}))
+    assert (severity(found, "gradient_exploding") == WARNING) is fires
+
+
+@pytest.mark.parametrize(("tn", "critical"), sides(T.grad_total_exploding_critical_rel * CAP, high=True))
+def test_gradient_exploding_critical_limit(tn: float, critical: bool) -> None:
+    det = detector()
+    step = warm(det, 5)  # median 1.0: the jump condition holds far below the critical limit
+    found = det.check(healthy(step, gradients={"total_norm": tn}))
+    assert severity(found, "gradient_exploding") == (CRITICAL if critical else WARNING)
+
+
+@pytest.mark.parametrize(("tn", "fires"), sides(T.grad_total_relative_factor * 10.0, high=True))
+def test_gradient_exploding_needs_its_jump(tn: float, fires: bool) -> None:
+    det = detector()
+    for step in range(1, 8):
+        det.check(healthy(step, gradients={"total_norm": 10.0}))  # a run that always clips hard
+    found = det.check(healthy(8, gradients={"total_norm": tn}))
+    assert (severity(found, "gradient_exploding") == CRITICAL) is fires
+
+
+@pytest.mark.parametrize(("tn", "fires"), sides(T.grad_total_vanishing_rel * CAP, high=False))
+def test_gradient_vanishing_total_limit(tn: float, fires: bool) -> None:
+    found = detector().check(healthy(1, gradients={"total_norm": tn}))
+    assert (severity(found, "gradient_vanishing") == CRITICAL) is fires
+
+
+def test_gradient_vanishing_param_fraction_limit() -> None:
+    """6 of 12 tensors is exactly the 0.5 limit; 7 is above it (5 below)."""
+    assert T.grad_vanishing_param_fraction == 6 / 12
+    for n, fires in ((6, False), (5, False), (7, True)):
+        found = detector().check(healthy(1, gradients={"vanishing_count": n}))
+        assert (severity(found, "gradient_vanishing") == WARNING) is fires
+
+
+@pytest.mark.parametrize(("drift", "fires"), sides(T.grad_drift, high=True))
+def test_gradient_drift_limit(drift: float, fires: bool) -> None:
+    det = detector()
+    found = [det.check(healthy(s, gradients={"ema_drift": drift})) for s in range(1, 1 + T.grad_drift_patience)]
+    assert (severity(found[-1], "gradient_drift") == WARNING) is fires
+    assert all(severity(f, "gradient_drift") is None for f in found[:-1])  # patience
+
+
+# ------------------------------------------------------------------------------------------------
+# lstm_unhealthy
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("norm", "fires"), sides(T.lstm_norm_max, high=True))
+def test_lstm_norm_limit_without_a_baseline(norm: float, fires: bool) -> None:
+    found = detector().check(healthy(1, lstm={"c_norm": norm, "h_norm": 13.0, "c_max_abs": 20.0}))
+    assert (severity(found, "lstm_unhealthy") == WARNING) is fires
+
+
+@pytest.mark.parametrize(("cmax", "fires"), sides(T.lstm_c_max_abs, high=True))
+def test_lstm_c_max_abs_limit_without_a_baseline(cmax: float, fires: bool) -> None:
+    found = detector().check(healthy(1, lstm={"c_norm": 85.0, "c_max_abs": cmax}))
+    assert (severity(found, "lstm_unhealthy") == WARNING) is fires
+
+
+def test_lstm_jump_limit_against_a_steady_state() -> None:
+    """A steady baseline (no spread): the limit is lstm_relative_factor x the recent level. The rule
+    compares log-norms, so the limit is probed one part in 1e12 to either side."""
+    limit = T.lstm_relative_factor * 85.0
+    for norm, fires in ((limit * (1 - 1e-12), False), (limit * (1 + 1e-12), True)):
+        det = detector()
+        step = warm(det, 10)  # c norm 85, |c| max 37
+        found = det.check(healthy(step, lstm={"c_norm": norm, "c_max_abs": 80.0}))
+        assert (severity(found, "lstm_unhealthy") == CRITICAL) is fires, norm
+        if fires:
+            assert "its recent median 85" in found[0].message
+
+
+def test_lstm_jump_limit_widens_with_the_runs_own_spread() -> None:
+    """A bursty state (c norm around 40, +-35% from update to update): the limit is lstm_spread_k
+    robust sigmas of its update-to-update log changes above its recent level, wider than the
+    fixed factor."""
+    rng = random.Random(3)
+    norms = [40.0 * math.exp(rng.gauss(0.0, 0.35)) for _ in range(20)]
+    det = detector()
+    for i, cn in enumerate(norms):
+        assert det.check(healthy(100 + i, lstm={"c_norm": cn, "c_max_abs": 30.0})) == []
+    logs = [math.log(x) for x in norms]
+    level = statistics.median(logs[-T.baseline_min_updates :])
+    steps = [b - a for a, b in itertools.pairwise(logs)]
+    centre = statistics.median(steps)
+    spread = 1.4826 * statistics.median(abs(d - centre) for d in steps)
+    limit = math.exp(level + T.lstm_spread_k * spread)
+    assert limit > 1.5 * T.lstm_relative_factor * math.exp(level)  # the spread decides here
+    for norm, fires in ((limit * (1 - 1e-12), False), (limit * (1 + 1e-12), True)):
+        probe = AnomalyDetector(T, total_updates=TOTAL, heads=HEADS)
+        probe.load_state_dict(det.state_dict())
+        found = probe.check(healthy(120, lstm={"c_norm": norm, "c_max_abs": 80.0}))
+        assert (severity(found, "lstm_unhealthy") == CRITICAL) is fires, norm
+
+
+@pytest.mark.parametrize(
+    ("share", "want"),
+    [
+        (T.lstm_gate_saturation_warning, None),
+        (below(T.lstm_gate_saturation_warning), None),
+        (above(T.lstm_gate_saturation_warning), WARNING),
+        (T.lstm_gate_saturation_critical, WARNING),
+        (below(T.lstm_gate_saturation_critical), WARNING),
+        (above(T.lstm_gate_saturation_critical), CRITICAL),
+    ],
+)
+def test_lstm_gate_saturation_limits(share: float, want: str | None) -> None:
+    sat = {"input": share}  # one gate type: the share is exactly this value
+    found = detector().check(healthy(1, lstm={"gate_saturation": sat}))
+    assert severity(found, "lstm_unhealthy") == want
+
+
+@pytest.mark.parametrize(("h", "fires"), sides(T.lstm_norm_min, high=False))
+def test_lstm_vanished_h_limit(h: float, fires: bool) -> None:
+    found = detector().check(healthy(1, lstm={"h_norm": h}))
+    assert (severity(found, "lstm_unhealthy") == WARNING) is fires
+
+
+# ------------------------------------------------------------------------------------------------
+# performance_degradation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("delta", [0.0, -1e-9, 1e-9])
+def test_performance_drop_limit(delta: float) -> None:
+    """Best rolling mean 300, so the limit is a mean of 300 - 0.5 x 300 = 150."""
+    det = detector()
+    best = 300.0
+    limit = best - T.perf_drop * max(abs(best), best - best)
+    for i in range(T.perf_window):
+        det.check(healthy(100 + i, episodes={"count": 4, "return_mean": best}))
+    found = []
+    for i in range(T.perf_window):
+        found = det.check(healthy(110 + i, episodes={"count": 4, "return_mean": limit + delta}))
+    assert (severity(found, "performance_degradation") == WARNING) is (delta < 0)
+
+
+@pytest.mark.parametrize(("step", "judged"), [(30, True), (29, False)])
+def test_performance_warmup_fraction_limit(step: int, judged: bool) -> None:
+    assert T.perf_warmup_fraction * TOTAL == 30
+    det = detector()
+    for i in range(T.perf_window):
+        det.check(healthy(1 + i, episodes={"count": 4, "return_mean": 300.0}))
+    found = []
+    for i in range(T.perf_window):
+        found = det.check(healthy(step - T.perf_window + 1 + i, episodes={"count": 4, "return_mean": 10.0}))
+    assert (severity(found, "performance_degradation") == WARNING) is judged
+
+
+# ------------------------------------------------------------------------------------------------
+# rank_divergence (judged by the multi-rank aggregator's RankJudge)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("bad", "fires"), [(0.0, False), (1.0, True)])
+def test_rank_divergence_on_non_finite_elements_of_one_rank(bad: float, fires: bool) -> None:
+    judge = RankJudge(T, ["grad_norm", "grad_nan", "grad_inf"])
+    _, found = judge.judge(1, [[1.0, 0.0, 0.0], [1.0, bad, 0.0], [1.0, 0.0, 0.0]])
+    assert ([a.rank for a in found] == [1]) is fires
