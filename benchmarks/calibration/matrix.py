@@ -404,8 +404,9 @@ def load_runs(out: Path, *, rejudge: bool, match: str | None = None) -> list[Run
         if not rejudge:
             runs.append(_recorded(meta, snaps))
             continue
-        job = Job(**meta["job"])
-        replay = _Replayer(job.updates, dict(snaps[0].run.heads) if snaps else {})
+        # the plan the live hub judged phases by (SB3's callback plans the updates learn() runs)
+        planned = snaps[0].run.planned_updates or Job(**meta["job"]).updates
+        replay = _Replayer(planned, dict(snaps[0].run.heads))
         res = RunRows(meta, incidents=True)
         res.rows = [replay.judge(s) for s in snaps]
         runs.append(res)
