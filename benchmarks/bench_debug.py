@@ -1,10 +1,10 @@
 """Cost of the DEBUG diagnostics relative to one normal backward of a small LSTM actor-critic.
 
-Per minibatch at DEBUG, timed in the same loop as the model's own ``backward`` (medians of
-interleaved repeats): the gradient-conflict report (``observe_loss_terms``: one extra backward per
-loss term through ``torch.autograd.grad``), the per-layer gradient table (``observe_gradients``),
-the per-head ratio outliers (``observe_minibatch``) and the update's ``pending`` + ``transfer`` +
-``build``. Each is printed in ms and as a multiple of one backward.
+Per minibatch at DEBUG, each part timed in the same repeat as the model's own ``backward`` (thread
+CPU time, wall beside it; the conflict and the backward in alternating order): gradient conflict
+(``observe_loss_terms``: one extra backward per loss term), the per-layer table
+(``observe_gradients``), the per-head ratio outliers (``observe_minibatch``) and the update's
+``pending`` + ``transfer`` + ``build``, as the median and IQR of the per-repeat ratios.
 
     python benchmarks/bench_debug.py [--obs 32] [--hidden 128] [--t 32] [--n 16] [--reps 30]
 """
@@ -12,11 +12,11 @@ the per-head ratio outliers (``observe_minibatch``) and the update's ``pending``
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
+from _timing import describe, quartiles
 from torch import nn
 
 from telemetry_core.config import TelemetryLevel
@@ -52,46 +52,62 @@ def terms(model, x, acts, adv, ret, old):
 
 def main(obs: int = 32, hidden: int = 128, t: int = 32, n: int = 16, reps: int = 30) -> None:
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     model = ActorCritic(obs, hidden).to(dev)
     x = torch.randn(t, n, obs, device=dev)
     acts = {k: torch.randint(0, a, (t, n), device=dev) for k, a in HEADS.items()}
     adv, ret, old = (torch.randn(t, n, device=dev) for _ in range(3))
-    diag = DebugDiagnostics(model, HEADS)
-    res: dict[str, list[float]] = {
-        k: [] for k in ("backward", "conflict", "grad_table", "minibatch", "pending+transfer")
-    }
-    for _ in range(reps):
+    diag = DebugDiagnostics(model, HEADS, table_every=1, conflict_every=1)
+    parts = ("conflict", "grad_table", "minibatch", "pending+transfer")
+    cpu: dict[str, list[float]] = {k: [] for k in ("backward", *parts)}
+    wall: dict[str, list[float]] = {k: [] for k in ("backward", *parts)}
+
+    def timed(name: str, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        sync()
+        c0, w0 = time.thread_time(), time.perf_counter()
+        fn(*args, **kwargs)
+        sync()
+        cpu[name].append(time.thread_time() - c0)
+        wall[name].append(time.perf_counter() - w0)
+
+    def finish() -> None:
+        diag.build(transfer(diag.pending(TelemetryLevel.DEBUG)), TelemetryLevel.DEBUG)
+
+    index = torch.arange(t * n, device=dev)
+    old_heads = {k: old / 2 for k in HEADS}
+    for rep in range(reps + 2):  # the first two are warm-up
         diag.reset(TelemetryLevel.DEBUG)
         pol, val, heads, joint, hl = terms(model, x, acts, adv, ret, old)
-        sync()
-        t0 = time.perf_counter()
-        diag.observe_loss_terms(pol, val, heads)
-        sync()
-        t1 = time.perf_counter()
-        (pol + 0.5 * val).backward()
-        sync()
-        t2 = time.perf_counter()
-        diag.observe_gradients(pol)
-        sync()
-        t3 = time.perf_counter()
-        diag.observe_minibatch(
-            joint, old, hl, {k: old / 2 for k in HEADS}, acts, torch.arange(t * n, device=dev), epoch=0
-        )
-        sync()
-        t4 = time.perf_counter()
-        diag.build(transfer(diag.pending(TelemetryLevel.DEBUG)), TelemetryLevel.DEBUG)
-        t5 = time.perf_counter()
+        loss = pol + 0.5 * val
+        if rep % 2 == 0:  # the conflict's extra passes and the loop's backward in alternating order
+            timed("conflict", diag.observe_loss_terms, pol, val, heads)
+            timed("backward", loss.backward)
+        else:
+            timed("backward", loss.backward, retain_graph=True)
+            timed("conflict", diag.observe_loss_terms, pol, val, heads)
+        timed("grad_table", diag.observe_gradients, pol)  # reads this backward's gradients
+        timed("minibatch", diag.observe_minibatch, joint, old, hl, old_heads, acts, index, epoch=0)
+        timed("pending+transfer", finish)
         model.zero_grad(set_to_none=True)
-        for k, v in zip(res, (t2 - t1, t1 - t0, t3 - t2, t4 - t3, t5 - t4)):
-            res[k].append(v)
-    med = {k: statistics.median(v) for k, v in res.items()}
+        if rep < 2:
+            for v in (*cpu.values(), *wall.values()):
+                v.clear()
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"bench_debug — {time.strftime('%Y-%m-%d %H:%M')} — {platform.machine()}, torch {torch.__version__}")
-    print(f"device={dev} threads={torch.get_num_threads()} params={nparams} minibatch={t}x{n} reps={reps}")
-    for k, v in med.items():
-        print(f"{k:>18}: {v * 1e3:8.3f} ms  = {v / med['backward']:5.2f} x one backward")
+    print(f"bench_debug | {describe()}")
+    print(
+        f"device={dev} params={nparams} minibatch={t}x{n} reps={reps}; each part against the same rep's backward"
+    )
+    base = statistics.median(cpu["backward"])
+    print(f"{'backward':>18}: {base * 1e3:8.3f} ms (CPU)")
+    for k in parts:
+        q1, med, q3 = quartiles([c / b for c, b in zip(cpu[k], cpu["backward"])])
+        w = statistics.median(c / b for c, b in zip(wall[k], wall["backward"]))
+        print(
+            f"{k:>18}: {statistics.median(cpu[k]) * 1e3:8.3f} ms (CPU) = {med:5.2f}x one backward "
+            f"(IQR {q1:.2f}-{q3:.2f}; wall {w:.2f}x)"
+        )
     print("extra backward passes for the conflict: 4 (policy, value, 2 head losses)")
 
 

@@ -1,37 +1,26 @@
-"""Gradient statistics against a bare ``_foreach_norm``, side by side in one run (issue 2, F).
+"""Gradient statistics against a bare ``_foreach_norm``, side by side in one run.
 
-For LSTM-shaped gradient sets of about 1M, 10M and 40M parameters (an LSTM layer's two weight
-matrices and two biases, a square trunk layer, actor/critic heads with biases) it times, interleaved
-and repeated (medians):
+LSTM-shaped gradient sets of about 1M, 10M and 40M parameters (an LSTM layer's two weight matrices
+and two biases, a square trunk layer, actor/critic heads with biases); columns and method in
+benchmarks/README.md, figures in BENCHMARKS.md.
 
-* ``bare``      ``torch.stack(torch._foreach_norm(grads)).tolist()``
-* ``minimal``   GradientReducer at MINIMAL: observe + pending + transfer + build
-* ``normal``    the same at NORMAL (every statistic the snapshot carries)
-* ``normal/8``  an update of 8 backwards at NORMAL, per backward (the per-update reduction and the
-                transfer are shared by every backward of a PPO update; ``bare`` syncs every time)
-* ``exact``     NORMAL with ``sample_size=None`` (every element binned; reference, not the default)
-
-and counts host materialisations per update (``item``/``tolist``/``cpu``/``numpy``/``__bool__``/
-``__float__``/``__int__``/``__index__``) with a TorchFunctionMode. On CUDA, when there is one, it
-repeats the table for float16 and bfloat16 gradients.
-
-    python benchmarks/bench_gradients.py            # about 1-2 minutes on a 2-core CPU
-    python benchmarks/bench_gradients.py --quick    # a few seconds
+    python benchmarks/bench_gradients.py            # a few minutes on a 2-core CPU
+    python benchmarks/bench_gradients.py --quick    # under a minute
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import PairStats, describe, paired
 from torch.overrides import TorchFunctionMode
 
 from telemetry_core.config import TelemetryLevel, Thresholds
+from telemetry_core.debug import DebugDiagnostics
 from telemetry_core.reductions.gradients import GradientReducer
 from telemetry_core.reductions.transfer import transfer
 
@@ -80,8 +69,8 @@ def lstm_like(total: int, device: torch.device, dtype: torch.dtype) -> list[tupl
 
 
 def run_size(
-    total: int, reps: int, device: torch.device, dtype: torch.dtype, exact: bool, clock: Callable[[], float]
-) -> dict[str, float]:
+    total: int, pairs: int, device: torch.device, dtype: torch.dtype, exact: bool
+) -> tuple[dict[str, PairStats], dict[str, float]]:
     named = lstm_like(total, device, dtype)
     grads = [p.grad for _, p in named]
     n = sum(p.numel() for _, p in named)
@@ -89,6 +78,9 @@ def run_size(
     groups = {"lstm": [0, 1, 2, 3], "trunk": [4, 5], "heads": [6, 7, 8, 9], "critic": [10, 11]}
     fast = GradientReducer(named, max_grad_norm=0.5, thresholds=th, groups=groups)
     full = GradientReducer(named, max_grad_norm=0.5, thresholds=th, groups=groups, sample_size=None)
+    schedule = DebugDiagnostics(named, thresholds=th, max_grad_norm=0.5).table_every  # the hub's default
+    never = DebugDiagnostics(named, thresholds=th, max_grad_norm=0.5, table_every=10**9)
+    every = DebugDiagnostics(named, thresholds=th, max_grad_norm=0.5, table_every=1)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -97,97 +89,106 @@ def run_size(
     def bare() -> None:
         torch.stack(torch._foreach_norm(grads)).tolist()
 
-    def update(reducer: GradientReducer, level: TelemetryLevel, calls: int = 1) -> Callable[[], None]:
+    def update(
+        reducer: GradientReducer, level: TelemetryLevel, calls: int = 1, debug: DebugDiagnostics | None = None
+    ) -> Callable[[], None]:
         def go() -> None:
             reducer.reset()
+            if debug is not None:
+                debug.reset(level)
             for _ in range(calls):
                 reducer.observe(level)
-            reducer.build(transfer(reducer.pending(level)), level)
+                if debug is not None:
+                    debug.observe_gradients()
+            pending = reducer.pending(level)
+            if debug is not None:
+                pending.update(debug.pending(level))
+            host = transfer(pending)  # one transfer, as in the hub
+            reducer.build(host, level)
+            if debug is not None:
+                debug.build(host, level)
 
         return go
 
+    debug = TelemetryLevel.DEBUG
     cases: dict[str, Callable[[], None]] = {
         "bare": bare,
         "minimal": update(fast, TelemetryLevel.MINIMAL),
         "normal": update(fast, TelemetryLevel.NORMAL),
         "normal/8": update(fast, TelemetryLevel.NORMAL, 8),
+        "debug-": update(fast, debug, 1, never),
+        "debug-/8": update(fast, debug, 8, never),
+        "table": update(fast, debug, 1, every),
     }
     if exact:
         cases["exact"] = update(full, TelemetryLevel.NORMAL)
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for fn in cases.values():  # warm-up: plans, allocator, kernels
-        fn()
-        fn()
-    for r in range(reps):
-        for name, fn in cases.items():
-            if name == "exact" and r >= max(3, reps // 4):
-                continue
-            sync()
-            t0 = clock()
-            fn()
-            sync()
-            times[name].append(clock() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med["normal/8"] /= 8
+    per = {"normal/8": 8, "debug-/8": 8}
+    stats = paired(cases, "bare", pairs, sync=sync, per=per)
     syncs = {}
-    for name in ("bare", "normal"):
+    for name in ("bare", "normal", "debug-/8"):
         with SyncCounter() as counter:
             cases[name]()
         syncs[name] = counter.count
-    med["_n"] = n
-    med["_syncs_bare"] = syncs["bare"]
-    med["_syncs_normal"] = syncs["normal"]
-    return med
+    info = {
+        "n": n,
+        "bare_ms": statistics.median(s.base_seconds for s in stats.values()) * 1e3,
+        "syncs_bare": syncs["bare"],
+        "syncs_normal": syncs["normal"],
+        "syncs_debug": syncs["debug-/8"],
+        "table_every": schedule,
+    }
+    return stats, info
+
+
+COLUMNS = ("minimal", "normal", "normal/8", "debug-", "debug-/8", "table", "exact")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1M and 10M parameters, few repeats (seconds)")
+    ap.add_argument("--quick", action="store_true", help="1M and 10M parameters, few pairs (seconds)")
     ap.add_argument("--no-exact", action="store_true", help="skip the every-element reference variant")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument(
-        "--cpu-time",
-        action="store_true",
-        help="time with this thread's CPU time (use with --threads 1 on a loaded machine; CPU only)",
-    )
+    ap.add_argument("--sizes", type=str, default=None, help="comma-separated parameter counts, e.g. 1e6,4e7")
+    ap.add_argument("--pairs", type=int, default=None, help="pairs per size (default: by size)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.thread_time if args.cpu_time else time.perf_counter
-    sizes = (
-        [(1_000_000, 9), (10_000_000, 3)]
-        if args.quick
-        else [(1_000_000, 61), (10_000_000, 21), (40_000_000, 9)]
-    )
+    torch.set_num_threads(1)
+    if args.sizes:
+        sizes = [(int(float(x)), args.pairs or 9) for x in args.sizes.split(",")]
+    elif args.quick:
+        sizes = [(1_000_000, args.pairs or 9), (10_000_000, args.pairs or 3)]
+    else:
+        sizes = [(1_000_000, args.pairs or 41), (10_000_000, args.pairs or 15), (40_000_000, args.pairs or 7)]
     runs = [(torch.device("cpu"), torch.float32)]
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
         runs += [(cuda, torch.float32), (cuda, torch.float16), (cuda, torch.bfloat16)]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(describe())
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load average {load:.2f}, clock {'thread CPU time' if args.cpu_time else 'wall'}"
+        "ratios to bare torch.stack(torch._foreach_norm(grads)).tolist(); /8: per backward in an update "
+        "of 8 backwards; debug-: DEBUG without the per-layer table's element statistics; table: DEBUG "
+        "with them on every backward; DEBUG amortised: the hub's default, the table on every "
+        "table_every-th backward; exact: NORMAL, every element binned"
     )
     for device, dtype in runs:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"\n{name} {str(dtype).removeprefix('torch.')}")
-        print(
-            f"{'params':>11} {'bare ms':>9} {'minimal':>16} {'normal':>16} {'normal/8':>16} {'exact':>16}"
-            "  syncs/update (bare, normal)"
-        )
-        for total, reps in sizes:
+        for total, pairs in sizes:
             exact = not args.no_exact and not (args.quick and total > 1_000_000)
-            m = run_size(total, reps, device, dtype, exact, clock)
-            b = m["bare"]
-
-            def cell(key: str, m: dict[str, float] = m, b: float = b) -> str:
-                return f"{m[key] * 1e3:8.2f} {m[key] / b:5.2f}x" if key in m else f"{'-':>15}"
-
+            stats, info = run_size(total, pairs, device, dtype, exact)
             print(
-                f"{int(m['_n']):>11,} {b * 1e3:9.3f} {cell('minimal'):>16} {cell('normal'):>16}"
-                f" {cell('normal/8'):>16} {cell('exact'):>16}"
-                f"  {int(m['_syncs_bare'])}, {int(m['_syncs_normal'])}"
+                f"{int(info['n']):,} parameters, bare {info['bare_ms']:.3f} ms, {pairs} pairs, "
+                f"table_every {info['table_every']}, host syncs per update (bare, normal, debug/8): "
+                f"{info['syncs_bare']}, {info['syncs_normal']}, {info['syncs_debug']}"
             )
+            for col in COLUMNS:
+                if col in stats:
+                    st = stats[col]
+                    print(f"  {col:>9}: {st.cell()}  ({st.seconds * 1e3:.2f} ms)")
+            # DEBUG as the hub runs it: the table on every table_every-th backward of the run, so per
+            # backward it adds (table - debug-) / table_every on average to what every backward costs
+            k, table = info["table_every"], stats["table"].ratio[1]
+            for col, label in (("debug-", "one backward"), ("debug-/8", "per backward in 8")):
+                amortised = stats[col].ratio[1] + (table - stats["debug-"].ratio[1]) / k
+                print(f"  DEBUG amortised, {label}: {amortised:.2f}x")
 
 
 if __name__ == "__main__":

@@ -169,12 +169,84 @@ def attacks(info: protocol.ConnectionInfo) -> dict[str, Callable[[zmq.Context, t
     }
 
 
+def dashboard(frames: int) -> None:
+    """The dashboard under hostile content: the real app, fed by a fake trainer's PUB socket.
+
+    ``frames`` hostile snapshots (huge ints, NaN, markup, escape sequences, 2 MB strings, 20,000 new
+    keys) interleaved with a flood of valid DEBUG snapshots as fast as this process can publish
+    them; prints the app's RSS, what it counted and whether it stayed up.
+    """
+    import asyncio
+    import random
+
+    import msgspec
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_transport import full_snapshot
+    from fuzz_frames import hostile_snapshot
+
+    from simic_tui.app import SimicApp
+    from simic_tui.client import TelemetryClient
+    from simic_tui.store import TelemetryStore
+    from simic_tui.target import resolve_target
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.bind("tcp://127.0.0.1:0")
+    address = pub.getsockopt_string(zmq.LAST_ENDPOINT).removeprefix("tcp://")
+    base = msgspec.to_builtins(full_snapshot(debug=True))
+    debug = full_snapshot(debug=True)
+    rng = random.Random(0)
+    store = TelemetryStore()
+    app = SimicApp(store, client=TelemetryClient(resolve_target(address), store))
+
+    async def run() -> None:
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.pause(0.5)
+            rss0 = rss_mb(os.getpid())
+            seq = 0
+            t0 = time.monotonic()
+            for i in range(frames):
+                seq += 1
+                pub.send_multipart([protocol.TOPIC_SNAPSHOT, hostile_snapshot(rng, seq, base, session="s")])
+                for _ in range(10):  # the DEBUG flood
+                    seq += 1
+                    frame = protocol.encode_envelope("snapshot", debug, session="s", seq=seq, step=seq)
+                    pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame])
+                if i % 20 == 19:
+                    await pilot.press(("d", "t", "r", "question_mark")[i // 20 % 4])
+                    await pilot.pause(0.05)
+                    await pilot.press("escape")
+            await pilot.pause(2.0)
+            peak = rss_mb(os.getpid())
+            c = store.counters
+            print(
+                f"dashboard: {frames} hostile + {10 * frames} DEBUG frames in {time.monotonic() - t0:.1f} s; "
+                f"RSS {rss0:.0f} -> {peak:.0f} MB; ingested {c.snapshots}, bad frames {c.bad_frames} "
+                f"({dict(c.bad_by_code)}), missed {c.missed}, columns {len(store.columns)} "
+                f"(dropped values {c.columns_dropped}); app running: {app.is_running}; worker failures "
+                f"{app.client.status.worker_failures if app.client else 0}"
+            )
+
+    asyncio.run(run())
+    pub.close(linger=0)
+    ctx.term()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=4, help="updates per measuring window (4)")
+    parser.add_argument(
+        "--dashboard", type=int, metavar="N", help="instead: N hostile frames into the real dashboard"
+    )
     parser.add_argument("--attack", help=argparse.SUPPRESS)  # the attacker child
     parser.add_argument("--connection-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dashboard:
+        os.environ.setdefault("SIMIC_RUNTIME_DIR", tempfile.mkdtemp(prefix="simic-hostile-"))
+        dashboard(args.dashboard)
+        return
     if args.attack:
         info = protocol.read_connection_file(args.connection_file)
         attacks(info)[args.attack](zmq.Context(), threading.Event())

@@ -1,34 +1,14 @@
-"""Telemetry overhead on the demo trainer: update time with no hub, OFF, MINIMAL, NORMAL and DEBUG.
+"""Telemetry overhead on the demo trainer: the whole update at NORMAL and DEBUG against OFF.
 
-Run: ``python benchmarks/bench_overhead.py [--updates 60] [--warmup 5] [--no-network] [--quick]``
+Run: ``python benchmarks/bench_overhead.py [--updates 40] [--warmup 5] [--no-network] [--all]``
 
-One trainer per variant, same seed, all in this process, advanced *interleaved*: each round runs one
-update of every variant, in an order that rotates each round, so machine load drifts hit all of them
-alike. Training is identical across variants (the hub never touches the model or the random
-streams; ``tests/test_demo.py`` checks it), so every variant does the same PPO work and only the
-telemetry differs. Auto-escalation is disabled so each hub stays at its level. Each hub streams on
-its own loopback ports (port 0) unless ``--no-network``; nobody subscribes.
-
-Two measures, both per update:
-
-* the update time (rollout + optimisation + telemetry, as the loop measures it): median, mean, p90,
-  the ratio of medians to the no-hub baseline and to OFF, and the median of the paired per-round
-  ratios to OFF (the same update of the same training, run back to back);
-* the time spent inside the hub's calls (``observe_*``, ``early_stop``, ``end_update``, timed by
-  wrapping the hub's methods), in ms and as a share of that variant's update: the direct cost of
-  the telemetry, measured where it happens. On a loaded machine the update times of two variants
-  differ by several percent from noise alone; this share does not, so it is the figure to read
-  first. (It leaves out indirect effects such as caches the telemetry evicts; the paired ratio
-  includes them, with its noise.)
-
-Target (issue 5, E): NORMAL <= 1.03x OFF.
+Method, columns and figures: benchmarks/README.md and BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from _timing import describe, quartiles
 
 from telemetry_core.config import TelemetryConfig, TelemetryLevel
 from telemetry_core.demo.ppo import DemoConfig, UpdateRecord, iter_train, make_agent, make_hub
@@ -54,7 +37,7 @@ HUB_CALLS = (
 
 
 def time_hub_calls(hub: TelemetryHub) -> list[float]:
-    """Wrap the hub's per-update entry points (on this instance) to add their wall time to a counter.
+    """Wrap the hub's per-update entry points (on this instance) to add their thread CPU time to a counter.
 
     Returns the one-element list the wrappers add to; the caller reads and resets it per update.
     """
@@ -63,11 +46,11 @@ def time_hub_calls(hub: TelemetryHub) -> list[float]:
     def timed(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def call(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = time.thread_time()
             try:
                 return method(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - start
+                spent[0] += time.thread_time() - start
 
         return call
 
@@ -76,14 +59,19 @@ def time_hub_calls(hub: TelemetryHub) -> list[float]:
     return spent
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]], DemoConfig]:
-    """Update seconds and hub seconds per variant, after the warm-up updates."""
+ORDERS = (("NORMAL", "OFF", "DEBUG"), ("DEBUG", "OFF", "NORMAL"))  # OFF adjacent to both, sides alternate
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, list[tuple[float, float, float]]], DemoConfig, bool]:
+    """Per variant and update (after the warm-up): (thread CPU s, wall s, thread CPU s in the hub)."""
     cfg = DemoConfig(seed=args.seed, num_updates=args.updates)
     hubs: list[TelemetryHub] = []
     spent: dict[str, list[float]] = {}
     runs: dict[str, Iterator[UpdateRecord]] = {}
-    for name in VARIANTS:
-        agent = make_agent(cfg)
+    agents = {}
+    variants = [v for v in VARIANTS if v in ORDERS[0]] + (["no hub", "MINIMAL"] if args.all else [])
+    for name in variants:
+        agent = agents[name] = make_agent(cfg)
         if name == "no hub":
             runs[name] = iter_train(cfg, agent=agent)
             continue
@@ -94,56 +82,69 @@ def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, lis
         spent[name] = time_hub_calls(hub)
         runs[name] = iter_train(cfg, hub=hub, agent=agent)
 
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    in_hub: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    out: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     try:
         for update in range(1, args.updates + 1):
-            shift = update % len(VARIANTS)
-            for name in VARIANTS[shift:] + VARIANTS[:shift]:
-                record = next(runs[name])
+            order = list(ORDERS[update % 2]) + [v for v in variants if v not in ORDERS[0]]
+            for name in order:
+                c0, w0 = time.thread_time(), time.perf_counter()
+                next(runs[name])
+                cpu, wall = time.thread_time() - c0, time.perf_counter() - w0
                 hub_seconds = spent[name][0] if name in spent else 0.0
                 if name in spent:
                     spent[name][0] = 0.0
                 if update > args.warmup:
-                    times[name].append(record.update_seconds)
-                    in_hub[name].append(hub_seconds)
+                    out[name].append((cpu, wall, hub_seconds))
     finally:
         for iterator in runs.values():
             iterator.close()  # type: ignore[attr-defined]
         for hub in hubs:
             hub.close()
-    return times, in_hub, cfg
+    ref = [p.detach() for p in agents["OFF"].parameters()]
+    identical = all(
+        all(torch.equal(a, b.detach()) for a, b in zip(ref, agent.parameters())) for agent in agents.values()
+    )
+    return out, cfg, identical
 
 
 def report(
-    times: dict[str, list[float]], in_hub: dict[str, list[float]], cfg: DemoConfig, args: argparse.Namespace
+    out: dict[str, list[tuple[float, float, float]]],
+    cfg: DemoConfig,
+    identical: bool,
+    args: argparse.Namespace,
 ) -> None:
+    print(f"bench_overhead | {describe()}")
     print(
-        f"demo update time by telemetry level — {time.strftime('%Y-%m-%d %H:%M')} — "
-        f"{platform.processor() or platform.machine()}, torch threads {cfg.torch_threads}, "
-        f"{'no network' if args.no_network else 'loopback sockets, no subscriber'}"
-    )
-    print(
+        f"demo trainer, torch threads {cfg.torch_threads}, "
+        f"{'no network' if args.no_network else 'loopback sockets, no subscriber'}; "
         f"{args.updates - args.warmup} updates per variant (after {args.warmup} warm-up), "
-        f"{cfg.num_envs} envs x {cfg.num_steps} steps, {cfg.update_epochs} epochs x {cfg.num_minibatches} minibatches"
+        f"{cfg.num_envs} envs x {cfg.num_steps} steps, {cfg.update_epochs} epochs x {cfg.num_minibatches} "
+        f"minibatches; the pair of a round is OFF's update and the other variant's same update, run back "
+        f"to back, the other first in one round and second in the next"
     )
-    base = statistics.median(times["no hub"])
-    off = statistics.median(times["OFF"])
+    print(f"training bit-identical across variants (final parameters equal): {'yes' if identical else 'NO'}")
+    off = out["OFF"]
     print(
-        f"{'variant':8s} {'median ms':>10s} {'mean ms':>9s} {'p90 ms':>8s} {'vs no hub':>10s} {'vs OFF':>8s}"
-        f" {'paired vs OFF':>14s} {'in hub ms':>10s} {'hub share':>10s}"
+        f"{'variant':8s} {'update ms (CPU)':>16s} {'ratio to OFF, CPU: median (IQR)':>34s} "
+        f"{'wall':>7s} {'in hub ms (CPU)':>16s} {'hub share':>10s}"
     )
-    for name in VARIANTS:
-        values = sorted(times[name])
-        median = statistics.median(values)
-        p90 = values[int(0.9 * (len(values) - 1))]
-        paired = statistics.median(a / b for a, b in zip(times[name], times["OFF"]))
-        hub_ms = statistics.median(in_hub[name]) * 1e3
-        share = statistics.median(h / t for h, t in zip(in_hub[name], times[name]))
-        print(
-            f"{name:8s} {median * 1e3:10.1f} {statistics.fmean(values) * 1e3:9.1f} {p90 * 1e3:8.1f} "
-            f"{median / base:9.3f}x {median / off:7.3f}x {paired:13.3f}x {hub_ms:10.2f} {share * 100:9.2f}%"
+    for name, rows in out.items():
+        cpu = [r[0] for r in rows]
+        hub = [r[2] for r in rows]
+        line = f"{name:8s} {statistics.median(cpu) * 1e3:16.1f} "
+        if name == "OFF":
+            line += f"{'-':>34s} {'-':>7s} "
+        else:
+            q1, med, q3 = quartiles([a[0] / b[0] for a, b in zip(rows, off)])
+            wall = statistics.median(a[1] / b[1] for a, b in zip(rows, off))
+            line += f"{med:17.3f}x ({q1:.3f}-{q3:.3f}) {wall:6.3f}x "
+        share = (
+            statistics.median(h / c for h, c in zip(hub, cpu))
+            if name in ("OFF", "NORMAL", "DEBUG", "MINIMAL")
+            else 0
         )
+        line += f"{statistics.median(hub) * 1e3:16.2f} {share * 100:9.2f}%"
+        print(line)
 
 
 def main() -> None:
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="first updates not counted")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-network", action="store_true")
+    parser.add_argument("--all", action="store_true", help="also time no hub and MINIMAL (after the pairs)")
     parser.add_argument(
         "--quick", action="store_true", help="12 updates, 2 warm-up (a smoke run, about a minute)"
     )
@@ -160,8 +162,8 @@ def main() -> None:
         args.updates, args.warmup = 12, 2
     if args.updates <= args.warmup:
         parser.error("--updates must exceed --warmup")
-    times, in_hub, cfg = run(args)
-    report(times, in_hub, cfg, args)
+    out, cfg, identical = run(args)
+    report(out, cfg, identical, args)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def _publisher_proc(port: int, rate: float, seconds: float, ready: mp.Event) -> 
 
     run = Run()
     snaps = [run.snapshot(k, k + 1) for k in range(120)]
-    with Publisher(f"tcp://127.0.0.1:{port}", run_name="bench", connection_file=False, pub_hwm=10_000) as pub:
+    with Publisher(f"tcp://127.0.0.1:{port}", run_name="bench", pub_hwm=10_000) as pub:  # its file: CURVE keys
         ready.set()
         time.sleep(1.0)  # let the subscriber connect
         start = time.perf_counter()
@@ -112,7 +112,7 @@ class LatencyStore(TelemetryStore):
 def bench_latency(rate: float, seconds: float) -> dict[str, float]:
     from simic_tui.client import TelemetryClient
     from simic_tui.demo import free_port_pair
-    from simic_tui.target import AttachTarget
+    from simic_tui.target import resolve_target
 
     port = free_port_pair()
     ctx = mp.get_context("spawn")
@@ -121,7 +121,7 @@ def bench_latency(rate: float, seconds: float) -> dict[str, float]:
     proc.start()
     ready.wait(30)
     store = LatencyStore()
-    client = TelemetryClient(AttachTarget("127.0.0.1", port, f"tcp://127.0.0.1:{port}"), store)
+    client = TelemetryClient(resolve_target(f"127.0.0.1:{port}"), store)  # the trainer's file, found by port
 
     async def run() -> None:
         task = asyncio.create_task(client.run())

@@ -1,9 +1,10 @@
 """Where to attach: ``HOST:PORT`` parsing and the trainer's connection file.
 
 The connection file (written 0600 by the trainer) carries the command endpoint, the session, the
-HMAC key and, for non-loopback binds, CURVE keys. For a local run it is found by port; for a remote
-run the operator copies it and passes ``--connection-file``. Without one the dashboard can still
-watch a loopback stream, but cannot send commands, and says so.
+HMAC key and the CURVE keys of the encrypted link. For a local run it is found by port; for a remote
+run the operator copies it and passes ``--connection-file``. Without one, a trainer started the
+default way refuses the dashboard's handshake (the dashboard says so, and keeps looking for the file);
+only a ``curve=False`` trainer can be watched without it, and never commanded.
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ def resolve_target(address: str, connection_file: str | Path | None = None) -> A
         where = "on this machine" if target.loopback else f"for remote host {host}"
         return replace(
             target,
-            note=f"no connection file {where} for port {port}: watching only, commands disabled "
-            "(pass --connection-file FILE from the trainer's machine)",
+            note=f"no connection file {where} for port {port}: commands disabled, and a trainer started "
+            "the default way refuses the link without its keys (pass --connection-file FILE from the "
+            "trainer's machine)",
         )
     try:
         info = read_connection_file(found)

@@ -160,14 +160,19 @@ class Thresholds:
     )
     entropy_slide_critical_updates: int = _t(
         3,
-        "a head flagged (collapsing or collapsed) this many updates in a row ... (a healthy head's "
-        "dip is flagged for 1-2 updates at most)",
+        "a head flagged (collapsing or collapsed) at least this many updates in a row ... (a healthy "
+        "demo head's dip is flagged for 1-2 updates at most)",
+    )
+    entropy_slide_critical_window: int = _t(
+        10,
+        "... and at most this many ... (a converged feed-forward Acrobot agent's head sat below the "
+        "limit for 600+ updates, drifting from 0.1 to 0.06: slow, healthy, never critical) ...",
     )
     entropy_slide_critical_fraction: float = _t(
         0.3,
-        "... and below this fraction of its median before the slide is critical: a wrong-sign "
-        "ent_coef stayed a warning for 9+ updates at normalised entropy 0.035 (below 0.3 of its "
-        "median from 1-3 updates after the first warning)",
+        "... that fell below this fraction of its median before the slide is critical, and stays so "
+        "while flagged: a wrong-sign ent_coef stayed a warning for 9+ updates at normalised entropy "
+        "0.035; the demo's (seed 1) is at 0.15 of its median 4 updates after onset",
     )
     entropy_baseline_window: int = _t(10, "updates in each head's rolling entropy baseline (median)")
     # ---- policy: KL, ratios, clipping ----------------------------------------------------------
@@ -217,7 +222,11 @@ class Thresholds:
         "lies beyond the warning limit",
     )
     ratio_tail_min_samples: int = _t(
-        8, "the ratio tail rules need more than this many samples beyond the limit, however small the update"
+        3,
+        "the ratio tail rules need more than this many samples beyond the limit, however small the "
+        "update: healthy demo updates (3 seeds x 300) never had more than 2 samples beyond any ratio "
+        "limit; the demo's actor/learner mismatch, cut to 256 samples by the target-KL stop, had 5 "
+        "above 10x and 31 below 0.02",
     )
     clip_fraction_warning: float = _t(
         0.3, "clip fraction above this is shown yellow (folklore 0.1-0.3 band; not a KL proxy)"
@@ -247,13 +256,21 @@ class Thresholds:
         "value_collapse's std rule also needs std(values) below this fraction of its recent median: "
         "a solved task's critic rightly predicts ~one value while rare failures inflate std(returns)",
     )
+    value_std_tracking_min: float = _t(
+        0.25,
+        "value_collapse's std rule also needs that recent median to have been at least this fraction "
+        "of std(returns): a feed-forward Acrobot agent that learnt nothing (return -500 throughout) "
+        "held a critic spread of 0.05-1.1 against a return std of 3.6 (median ratio 0.13) and was "
+        "judged collapsed; healthy critics of the demo and the two-head Acrobot agent hold 0.4-0.9",
+    )
     ev_return_cv_min: float = _t(
-        0.02,
+        0.05,
         "ev_low is not judged when the returns' spread (std, or the inter-decile range / 2.563 when "
-        "smaller) < this x |mean(returns)|: EV of nearly constant returns is noise. Healthy demo runs "
-        "(seeds 1, 2) once solved fired ev_low 5 times in 2 x 300 updates on updates whose returns "
-        "had p10-p90 within 2-4% of the mean and one failed episode making the std (0.9 of 9.8); "
-        "0.01 on the std alone let them through",
+        "smaller) < this x |mean(returns)|: EV of nearly constant returns is noise. The solved demo "
+        "(seeds 1, 2) fired ev_low 5 times in 2 x 300 updates on returns whose bulk spread was 1-3% "
+        "of the mean (one failed episode making the std); a recurrent Acrobot agent failing every "
+        "episode alike (returns within 3.1% of their mean, the critic blind to the time limit) fired "
+        "in 2 of 3 seeds; 0.01 on the std alone let all of them through",
     )
     baseline_min_updates: int = _t(
         5,
@@ -296,13 +313,16 @@ class Thresholds:
     grad_drift: float = _t(
         3.0,
         "|x - ema| / ema above this (for grad_drift_patience updates) is gradient_drift. The reference's "
-        "0.5 flagged ~55 of 300 healthy demo updates; 2.0 still fired 2 onsets per healthy demo run "
-        "(seeds 1, 2: updates 24-36, where the pre-clip norm rises 6x while the EMA of momentum 0.99 "
-        "still remembers update 1; drift 2-4.3, never above 3 for 3 updates in a row); a reward scale "
-        "changed 30x mid-run (a real small PPO) drifts 13-39 for the 7 updates after it",
+        "0.5 flagged ~55 of 300 healthy demo updates; 2.0 (patience 3) still fired 2 onsets per healthy "
+        "demo run (seeds 1, 2: updates 24-36, where the pre-clip norm rises 6x while the EMA of momentum "
+        "0.99 still remembers update 1: drift 2-4.3); a reward scale changed 30x mid-run (a real small "
+        "PPO) drifts 13-39 for the 7 updates after it",
     )
     grad_drift_patience: int = _t(
-        3, "consecutive updates of drift above grad_drift before gradient_drift fires (one-off noise)"
+        4,
+        "consecutive updates of drift above grad_drift before gradient_drift fires: in 3 healthy demo "
+        "runs x 300 updates the drift stayed above 3 for 3 updates once (seed 3, 158-160, a 5x burst of "
+        "the norm that settled), never for 4",
     )
     grad_drift_warmup: int = _t(10, "no drift verdict before this many updates (review L4)")
     # ---- LSTM -----------------------------------------------------------------------------------

@@ -624,7 +624,6 @@ class RankAggregator:
             return None
         import torch
 
-        from telemetry_core.reductions.gradients import _SUMS
         from telemetry_core.reductions.policy import _SUM_K3
 
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -642,9 +641,10 @@ class RankAggregator:
         g = pending.get("grad.stats")
         calls = int(getattr(grads, "calls", 0) or 0)
         if g is not None and calls:
-            entry(g[_SUMS.index("total")], 0.0, float(calls))
-            entry(torch.trunc(g[_SUMS.index("nan_est")]))
-            entry(torch.trunc(g[_SUMS.index("inf_est")]))
+            total, nan_est, inf_est = grads.rank_sums().unbind()
+            entry(total, 0.0, float(calls))
+            entry(torch.trunc(nan_est))
+            entry(torch.trunc(inf_est))
         else:
             entry(None, nan)
             entry(None, 0.0)

@@ -91,6 +91,9 @@ class GradientStats(_S):
     nan_params: Int = 0  # parameter tensors holding a NaN gradient, summed over calls (exact)
     inf_params: Int = 0  # ... holding +-inf (and no NaN), summed over calls (exact)
     skipped_params: Int = 0  # parameters whose .grad was None in a call of this update (skipped)
+    # The first (up to 16, model order) parameters holding a NaN/Inf gradient in some call of this
+    # update, exact (from every element): where a numerical failure starts, at the update it starts.
+    nonfinite_params: list[Str] = []
     # NORMAL and above:
     zero_fraction: float | None = None  # share of exactly-zero (+-0) elements among the examined ones
     hist_counts: list[Int] = []  # [zero, (0,e0), [e0,e1), ..., [e_last, inf)] of examined |g|, finite only
@@ -326,6 +329,12 @@ class DebugReport(_S):
     outliers: list[RatioOutliers] = []
     conflict: GradientConflict | None = None
     skipped: Int = 0  # documented skips: parameters without (dense) gradients in a backward
+    # The per-layer table's element statistics (all but norm, norm_max and calls) cover the backwards
+    # it examined: every layer_every-th backward of the run, layer_backwards of them in this update
+    # (0: none; those rows are NaN). Norms and non-finite gradients come from every backward.
+    layer_every: Int = 1
+    layer_backwards: Int = 0
+    conflict_every: Int = 1  # gradient conflict is computed on every conflict_every-th DEBUG update
 
 
 # ---- multi-rank ---------------------------------------------------------------------------------

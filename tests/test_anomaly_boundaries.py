@@ -108,6 +108,25 @@ def test_a_slide_needs_its_updates_in_a_row_to_be_critical() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("flagged_before", "critical"),
+    [(T.entropy_slide_critical_window - 1, True), (T.entropy_slide_critical_window, False)],
+)
+def test_a_slide_must_fall_within_its_window_to_be_critical(flagged_before: int, critical: bool) -> None:
+    """The update that falls below the fraction is the ``flagged_before + 1``-th flagged one: at the
+    window's last update it is critical, one later it is a slow decline (and stays a warning)."""
+    det = detector()
+    step = warm(det, 12)
+    for i in range(flagged_before):
+        assert severity(det.check(_ent(step + i, 0.25)), "entropy_collapse", "direction") == WARNING
+    low = below(T.entropy_slide_critical_fraction * 0.62)
+    found = det.check(_ent(step + flagged_before, low))
+    assert severity(found, "entropy_collapse", "direction") == (CRITICAL if critical else WARNING)
+    # Critical stays so while the alarm lasts, even back above the fraction; a warning stays one.
+    found = det.check(_ent(step + flagged_before + 1, 0.25))
+    assert severity(found, "entropy_collapse", "direction") == (CRITICAL if critical else WARNING)
+
+
 # ------------------------------------------------------------------------------------------------
 # kl_spike
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +215,18 @@ def test_ratio_tail_of_other_limits_falls_back_to_a_warning_on_the_extreme() -> 
 # ------------------------------------------------------------------------------------------------
 # value_collapse / ev_low
 # ------------------------------------------------------------------------------------------------
+def test_value_collapse_tracking_limit() -> None:
+    """The critic's recent spread must have been at least value_std_tracking_min x the return std:
+    a median of 0.5 against a return std of 2.0 is exactly the limit."""
+    assert T.value_std_tracking_min * 2.0 == 0.5
+    for median, fires in ((0.5, True), (below(0.5), False), (above(0.5), True)):
+        det = detector()
+        for step in range(100, 110):
+            det.check(healthy(step, value={"value_std": median, "return_std": 2.0}))
+        found = det.check(healthy(110, value={"value_std": 0.0, "return_std": 2.0}))
+        assert (severity(found, "value_collapse") == CRITICAL) is fires, median
+
+
 def test_value_collapse_std_ratio_limit() -> None:
     rstd = 2.0  # value std = limit x 2.0 is exact in binary, so value_std / return_std is the limit
     at = T.value_std_collapse_ratio * rstd
@@ -238,6 +269,15 @@ def test_ev_low_names_every_phase_limit_of_its_streak() -> None:
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("tn", "fires"), sides(T.grad_total_exploding_rel * CAP, high=True))
 def test_gradient_exploding_warning_limit(tn: float, fires: bool) -> None:
+    det = detector()
+    for step in range(1, 6):
+        det.check(healthy(step, gradients={"total_norm": 0.4}))  # median 0.4: the jump holds above 4
+    found = det.check(healthy(6, gradients={"total_norm": tn}))
+    assert (severity(found, "gradient_exploding") == WARNING) is fires
+
+
+@pytest.mark.parametrize(("tn", "fires"), sides(T.grad_total_exploding_critical_rel * CAP, high=True))
+def test_gradient_exploding_without_a_baseline_warns_past_the_critical_limit(tn: float, fires: bool) -> None:
     found = detector().check(healthy(1, gradients={"total_norm": tn}))
     assert (severity(found, "gradient_exploding") == WARNING) is fires
 

@@ -796,3 +796,196 @@ def test_cuda_update_without_syncs_matches_cpu(dtype: torch.dtype) -> None:
     assert gpu.outliers[0].indices == cpu.outliers[0].indices or dtype != torch.float32
     assert gpu.conflict is not None and cpu.conflict is not None
     assert gpu.conflict.policy_value_cosine == pytest.approx(cpu.conflict.policy_value_cosine, abs=10 * tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked table: many chunks, padding, NaN among one-signed values, schedules, float32
+# ---------------------------------------------------------------------------------------------
+def test_table_is_exact_across_chunks_padding_and_nan_among_one_signed_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tensors spanning several 1024-element chunks, none a multiple of it (padding in each last
+    chunk), positive-only and negative-only values next to NaN/Inf (where a 0 standing in for the
+    NaN would be a wrong min or max), an all-NaN chunk, a one-element tensor, against float64.
+    MIXED_CHUNKS is cut to the 4 chunks that hold NaN/Inf among finite values, so neither repair
+    (last chunks, mixed chunks) is covered by the other. Mutation check (by hand): leaving out the
+    last chunks, or the mixed ones, each fail this test."""
+    import telemetry_core.debug.layers as layers_module
+    from telemetry_core.debug.layers import CHUNK
+
+    monkeypatch.setattr(layers_module, "MIXED_CHUNKS", 4)
+
+    gen = torch.Generator().manual_seed(17)
+    shapes = {"pos": (3 * CHUNK + 5,), "neg": (2, CHUNK + 1), "mixed": (5 * CHUNK - 3,), "one": (1,)}
+    params = {n: nn.Parameter(torch.zeros(s)) for n, s in shapes.items()}
+    diag = DebugDiagnostics(params, max_grad_norm=0.5, table_every=1)
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+    for call in range(2):
+        for name, p in params.items():
+            g = torch.rand(p.shape, generator=gen) + 0.25  # strictly positive
+            if name == "neg":
+                g = -g
+            flat = g.view(-1)
+            if name in ("pos", "neg"):
+                flat[[7, CHUNK + 3]] = math.nan  # NaN inside chunks whose finite values share a sign
+                flat[CHUNK + 9] = math.inf if call else -math.inf
+            if name == "mixed":
+                flat[CHUNK : 2 * CHUNK] = math.nan  # a whole chunk
+                flat[3 * CHUNK :] *= -1.0
+                flat[0] = 0.0
+                flat[1] = -0.0
+            p.grad = g
+            seen[name].append(g.clone())
+        diag.observe_gradients()
+    out = report(diag)
+    th = Thresholds()
+    for row in out.layers:
+        check_row(row, reference_layer(seen[row.name], th.grad_small_rel * 0.5, th.grad_large_rel * 0.5))
+    rows = {r.name: r for r in out.layers}
+    assert rows["pos"].min > 0.25 - 1e-7 and rows["neg"].max < -0.25 + 1e-7  # never a stand-in 0
+    assert out.layer_every == 1 and out.layer_backwards == 2
+
+
+def test_comparisons_at_exactly_their_limits() -> None:
+    """zero counts +0 and -0; small is 0 < |g| < small (strict); large is |g| > large (strict), +-inf
+    excluded (counted as inf). Limits are powers of two, so each value is exactly representable.
+    Mutation check (by hand): ``lt`` -> ``le`` for small, ``gt`` -> ``ge`` for large, and counting
+    inf as large each fail this test."""
+    th = Thresholds(grad_small_rel=2.0**-20, grad_large_rel=2.0)
+    small, large = 2.0**-21, 1.0  # at max_grad_norm 0.5
+    below_small = float(np.nextafter(np.float32(small), np.float32(0)))
+    above_large = float(np.nextafter(np.float32(large), np.float32(2)))
+    values = [0.0, -0.0, small, -small, below_small, large, -large, above_large, -above_large, math.inf]
+    p = nn.Parameter(torch.zeros(len(values)))
+    p.grad = torch.tensor(values)
+    diag = DebugDiagnostics({"w": p}, thresholds=th, max_grad_norm=0.5)
+    diag.observe_gradients()
+    row = report(diag).layers[0]
+    n = len(values)
+    assert row.zero_frac == 2 / n
+    assert row.small_frac == 1 / n  # below_small only
+    assert row.large_frac == 2 / n  # +-above_large; the limit itself and inf are not large
+    assert (row.nan, row.inf) == (0, 1)
+
+
+def test_table_schedule_examines_every_nth_backward_of_the_run() -> None:
+    """With table_every=3 the element statistics cover backwards 0, 3, 6, ... of the run (a counter
+    that continues across updates); norms, calls and non-finite names come from every backward."""
+    p = nn.Parameter(torch.zeros(4))
+    diag = DebugDiagnostics({"w": p}, max_grad_norm=0.5, table_every=3)
+    assert diag.table_every == 3
+    grads = [torch.tensor([1.0, 2.0, 3.0, 4.0]) * (k + 1) for k in range(5)]
+    diag.reset(DEBUG)
+    for g in grads[:2]:  # run backwards 0, 1
+        p.grad = g
+        diag.observe_gradients()
+    first = report(diag)
+    assert (first.layer_every, first.layer_backwards) == (3, 1)
+    assert first.layers[0].calls == 2
+    row = first.layers[0]
+    assert (row.mean, row.min, row.max) == (2.5, 1.0, 4.0)  # backward 0 only
+    assert first.layers[0].norm == pytest.approx((30**0.5 + 2 * 30**0.5) / 2)
+    diag.reset(DEBUG)
+    for k, g in enumerate(grads[2:]):  # run backwards 2, 3, 4: only 3 is examined
+        p.grad = g.clone()
+        if k == 0:
+            p.grad[0] = math.nan  # a NaN on a backward the table skips is still named
+        diag.observe_gradients()
+    second = report(diag)
+    assert second.layer_backwards == 1 and second.layers[0].max == 16.0
+    assert second.layers[0].nan == 0  # the examined backward had none
+    assert second.numerical.nonfinite_grads == ["w"]
+    diag.reset(DEBUG)
+    p.grad = grads[0]
+    diag.observe_gradients()  # run backward 5: not examined
+    third = report(diag)
+    assert third.layer_backwards == 0 and math.isnan(third.layers[0].mean) and third.layers[0].calls == 1
+    assert DebugDiagnostics({"w": p}).table_every == 1  # "auto": small models, every backward
+    with pytest.raises(ValueError, match="table_every"):
+        DebugDiagnostics({"w": p}, table_every=0)
+
+
+def test_conflict_schedule_runs_on_every_nth_debug_update() -> None:
+    torch.manual_seed(9)
+    model = ActorCritic()
+    diag = DebugDiagnostics(model, HEADS, conflict_every=2)
+    got = []
+    for update in range(4):
+        diag.reset(DEBUG)
+        t = loss_terms(model, make_batch(seed=update))
+        diag.observe_loss_terms(t["policy"], t["value"], t["heads"])
+        (t["policy"] + t["value"]).backward()
+        diag.observe_gradients()
+        out = report(diag)
+        got.append(out.conflict is not None)
+        assert out.conflict_every == 2
+        model.zero_grad(set_to_none=True)
+    assert got == [True, False, True, False]
+    with pytest.raises(ValueError, match="conflict_every"):
+        DebugDiagnostics(model, HEADS, conflict_every="never")
+
+
+def test_float32_accumulation_path_matches_the_float64_reference() -> None:
+    """Devices without float64 (MPS) accumulate and transfer in float32: forced here on the CPU."""
+    from telemetry_core.reductions.transfer import float64_disabled
+
+    gen = torch.Generator().manual_seed(23)
+    params = {f"p{i}": nn.Parameter(torch.zeros(s)) for i, s in enumerate([(40, 30), (30,), (7,)])}
+    with float64_disabled():
+        diag = DebugDiagnostics(params, max_grad_norm=0.5)
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+        for call in range(3):
+            for name, p in params.items():
+                p.grad = random_grad(p.shape, gen, scale=1.0, extreme=call == 0).float()
+                seen[name].append(p.grad.clone())
+            diag.observe_gradients(torch.tensor(0.5))
+        pending = diag.pending(DEBUG)
+        assert all(t.dtype != torch.float64 for t in pending.values())
+        out = diag.build(transfer(pending), DEBUG)
+    assert out is not None
+    th = Thresholds()
+    for row in out.layers:
+        check_row(
+            row, reference_layer(seen[row.name], th.grad_small_rel * 0.5, th.grad_large_rel * 0.5), rtol=1e-4
+        )
+
+
+def test_a_whole_debug_update_without_float64_matches_the_float64_one() -> None:
+    """The demo trainer under a real hub at DEBUG, every reducer accumulating and transferring in
+    float32 (as on MPS, forced here on the CPU), against the same training in float64."""
+    from telemetry_core.config import TelemetryConfig
+    from telemetry_core.demo.ppo import DemoConfig, iter_train, make_agent, make_hub
+    from telemetry_core.reductions.transfer import float64_disabled
+
+    cfg = DemoConfig(seed=3, num_updates=1, num_envs=2, num_steps=16, update_epochs=1, num_minibatches=2)
+    snaps = []
+    for forced in (False, True):
+        agent = make_agent(cfg)
+        hub = make_hub(
+            agent, cfg, bind=None, strict=True, config=TelemetryConfig(level="DEBUG", auto_escalate=False)
+        )
+        got = []
+        original = hub.end_update
+
+        def keep(*args, _orig=original, _got=got, **kwargs):  # type: ignore[no-untyped-def]
+            snap = _orig(*args, **kwargs)
+            _got.append(snap)
+            return snap
+
+        hub.end_update = keep  # type: ignore[method-assign]
+        try:
+            if forced:
+                with float64_disabled():
+                    list(iter_train(cfg, hub=hub, agent=agent))
+            else:
+                list(iter_train(cfg, hub=hub, agent=agent))
+        finally:
+            hub.close()
+        snaps.append(got[-1])
+    wide, narrow = snaps
+    assert wide is not None and narrow is not None and narrow.debug is not None
+    assert narrow.gradients.total_norm == pytest.approx(wide.gradients.total_norm, rel=1e-5)
+    assert narrow.policy.kl_k3_mean == pytest.approx(wide.policy.kl_k3_mean, rel=1e-3, abs=1e-7)
+    assert narrow.value.explained_variance == pytest.approx(wide.value.explained_variance, rel=1e-4, abs=1e-6)
+    for a, b in zip(wide.debug.layers, narrow.debug.layers):
+        assert b.norm == pytest.approx(a.norm, rel=1e-5) and b.std == pytest.approx(a.std, rel=1e-4)

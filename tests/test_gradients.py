@@ -907,3 +907,164 @@ def test_a_model_cast_between_updates_gets_new_plans() -> None:
         rel = 2e-2 if dtype == torch.bfloat16 else 2e-5
         assert close(stats.total_norm, ref["total_norm"], rel) and close(stats.max_abs, ref["max_abs"], rel)
         assert stats.hist_counts == ref["hist_counts"]
+
+
+# --------------------------------------------------------------------------------------------
+# Where a NaN starts: GradientStats.nonfinite_params
+# --------------------------------------------------------------------------------------------
+
+
+class _Agent(nn.Module):
+    """Encoder, LSTM trunk, two action heads and a critic: the value loss can be made to produce a
+    NaN gradient that reaches the critic and everything under it, never the action heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(6, 8)
+        self.lstm = nn.LSTM(8, 8)
+        self.heads = nn.ModuleDict({"move": nn.Linear(8, 3), "fire": nn.Linear(8, 2)})
+        self.critic = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        h, _ = self.lstm(torch.tanh(self.encoder(x)))
+        return {k: torch.log_softmax(m(h), -1) for k, m in self.heads.items()}, self.critic(h).squeeze(-1)
+
+
+def _nan_at_the_critic_step(agent: _Agent, poison: bool) -> None:
+    """One real PPO-shaped backward. With ``poison`` the critic predicts the returns exactly and the
+    value loss is an RMSE: d sqrt(u)/du at u = 0 is inf, times d u/dv = 0 gives NaN, which flows
+    into the critic and, through the shared features, the LSTM and the encoder."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 6, generator=gen)
+    logp, v = agent(x)
+    actions = {"move": torch.randint(0, 3, (4, 3), generator=gen), "fire": torch.randint(0, 2, (4, 3), generator=gen)}
+    joint = sum(logp[k].gather(-1, actions[k][..., None]).squeeze(-1) for k in logp)
+    adv = torch.randn(4, 3, generator=gen)
+    returns = v.detach().clone() if poison else torch.randn(4, 3, generator=gen)
+    value_loss = torch.sqrt(((v - returns) ** 2).mean())
+    (-(joint * adv).mean() + value_loss).backward()
+
+
+@pytest.mark.parametrize("level", [L.MINIMAL, L.NORMAL])
+def test_nonfinite_params_names_the_tensors_a_nan_reached_in_model_order(level: L) -> None:
+    torch.manual_seed(0)
+    agent = _Agent()
+    named = list(agent.named_parameters())
+    reducer = GradientReducer(named, max_grad_norm=0.5, thresholds=TH)
+    reducer.reset()
+    _nan_at_the_critic_step(agent, poison=False)
+    reducer.observe(level)
+    agent.zero_grad(set_to_none=True)
+    _nan_at_the_critic_step(agent, poison=True)  # the second backward of the update goes bad
+    reducer.observe(level)
+    want = [n for n, p in named if not torch.isfinite(p.grad).all()]
+    stats = reducer.build(transfer(reducer.pending(level)), level)
+    assert want and not any(n.startswith("heads.") for n in want)  # the mechanism did what it says
+    assert want[0] == "encoder.weight" and want[-1] == "critic.bias"
+    assert stats.nonfinite_params == want
+    assert stats.nan_params == len(want)
+    # the next update is clean again: the names are per update
+    agent.zero_grad(set_to_none=True)
+    _nan_at_the_critic_step(agent, poison=False)
+    assert run(reducer, [[p.grad for _, p in named]], level).nonfinite_params == []
+
+
+def test_nonfinite_params_through_the_hub_and_capped_at_sixteen() -> None:
+    from telemetry_core.hub import TelemetryHub
+
+    torch.manual_seed(1)
+    agent = _Agent()
+    hub = TelemetryHub(agent, heads={"move": 3, "fire": 2}, max_grad_norm=0.5, bind=None)
+    try:
+        _nan_at_the_critic_step(agent, poison=True)
+        hub.observe_gradients()
+        snap = hub.end_update(0)
+        assert snap is not None
+        assert snap.gradients.nonfinite_params == [
+            n for n, p in agent.named_parameters() if not torch.isfinite(p.grad).all()
+        ]
+    finally:
+        hub.close()
+    # a deep stack where every tensor goes bad: the first 16 in model order, an inf counted too
+    deep = nn.Sequential(*[nn.Linear(3, 3) for _ in range(12)])
+    named = list(deep.named_parameters())
+    reducer = GradientReducer(named, max_grad_norm=0.5, thresholds=TH)
+    for i, (_, p) in enumerate(named):
+        p.grad = torch.full_like(p, math.inf if i == 0 else math.nan)
+    stats = run(reducer, [[p.grad for _, p in named]])
+    assert stats.nonfinite_params == [n for n, _ in named][:16]
+    assert stats.inf_params == 1 and stats.nan_params == len(named) - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Boundaries: every comparison at exactly its limit
+# --------------------------------------------------------------------------------------------
+
+
+def test_clip_rate_vanishing_and_exploding_at_exactly_their_limits() -> None:
+    """Clip rate counts a pre-clip norm strictly above max_grad_norm; a parameter vanishes strictly
+    below grad_vanishing_rel x cap and explodes strictly above grad_exploding_rel x cap. Limits are
+    powers of two and each gradient one element, so every norm is exactly the value set.
+    Mutation check (by hand): ``>`` -> ``>=`` in the clip flag, ``<`` -> ``<=`` in the vanishing and
+    ``>`` -> ``>=`` in the exploding count each fail this test."""
+    th = Thresholds(grad_vanishing_rel=2.0**-10, grad_exploding_rel=8.0)
+    mgn = 0.5  # vanishing below 2**-11, exploding above 4.0
+    names = ["at_vanish", "below_vanish", "at_explode", "above_explode"]
+    named = [(n, nn.Parameter(torch.zeros(1))) for n in names]
+    reducer = GradientReducer(named, max_grad_norm=mgn, thresholds=th, groups={})
+    vanish, explode = 2.0**-11, 4.0
+    below = float(np.nextafter(np.float32(vanish), np.float32(0)))
+    above = float(np.nextafter(np.float32(explode), np.float32(np.inf)))
+    grads = [torch.tensor([v]) for v in (vanish, below, explode, above)]
+    stats = run(reducer, [grads])
+    assert stats.vanishing_count == 1  # below_vanish only
+    assert stats.exploding_count == 1  # above_explode only
+    assert stats.param_norms == [vanish, below, explode, above]
+    # clip flag: a total norm of exactly the cap is not clipped, the next float up is
+    single = [("w", nn.Parameter(torch.zeros(1)))]
+    reducer = GradientReducer(single, max_grad_norm=mgn, thresholds=th, groups={})
+    at_cap = run(reducer, [[torch.tensor([mgn])], [torch.tensor([-mgn])]])
+    assert at_cap.total_norm_max == mgn and at_cap.clip_rate == 0.0
+    over = float(np.nextafter(np.float32(mgn), np.float32(1)))
+    assert run(reducer, [[torch.tensor([mgn])], [torch.tensor([over])]]).clip_rate == 0.5
+
+
+def test_counts_have_the_shape_of_the_model_not_of_the_calls() -> None:
+    """Counts over parameters are maxima over calls, counts over elements are sums: two identical
+    calls double the element counts and the NaN/Inf tensor counts but not the vanishing count."""
+    th = Thresholds(grad_vanishing_rel=2.0**-10, grad_exploding_rel=8.0)
+    named = [("a", nn.Parameter(torch.zeros(3))), ("b", nn.Parameter(torch.zeros(2)))]
+    reducer = GradientReducer(named, max_grad_norm=0.5, thresholds=th, groups={}, sample_size=None)
+    grads = [torch.tensor([0.0, 0.0, 0.0]), torch.tensor([math.nan, 1.0])]
+    one, two = run(reducer, [grads]), run(reducer, [grads, grads])
+    assert (one.vanishing_count, two.vanishing_count) == (1, 1)
+    assert (one.nan_params, two.nan_params) == (1, 2)
+    assert (one.nan_count, two.nan_count) == (1, 2)
+    assert (one.hist_counts[0], two.hist_counts[0]) == (3, 6)
+    assert (one.examined_elements, two.examined_elements) == (5, 10)
+    assert one.nonfinite_params == two.nonfinite_params == ["b"]
+
+
+def test_float32_accumulation_path_matches_the_reference() -> None:
+    """Devices without float64 (MPS) accumulate and transfer in float32: forced here on the CPU."""
+    from telemetry_core.reductions.transfer import accumulation_dtype, float64_disabled
+
+    gen = torch.Generator().manual_seed(21)
+    named = make_params(SHAPES)
+    groups = default_groups(named)
+    reducer = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups=groups, sample_size=None)
+    calls = [[random_grad(p.shape, gen) for _, p in named] for _ in range(3)]
+    calls[0][1].view(-1)[4] = math.nan  # first: the reference's max() keeps a leading NaN
+    with float64_disabled():
+        assert accumulation_dtype("cpu") == torch.float32
+        reducer.reset()
+        for grads in calls:
+            for (_, p), g in zip(named, grads):
+                p.grad = g
+            reducer.observe(L.NORMAL)
+        pending = reducer.pending(L.NORMAL)
+        assert all(t.dtype != torch.float64 for t in pending.values())
+        stats = reducer.build(transfer(pending), L.NORMAL)
+    assert accumulation_dtype("cpu") == torch.float64
+    assert_matches(stats, ref_stats(calls, 0.5, groups), rel=1e-5)
+    assert stats.nonfinite_params == ["lstm.weight_hh_l0"]

@@ -250,6 +250,8 @@ def test_the_hub_reports_incidents_and_escalates_on_a_critical_onset_only() -> N
         assert any(e.incident.kind == "numerical_instability" and e.incident.severity == "critical" for e in onsets)
         head = next(i for i in nan.incidents if i.kind == "numerical_instability")
         assert head.group == head.id  # the most upstream signal heads its group
+        # named at the onset update itself, at NORMAL, in model order
+        assert nan.level.level == "NORMAL" and "in body.0.weight, body.0.bias" in head.message
         assert all(i.group == head.id for i in nan.incidents if i.onset_step == 12)
         after = train_update(hub, net, opt, 13)
         assert after is not None and after.level.level == "DEBUG"

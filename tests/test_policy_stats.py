@@ -785,3 +785,61 @@ def test_observe_costs_one_copy_and_defers_the_rest():
     with KernelCounter() as counter:
         feed(reducer, [square], 0.2)
     assert counter.ops == ["stack", "view"]  # a 2-D minibatch: its block is viewed flat
+
+
+# ------------------------------------------------------------------------------------------------
+# Boundaries: comparisons at exactly their limits, counts by shape
+# ------------------------------------------------------------------------------------------------
+
+
+def _at(lr: float) -> float:
+    """r - 1 for log-ratio ``lr``, computed as the reducer does (float64 expm1): a clip range equal
+    to it puts a sample exactly on the clip limit."""
+    return float(torch.expm1(torch.tensor(lr, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("side", ["high", "low"])
+def test_clip_fractions_at_exactly_the_clip_limit(side):
+    """A ratio exactly at 1 + eps (or 1 - eps) is not clipped; the next log-ratio out is. Also a
+    clip range of 0 with identical policies (r = 1 exactly) clips nothing.
+    Mutation check (by hand): ``d > eps`` -> ``d >= eps`` fails the "high" case, ``d < -eps`` ->
+    ``d <= -eps`` the "low" case; each also fails the clip-range-0 check."""
+    lr_at = 0.15 if side == "high" else -0.15
+    eps = abs(_at(lr_at))
+    outward = np.nextafter(lr_at, math.copysign(1.0, lr_at))
+    inward = np.nextafter(lr_at, 0.0)
+    new = torch.tensor([lr_at, float(outward), float(inward), 0.0], dtype=torch.float64)
+    reducer = PolicyReducer({"a": 2})
+    reducer.observe(new_logprob=new, old_logprob=torch.zeros(4, dtype=torch.float64), clip_range=eps, epoch=0)
+    stats = run(reducer)
+    assert _at(float(outward)) != _at(lr_at)  # the neighbour really is past the limit
+    high, low = (0.25, 0.0) if side == "high" else (0.0, 0.25)
+    assert (stats.clip_fraction_high, stats.clip_fraction_low) == (high, low)
+    assert stats.clip_fraction == 0.25
+    reducer = PolicyReducer({"a": 2})
+    x = -torch.rand(5, dtype=torch.float64)
+    reducer.observe(new_logprob=x, old_logprob=x, clip_range=0.0, epoch=0)
+    stats = run(reducer)
+    assert (stats.clip_fraction, stats.clip_fraction_high, stats.clip_fraction_low) == (0.0, 0.0, 0.0)
+
+
+def test_entropy_counts_a_0d_value_once_and_a_batch_per_sample():
+    """The pooled entropy is the mean over every value handed over: a minibatch's per-sample
+    entropies count each, a 0-d entropy (the minibatch mean) counts once, whatever the minibatch
+    size. Minibatches of different sizes tell the two apart.
+    Mutation check (by hand): counting a 0-d entropy as the minibatch's samples, or a batched one
+    as one value, each fail this test."""
+    reducer = PolicyReducer({"a": 4, "b": 4})
+    small, large = -torch.rand(3), -torch.rand(9)
+    per_sample = torch.tensor([0.1, 0.2, 0.3])
+    reducer.observe(
+        new_logprob=small, old_logprob=small, clip_range=0.2, epoch=0,
+        head_entropies={"a": per_sample, "b": torch.tensor(1.0)},
+    )  # fmt: skip
+    reducer.observe(
+        new_logprob=large, old_logprob=large, clip_range=0.2, epoch=0,
+        head_entropies={"a": torch.tensor(0.9), "b": torch.full((3, 3), 0.5)},  # a [T, N] batch
+    )  # fmt: skip
+    stats = run(reducer)
+    assert stats.entropy["a"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.9) / 4, rel=1e-6)
+    assert stats.entropy["b"] == pytest.approx((1.0 + 9 * 0.5) / 10, rel=1e-6)

@@ -402,7 +402,9 @@ def test_real_socket_with_a_hub_built_by_the_user_and_a_debug_lease() -> None:
         ctx.destroy(linger=0)
 
 
-def test_recording_and_reuse_across_two_learn_calls(tmp_path: Path) -> None:
+def test_recording_and_hub_continue_across_learn_calls(tmp_path: Path) -> None:
+    """Chunked training: every learn() appends to the same recording and keeps the hub (and its
+    detector baselines); steps keep counting when reset_num_timesteps=True restarts SB3's clock."""
     from telemetry_core.record import read_recording
 
     env = make_vec_env("CartPole-v1", n_envs=2, seed=8)
@@ -413,12 +415,22 @@ def test_recording_and_reuse_across_two_learn_calls(tmp_path: Path) -> None:
     assert all(not p._post_accumulate_grad_hooks for p in params)  # hooks removed after learn
     assert "evaluate_actions" not in model.policy.__dict__ and "get" not in model.rollout_buffer.__dict__
     first = cb.hub
-    assert first is not None and first._closed
-    rec = read_recording(tmp_path / "run.simrec")
-    steps = [protocol.decode_envelope(f).step for f in rec.frames]
-    assert steps == [1, 2] and not rec.problems
+    assert first is not None and not first.closed
     model.learn(128 * 2, callback=cb, reset_num_timesteps=False)  # continues: updates 3 and 4
-    assert cb.hub is not first and cb.last_snapshot is not None and cb.last_snapshot.step == 4
+    assert cb.hub is first and cb.last_snapshot is not None and cb.last_snapshot.step == 4
+    model.learn(128, callback=cb)  # SB3 restarts its timesteps; the hub's steps go on: update 5
+    assert cb.hub is first and cb.last_snapshot is not None and cb.last_snapshot.step == 5
+    assert first.detector.state_dict()["updates"] == 5  # one detector history over all chunks
+    cb.close()
+    assert first.closed
+    cb.close()  # idempotent
+    rec = read_recording(tmp_path / "run.simrec")
+    frames = [protocol.decode_envelope(f) for f in rec.frames]
+    assert [f.step for f in frames] == [1, 2, 3, 4, 5] and not rec.problems
+    with SimicCallback(bind=None) as again:  # after close() a new learn builds a new hub
+        model.learn(128, callback=again)
+        assert again.hub is not None and not again.hub.closed
+    assert again.hub.closed
 
 
 def test_errors_name_what_is_wrong() -> None:
@@ -432,7 +444,7 @@ def test_errors_name_what_is_wrong() -> None:
             TelemetryHub(torch.nn.Linear(2, 2), heads={"a": 2}, max_grad_norm=1.0, bind=None), bind=None
         )
     env = make_vec_env("CartPole-v1", n_envs=1, seed=9)
-    with pytest.raises(TypeError, match="PPO and sb3-contrib RecurrentPPO, not A2C"):
+    with pytest.raises(TypeError, match="PPO, sb3-contrib RecurrentPPO and MaskablePPO, not A2C"):
         A2C("MlpPolicy", env, n_steps=8, device="cpu").learn(16, callback=SimicCallback(bind=None))
     model = PPO("MlpPolicy", env, n_steps=32, batch_size=32, n_epochs=1, device="cpu")
     other = TelemetryHub(torch.nn.Linear(2, 2), heads={"action": 2}, max_grad_norm=0.5, bind=None)

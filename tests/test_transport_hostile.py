@@ -235,3 +235,19 @@ def test_every_refusal_code_is_documented_and_command_limits_equal_the_hubs(make
         assert code in REJECT_CODES
     assert protocol.MAX_LEASE_UPDATES == 100_000 and protocol.MAX_PROFILE_UPDATES == 100
     assert pub.counters.peers == 0
+
+
+def test_wrong_session_names_the_session_that_does_not_match(make: Any, ctx: Any) -> None:
+    pub = make()
+    info = pub.connection_info
+    dealer = authenticated(ctx, zmq.DEALER, info)
+    dealer.connect(info.cmd)
+    command = protocol.new_command("release", session=pub.session)  # right inside, wrong outside
+    env = protocol.encode_envelope("command", command, session="0ther5e55ion", seq=0, step=0)
+    dealer.send_multipart([protocol.sign(info.key_bytes, env), env])
+    assert dealer.poll(5000)
+    mac, frame = dealer.recv_multipart()
+    assert protocol.verify(info.key_bytes, mac, frame)
+    nack = protocol.decode_body(protocol.decode_envelope(frame))
+    assert nack.code == "wrong_session" and "0ther5e55ion" in nack.reason
+    assert nack.reason.count(pub.session) == 1, nack.reason

@@ -391,7 +391,12 @@ def load_runs(out: Path, *, rejudge: bool, match: str | None = None) -> list[Run
         meta = json.loads(sidecar.read_text())
         if "job" not in meta or (not meta.get("finished") and meta["job"]["injection"]):
             continue  # an injected run that did not finish has no measured onset
-        snaps = _snapshots(sidecar.with_suffix(".simrec"))
+        try:
+            snaps = _snapshots(sidecar.with_suffix(".simrec"))
+        except (OSError, ValueError):  # just started (no header yet) or never written
+            continue
+        if not snaps:
+            continue
         if "returns" not in meta:  # a run still going or stopped: the returns its hub published
             meta["returns"] = [
                 s.episodes.return_mean if s.episodes is not None and s.episodes.count else None for s in snaps
@@ -605,6 +610,21 @@ def markdown(runs: list[RunRows], meta: dict[str, Any]) -> str:
                 f"| `{a}` | {n} | {_per100(sum(crit.values()), n)} | {_per100(sum(warn.values()), n)} "
                 f"| {100.0 * dbg / n:.1f} % | {_kinds(crit)} | {_kinds(warn)} |"
             )
+    if injected:
+        lines += [
+            "",
+            "Each injected run: first judgement of its own kind and first critical (updates after onset), "
+            "and every other kind judged from onset to the end of the run (worst severity) - what the "
+            "incident layer has to group under one cause:",
+            "",
+            "| agent | injection | seed | first | first critical | other kinds after onset |",
+            "|---|---|---|---|---|---|",
+        ]
+        for v in injected:
+            first = "died†" if v.unpublished else ("—" if v.latency is None else f"+{v.latency}")
+            crit = "—" if v.critical_latency is None else f"+{v.critical_latency}"
+            other = ", ".join(f"{k} ({sev})" for k, sev in v.others.items()) or "none"
+            lines.append(f"| `{v.agent}` | {v.injection} | {v.seed} | {first} | {crit} | {other} |")
     crashed = [v for v in injected if v.crashed]
     if crashed:
         lines += ["", "Training died after the injection (the run's own exception, recorded; † = inside the "

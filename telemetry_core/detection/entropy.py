@@ -50,11 +50,14 @@ class EntropyCollapseRule(Rule):
       spends the whole trust region on sharpening the policy, update after update;
     * dropped: it is below ``entropy_drop_fraction`` x that median, however it got there.
 
-    A sustained slide is critical before it bottoms out: a head flagged (collapsing or collapsed)
-    for ``entropy_slide_critical_updates`` updates in a row and now below
+    A fast, sustained slide is critical before it bottoms out: a head flagged (collapsing or
+    collapsed) for at least ``entropy_slide_critical_updates`` and at most
+    ``entropy_slide_critical_window`` updates in a row that is below
     ``entropy_slide_critical_fraction`` x that median (the median of the updates before the slide,
-    since flagged updates stay out of it) lost most of its entropy within a few updates and is still
-    flagged - a wrong-sign entropy coefficient, not a head that is slowly deciding.
+    since flagged updates stay out of it) lost most of its entropy within a few updates and kept
+    losing it - a wrong-sign entropy coefficient. It stays critical until the head's alarm ends. A
+    head that decides slowly (a converged feed-forward agent's head below the limit for hundreds of
+    updates, drifting from 0.1 to 0.06) never loses that much within the window.
 
     Healthy PPO lowers entropy slowly and noisily: a head can lose a third of its entropy in
     two or three updates while it learns, then it rises again, and the target-KL stop fires in
@@ -77,6 +80,7 @@ class EntropyCollapseRule(Rule):
         self.falls: dict[str, int] = {}
         self.throttled: dict[str, int] = {}
         self.flagged: dict[str, int] = {}  # consecutive updates with an alarm, per head
+        self.slid: dict[str, bool] = {}  # the current alarm became a fast slide (critical)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +91,7 @@ class EntropyCollapseRule(Rule):
             "falls": dict(self.falls),
             "throttled": dict(self.throttled),
             "flagged": dict(self.flagged),
+            "slid": dict(self.slid),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -99,6 +104,7 @@ class EntropyCollapseRule(Rule):
         self.falls = {str(k): int(v) for k, v in state["falls"].items()}
         self.throttled = {str(k): int(v) for k, v in state["throttled"].items()}
         self.flagged = {str(k): int(v) for k, v in state["flagged"].items()}
+        self.slid = {str(k): bool(v) for k, v in state["slid"].items()}
 
     def _hist(self, head: str) -> deque[float]:
         hist = self.hist.get(head)
@@ -149,11 +155,15 @@ class EntropyCollapseRule(Rule):
                     slide = (t.entropy_drop_fraction, "")
             flagged = self.flagged.get(head, 0) + 1 if collapsed or slide is not None else 0
             self.flagged[head] = flagged
-            sustained = (
-                base is not None
-                and flagged >= t.entropy_slide_critical_updates
-                and e < t.entropy_slide_critical_fraction * base
+            sustained = flagged > 0 and (
+                self.slid.get(head, False)
+                or (
+                    base is not None
+                    and t.entropy_slide_critical_updates <= flagged <= t.entropy_slide_critical_window
+                    and e < t.entropy_slide_critical_fraction * base
+                )
             )
+            self.slid[head] = sustained
             slid = (
                 f"; it lost {1 - e / base:.0%} of its recent median {fmt(base)} and has been flagged for "
                 f"{flagged} updates in a row"

@@ -31,7 +31,9 @@ class GradientExplodingRule(Rule):
     ``grad_total_relative_factor`` x the median of the last ``grad_baseline_window`` updates:
     a run whose gradients always sit far above the cap (unnormalised returns) is clipped, not
     exploding; a sudden jump past the limits is. Before the baseline is known (a fresh or
-    un-restored detector) the absolute limits alone give at most a warning. Parameters individually
+    un-restored detector) only the critical limit gives a verdict, a warning: SB3's default PPO
+    starts at 34-72x its cap of 0.5 and CleanRL-style agents at 11x, healthy levels that the first
+    updates cannot tell from a jump. Parameters individually
     above ``grad_exploding_rel`` x max_grad_norm (``exploding_count``) are named in the message.
     Norms flagged against a known baseline stay out of it. No cap known: no verdict.
     """
@@ -61,8 +63,10 @@ class GradientExplodingRule(Rule):
         jumped = base is None or tn > t.grad_total_relative_factor * base
         if jumped and base is not None and tn > t.grad_total_exploding_critical_rel * cap:
             sev, limit = CRITICAL, t.grad_total_exploding_critical_rel * cap
-        elif jumped and tn > t.grad_total_exploding_rel * cap:
+        elif jumped and base is not None and tn > t.grad_total_exploding_rel * cap:
             sev, limit = WARNING, t.grad_total_exploding_rel * cap
+        elif base is None and tn > t.grad_total_exploding_critical_rel * cap:
+            sev, limit = WARNING, t.grad_total_exploding_critical_rel * cap
         else:
             self.base.append(tn)
             return []

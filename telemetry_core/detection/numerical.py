@@ -32,7 +32,11 @@ class NumericalRule(Rule):
             nan, inf = count(g.nan_count), count(g.inf_count)
             if nan or inf:
                 bad += nan + inf
-                reasons.append(f"{nan} NaN and {inf} inf gradient elements")
+                where = g.nonfinite_params
+                # Named at the update the failure starts, at NORMAL: by the next update every tensor
+                # downstream of the first bad step holds NaN and the origin is lost.
+                at = f" in {names(where, 4)}" if where else ""
+                reasons.append(f"{nan} NaN and {inf} inf gradient elements{at}")
             elif count(g.calls) and any(nonfinite(x) for x in (g.total_norm, g.total_norm_max, g.max_abs)):
                 reasons.append("the pre-clip gradient norm is not finite")
         p = snap.policy

@@ -20,12 +20,16 @@ class ValueCollapseRule(Rule):
     Constant critic: after warm-up, std(values) / std(returns) below
     ``value_std_collapse_ratio`` while the returns vary (std above ``value_returns_std_min``),
     *and* std(values) below ``value_std_drop_fraction`` x its median over the last
-    ``value_baseline_window`` updates - the critic's spread collapsed (a reset or zeroed output
-    layer, dead units). Critical against a known baseline; a warning before one exists. The
-    drop condition matters: once a task is solved nearly every return is the same, rare
-    failures inflate std(returns), and a critic that rightly predicts one value would
-    otherwise look collapsed. Not judged in warm-up, where a fresh critic may be flat. Return
-    std comes from ``ValueStats.return_std``, else from the advantage section's returns.
+    ``value_baseline_window`` updates, a median that was itself at least
+    ``value_std_tracking_min`` x std(returns) - the critic tracked the returns and its spread
+    collapsed (a reset or zeroed output layer, dead units). Critical. The drop condition
+    matters: once a task is solved nearly every return is the same, rare failures inflate
+    std(returns), and a critic that rightly predicts one value would otherwise look collapsed.
+    The tracking condition too: a critic that never spread its predictions (an agent that has
+    learnt nothing, every episode alike) has nothing to collapse from. Without a baseline there
+    is no verdict (a fresh critic is flat; a critic zeroed before a restore shows as ev_low), and
+    none in warm-up. Return std comes from ``ValueStats.return_std``, else from the advantage
+    section's returns.
 
     Blown critic (warning): the value loss exceeds ``value_loss_relative_factor`` x its median
     over the last ``value_baseline_window`` updates and, when the return std is known, the
@@ -63,23 +67,24 @@ class ValueCollapseRule(Rule):
             base = self.std_base.median()
             flat = (
                 ctx.phase is not Phase.WARMUP
+                and base is not None
                 and rstd is not None
                 and rstd > t.value_returns_std_min
                 and vstd / rstd < t.value_std_collapse_ratio
-                and (base is None or vstd < t.value_std_drop_fraction * base)
+                and vstd < t.value_std_drop_fraction * base
+                and base >= t.value_std_tracking_min * rstd
             )
-            if flat and rstd is not None:
+            if flat and rstd is not None and base is not None:
                 ratio = vstd / rstd
-                was = f" (recent median {fmt(base)})" if base is not None else ""
                 found = self.anomaly(
-                    CRITICAL if base is not None else WARNING,
+                    CRITICAL,
                     step,
-                    f"The critic predicts almost a constant: value std {fmt(vstd)}{was} is "
-                    f"{fmt(ratio)}x the return std {fmt(rstd)}, so advantages are raw returns.",
+                    f"The critic predicts almost a constant: value std {fmt(vstd)} (recent median "
+                    f"{fmt(base)}) is {fmt(ratio)}x the return std {fmt(rstd)}, so advantages are raw returns.",
                     value=ratio,
                     threshold=t.value_std_collapse_ratio,
                 )
-            if not flat or base is None:
+            else:
                 self.std_base.append(vstd)
         loss = finite(v.value_loss)
         if loss is None:

@@ -1,8 +1,11 @@
 """Stable-Baselines3: a callback that streams a PPO's training health to simic-tui.
 
 ``model.learn(total_timesteps, callback=SimicCallback(bind="tcp://127.0.0.1:5555"))`` works for
-``stable_baselines3.PPO`` and ``sb3_contrib.RecurrentPPO`` with ``Discrete``, ``MultiDiscrete`` and
-``MultiBinary`` action spaces (each sub-action is a head). One hub update is one SB3 iteration:
+``stable_baselines3.PPO``, ``sb3_contrib.RecurrentPPO`` and ``sb3_contrib.MaskablePPO`` with
+``Discrete``, ``MultiDiscrete`` and ``MultiBinary`` action spaces (each sub-action is a head; under
+MaskablePPO every per-head term is that of the masked distribution the loss used, and the per-head
+old log-probs are recomputed under the masks the rollout acted with). An action distribution the
+callback cannot read per head is refused at the start of ``learn()``. One hub update is one SB3 iteration:
 the rollout, then ``train()``; it is published right after ``train()`` returns (at the next
 ``on_rollout_start``, or ``on_training_end`` for the last one), so nothing lags.
 
@@ -64,9 +67,12 @@ boundary, not one update late as a callback reading them at ``on_rollout_end`` w
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +85,7 @@ from telemetry_core.config import TelemetryLevel
 from telemetry_core.hub import TelemetryHub
 from telemetry_core.schema import Snapshot
 
-__all__ = ["SimicCallback", "heads_from_action_space", "sb3_groups"]
+__all__ = ["SimicCallback", "heads_from_action_space", "sb3_groups", "sb3_log_values"]
 
 log = logging.getLogger("telemetry_core")
 
@@ -91,6 +97,8 @@ _GROUP_PREFIXES: dict[str, tuple[str, ...]] = {
     "actor": ("mlp_extractor.policy_net.", "action_net."),
     "critic": ("mlp_extractor.value_net.", "value_net.", "critic."),
 }
+_STATE_FORMAT = "simic-sb3-callback"
+_STATE_VERSION = 1
 # Losses whose means are compared with SB3's logger after each update.
 _CHECKS = (
     ("policy", "policy_loss", "train/policy_gradient_loss"),
@@ -155,21 +163,59 @@ def sb3_groups(policy: torch.nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+def sb3_log_values(snapshot: Snapshot) -> dict[str, float]:
+    """The key health statistics of one update as ``simic/...`` logger values: KL (k3 mean over the
+    update, and k3 / k1 of the last epoch that ran — SB3's ``train/approx_kl`` is that epoch's k3,
+    whatever epoch ``target_kl`` stopped at), clip fraction, ratio extremes, ESS, entropy and
+    normalised entropy per head, the pre-clip gradient norm and its clip rate, explained variance,
+    and the number of warning / critical anomalies. Undefined values are left out."""
+    out: dict[str, float] = {}
+    p, g, v = snapshot.policy, snapshot.gradients, snapshot.value
+    if p is not None:
+        out["simic/kl_k3_mean"] = p.kl_k3_mean
+        if p.kl_k3_per_epoch:
+            out["simic/kl_k3_last_epoch"] = p.kl_k3_per_epoch[-1]
+            out["simic/kl_k1_last_epoch"] = p.kl_k1_per_epoch[-1]
+        out["simic/clip_fraction"] = p.clip_fraction
+        out["simic/ratio_max"] = p.ratio_max
+        out["simic/ratio_min"] = p.ratio_min
+        out["simic/ess_min"] = p.ess_min
+        for head, ent in p.entropy.items():
+            out[f"simic/entropy/{head}"] = ent
+        for head, ent in p.entropy_normalized.items():
+            out[f"simic/entropy_normalized/{head}"] = ent
+    if g is not None:
+        out["simic/grad_norm_preclip"] = g.total_norm
+        out["simic/grad_clip_rate"] = g.clip_rate
+    if v is not None and v.explained_variance is not None:
+        out["simic/explained_variance"] = v.explained_variance
+    out["simic/anomalies_warning"] = float(sum(a.severity == "warning" for a in snapshot.anomalies))
+    out["simic/anomalies_critical"] = float(sum(a.severity == "critical" for a in snapshot.anomalies))
+    return {k: float(x) for k, x in out.items() if isinstance(x, (int, float)) and math.isfinite(x)}
+
+
 class SimicCallback(BaseCallback):
     """Streams each PPO update of an SB3 model to simic-tui (see the module docstring for what is
     measured and how).
 
     Args:
         hub: a :class:`TelemetryHub` built on ``model.policy`` (it is not closed by the callback);
-            by default the callback builds one at the start of ``learn`` from the model (heads from
-            the action space, ``max_grad_norm``, planned updates, SB3 groups, the actor LSTM) and
-            closes it at the end of ``learn``.
+            by default the callback builds one at the start of the first ``learn`` from the model
+            (heads from the action space, ``max_grad_norm``, planned updates, SB3 groups, the actor
+            LSTM) and keeps it across later ``learn`` calls — chunked training continues the same
+            recording, session and detector baselines, and update steps keep counting even when
+            ``reset_num_timesteps=True`` restarts SB3's timesteps. That hub is closed by
+            :meth:`close` (or ``with SimicCallback(...) as cb:``), when the callback is garbage
+            collected, or at interpreter exit; after :meth:`close` a new ``learn`` builds a new one.
         head_names: names of the action heads (default ``action`` / ``head0``, ``head1``...).
         head_ratios: per-head ratios for multi-head action spaces (one extra no-grad forward over
             the buffer per update).
         gate_steps: RecurrentPPO rollout steps replayed for LSTM gate saturation (0: none).
         on_update: called after each update with the published snapshot (``None`` at OFF) and SB3's
             ``train/*`` values of that update.
+        log_to_sb3: record the key health statistics of each update in SB3's logger under
+            ``simic/`` (see :func:`sb3_log_values`), so they reach SB3's TensorBoard / CSV output
+            beside ``train/*``, at SB3's timesteps.
         verbose: SB3 verbosity.
         **hub_kwargs: passed to :class:`TelemetryHub` when the callback builds it (``bind``,
             ``record``, ``config``, ``run_name``, ``groups``, ``strict``, ``publisher_options``).
@@ -183,6 +229,7 @@ class SimicCallback(BaseCallback):
         head_ratios: bool = True,
         gate_steps: int = 8,
         on_update: Callable[[Snapshot | None, dict[str, float]], None] | None = None,
+        log_to_sb3: bool = True,
         verbose: int = 0,
         **hub_kwargs: Any,
     ) -> None:
@@ -195,11 +242,16 @@ class SimicCallback(BaseCallback):
             raise ValueError(f"gate_steps must be an int >= 0, got {gate_steps!r}")
         self.hub = hub
         self._owns_hub = hub is None
+        self._finalizer: weakref.finalize | None = None
+        self._last_step = 0  # last update step handed to the hub, across learn() calls
+        self._step_offset = 0
+        self._restore: dict[str, Any] | None = None  # load()ed state awaiting the hub
         self._hub_kwargs = hub_kwargs
         self.head_names = head_names
         self.head_ratios = bool(head_ratios)
         self.gate_steps = gate_steps
         self.on_update = on_update
+        self.log_to_sb3 = bool(log_to_sb3)
         self.last_snapshot: Snapshot | None = None
         self.sb3_logged: dict[str, float] = {}  # SB3's train/* values of the last update
         self.mismatches = 0  # updates whose replica losses disagreed with SB3's logged ones
@@ -216,11 +268,12 @@ class SimicCallback(BaseCallback):
         model = self.model
         if not all(hasattr(model, a) for a in ("clip_range", "n_epochs", "rollout_buffer", "max_grad_norm")):
             raise TypeError(
-                f"SimicCallback supports PPO and sb3-contrib RecurrentPPO, not {type(model).__name__}"
+                f"SimicCallback supports PPO, sb3-contrib RecurrentPPO and MaskablePPO, not {type(model).__name__}"
             )
         policy = model.policy
         self.recurrent = hasattr(policy, "lstm_actor")
         self.heads = heads_from_action_space(model.action_space, self.head_names)
+        _check_distribution(policy)
         self._multi = len(self.heads) > 1
         self._bernoulli = isinstance(model.action_space, spaces.MultiBinary)
         self._rollout_size = model.n_steps * model.n_envs
@@ -240,6 +293,9 @@ class SimicCallback(BaseCallback):
                 lstm=policy.lstm_actor if self.recurrent else None,
                 **kwargs,
             )
+            self._last_step = 0
+            # the hub outlives learn(): closed by close(), by collection of the callback or at exit
+            self._finalizer = weakref.finalize(self, self.hub.close)
         else:
             names = [n for n, _ in policy.named_parameters()]
             if self.hub.run_info.param_names != names:
@@ -248,9 +304,14 @@ class SimicCallback(BaseCallback):
                 )
             if dict(self.hub.heads) != self.heads:
                 raise ValueError(f"hub has heads {self.hub.heads} but the action space gives {self.heads}")
+        if self._restore is not None:
+            self._apply_state(self._restore)
+            self._restore = None
         self._head_ratios_on = self.head_ratios and self._multi
         self._head_check_done = False
         self._pending = None
+        # a learn() that restarts SB3's timesteps must not replay step numbers the hub already saw
+        self._step_offset = max(0, self._last_step - model.num_timesteps // self._rollout_size)
         self._reset_update_state()
         self._install()
 
@@ -268,7 +329,7 @@ class SimicCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         hub = self.hub
         assert hub is not None
-        self._pending = self.model.num_timesteps // self._rollout_size
+        self._pending = self.model.num_timesteps // self._rollout_size + self._step_offset
         level = hub.level
         if level > TelemetryLevel.OFF:
             with hub.guard("sb3.rollout"):
@@ -279,8 +340,62 @@ class SimicCallback(BaseCallback):
     def _on_training_end(self) -> None:
         self._finish_update()
         self._uninstall()
-        if self._owns_hub and self.hub is not None:
-            self.hub.close()
+
+    def close(self) -> None:
+        """Close the hub the callback built (its publisher and recording); a hub passed in is the
+        caller's to close. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs hub.close once and detaches from exit
+            self._finalizer = None
+
+    def save(self, path: str | Path) -> None:
+        """Write the hub's state (gradient EMA, detector baselines and history, open incidents) and
+        the callback's update count to ``path`` (JSON), to keep beside ``model.save``; restore it
+        with :meth:`load` before the next ``learn`` of the loaded model::
+
+            model.save("ppo.zip"); cb.save("ppo.simic.json")
+            ...
+            model = PPO.load("ppo.zip", env=env)
+            cb = SimicCallback(bind=...); cb.load("ppo.simic.json")
+            model.learn(n, callback=cb, reset_num_timesteps=False)
+        """
+        if self.hub is None:
+            raise RuntimeError("SimicCallback.save(): no hub yet (save after a learn() call)")
+        state = {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "last_step": self._last_step,
+            "heads": dict(self.hub.heads),
+            "hub": self.hub.state_dict(),
+        }
+        Path(path).write_text(json.dumps(state))
+
+    def load(self, path: str | Path) -> None:
+        """Restore what :meth:`save` wrote: into the hub now if it is open, otherwise into the hub
+        the next ``learn`` builds (or is given). Update steps continue from the saved ones."""
+        state = json.loads(Path(path).read_text())
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"{path} is not a SimicCallback state file")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"{path}: state version {state.get('version')!r}, expected {_STATE_VERSION}")
+        if self.hub is not None and not self.hub.closed:
+            self._apply_state(state)
+        else:
+            self._restore = state
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        hub = self.hub
+        assert hub is not None
+        if state["heads"] != dict(hub.heads):
+            raise ValueError(f"saved state is for heads {state['heads']}, the hub has {dict(hub.heads)}")
+        hub.load_state_dict(state["hub"])
+        self._last_step = max(self._last_step, int(state["last_step"]))
+
+    def __enter__(self) -> SimicCallback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------
     # rollout
@@ -321,6 +436,9 @@ class SimicCallback(BaseCallback):
         obs = self._flat_obs(buf.observations)
         actions = torch.as_tensor(buf.swap_and_flatten(buf.actions), device=model.device)
         n = actions.shape[0]
+        masks = getattr(buf, "action_masks", None)
+        if masks is not None:
+            masks = torch.as_tensor(buf.swap_and_flatten(masks), device=model.device)
         if self.recurrent:
             starts = torch.as_tensor(buf.swap_and_flatten(buf.episode_starts), device=model.device).reshape(
                 -1
@@ -340,6 +458,8 @@ class SimicCallback(BaseCallback):
                 dist, _ = policy.get_distribution(
                     o, (h[:, sl].contiguous(), c[:, sl].contiguous()), starts[sl]
                 )
+            elif masks is not None:  # MaskablePPO: the masks the rollout acted under
+                dist = policy.get_distribution(o, action_masks=masks[sl])
             else:
                 dist = policy.get_distribution(o)
             parts.append(_head_logprobs(dist, actions[sl], self._bernoulli))
@@ -503,6 +623,7 @@ class SimicCallback(BaseCallback):
             self._last_epoch = epoch
 
             head_new, head_ent, actions = self._head_terms(sample, entropy)
+            action_masks = _head_masks(self._dist, list(self.heads)) if head_ent is not None else None
             head_old = positions = None
             if batch_inds is not None and (self._head_old is not None or level >= TelemetryLevel.DEBUG):
                 head_old, positions = self._rollout_columns(batch_inds, pad, new.device)
@@ -512,6 +633,7 @@ class SimicCallback(BaseCallback):
                 head_new_logprobs = _select(head_new_logprobs, mask)
                 head_old = _select(head_old, mask)
                 head_ent = _select(head_ent, mask)
+                action_masks = _select(action_masks, mask)
                 actions = _select(actions, mask)
                 positions = positions[mask] if positions is not None else None
         if level >= TelemetryLevel.DEBUG:
@@ -530,6 +652,10 @@ class SimicCallback(BaseCallback):
             policy_loss=policy_loss,
             value_loss=value_loss,
         )
+        if action_masks:
+            # MaskablePPO: the normalised entropy divides by log(valid actions) per sample; the
+            # hub's policy reducer takes the masks beside the entropies observe_minibatch handed it
+            hub._policy.observe_action_masks(head_ent, action_masks, level)
 
     def _normalized_advantages(self, adv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """SB3's advantage normalisation (PPO: only when the minibatch has more than one sample);
@@ -638,6 +764,7 @@ class SimicCallback(BaseCallback):
         step, self._pending = self._pending, None
         if step is None or self.hub is None:
             return
+        self._last_step = step
         hub, model = self.hub, self.model
         lstm_state = lstm_inputs = lstm_input_state = None
         with hub.guard("sb3.end_update"):
@@ -660,6 +787,11 @@ class SimicCallback(BaseCallback):
         }
         if snapshot is not None:
             self._check_against_sb3(snapshot)
+            if self.log_to_sb3:
+                # recorded before SB3's next dump, which writes this update's train/* too: both land
+                # at the same timesteps
+                for key, value in sb3_log_values(snapshot).items():
+                    model.logger.record(key, value)
         if self.on_update is not None:
             self.on_update(snapshot, dict(self.sb3_logged))
         self._reset_update_state()
@@ -734,20 +866,80 @@ def _obs_slice(obs: Any, sl: slice, device: torch.device) -> Any:
     return torch.as_tensor(obs[sl], device=device)
 
 
+def _supported_distributions() -> tuple[type, ...]:
+    from stable_baselines3.common.distributions import (
+        BernoulliDistribution,
+        CategoricalDistribution,
+        MultiCategoricalDistribution,
+    )
+
+    known: tuple[type, ...] = (CategoricalDistribution, MultiCategoricalDistribution, BernoulliDistribution)
+    try:
+        from sb3_contrib.common.maskable.distributions import (
+            MaskableCategoricalDistribution,
+            MaskableMultiCategoricalDistribution,
+        )
+    except ImportError:  # sb3-contrib is optional
+        return known
+    # (MaskableBernoulliDistribution is a MaskableMultiCategoricalDistribution)
+    return (*known, MaskableCategoricalDistribution, MaskableMultiCategoricalDistribution)
+
+
+def _check_distribution(policy: Any) -> None:
+    """Refuse, before the first rollout, an action distribution whose per-head terms the callback
+    cannot read (its statistics would otherwise be missing from every update)."""
+    dist = getattr(policy, "action_dist", None)
+    if dist is None:
+        return  # a custom policy without SB3's attribute: per-head terms are read when present
+    if not isinstance(dist, _supported_distributions()):
+        raise TypeError(
+            f"SimicCallback cannot read the action distribution {type(dist).__name__} of "
+            f"{type(policy).__name__}: supported are SB3's Categorical, MultiCategorical and Bernoulli "
+            "distributions and sb3-contrib's maskable ones"
+        )
+
+
+def _head_distributions(dist: Any) -> list[Any] | None:
+    """The per-head torch distributions of an SB3 MultiCategorical or an sb3-contrib maskable
+    MultiCategorical / Bernoulli distribution (``None`` for SB3's Bernoulli, one joint one)."""
+    heads = getattr(dist, "distributions", None)  # sb3-contrib's maskable ones, masks applied
+    if heads is not None:
+        return list(heads)
+    inner = getattr(dist, "distribution", None)
+    return list(inner) if isinstance(inner, (list, tuple)) else None
+
+
 def _head_distribution_terms(
     dist: Any, actions: torch.Tensor, bernoulli: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, heads)`` log-probs and entropies from an SB3 MultiCategorical / Bernoulli distribution."""
-    if bernoulli:
+    """``(B, heads)`` log-probs and entropies from an SB3 MultiCategorical / Bernoulli distribution
+    or an sb3-contrib maskable one (whose entropies are those of the masked heads)."""
+    heads = _head_distributions(dist)
+    if heads is None:
+        if not bernoulli:
+            raise TypeError(f"no per-head distributions in {type(dist).__name__}")
         d = dist.distribution
         return d.log_prob(actions), d.entropy()
-    lps = [d.log_prob(a) for d, a in zip(dist.distribution, torch.unbind(actions, dim=1))]
-    ents = [d.entropy() for d in dist.distribution]
+    lps = [d.log_prob(a) for d, a in zip(heads, torch.unbind(actions, dim=1))]
+    ents = [d.entropy() for d in heads]
     return torch.stack(lps, dim=1), torch.stack(ents, dim=1)
 
 
 def _head_logprobs(dist: Any, actions: torch.Tensor, bernoulli: bool) -> torch.Tensor:
     return _head_distribution_terms(dist, actions.reshape(actions.shape[0], -1), bernoulli)[0]
+
+
+def _head_masks(dist: Any, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """Each head's bool ``(B, actions)`` mask of an sb3-contrib maskable distribution after
+    ``apply_masking`` (heads without a mask left out), or ``None``."""
+    if dist is None:
+        return None
+    heads = _head_distributions(dist)
+    if heads is None:
+        inner = getattr(dist, "distribution", None)
+        heads = [inner] if inner is not None and len(names) == 1 else []
+    masks = {h: m for h, d in zip(names, heads) if (m := getattr(d, "masks", None)) is not None}
+    return masks or None
 
 
 def _select(tensors: Mapping[str, torch.Tensor] | None, mask: torch.Tensor) -> dict[str, torch.Tensor] | None:

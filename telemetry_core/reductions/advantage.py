@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from telemetry_core.config import TelemetryLevel
+from telemetry_core.reductions.transfer import accumulation_dtype
 from telemetry_core.schema import AdvantageStats, Moments, ReturnStats
 
 __all__ = [
@@ -152,7 +153,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def acc_dtype(device: torch.device) -> torch.dtype:
     """float64 for accumulation, except on MPS, which has no float64 (there: float32)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+    return accumulation_dtype(device)
 
 
 def nan_max(values: Sequence[float]) -> float:

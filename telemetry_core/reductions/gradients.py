@@ -46,15 +46,16 @@ Per call vs per update: ``observe`` does only what must read this backward's gra
 (device, dtype) bucket: one fused ``_foreach_norm``, the extremes (one ``aminmax`` per tensor on CPU,
 its vectorised path; one fused ``_foreach_norm(inf)`` on CUDA), one ``stack`` of them, and a private
 copy of the sample (one strided view per tensor and one ``cat``): 4 + 2 per tensor dispatches on
-CPU, 5 + 1 per tensor on CUDA, no reduction. Binning the samples of every call (one ``bucketize``
-and one count for all of them) and every reduction over parameters and calls (totals, clip rate,
-groups, vanishing/exploding, NaN/Inf estimates, histogram) run once per update in ``pending``,
-vectorised over the calls (~80 small kernels, folded every ``FOLD_EVERY`` calls to bound memory:
-a sample and 3 floats per parameter per call), into one float64 vector for the hub's single
-transfer. Measured with one thread (thread CPU time, machine loaded, so preliminary): NORMAL costs
-2.0-2.5x bare at 10M and 40M parameters; at 1M the fixed small kernels make it 3-5x for a
-one-backward update and 1.8x per backward in an update of 8 backwards
-(``benchmarks/bench_gradients.py``). The histogram's binning is the largest part of what remains
+CPU, 5 + 1 per tensor on CUDA, no reduction. Binning the samples of every call (one
+categorisation and one count for all of them) runs on the device in ``pending`` (or every
+``FOLD_EVERY`` calls, which bounds the memory the samples hold), which then hands over, in the
+update's one transfer, the histogram and 4 numbers per parameter per call (L2 norm, max |g|, the
+sampled Inf and NaN counts). Every reduction over parameters and calls (totals, clip rate, groups,
+vanishing/exploding, NaN/Inf estimates, which tensors hold NaN/Inf) runs on the host in ``build``,
+vectorised in float64 numpy over those (calls x parameters) arrays: on the device each of those few
+dozen small operations was a kernel launch (~80 per update, the largest cost of a one-backward
+update of a 1M-parameter model). Figures: BENCHMARKS.md (``benchmarks/bench_gradients.py``). The
+histogram's binning is the largest per-element part of what remains
 for a small model: about 12 ns per sampled element, ``sample_size`` elements per backward.
 
 Precision: norms accumulate in float32 (``_foreach_norm(..., dtype=torch.float32)`` for float16 and
@@ -77,10 +78,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors  # one dispatch for the copy of a whole bucket (DDP uses it)
 
 from telemetry_core.config import TelemetryLevel, Thresholds
+from telemetry_core.reductions.transfer import accumulation_dtype
 from telemetry_core.schema import GradientStats
 
 __all__ = [
@@ -338,7 +341,7 @@ class _Plan:
     buckets: list[_Bucket]
     identity: bool  # present == range(P): per-call vectors need no scatter
     param_index: torch.Tensor  # present position -> parameter index (home device)
-    scale: torch.Tensor  # (P,) float64: numel / examined elements per parameter (0 if absent)
+    scale_host: list[float]  # (P,): numel / examined elements per parameter (0 if absent)
     numel: int  # elements of all present parameters
     examined: int  # elements binned per call
     graph: bool  # some gradient requires grad (a create_graph backward)
@@ -362,10 +365,6 @@ class _Call:
     round_index: int
 
 
-# Layout of the float64 vector that goes through the transfer ("grad.stats").
-_SUMS = ("total", "clipped", "inf_params", "nan_params", "inf_est", "nan_est", "model_normalized")
-_MAXES = ("total_max", "max_abs", "vanishing", "exploding")
-_HEAD = len(_SUMS) + len(_MAXES) + 1  # + last total
 FOLD_EVERY = 64  # calls kept as rows before they are folded (bounds memory on long updates)
 # A CPU bucket of at most this many elements is "small": observe() makes ONE dispatch, a flat copy
 # of its gradients, and the fold computes norms, extremes and the sample from the copies, a few
@@ -378,6 +377,7 @@ FOLD_EVERY = 64  # calls kept as rows before they are folded (bounds memory on l
 FLAT_MAX = 1 << 17
 SMALL_FOLD_ELEMENTS = 1 << 22
 PAD_MAX = 1024  # small-bucket tensors up to this size are reduced together, zero-padded
+NONFINITE_NAMES = 16  # GradientStats.nonfinite_params lists at most this many names
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -392,13 +392,13 @@ class GradientReducer:
 
     Protocol: ``reset()`` at the start of an update; ``observe(level)`` after each
     ``loss.backward()`` and before ``clip_grad_norm_`` (reads ``p.grad``; no host sync);
-    ``pending(level)`` -> ``{"grad.stats": float64 vector}`` for the hub's single transfer;
+    ``pending(level)`` -> ``{"grad.stats": vector}`` for the hub's single transfer;
     ``build(host, level)`` -> :class:`GradientStats`. ``skipped_params`` is the count the hub adds
     to ``Counters.inputs_skipped``.
 
-    ``observe`` only computes per-parameter vectors (norms, max |g|, sample category counts);
-    every reduction over parameters and calls (totals, clip rate, groups, vanishing/exploding,
-    NaN/Inf estimates, histogram) runs once per update in ``pending``, vectorised over the calls.
+    ``observe`` only computes per-parameter vectors (norms, max |g|) and copies the sample;
+    ``pending`` bins the samples on the device; every reduction over parameters and calls runs once
+    per update in ``build`` on the host, vectorised over the calls.
     """
 
     def __init__(
@@ -480,7 +480,6 @@ class GradientReducer:
         self._bounds = {dt: category_boundaries(self._edges, dt) for dt in _BITS}
         self._luts = {dt: category_lut(self._bounds[dt], dt) for dt in _BITS}
         self._plans: dict[tuple[Any, ...], _Plan] = {}
-        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
         self._round = 0  # sampling rotation, continued across updates
         self.reset()
 
@@ -493,12 +492,14 @@ class GradientReducer:
         self.examined_elements = 0
         self._calls: list[_Call] = []
         self._kept = 0  # elements of the flat copies the stored calls hold
-        self._partial: torch.Tensor | None = None
+        self._hist: torch.Tensor | None = None  # (nb,) category counts summed over calls
+        self._total_sum: torch.Tensor | None = None  # (1,) sum over calls of the total norm (pending)
+        self._rows: list[torch.Tensor] = []  # per fold, (C, 4, P): see _fold
+        self._call_scales: list[list[float]] = []  # per call, numel / examined elements per parameter
         self._home: torch.device | None = None
         signature = [(p.dtype, p.device) for p in self.params]
         if signature != getattr(self, "_signature", signature):  # the model was moved or cast
             self._plans.clear()
-            self._consts.clear()
         self._signature = signature
 
     @property
@@ -568,72 +569,118 @@ class GradientReducer:
         return vecs, samples
 
     def pending(self, level: TelemetryLevel) -> dict[str, torch.Tensor]:
-        """``{"grad.stats": float64 vector}`` with every statistic of the update (empty if none)."""
+        """``{"grad.stats": vector}`` with what the update's statistics are reduced from (empty if none)."""
         if level <= TelemetryLevel.OFF or self.calls == 0:
             return {}
         self._fold()
-        assert self._partial is not None
-        return {PREFIX + "stats": self._partial}
+        assert self._hist is not None
+        rows = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
+        n = rows[:, 0]
+        n0 = torch.where(n != -math.inf, n, 0.0)  # absent -> 0, NaN stays NaN
+        totals = (n0 * n0).sum(1).sqrt()  # (C,): the pre-clip norm clip_grad_norm_ computes
+        # the sum over calls is taken here once, so that build() and rank_sums() agree to the bit
+        self._total_sum = totals.sum().unsqueeze(0)
+        return {PREFIX + "stats": torch.cat([self._hist, self._total_sum, totals, rows.reshape(-1)])}
+
+    def rank_sums(self) -> torch.Tensor:
+        """(3,) on the device, after :meth:`pending`: the sum over calls of the pre-clip total norm
+        and the NaN and Inf element estimates, as :meth:`build` computes them. For what must be
+        reduced across ranks before the transfer (torch.distributed); a dozen kernels, no sync."""
+        assert self._rows and self._total_sum is not None
+        rows = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
+        n, x, k_inf, k_nan = rows.unbind(1)
+        scale = _to_device(torch.tensor(self._call_scales, dtype=rows.dtype), rows.device)
+        has_nan = n.isnan()
+        has_inf = (x == math.inf) & ~has_nan
+        total = self._total_sum[0]
+        inf_est = torch.maximum((k_inf * scale).round() * (has_inf | has_nan), has_inf.to(rows.dtype)).sum()
+        nan_est = torch.maximum((k_nan * scale).round() * has_nan, has_nan.to(rows.dtype)).sum()
+        return torch.stack([total, nan_est, inf_est])
 
     def build(self, host: Mapping[str, list[float]], level: TelemetryLevel) -> GradientStats:
-        """The update's :class:`GradientStats` from the transferred values (host side)."""
+        """The update's :class:`GradientStats` from the transferred values (host side).
+
+        Every reduction over parameters and calls runs here, in float64 numpy over (calls x
+        parameters) arrays: a few dozen vectorised operations on a few thousand numbers, where on
+        the device each would be a kernel launch (the device has already read every gradient
+        element; what crosses is 4 numbers per parameter per backward and the histogram).
+        """
         stats = GradientStats(
             calls=self.calls, max_grad_norm=self.max_grad_norm, skipped_params=self.skipped_params
         )
         values = host.get(PREFIX + "stats")
         if level <= TelemetryLevel.OFF or self.calls == 0 or values is None:
             return stats
-        n_params, n_groups, calls = len(self.params), len(self.group_names), self.calls
-        sums = dict(zip(_SUMS, values))
-        maxes = dict(zip(_MAXES, values[len(_SUMS) :]))
-        stats.total_norm = sums["total"] / calls
-        stats.total_norm_max = maxes["total_max"]
-        stats.total_norm_last = values[_HEAD - 1]
-        stats.clip_rate = sums["clipped"] / calls
-        stats.max_abs = maxes["max_abs"]
-        stats.nan_params = int(sums["nan_params"])
-        stats.inf_params = int(sums["inf_params"])
-        stats.nan_count = int(sums["nan_est"])
-        stats.inf_count = int(sums["inf_est"])
-        if level < TelemetryLevel.NORMAL:
-            return stats
-        o = _HEAD
-        param_sum, param_calls = values[o : o + n_params], values[o + n_params : o + 2 * n_params]
-        o += 2 * n_params
-        g_norm, g_normalized, g_calls = (values[o + k * n_groups : o + (k + 1) * n_groups] for k in range(3))
-        o += 3 * n_groups
-        cats = [int(c) for c in values[o : o + self._nb]]
-        stats.param_norms = [s / c if c else math.nan for s, c in zip(param_sum, param_calls)]
-        model_normalized = sums["model_normalized"] / calls
-        for j, name in enumerate(self.group_names):
-            c = g_calls[j]
-            stats.group_norms[name] = g_norm[j] / c if c else math.nan
-            stats.group_norms_normalized[name] = g_normalized[j] / c if c else math.nan
-            ratio = (
-                stats.group_norms_normalized[name] / model_normalized if model_normalized > 0 else math.nan
-            )
-            stats.group_ratios[name] = ratio
-        stats.vanishing_count = int(maxes["vanishing"])
-        stats.exploding_count = int(maxes["exploding"])
+        n_params, nb = len(self.params), self._nb
+        vec = np.asarray(values, dtype=np.float64)
+        cats = vec[:nb]
+        total_sum, total = float(vec[nb]), vec[nb + 1 : nb + 1 + self.calls]
+        rows = vec[nb + 1 + self.calls :].reshape(self.calls, 4, n_params)
+        n, x, k_inf, k_nan = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]  # (C, P) each
+        scale = np.asarray(self._call_scales, dtype=np.float64)  # (C, P): numel / examined
+        numel = np.asarray(self.numels, dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            present = n != -math.inf  # a NaN norm is present
+            has_nan = np.isnan(n)
+            has_inf = (x == math.inf) & ~has_nan
+            n0 = np.where(present, n, 0.0)  # absent -> 0, NaN stays NaN
+            sq = n0 * n0
+            stats.total_norm = total_sum / self.calls
+            stats.total_norm_max = float(total.max())  # NaN if any call's is
+            stats.total_norm_last = float(total[-1])
+            stats.clip_rate = float((total > self.max_grad_norm).sum() / self.calls)
+            stats.max_abs = float(np.where(has_nan, n, x).max())  # max |g|; NaN wherever a NaN is
+            stats.nan_params = int(has_nan.sum())
+            stats.inf_params = int(has_inf.sum())
+            # NaN / Inf element estimates: sample counts scaled to the tensor, kept to tensors whose
+            # flags (from every element) say they hold some, and at least 1 for each of those; a NaN
+            # tensor may also hold inf (its flag cannot tell).
+            inf_est = np.maximum(np.round(k_inf * scale) * (has_inf | has_nan), has_inf)
+            nan_est = np.maximum(np.round(k_nan * scale) * has_nan, has_nan)
+            stats.inf_count = int(inf_est.sum())
+            stats.nan_count = int(nan_est.sum())
+            bad = (has_nan | has_inf).any(0)
+            stats.nonfinite_params = [name for name, b in zip(self.names, bad) if b][:NONFINITE_NAMES]
+            if level < TelemetryLevel.NORMAL:
+                return stats
+            present_numel = present @ numel  # (C,)
+            model_normalized = float((total / np.sqrt(present_numel)).mean())
+            calls_with = present.sum(0)
+            param_sum = n0.sum(0)
+            stats.param_norms = [float(s / c) if c else math.nan for s, c in zip(param_sum, calls_with)]
+            for name in self.group_names:
+                members = self.groups[name]
+                g_numel = present[:, members] @ numel[members]  # (C,)
+                g_present = g_numel > 0
+                c = int(g_present.sum())
+                if not c:
+                    stats.group_norms[name] = stats.group_norms_normalized[name] = math.nan
+                    stats.group_ratios[name] = math.nan
+                    continue
+                g_norm = np.sqrt(sq[:, members].sum(1))  # a NaN stays in its own group
+                norm = float(g_norm[g_present].sum() / c)
+                normalized = float((g_norm[g_present] / np.sqrt(g_numel[g_present])).sum() / c)
+                stats.group_norms[name] = norm
+                stats.group_norms_normalized[name] = normalized
+                stats.group_ratios[name] = normalized / model_normalized if model_normalized > 0 else math.nan
+            stats.vanishing_count = int(((n < self._vanish_thr) & present).sum(1).max())
+            stats.exploding_count = int((n > self._explode_thr).sum(1).max())
         stats.examined_elements = self.examined_elements
         stats.total_elements = self.total_elements
-        stats.hist_counts = cats[: self._nb - 2]
-        stats.zero_fraction = cats[0] / self.examined_elements if self.examined_elements else None
+        stats.hist_counts = [int(c) for c in cats[: nb - 2]]
+        stats.zero_fraction = float(cats[0]) / self.examined_elements if self.examined_elements else None
         return stats  # ema_* fields: the hub's GradientEMA (host state that outlives updates)
 
     # -- the per-update reduction -----------------------------------------------------------------
     def _fold(self) -> None:
-        """Reduce the stored calls into the partial statistics vector (all on the device).
-
-        One pass of vectorised ops over (calls, parameters), whatever the number of calls: about
-        55 small kernels per update (binning the samples of every call included) instead of as
-        many per backward.
-        """
+        """Reduce the stored calls to what crosses to the host (all on the device): per call and
+        parameter the L2 norm, max |g| and the sampled Inf / NaN counts, and the histogram summed
+        over calls. A few kernels per plan, whatever the number of calls (binning the samples of
+        every call included)."""
         if not self._calls:
             return
         assert self._home is not None
         home = self._home
-        numel, member_t, member_numel = self._constants(home)
         calls, self._calls = self._calls, []
         self._kept = 0
         by_plan: dict[int, list[int]] = {}
@@ -641,78 +688,26 @@ class GradientReducer:
             by_plan.setdefault(id(call.plan), []).append(i)
         parts = [self._per_param([calls[i] for i in idx], home) for idx in by_plan.values()]
         if len(parts) == 1:
-            n, x, k, scale = parts[0]
+            n, x, k = parts[0]
         else:  # the present gradients changed within the update: back to call order
             order = [i for idx in by_plan.values() for i in idx]
             position = [0] * len(order)
             for pos, i in enumerate(order):
                 position[i] = pos
             perm = _to_device(torch.tensor(position, dtype=torch.int64), home)
-            n, x, k, scale = (torch.cat(list(t)).index_select(0, perm) for t in zip(*parts))
-        present = n != -math.inf  # a NaN norm is present
-        has_nan = n.isnan()  # x: max |g| per (call, parameter); NaN where a NaN is (CPU aminmax)
-        has_inf = (x == math.inf) & ~has_nan
-        n0 = n.clamp_min(0.0)  # absent -> 0, NaN stays NaN
-        sq = n0 * n0
-        total = sq.sum(1).sqrt()  # (C,): the pre-clip norm clip_grad_norm_ computes
-        presentf = present.to(torch.float32)
-        # NaN / Inf element estimates: sample counts scaled to the tensor, kept to tensors whose
-        # flags (from every element) say they hold some, and at least 1 for each of those.
-        flags = torch.stack([has_inf, has_nan], -1)  # (C, P, 2): columns inf, nan like k[..., -2:]
-        scope = flags | has_nan.unsqueeze(-1)  # a NaN tensor may also hold inf (flag can't tell)
-        est = torch.maximum((k[..., -2:] * scale.unsqueeze(-1)).round() * scope, flags)
-        per_call = torch.stack([((n < self._vanish_thr) & present).sum(1), (n > self._explode_thr).sum(1)])
-        pieces = [
-            torch.stack(
-                [total.sum(), (total > self.max_grad_norm).sum()]
-            ).double(),  # float64 sets cat's dtype
-            flags.sum((0, 1)),  # inf_params, nan_params
-            est.sum((0, 1)),  # inf_est, nan_est
-            (total * (presentf @ numel).rsqrt()).sum().unsqueeze(0),  # model normalised norm
-            total.amax().unsqueeze(0),
-            torch.where(has_nan, n, x).amax().unsqueeze(0),  # max |g|, NaN wherever a NaN is
-            per_call.amax(1),  # vanishing, exploding: max over calls
-            total[-1:],
-            n0.sum(0),
-            present.sum(0),
-        ]
-        if member_t is not None and member_numel is not None:
-            g_norm = (sq @ member_t).sqrt()  # (C, G)
-            g_numel = presentf @ member_numel
-            g_present = g_numel > 0
-            g_normalized = torch.where(g_present, g_norm * g_numel.rsqrt(), 0.0)
-            pieces += [g_norm.sum(0), g_normalized.sum(0), g_present.sum(0)]
-        pieces.append(k.sum((0, 1)))
-        vec = torch.cat(pieces)  # promotes everything to float64 (counts exact below 2**53)
-        if self._partial is not None:
-            a = self._partial
-            s, m = len(_SUMS), len(_SUMS) + len(_MAXES)
-            vec = torch.cat(
-                [a[:s] + vec[:s], torch.maximum(a[s:m], vec[s:m]), vec[m:_HEAD], a[_HEAD:] + vec[_HEAD:]]
-            )
-        self._partial = vec
-
-    def _constants(self, home: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Per-device constants of the fold: numel per parameter, group membership (P, G)."""
-        consts = self._consts.get(home)
-        if consts is None:
-            numel = torch.tensor(self.numels, dtype=torch.float32)
-            member_t = member_numel = None
-            if self.group_names:
-                m = torch.zeros(len(self.params), len(self.group_names))
-                for j, name in enumerate(self.group_names):
-                    m[self.groups[name], j] = 1.0
-                member_t = _to_device(m, home)
-                member_numel = _to_device(m * numel.unsqueeze(1), home)
-            consts = (_to_device(numel, home), member_t, member_numel)
-            self._consts[home] = consts
-        return consts
+            n, x, k = (torch.cat(list(t)).index_select(0, perm) for t in zip(*parts))
+        acc = accumulation_dtype(home)
+        hist = k.sum((0, 1)).to(acc)
+        self._hist = hist if self._hist is None else self._hist + hist
+        # (C, 4, P): norms (-inf: no gradient), max |g|, sampled Inf and NaN counts
+        self._rows.append(torch.stack([n.to(acc), x.to(acc), k[..., -2].to(acc), k[..., -1].to(acc)], 1))
+        self._call_scales.extend(call.plan.scale_host for call in calls)
 
     def _per_param(
         self, calls: list[_Call], home: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(norms, max |g|, category counts, scale), each (C, P, ...) in parameter order, for calls
-        that share one plan. Norms are -inf and max |g| 0 where a parameter had no gradient."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(norms, max |g|, category counts), each (C, P, ...) in parameter order, for calls that
+        share one plan. Norms are -inf and max |g| 0 where a parameter had no gradient."""
         plan = calls[0].plan
         c = len(calls)
         norm_parts, max_parts, cat_parts = [], [], []
@@ -741,7 +736,7 @@ class GradientReducer:
             n = torch.full((c, n_params), -math.inf, device=home).index_copy_(1, index, n)
             x = torch.zeros(c, n_params, device=home).index_copy_(1, index, x)
             k = torch.zeros(c, n_params, self._nb, dtype=torch.int64, device=home).index_copy_(1, index, k)
-        return n, x, k, plan.scale.expand(c, -1)
+        return n, x, k
 
     def _small_stats(
         self, b: _Bucket, calls: list[_Call], bi: int
@@ -913,7 +908,7 @@ class GradientReducer:
             buckets=buckets,
             identity=present == list(range(len(self.params))),
             param_index=_to_device(torch.tensor(present, dtype=torch.int64), home),
-            scale=_to_device(torch.tensor(scale, dtype=torch.float64), home),
+            scale_host=scale,
             numel=sum(self.numels[i] for i in present),
             examined=examined,
             graph=any(grads[i].requires_grad for i in present),  # type: ignore[union-attr]

@@ -45,7 +45,11 @@ Definitions (population statistics over every sample of every minibatch of the u
 * ``entropy[head]``: mean of the per-sample entropies handed over, pooled over all minibatches
   (a 0-d entropy counts as one value, i.e. the minibatch mean); ``entropy_normalized[head]`` divides
   it by ``log(number of actions)``. A 1-action head always has zero entropy and no normalised
-  entropy: it is left out of ``entropy_normalized``.
+  entropy: it is left out of ``entropy_normalized``. With action masks
+  (:meth:`PolicyReducer.observe_action_masks`) each sample's entropy is divided by the log of ITS
+  number of valid actions instead and those ratios are averaged (a uniform policy over 10 valid of
+  20 actions reads 1.0, not log 10 / log 20); samples with one valid action have no normalised
+  entropy and are left out of that mean (all of them: the head is left out).
 * ``head_*``: the same ratio, KL and clip statistics from the per-head log-probs.
 """
 
@@ -202,6 +206,8 @@ class PolicyReducer:
         self._head_sizes: dict[str, int] = dict.fromkeys(self.heads, 0)
         self._entropy: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._entropy_counts: dict[str, int] = dict.fromkeys(self.heads, 0)
+        # per head: float64 [sum of entropy / log(valid actions), samples with > 1 valid] per call
+        self._masked: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._loss = ScalarSeries("policy_loss")
         self._clip_range = math.nan
         self._early: tuple[int, float | torch.Tensor | None] | None = None
@@ -300,6 +306,48 @@ class PolicyReducer:
         if self._stored_elements > FOLD_ELEMENTS:
             self._fold()
 
+    def observe_action_masks(
+        self,
+        head_entropies: Mapping[str, torch.Tensor],
+        head_action_masks: Mapping[str, torch.Tensor],
+        level: TelemetryLevel = TelemetryLevel.NORMAL,
+    ) -> None:
+        """One minibatch's action masks, for the mask-aware normalised entropy of those heads: each
+        ``head_action_masks[head]`` is a bool ``(n, actions)`` tensor (True = valid) for the ``n``
+        per-sample entropies ``head_entropies[head]`` (also handed to :meth:`observe`). Heads
+        without a mask keep ``log(number of actions)``. No sync: ~8 kernels per head."""
+        if type(head_action_masks) is not dict and not isinstance(head_action_masks, Mapping):
+            raise TypeError("head_action_masks must be a mapping head -> bool tensor")
+        checked: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for head, mask in head_action_masks.items():
+            if head not in self.heads:
+                raise ValueError(
+                    f"head_action_masks names unknown head {head!r}; known heads: {list(self.heads)}"
+                )
+            ent = head_entropies.get(head) if isinstance(head_entropies, Mapping) else None
+            if ent is None:
+                raise ValueError(f"head_action_masks[{head!r}] needs head_entropies[{head!r}]")
+            ent = check_float_tensor(f"head_entropies[{head!r}]", ent)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"head_action_masks[{head!r}] must be a bool tensor")
+            if mask.shape != (ent.numel(), self.heads[head]) or mask.device != ent.device:
+                raise ValueError(
+                    f"head_action_masks[{head!r}] must have shape ({ent.numel()}, {self.heads[head]}) on "
+                    f"{ent.device}, got {tuple(mask.shape)} on {mask.device}"
+                )
+            checked.append((head, ent, mask))
+        if level <= TelemetryLevel.OFF:
+            return
+        with torch.no_grad():
+            for head, ent, mask in checked:
+                dtype = acc_dtype(ent.device)
+                valid = mask.sum(1).to(dtype)
+                several = valid > 1
+                per_sample = torch.where(
+                    several, ent.reshape(-1).to(dtype) / torch.log(valid.clamp(min=2)), 0.0
+                )
+                self._masked[head].append(torch.stack((per_sample.sum(), several.sum().to(dtype))))
+
     def early_stop(self, epoch: int, kl: torch.Tensor | float | None = None) -> None:
         """Record the loop's target-KL early stop (the first of the update counts). No sync: a
         tensor ``kl`` is transferred with everything else."""
@@ -378,6 +426,11 @@ class PolicyReducer:
                     out[f"policy.entropy.{head}"] = (
                         sums_h[0].reshape(1) if len(sums_h) == 1 else torch.stack(sums_h).sum().reshape(1)
                     )
+            for head, parts in self._masked.items():
+                if parts:
+                    out[f"policy.masked_entropy.{head}"] = (
+                        parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+                    )
             loss = self._loss.pending()
             if loss is not None:
                 out["policy.loss"] = loss
@@ -441,7 +494,11 @@ class PolicyReducer:
             if key in host:
                 ent = host[key][0] / self._entropy_counts[head]
                 stats.entropy[head] = ent
-                if self.heads[head] > 1:
+                masked = host.get(f"policy.masked_entropy.{head}")
+                if masked is not None:  # per sample, by the log of its valid actions
+                    if masked[1] > 0:
+                        stats.entropy_normalized[head] = masked[0] / masked[1]
+                elif self.heads[head] > 1:
                     stats.entropy_normalized[head] = ent / math.log(self.heads[head])
         stats.policy_loss = self._loss.result(host.get("policy.loss"))[0]
         if self._early is not None:
