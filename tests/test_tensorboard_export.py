@@ -31,21 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Snapshot]]:
-    """Five real demo updates recorded by the hub; the critic's weights are scaled x100 at update 3,
-    so gradients explode, anomalies fire and the hub escalates to DEBUG."""
+    """Eight real demo updates recorded by the hub; the critic's weights are scaled x100 at update 6
+    (once the gradient baseline is known, so the explosion is critical), gradients explode,
+    anomalies fire and the hub escalates to DEBUG."""
     from telemetry_core.demo.ppo import DemoConfig, make_agent, make_hub, train
 
     path = tmp_path_factory.mktemp("rec") / "run.simrec"
-    cfg = DemoConfig(seed=3, num_updates=5, num_envs=4, num_steps=16)
+    cfg = DemoConfig(seed=3, num_updates=8, num_envs=4, num_steps=16)
     agent = make_agent(cfg)
     hub = make_hub(agent, cfg, bind=None, record=path, strict=True)
     try:
-        train(cfg, hub=hub, agent=agent, injections=["exploding-gradients@3"])
+        train(cfg, hub=hub, agent=agent, injections=["exploding-gradients@6"])
     finally:
         hub.close()
     rec = read_recording(path)
     snaps = [protocol.decode_body(protocol.decode_envelope(f)) for f in rec.frames]
-    assert [s.step for s in snaps] == [1, 2, 3, 4, 5]
+    assert [s.step for s in snaps] == list(range(1, 9))
     return path, snaps
 
 
@@ -141,7 +142,7 @@ def test_gradient_histograms_carry_the_snapshot_bins_and_threshold_edges(
     linear = {e.step: e.histogram_value for e in exported.Histograms("gradients/magnitude")}
     logs = {e.step: e.histogram_value for e in exported.Histograms("gradients/magnitude_log10")}
     norms = {e.step: e.histogram_value for e in exported.Histograms("gradients/param_norms")}
-    assert sorted(linear) == sorted(logs) == sorted(norms) == [1, 2, 3, 4, 5]
+    assert sorted(linear) == sorted(logs) == sorted(norms) == list(range(1, 9))
     for snap in snaps:
         g = snap.gradients
         assert g is not None
@@ -170,7 +171,7 @@ def test_gradient_histograms_carry_the_snapshot_bins_and_threshold_edges(
         if snap.debug is not None:
             assert clip[snap.step].num == len(snap.debug.numerical.pre_clip_norms)
     # the exploding gradients of update 3 show in the overflow bucket
-    assert linear[3].bucket[-1] > 0
+    assert linear[6].bucket[-1] > 0
 
 
 def test_anomalies_run_and_thresholds_are_text(
