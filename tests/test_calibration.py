@@ -2,7 +2,7 @@
 are in BENCHMARKS.md): real PPO training on Acrobot-v1 by the feed-forward calibration agent, a
 detector that was not tuned on it, under a real recording ``TelemetryHub``.
 
-Two injections (a one-update learning-rate spike; the critic's output layer zeroed) must each be
+Two injections (a one-update learning-rate spike; one NaN observation) must each be
 flagged as their own kind within ``WINDOW`` (2) updates of the update at which the mechanism acted,
 and a short healthy run must raise no critical incident. The recordings are then re-judged offline
 (the harness's ``rejudge`` path, which is how the limits get calibrated) and must give the very
@@ -46,7 +46,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for job in (
             Job(AGENT, seed=1, updates=16, out=str(out)),
             Job(AGENT, seed=2, updates=30, injection="kl-spike", onset=ONSET, stop=ONSET + WINDOW, out=str(out)),
-            Job(AGENT, seed=3, updates=30, injection="value-collapse", onset=ONSET, stop=ONSET + WINDOW,
+            Job(AGENT, seed=3, updates=30, injection="nan-gradients", onset=ONSET, stop=ONSET + WINDOW,
                 out=str(out)),
         ):
             meta = run_job(job)
@@ -59,7 +59,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_injections_flagged_as_their_kind_within_the_window(recorded: Path) -> None:
     runs = [r for r in load_runs(recorded, rejudge=False) if r.job.injection]
-    assert sorted(r.job.injection for r in runs) == ["kl-spike", "value-collapse"]
+    assert sorted(r.job.injection for r in runs) == ["kl-spike", "nan-gradients"]
     for run in runs:
         verdict = judge_injected(run)
         assert verdict.onset == ONSET, "the mechanism acted at the planned update (trainer's own record)"
