@@ -140,8 +140,8 @@ def run_sb3(
         model.learn(updates * model.n_steps * model.n_envs, callback=CallbackList(callbacks))
     except Exception as exc:  # SB3 has no NaN guard: the run dies after a NaN update
         crashed = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
-        if simic.hub is not None:
-            simic.hub.close()
+    finally:
+        simic.close()  # the callback's hub outlives learn() (chunked training): end it here
     return {
         "fired": list(dict.fromkeys(inject.fired)) if inject is not None else [],
         "crashed": crashed,

@@ -735,6 +735,10 @@ class Publisher:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
             if self._stop:
+                # What the training thread queued before close() goes out (NOBLOCK: never waits),
+                # so the last update of a run is not counted lost because the poll had not come yet.
+                with contextlib.suppress(zmq.ZMQError):
+                    self._drain_snapshots(pub, stopping=True)
                 break
             try:
                 while self._controls:
@@ -762,7 +766,7 @@ class Publisher:
 
     # -- snapshots, heartbeats, replies --------------------------------------------------------
 
-    def _drain_snapshots(self, pub: zmq.Socket) -> None:
+    def _drain_snapshots(self, pub: zmq.Socket, *, stopping: bool = False) -> None:
         while True:
             with self._lock:
                 if not self._queue:
@@ -770,7 +774,7 @@ class Publisher:
                 batch = list(self._queue)
                 self._queue.clear()
             for seq, frame in batch:
-                if self._stop:
+                if self._stop and not stopping:
                     return
                 pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame], flags=zmq.NOBLOCK)
                 self._published += 1
