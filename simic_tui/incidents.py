@@ -64,6 +64,7 @@ class IncidentLog:
         self.capacity = max(1, capacity)
         self.records: collections.OrderedDict[int, IncidentRecord] = collections.OrderedDict()
         self.active_ids: frozenset[int] = frozenset()
+        self.active_now: dict[int, Incident] = {}  # the active incidents as the positioned snapshot has them
         self.step: int | None = None  # step of the snapshot the log was last positioned at
         self.preloaded = False  # a replay: the records are the whole recording's
         self.total = 0  # incidents ever heard of (evicted ones included)
@@ -121,7 +122,8 @@ class IncidentLog:
 
     def position(self, snap: Snapshot | None) -> None:
         """Which incidents are active at this snapshot (replay: where the cursor stands)."""
-        self.active_ids = frozenset(i.id for i in snap.incidents) if snap is not None else frozenset()
+        self.active_now = {i.id: i for i in snap.incidents} if snap is not None else {}
+        self.active_ids = frozenset(self.active_now)
         self.step = snap.step if snap is not None else None
         self.version += 1
 
@@ -142,6 +144,7 @@ class IncidentLog:
     def clear(self) -> None:
         self.records.clear()
         self.active_ids = frozenset()
+        self.active_now = {}
         self.step = None
         self.preloaded = False
         self.total = self.evicted = self._seen = 0
@@ -174,8 +177,13 @@ class IncidentLog:
         return self.acknowledge([r.id for r in self.records.values() if self.reached(r)])
 
     # -- reading ------------------------------------------------------------------------------------
+    def view(self, rec: IncidentRecord) -> Incident:
+        """The incident as it stands at the cursor: an active one as this snapshot has it (a replay's
+        record is the recording's last word on it, which may lie in the cursor's future)."""
+        return self.active_now.get(rec.id, rec.incident)
+
     def active(self) -> list[Incident]:
-        return [r.incident for r in self.records.values() if r.id in self.active_ids]
+        return [self.view(r) for r in self.records.values() if r.id in self.active_ids]
 
     def state_of(self, rec: IncidentRecord) -> str:
         """``active``, ``cleared at S``, or ``ahead`` (a replay's later incident)."""
@@ -195,8 +203,8 @@ class IncidentLog:
         if not active and not new:
             return None
         worst = max(
-            [_RANK.get(r.incident.severity, 1) for r in active]
-            + [_RANK.get(r.incident.peak_severity, 1) for r in new],
+            [_RANK.get(self.view(r).severity, 1) for r in active]
+            + [_RANK.get(self.view(r).peak_severity, 1) for r in new],
             default=1,
         )
         return len(active), len(new), "critical" if worst >= 2 else "warning"
@@ -233,7 +241,7 @@ class IncidentLog:
         """
 
         def keep(rec: IncidentRecord) -> bool:
-            inc = rec.incident
+            inc = self.view(rec)
             if severity is not None and inc.peak_severity != severity:
                 return False
             if kind is not None and inc.kind != kind:

@@ -26,6 +26,7 @@ from simic_tui.screens.help import HelpScreen
 from simic_tui.screens.thresholds import ThresholdsScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.widgets.base import Panel
+from simic_tui.widgets.incidents import kind_scope
 from telemetry_core.config import threshold_reasons
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
@@ -121,7 +122,7 @@ async def test_log_filters_keep_the_cursor_on_its_incident_and_acknowledge_clear
     async with app.run_test(size=SIZE) as pilot:
         log = app.store.incidents
         header = app.dashboard.query_one("#header")
-        assert " new" in str(header.content)
+        await until(pilot, lambda: " new" in str(header.content), what="the badge")  # after the first layout
         await pilot.press("a")
         screen = app.screen
         assert isinstance(screen, AnomalyLogScreen)
@@ -401,6 +402,10 @@ async def test_nothing_in_the_panels_contradicts_the_log() -> None:
             replay.seek(position)
             app.tick()
             active = {i.kind for i in store.latest.incidents}
+            strip = text(app.dashboard.query_one("#anomalies", Panel))
+            for i in store.latest.incidents:  # the strip shows each at its severity now, not its future peak
+                glyph = "✖" if i.severity == "critical" else "▲"
+                assert f"{glyph} {kind_scope(i)}" in strip, (store.latest.step, kind_scope(i))
             for key, line in alarms_on_screen(app):
                 assert active & set(PANEL_KINDS[key]), (store.latest.step, key, line)
                 checked += 1

@@ -95,7 +95,7 @@ class AnomalyLogScreen(Screen):
         app = self.app
         for row in rows:
             rec = row.record
-            inc = rec.incident
+            inc = log.view(rec)
             sev, style = severity_cell(inc.peak_severity if rec.id not in log.active_ids else inc.severity)
             state = record_state(log, rec)
             indent = "└ " if row.consequence else ""
@@ -232,7 +232,7 @@ class IncidentDetailScreen(ModalScreen[None]):
             text.update(Content("This incident is no longer held (the log keeps the newest ones)."))
             return
         log = self.store.incidents
-        inc = rec.incident
+        inc = log.view(rec)
         glyph, style = severity_style(inc.severity)
         where = f" ({scope_label(inc.scope)})" if inc.scope else " (whole run)"
         text.update(

@@ -39,7 +39,7 @@ class AnomalyPanel(Panel):
         wide = width >= 70
         kind_w = min(max(len(kind_scope(r.record.incident)) for r in shown) + 2, 40) if wide else 0
         for i, row in enumerate(shown):
-            inc = row.record.incident
+            inc = log.view(row.record)
             glyph, style = severity_style(
                 inc.severity if row.record.id in log.active_ids else inc.peak_severity
             )
