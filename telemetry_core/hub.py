@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from telemetry_core import protocol
-from telemetry_core.anomaly import CRITICAL, AnomalyDetector
+from telemetry_core.anomaly import AnomalyDetector
 from telemetry_core.config import (
     TelemetryConfig,
     TelemetryLevel,
@@ -56,7 +56,7 @@ from telemetry_core.config import (
 )
 from telemetry_core.debug import DebugDiagnostics
 from telemetry_core.ema import GradientEMA
-from telemetry_core.incidents import IncidentTracker
+from telemetry_core.incidents import IncidentTracker, escalates
 from telemetry_core.record import Recorder
 from telemetry_core.reductions.advantage import AdvantageReducer, as_int, as_real
 from telemetry_core.reductions.episodes import EpisodeReducer
@@ -622,9 +622,7 @@ class TelemetryHub:
         # more). Across ranks, rank 0 decides and its level reaches every rank one update later.
         if self._ranks is None or not self._ranks.enabled or self._ranks.leads:
             for event in events:
-                if event.event == "upgrade" or (
-                    event.event == "onset" and event.incident.severity == CRITICAL
-                ):
+                if escalates(event):
                     self.config.escalate(event.incident.kind, step + 1 + self._level_lag)
         self._publish(snapshot)
         return snapshot

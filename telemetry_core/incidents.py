@@ -12,7 +12,7 @@ and the escalation policy agree:
   updates without a judgement (hysteresis: an intermittent condition stays one incident instead of
   flapping); a judgement after that opens a new incident with a new id;
 * incidents that open in the same update, or within ``Thresholds.incident_group_updates`` of each
-  other, form one group headed by the most upstream signal (``upstream_rank``): a learning-rate
+  other, form one group headed by the most upstream signal (``kinds.upstream_rank``): a learning-rate
   spike that raises KL, ratio, value and entropy alarms at once reads as one KL-spike incident with
   its consequences listed under it.
 
@@ -27,58 +27,24 @@ from typing import Any
 
 import msgspec
 
+from telemetry_core.kinds import SPECS, upstream_rank
 from telemetry_core.schema import Anomaly, Incident, IncidentEvent
 
-__all__ = ["IncidentTracker", "scope_of", "upstream_rank"]
+__all__ = ["IncidentTracker", "escalates", "scope_of", "upstream_rank"]
 
 _STATE_VERSION = 1
 _SEVERITY = {"warning": 1, "critical": 2}
 
-# Fallback order of causes, most upstream first: non-finite numbers poison everything after them;
-# an exploding gradient produces a KL spike; a policy step too large moves the ratios; a moved
-# policy disturbs the critic and the entropy; the LSTM state follows its inputs and weights.
-_UPSTREAM: dict[str, int] = {
-    "numerical_instability": 0,
-    "gradient_exploding": 1,
-    "kl_spike": 2,
-    "ratio_explosion": 3,
-    "ratio_collapse": 3,
-    "value_collapse": 4,
-    "ev_low": 4,
-    "entropy_collapse": 5,
-    "lstm_unhealthy": 6,
-    "gradient_vanishing": 7,
-    "gradient_drift": 7,
-    "rank_divergence": 7,
-    "performance_degradation": 8,
-}
 
-# Kinds whose judged value is worse when lower (entropy, explained variance, ...); the peak of an
-# incident is its worst judgement: highest severity first, then the value furthest on this side.
-_LOWER_IS_WORSE = frozenset(
-    {"entropy_collapse", "ratio_collapse", "ev_low", "gradient_vanishing", "performance_degradation"}
-)
-
-
-def upstream_rank(kind: str) -> int:
-    """Lower is more upstream (a likelier cause than a consequence); unknown kinds come last."""
-    try:
-        from telemetry_core.kinds import upstream_rank as from_registry
-    except ImportError:
-        return _UPSTREAM.get(kind, 99)
-    return from_registry(kind)
+def escalates(event: IncidentEvent) -> bool:
+    """Whether an event asks for automatic DEBUG: a critical onset or an upgrade to critical, never
+    a warning (healthy runs raise warnings now and then, and DEBUG costs far more than NORMAL)."""
+    return event.event == "upgrade" or (event.event == "onset" and event.incident.severity == "critical")
 
 
 def _lower_is_worse(kind: str) -> bool:
-    try:
-        from telemetry_core.kinds import SPECS
-    except ImportError:
-        return kind in _LOWER_IS_WORSE
     spec = SPECS.get(kind)
-    worse = getattr(spec, "worse", None)
-    if worse in ("lower", "higher"):
-        return worse == "lower"
-    return kind in _LOWER_IS_WORSE
+    return spec is not None and spec.worse == "lower"
 
 
 def scope_of(anomaly: Anomaly) -> str:

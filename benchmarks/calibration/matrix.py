@@ -351,12 +351,13 @@ class _Replayer:
     def __init__(self, planned: int, heads: dict[str, int]) -> None:
         from telemetry_core.anomaly import AnomalyDetector
         from telemetry_core.config import TelemetryConfig
-        from telemetry_core.incidents import IncidentTracker
+        from telemetry_core.incidents import IncidentTracker, escalates
 
         self.config = TelemetryConfig()
         th = self.config.thresholds
         self.detector = AnomalyDetector(th, total_updates=planned, heads=heads)
         self.incidents = IncidentTracker.from_thresholds(th)
+        self.escalates = escalates
 
     def judge(self, snap: Any) -> Row:
         import msgspec
@@ -371,7 +372,7 @@ class _Replayer:
         onsets = list(self.detector.onsets)
         evs = self.incidents.update(found, step)
         for e in evs:
-            if e.event == "upgrade" or (e.event == "onset" and e.incident.severity == "critical"):
+            if self.escalates(e):
                 self.config.escalate(e.incident.kind, step + 1)
         return Row(
             step,
