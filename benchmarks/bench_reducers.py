@@ -1,4 +1,4 @@
-"""What the telemetry costs per PPO update, call by call, next to the loop's own work (issue 5, E).
+"""What the telemetry costs per PPO update, call by call, next to the loop's own work.
 
 Two tables, each timed side by side in one process, interleaved and repeated (medians):
 

@@ -1,4 +1,4 @@
-"""Transport benchmark (issue 3 H): what streaming costs the training thread, and how fast it arrives.
+"""Transport benchmark: what streaming costs the training thread, and how fast it arrives.
 
 Run: ``python benchmarks/bench_transport.py [--quick]``. Measures, side by side in one run:
 

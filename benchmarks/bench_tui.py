@@ -1,4 +1,4 @@
-"""Dashboard benchmark (issue 4 I): ingest rate, publish→store latency, redraw cost, memory, cold start.
+"""Dashboard benchmark: ingest rate, publish→store latency, redraw cost, memory, cold start.
 
     python benchmarks/bench_tui.py            # everything (about a minute)
     python benchmarks/bench_tui.py --quick    # smaller counts

@@ -96,7 +96,7 @@ class Thresholds:
     """Every threshold used anywhere in the product, with PPO-tuned defaults.
 
     Gradient limits are *relative to* ``max_grad_norm`` (the clipping cap of the loop), because the
-    cap sets the scale of healthy gradients (review M1). Entropy limits apply to entropy normalised
+    cap sets the scale of healthy gradients. Entropy limits apply to entropy normalised
     by log(number of actions) of each head, so one number fits every head size.
     Serialisable with msgspec (it is a plain dataclass of floats, ints, tuples and dicts).
     """
@@ -324,7 +324,7 @@ class Thresholds:
         "runs x 300 updates the drift stayed above 3 for 3 updates once (seed 3, 158-160, a 5x burst of "
         "the norm that settled), never for 4",
     )
-    grad_drift_warmup: int = _t(10, "no drift verdict before this many updates (review L4)")
+    grad_drift_warmup: int = _t(10, "no drift verdict before this many updates")
     # ---- LSTM -----------------------------------------------------------------------------------
     lstm_norm_max: float = _t(100.0, "h or c L2 norm above this: state explosion (reference)")
     lstm_norm_min: float = _t(1e-6, "h L2 norm below this: state vanished (reference)")
@@ -487,7 +487,7 @@ def phase_of(step: int, total_updates: int | None, thresholds: Thresholds) -> Ph
 
 
 # Updates of automatic DEBUG after each anomaly kind (its spec's): severe, rare events get long
-# captures; noisy, mild ones short ones (review L5).
+# captures; noisy, mild ones short ones.
 DEFAULT_ESCALATION_UPDATES: dict[str, int] = {k: s.escalation_updates for k, s in SPECS.items()}
 
 

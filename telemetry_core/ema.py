@@ -5,7 +5,7 @@ Host side and torch-free: it consumes the floats of the update's single transfer
 ``drift = |x - ema| / (|ema| + eps)`` is measured against the EMA *before* it absorbs ``x`` (the
 question is "how unusual is this update given the history"), then ``ema <- m * ema + (1 - m) * x``.
 The first finite value initialises the EMA (no zero-start bias). For the first ``warmup`` values the
-EMA is too short to judge by, so the drift is ``None`` (no verdict; review L4).
+EMA is too short to judge by, so the drift is ``None`` (no verdict).
 
 Non-finite inputs (a NaN or inf norm) are not absorbed: one NaN backward would otherwise poison the
 EMA forever (and inf would pin it). Such an update gets no drift verdict (``None``; the numerical

@@ -273,7 +273,7 @@ class LayerRow(_S):
 
 
 class NumericalReport(_S):
-    """Where the numbers went bad, in one transfer (review M3)."""
+    """Where the numbers went bad, in one transfer."""
 
     nonfinite_weights: list[Str] = []  # parameter names with a NaN/inf weight (end of the update)
     nonfinite_grads: list[Str] = []  # parameter names with a NaN/inf gradient in any backward

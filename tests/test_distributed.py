@@ -1,4 +1,4 @@
-"""Telemetry across torch.distributed ranks (issue 6): real gloo process groups, real training.
+"""Telemetry across torch.distributed ranks: real gloo process groups, real training.
 
 Multi-process tests start 2 or 4 real processes (torch.multiprocessing, forkserver with torch
 preloaded so a start costs ~0.2 s instead of an import of torch per rank), join a gloo group, and

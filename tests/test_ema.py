@@ -48,7 +48,7 @@ def test_drift_matches_reference(seed: int) -> None:
 def test_warmup_gives_no_verdict() -> None:
     ema = GradientEMA(momentum=0.9, warmup=10)
     drifts = [ema.update(1.0 + i) for i in range(12)]
-    assert drifts[:10] == [None] * 10  # the first 10 updates: no verdict (review L4)
+    assert drifts[:10] == [None] * 10  # the first 10 updates: no verdict
     assert drifts[10] is not None and drifts[11] is not None
     assert ema.drifting(0.5) is not None
     assert not GradientEMA(warmup=3).warmed_up

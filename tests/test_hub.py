@@ -1,7 +1,7 @@
 """TelemetryHub end to end: real PyTorch updates of a recurrent multi-head actor-critic, real
 ZeroMQ sockets on loopback, real recordings.
 
-Covers issue 2 E (exactly one host materialisation per update) and issue 3 A/E/F and the hub rows
+Covers exactly one host materialisation per update, the stream and its commands, and the hub rows
 of the fault table (commands applied at boundaries and acknowledged with their step, DEBUG lease
 by updates and by renewal deadline, auto-escalation per anomaly kind, telemetry errors never
 raised into training, port in use, fork, exit with messages queued, recording).

@@ -1,4 +1,4 @@
-"""Every stream row of the fault table (shared/reference/ANCHORS.md) that concerns the publisher.
+"""Every stream row of the trusted-stream fault table that concerns the publisher.
 
 Real sockets on loopback, real SUB/DEALER clients (the ``Dashboard`` of test_transport.py), real
 forks and subprocesses. Tests assert behaviour (counts, codes, what arrives, what does not), never

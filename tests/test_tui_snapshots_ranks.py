@@ -1,4 +1,4 @@
-"""SVG snapshots of the rank display (issue 6), fed from rank 0's recording of a real 4-rank run.
+"""SVG snapshots of the rank display, fed from rank 0's recording of a real 4-rank run.
 
 tests/fixtures/ranks_run.simrec comes from tests/fixtures/build_rank_recording.py: four gloo ranks
 train the demo data-parallel with real hubs; rank 2 gets NaN gradients at update 5 and rank 3

@@ -2,8 +2,8 @@
 
 Every kind of ``telemetry_core.kinds.SPECS`` whose rule lives in this package (all but
 ``rank_divergence``, which the multi-rank aggregator judges) is checked here by its own rule class,
-from the update's own statistics as they appear in the Snapshot, so no check is dead code (review
-C1, C2, H2: the reference system had entropy and KL checks that were never fed). The trainer
+from the update's own statistics as they appear in the Snapshot, so no check is dead code (a
+system whose entropy and KL checks are never fed has no such alarms at all). The trainer
 computes; the detector judges. Its only arithmetic of its own is a few rolling baselines of values
 it is given (medians of KL, value loss, value std, gradient norm and per-head entropy; the recent
 LSTM state norms; the mean episode return), each owned by the rule that uses it and kept on the host

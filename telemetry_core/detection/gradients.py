@@ -132,7 +132,7 @@ class GradientVanishingRule(Rule):
 class GradientDriftRule(Rule):
     """``gradient_drift`` (warning): the pre-clip norm's relative distance from its EMA,
     ``|x - ema| / ema``, above ``grad_drift`` for ``grad_drift_patience`` consecutive updates.
-    ``ema_drift`` is None during the tracker's warm-up (review L4): no verdict, count reset.
+    ``ema_drift`` is None during the tracker's warm-up: no verdict, count reset.
     """
 
     KIND = "gradient_drift"
