@@ -181,7 +181,12 @@ class Thresholds:
         0.05, "k3 KL (update mean) above this is a spike: 5x a typical target, past any early stop"
     )
     kl_spike_critical: float = _t(
-        0.15, "k3 KL above this: the policy moved far outside the trust region in one update"
+        0.5,
+        "k3 KL above this: the policy moved far outside the trust region in one update. A healthy "
+        "demo run that has converged (return 500, nearly deterministic heads) reaches 0.19-0.37 in "
+        "the one minibatch before its target-KL stop, 3 times in 1,900 updates; a learning rate x40 "
+        "or an actor/learner mismatch reaches 0.70-1.77 (0.15, the first limit, was critical on those "
+        "healthy updates too)",
     )
     kl_relative_factor: float = _t(
         5.0, "k3 KL above this multiple of its rolling median is a spike even below the absolute limit"
@@ -217,9 +222,18 @@ class Thresholds:
         "noise (a healthy recurrent agent's min ratio reached 2.1e-4)",
     )
     ratio_tail_share_critical: float = _t(
-        0.02,
+        0.05,
         "ratio_explosion / ratio_collapse are also critical when more than this share of the samples "
-        "lies beyond the warning limit",
+        "lies beyond the warning limit: a converged healthy demo run had 2.7 % of one update's "
+        "samples below 0.02 (14 of 512, once in 1,900 updates), a learning rate x40 or an actor/learner "
+        "mismatch put 9-12 % there",
+    )
+    ratio_tail_critical_min_samples: int = _t(
+        8,
+        "beyond the critical limits (ratio_explosion_critical / ratio_collapse_critical) more than "
+        "this many samples are needed, however small the update: a converged healthy demo run had 5 "
+        "of 512 samples below 0.001 in one early-stopped update (1,900 updates); the injected "
+        "failures move the bulk past the warning limits instead (0-1 samples beyond the critical ones)",
     )
     ratio_tail_min_samples: int = _t(
         3,

@@ -126,6 +126,7 @@ _SPECS: tuple[KindSpec, ...] = (
             "ratio_tail_share",
             "ratio_tail_share_critical",
             "ratio_tail_min_samples",
+            "ratio_tail_critical_min_samples",
             "ratio_collapse",  # the trainer counts both tails in one pass: its counts match all four limits
             "ratio_collapse_critical",
         ),
@@ -149,6 +150,7 @@ _SPECS: tuple[KindSpec, ...] = (
             "ratio_tail_share",
             "ratio_tail_share_critical",
             "ratio_tail_min_samples",
+            "ratio_tail_critical_min_samples",
             "ratio_explosion",
             "ratio_explosion_critical",
         ),

@@ -595,7 +595,7 @@ def test_kl_spike_absolute_warning_and_critical() -> None:
     det = detector()
     assert kinds(det.check(healthy(1, policy={"kl_k3_mean": 0.07}))) == {("kl_spike", None): WARNING}
     (a,) = det.check(healthy(2, policy={"kl_k3_mean": 0.8, "early_stopped": True}))
-    assert a.severity == CRITICAL and a.threshold == 0.15 and "early stop fired" in a.message
+    assert a.severity == CRITICAL and a.threshold == Thresholds().kl_spike_critical and "early stop fired" in a.message
 
 
 def test_kl_spike_relative_to_rolling_median_with_floor() -> None:
@@ -647,8 +647,8 @@ def test_ratio_explosion_by_the_mass_of_its_tail_naming_the_worst_head() -> None
     assert "the largest 53x" in a.message
     (a,) = det.check(_tail(3, ratio_max=53.0, ratio_above=200, ratio_above_critical=120))
     assert a.severity == CRITICAL and a.value == pytest.approx(120 / 16384)
-    (a,) = det.check(_tail(4, ratio_max=53.0, ratio_above=400))  # 2.4% beyond the warning limit
-    assert a.severity == CRITICAL and a.threshold == pytest.approx(0.02 * 16384 / 16384)
+    (a,) = det.check(_tail(4, ratio_max=53.0, ratio_above=900))  # 5.5% beyond the warning limit
+    assert a.severity == CRITICAL and a.threshold == pytest.approx(Thresholds().ratio_tail_share_critical)
 
 
 def test_ratio_collapse_by_the_mass_of_its_tail() -> None:

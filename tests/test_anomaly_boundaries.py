@@ -233,6 +233,12 @@ def test_ratio_tail_critical_limits(kind: str, field: str) -> None:
     at, under, over = _counts(n, T.ratio_tail_share_critical)  # a large share beyond the warning limit
     for c, want in ((at, WARNING), (under, WARNING), (over, CRITICAL)):
         assert severity(detector().check(_tail(n, **{field: c})), kind) == want, c
+    # a small (early-stopped) update: the minimum count beyond the critical limit decides
+    n, m = 512, T.ratio_tail_critical_min_samples
+    assert m > T.ratio_tail_share * n
+    for c, want in ((m, WARNING), (m - 1, WARNING), (m + 1, CRITICAL)):
+        found = detector().check(_tail(n, **{field: m + 1, crit: c}))
+        assert severity(found, kind) == want, c
 
 
 def test_ratio_tail_of_other_limits_falls_back_to_a_warning_on_the_extreme() -> None:

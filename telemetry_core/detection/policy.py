@@ -83,9 +83,9 @@ def tail_counts(p: PolicyStats, t: Thresholds) -> tuple[int, int, int, int, int]
     return (n, *(count(c) for c in counts))  # type: ignore[return-value]
 
 
-def tail_limit(n: int, share: float, t: Thresholds) -> float:
+def tail_limit(n: int, share: float, t: Thresholds, minimum: int | None = None) -> float:
     """How many of ``n`` samples may lie beyond a limit before it is more than noise."""
-    return max(float(t.ratio_tail_min_samples), share * n)
+    return max(float(t.ratio_tail_min_samples if minimum is None else minimum), share * n)
 
 
 class _RatioTailRule(Rule):
@@ -93,7 +93,8 @@ class _RatioTailRule(Rule):
 
     With the trainer's tail counts (``PolicyStats.ratio_above`` ... against these limits):
     warning when more than ``max(ratio_tail_min_samples, ratio_tail_share x samples)`` samples lie
-    beyond the warning limit; critical when that many lie beyond the critical limit, or more than
+    beyond the warning limit; critical when more than ``max(ratio_tail_critical_min_samples,
+    ratio_tail_share x samples)`` lie beyond the critical limit, or more than
     ``ratio_tail_share_critical`` x samples beyond the warning limit. The single most extreme
     sample of a large update is noise (a 16k-sample update of a healthy recurrent agent reached
     2e-4), a broken update moves a large share of them. Without the counts (an older recording)
@@ -144,8 +145,9 @@ class _RatioTailRule(Rule):
         n, above, above_crit, below, below_crit = counts
         beyond, beyond_crit = (above, above_crit) if self.HIGH else (below, below_crit)
         share_limit = tail_limit(n, t.ratio_tail_share, t)
-        if beyond_crit > share_limit:
-            sev, value, limit, at = CRITICAL, beyond_crit, share_limit, crit
+        crit_limit = tail_limit(n, t.ratio_tail_share, t, t.ratio_tail_critical_min_samples)
+        if beyond_crit > crit_limit:
+            sev, value, limit, at = CRITICAL, beyond_crit, crit_limit, crit
         elif beyond > tail_limit(n, t.ratio_tail_share_critical, t):
             sev, value, limit, at = CRITICAL, beyond, tail_limit(n, t.ratio_tail_share_critical, t), warn
         elif beyond > share_limit:
