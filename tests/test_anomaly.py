@@ -605,12 +605,15 @@ def test_kl_spike_relative_to_rolling_median_with_floor() -> None:
     (a,) = det.check(healthy(step + 1, policy={"kl_k3_mean": 0.046}))  # 5.1x, above the floor
     assert (a.kind, a.severity) == ("kl_spike", WARNING)
     assert a.threshold == pytest.approx(5 * 0.009) and "median" in a.message
-    # A tiny baseline: 5x of 0.001 is below the 0.02 floor, so 0.015 is not a spike.
+    # A tiny baseline: 5x of 0.001 is below the floor, so a KL at the floor is not a spike, just
+    # above it is.
+    floor = Thresholds().kl_relative_floor
     det = detector()
     for step in range(1, 11):
         det.check(healthy(step, policy={"kl_k3_mean": 0.001}))
-    assert det.check(healthy(11, policy={"kl_k3_mean": 0.015})) == []
-    assert kinds(det.check(healthy(12, policy={"kl_k3_mean": 0.021}))) == {("kl_spike", None): WARNING}
+    assert det.check(healthy(11, policy={"kl_k3_mean": floor})) == []
+    above = math.nextafter(floor, 1.0)
+    assert kinds(det.check(healthy(12, policy={"kl_k3_mean": above}))) == {("kl_spike", None): WARNING}
 
 
 def test_kl_relative_rule_needs_a_baseline_and_ignores_nan() -> None:
