@@ -219,8 +219,10 @@ def test_a_signed_in_flood_costs_the_publisher_thread_at_most_its_cpu_budget(mak
     spent = thread_cpu(thread) - cpu0
     refused = pub.counters.rejected.get("unsigned", 0)
     assert refused < sent, "the flood was read in full"
-    # The budget, its burst, and heartbeats / monitor reading on top (a generous allowance).
-    assert spent <= share * elapsed + 0.125 + 0.05 * elapsed, (spent, elapsed, refused)
+    # The budget and its burst, plus what the budget does not cover: heartbeats, monitor reading,
+    # sending the refusals' replies and the loop's own polling (measured at 4-6 % of a core under
+    # this flood on the 2-core machine; allowed 10 %).
+    assert spent <= share * elapsed + 0.125 + 0.10 * elapsed, (spent, elapsed, refused)
     assert pub.counters.read_pauses >= 1
     live.recv_multipart()  # the stream kept flowing meanwhile
     assert heard(live)

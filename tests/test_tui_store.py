@@ -193,7 +193,7 @@ def test_verdicts_follow_the_thresholds_in_the_stream() -> None:
     assert judge_entropy(thr, "force", math.nan) == Verdict.CRIT
     lenient = dataclasses.replace(thr, entropy_collapse_per_head={"force": 0.01}, entropy_warning=0.02)
     assert judge_entropy(lenient, "force", 0.05) == Verdict.OK
-    assert judge_kl(thr, 0.06) == Verdict.WARN and judge_kl(thr, 0.2) == Verdict.CRIT
+    assert judge_kl(thr, 0.06) == Verdict.WARN and judge_kl(thr, thr.kl_spike_critical * 1.1) == Verdict.CRIT
     assert (
         judge_kl(dataclasses.replace(thr, kl_spike_warning=0.1, kl_spike_critical=0.3), 0.2) == Verdict.WARN
     )
