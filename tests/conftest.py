@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,3 +19,17 @@ def deterministic_terminal(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     monkeypatch.undo()
     time.tzset()
+
+
+@pytest.fixture
+def sb3_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A private runtime directory (connection files) and one torch thread, for the SB3 tests."""
+    import torch
+
+    d = tmp_path / "runtime"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(d))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

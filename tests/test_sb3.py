@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +33,9 @@ from telemetry_core.schema import Ack, Snapshot  # noqa: E402
 
 RecurrentPPO = sb3_contrib.RecurrentPPO
 
-pytestmark = pytest.mark.timeout(120)
+# a private runtime directory and one torch thread (tiny MLPs: a second one only contends)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("sb3_runtime")]
 
-
-@pytest.fixture(autouse=True)
-def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    d = tmp_path / "runtime"
-    d.mkdir(mode=0o700)
-    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(d))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny MLPs: a second thread only contends on the shared cores
-    yield
-    torch.set_num_threads(threads)
 
 
 class Reference(BaseCallback):

@@ -5,8 +5,6 @@ logger and a float64 recomputation from the policy's log-std."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,18 +21,9 @@ from telemetry_core.integrations.sb3 import SimicCallback, sb3_log_values
 from telemetry_core.reductions.policy import PolicyReducer
 from telemetry_core.schema import Snapshot
 
-pytestmark = pytest.mark.timeout(120)
+# a private runtime directory and one torch thread (tiny MLPs: a second one only contends)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("sb3_runtime")]
 
-
-@pytest.fixture(autouse=True)
-def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    d = tmp_path / "runtime"
-    d.mkdir(mode=0o700)
-    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(d))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LogStd(BaseCallback):

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("stable_baselines3")
 
-import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
@@ -21,18 +19,9 @@ from telemetry_core.config import TelemetryConfig, TelemetryLevel
 from telemetry_core.integrations.sb3 import SimicCallback
 from telemetry_core.schema import Snapshot
 
-pytestmark = pytest.mark.timeout(120)
+# a private runtime directory and one torch thread (tiny MLPs: a second one only contends)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("sb3_runtime")]
 
-
-@pytest.fixture(autouse=True)
-def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    d = tmp_path / "runtime"
-    d.mkdir(mode=0o700)
-    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(d))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rows(path: Path) -> list[dict[str, float]]:

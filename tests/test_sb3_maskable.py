@@ -7,8 +7,6 @@ checked against SB3's own logger and a float64 recomputation over the rollout bu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,18 +29,9 @@ from telemetry_core.schema import Snapshot  # noqa: E402
 
 MaskablePPO = sb3_contrib.MaskablePPO
 
-pytestmark = pytest.mark.timeout(120)
+# a private runtime directory and one torch thread (tiny MLPs: a second one only contends)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("sb3_runtime")]
 
-
-@pytest.fixture(autouse=True)
-def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    d = tmp_path / "runtime"
-    d.mkdir(mode=0o700)
-    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(d))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def factored_masks(env: gym.Env) -> np.ndarray:
