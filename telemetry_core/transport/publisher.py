@@ -49,40 +49,23 @@ import zmq
 
 from telemetry_core import protocol
 from telemetry_core.config import TelemetryLevel
-from telemetry_core.schema import Ack, Command, Counters, Heartbeat, History, Nack, Snapshot
-from telemetry_core.transport.auth import ZAP_DOMAIN, ZapHandler
-from telemetry_core.transport.gate import AUTH_CODES, FRAME_CODES, CommandGate, TokenBucket
-from telemetry_core.transport.net import (
-    BindError,
-    Endpoints,
-    InsecureBindError,
-    TransportError,
-    is_loopback,
-    parse_tcp,
-    zmq_endpoint,
+from telemetry_core.schema import Ack, Command, Counters, Heartbeat, Nack, Snapshot
+from telemetry_core.transport.auth import ZapHandler
+from telemetry_core.transport.commands import CommandPort
+from telemetry_core.transport.gate import FRAME_CODES, CommandGate, TokenBucket
+from telemetry_core.transport.history import HistoryRing
+from telemetry_core.transport.net import BindError, Endpoints, TransportError
+from telemetry_core.transport.sockets import (
+    FAILED_EVENTS,
+    MONITOR_EVENTS,
+    BindPlan,
+    describe_bind_error,
+    make_sockets,
 )
 
 __all__ = ["Publisher", "PublisherCounters"]
 
 log = logging.getLogger("telemetry_core.transport")
-
-_READ_BATCH = 256
-# Inbound messages on the PUB socket are (un)subscriptions of a few bytes and, with CURVE, the
-# handshake's commands (HELLO 200 bytes, INITIATE under 512); libzmq applies MAXMSGSIZE to both.
-_MAX_INBOUND_PUB = 1024
-_MONITOR_EVENTS = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_ACCEPTED
-    | zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_CLOSED
-)
-_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
 
 
 class PublisherCounters(msgspec.Struct, frozen=True, kw_only=True):
@@ -216,52 +199,10 @@ class Publisher:
         self._key_hex = protocol.ConnectionInfo.new_key()
         self._key = bytes.fromhex(self._key_hex)
 
-        # -- where to bind, and whether CURVE is required ------------------------------------
+        # -- where to bind, and whether CURVE is required (checked here, before any thread) ----
         self._bind = bind
-        self._pub_addr: tuple[str, int] | None = None
-        self._cmd_addr: tuple[str, int] | None = None
-        self._curve = False
-        if bind is not None:
-            host, port = parse_tcp(bind, "bind")
-            if cmd_bind is not None:
-                cmd_host, cmd_port = parse_tcp(cmd_bind, "cmd_bind")
-            else:
-                if port == 65535:
-                    raise ValueError("bind port 65535 leaves no room for the command port; pass cmd_bind")
-                cmd_host, cmd_port = host, (port + 1 if port else 0)
-            self._pub_addr, self._cmd_addr = (host, port), (cmd_host, cmd_port)
-            local = is_loopback(host) and is_loopback(cmd_host)
-            if curve is False and not local:
-                raise InsecureBindError(
-                    f"refusing to bind {bind} without CURVE: a non-loopback bind must be encrypted and "
-                    "authenticated (leave curve=None or set curve=True)"
-                )
-            if curve is None and local and not zmq.has("curve"):
-                log.warning(
-                    "telemetry: this libzmq has no CURVE; the loopback stream is not encrypted and any "
-                    "local user can read it (commands still need the connection file's key)"
-                )
-                curve = False
-            self._curve = curve is not False
-            if self._curve and not zmq.has("curve"):
-                raise InsecureBindError(
-                    f"refusing to bind {bind}: this libzmq was built without CURVE, so the stream "
-                    "cannot be encrypted; bind 127.0.0.1 and use an SSH tunnel instead"
-                )
-        self._curve_server: tuple[bytes, bytes] | None = None  # (public, secret), z85
-        self._curve_client: tuple[bytes, bytes] | None = None
-        self._curve_allowed: set[bytes] = set()
-        if self._curve:
-            self._curve_server = zmq.curve_keypair()
-            self._curve_client = zmq.curve_keypair()
-            self._curve_allowed = {self._curve_client[0]}
-            for key in curve_allow or []:
-                raw = key.encode() if isinstance(key, str) else bytes(key)
-                if len(raw) != 40:
-                    raise ValueError(f"curve_allow keys must be 40-character z85 public keys, got {key!r}")
-                self._curve_allowed.add(raw)
-        elif curve_allow:
-            raise ValueError("curve_allow needs CURVE (leave curve=None or set curve=True)")
+        self._plan = BindPlan(bind, cmd_bind, curve, curve_allow)
+        self._curve = self._plan.curve
 
         self._connection_file_opt = connection_file
         self._connection_path: Path | None = None
@@ -269,8 +210,7 @@ class Publisher:
         self._endpoints: Endpoints | None = None
 
         # -- settings used by the thread ---------------------------------------------------
-        self._history_max = history
-        self._history_bytes_max = history_bytes
+        self._history = HistoryRing(history, history_bytes)
         self._chunk_bytes = history_chunk_bytes
         self._queue_size = queue_size
         self._pub_hwm = pub_hwm
@@ -319,21 +259,25 @@ class Publisher:
         self._dropped = 0
         self._unsent = 0
         self._heartbeats = 0
-        self._history_served = 0
-        self._history_frames = 0
-        self._replies_sent = 0
-        self._replies_dropped = 0
         self._handshake_failures = 0
         self._read_pauses = 0
         self._errors = 0
 
         # -- publisher-thread state ------------------------------------------------------------
-        self._history: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._history_size = 0
         self._last_sent_seq = 0
-        self._auth_nacks: dict[str, bytes] = {}
         self._atexit: Callable[[], None] | None = None
         self._zap: ZapHandler | None = None  # owned by the publisher thread
+        self._port = CommandPort(
+            self._gate,
+            self._key,
+            self.session,
+            read_bucket=self._read_bucket,
+            cpu_bucket=self._cpu_bucket,
+            history=self._history,
+            chunk_bytes=history_chunk_bytes,
+            inbox=self._inbox,
+            header=lambda: (self._last_sent_seq, self._status[0]),
+        )
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -489,10 +433,10 @@ class Publisher:
             heartbeats=self._heartbeats,
             commands_accepted=self._gate.accepted,
             rejected=dict(self._gate.rejected),
-            history_served=self._history_served,
-            history_frames=self._history_frames,
-            replies_sent=self._replies_sent,
-            replies_dropped=self._replies_dropped,
+            history_served=(port := self._port).history_served,
+            history_frames=port.history_frames,
+            replies_sent=port.replies_sent,
+            replies_dropped=port.replies_dropped,
             handshake_failures=self._handshake_failures,
             connections_refused=dict(zap.refused) if (zap := self._zap) is not None else {},
             peers=zap.peers if zap is not None else 0,
@@ -564,20 +508,14 @@ class Publisher:
 
     def _write_connection_file(self) -> None:
         assert self._endpoints is not None
-        info = protocol.ConnectionInfo(
-            pub=self._endpoints.pub,
-            cmd=self._endpoints.cmd,
+        info = self._plan.connection_info(
+            self._endpoints,
             session=self.session,
-            key=self._key_hex,
+            key_hex=self._key_hex,
             run_name=self.run_name,
             pid=self._pid,
             created=time.time(),
         )
-        if self._curve:
-            assert self._curve_server is not None and self._curve_client is not None
-            info.curve_server_public = self._curve_server[0].decode()
-            info.curve_client_public = self._curve_client[0].decode()
-            info.curve_client_secret = self._curve_client[1].decode()
         self._connection_info = info
         opt = self._connection_file_opt
         if opt is False:
@@ -616,15 +554,14 @@ class Publisher:
                 # The ZAP handler is bound before the sockets, so no connection is ever judged
                 # without it; it lives on this thread and is served from the loop below.
                 self._zap = ZapHandler(
-                    ctx, curve=self._curve, allowed=frozenset(self._curve_allowed), max_peers=self._max_peers
+                    ctx, curve=self._curve, allowed=frozenset(self._plan.allowed), max_peers=self._max_peers
                 )
-                pub, router = self._make_sockets(ctx, sockets)
+                pub, router, self._endpoints = make_sockets(ctx, self._plan, sockets, pub_hwm=self._pub_hwm)
                 for sock in sockets:
-                    monitors.append(sock.get_monitor_socket(_MONITOR_EVENTS))
-                self._auth_nacks = {code: self._encode_auth_nack(code) for code in AUTH_CODES}
+                    monitors.append(sock.get_monitor_socket(MONITOR_EVENTS))
                 self._network = True
             except zmq.ZMQError as exc:
-                self._bind_error = self._describe_bind_error(exc)
+                self._bind_error = describe_bind_error(self._plan, exc)
                 return
             except Exception as exc:
                 self._bind_error = f"telemetry: could not start the stream: {exc!r}"
@@ -652,56 +589,6 @@ class Publisher:
             if ctx is not None:
                 with contextlib.suppress(zmq.ZMQError):
                     ctx.term()
-
-    def _describe_bind_error(self, exc: zmq.ZMQError) -> str:
-        assert self._pub_addr is not None and self._cmd_addr is not None
-        pub = zmq_endpoint(*self._pub_addr)
-        cmd = zmq_endpoint(*self._cmd_addr)
-        what = "already in use" if exc.errno == zmq.EADDRINUSE else exc.strerror
-        return (
-            f"telemetry: cannot bind the stream on {pub} (commands {cmd}): {what}. Training continues "
-            "without the live stream (recording, if on, is unaffected); pick another port with "
-            "bind=..., or bind=None to turn the stream off."
-        )
-
-    def _make_sockets(self, ctx: zmq.Context, sockets: list[zmq.Socket]) -> tuple[zmq.Socket, zmq.Socket]:
-        assert self._pub_addr is not None and self._cmd_addr is not None
-        pub = ctx.socket(zmq.PUB)
-        sockets.append(pub)
-        router = ctx.socket(zmq.ROUTER)
-        sockets.append(router)
-        for sock in (pub, router):
-            sock.setsockopt(zmq.LINGER, 0)
-            # Drop peers that stopped answering ZMTP pings, so no queue waits on a dead dashboard.
-            sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-            sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
-            if self._curve:
-                assert self._curve_server is not None
-                sock.setsockopt(zmq.CURVE_SERVER, 1)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve_server[0])
-                sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_server[1])
-            # Every handshake asks the ZAP handler (peer cap; CURVE keys); without it, refuse.
-            sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
-            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-        pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
-        pub.setsockopt(zmq.RCVHWM, 16)
-        # What a subscriber sends is (un)subscriptions: a few bytes each. A longer message gets the
-        # peer disconnected by libzmq before it is buffered (a 10 MB topic used to be kept).
-        pub.setsockopt(zmq.MAXMSGSIZE, _MAX_INBOUND_PUB)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.SNDHWM, 1000)
-        router.setsockopt(zmq.RCVHWM, 100)
-        # Commands are tiny: a larger frame gets the peer disconnected by libzmq before we see it.
-        router.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_COMMAND_BYTES)
-        for sock, (host, port) in ((pub, self._pub_addr), (router, self._cmd_addr)):
-            if ":" in host.strip("[]"):
-                sock.setsockopt(zmq.IPV6, 1)
-            sock.bind(zmq_endpoint(host, port))
-        self._endpoints = Endpoints(
-            pub.getsockopt_string(zmq.LAST_ENDPOINT), router.getsockopt_string(zmq.LAST_ENDPOINT)
-        )
-        return pub, router
 
     def _loop(self, pub: zmq.Socket, router: zmq.Socket, monitors: list[zmq.Socket]) -> None:
         next_hb = time.monotonic()
@@ -744,7 +631,7 @@ class Publisher:
                 while self._controls:
                     self._controls.popleft()()
                 self._drain_snapshots(pub)
-                self._drain_replies(router)
+                self._port.drain_replies(router, self._replies)
                 cpu = time.thread_time()
                 for mon in monitors:
                     if mon in events:
@@ -752,7 +639,7 @@ class Publisher:
                 if reading and zap is not None and zap in events and self._zap is not None:
                     self._zap.serve()
                 if reading and router in events:
-                    self._read_commands(router, cpu)
+                    self._port.read(router, cpu)
                 self._cpu_bucket.charge(time.monotonic(), time.thread_time() - cpu)
             except zmq.ContextTerminated:
                 raise
@@ -779,16 +666,7 @@ class Publisher:
                 pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame], flags=zmq.NOBLOCK)
                 self._published += 1
                 self._last_sent_seq = seq
-                self._remember(seq, frame)
-
-    def _remember(self, seq: int, frame: bytes) -> None:
-        if self._history_max == 0:
-            return
-        history = self._history
-        history.append((seq, frame))
-        self._history_size += len(frame)
-        while history and (len(history) > self._history_max or self._history_size > self._history_bytes_max):
-            self._history_size -= len(history.popleft()[1])
+                self._history.remember(seq, frame)
 
     def _send_heartbeat(self, pub: zmq.Socket) -> None:
         step, level, hub_counters = self._status
@@ -806,108 +684,6 @@ class Publisher:
         pub.send_multipart([protocol.TOPIC_HEARTBEAT, frame], flags=zmq.NOBLOCK)
         self._heartbeats += 1
 
-    def _drain_replies(self, router: zmq.Socket) -> None:
-        while self._replies:
-            peer, message = self._replies.popleft()
-            kind = "ack" if isinstance(message, Ack) else "nack"
-            self._send_signed(router, peer, kind, message)
-
-    def _send_signed(self, router: zmq.Socket, peer: bytes, kind: str, body: msgspec.Struct) -> bool:
-        frame = protocol.encode_envelope(
-            kind, body, session=self.session, seq=self._last_sent_seq, step=self._status[0]
-        )
-        return self._send_raw(router, peer, protocol.sign(self._key, frame), frame)
-
-    def _send_raw(self, router: zmq.Socket, peer: bytes, mac: bytes, frame: bytes) -> bool:
-        try:
-            router.send_multipart([peer, mac, frame], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full)
-            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            self._replies_dropped += 1
-            return False
-        self._replies_sent += 1
-        return True
-
-    def _encode_auth_nack(self, code: str) -> bytes:
-        reason = (
-            "command refused: it is not signed; dashboards sign commands with the key from the "
-            "trainer's connection file"
-            if code == "unsigned"
-            else "command refused: bad signature; the key does not match this trainer's connection "
-            "file (did the trainer restart? re-read the file)"
-        )
-        return protocol.encode_envelope(
-            "nack", Nack(command_id="", reason=reason, code=code), session="", seq=0, step=0, wall_time=0.0
-        )
-
-    # -- commands -------------------------------------------------------------------------------
-
-    def _read_commands(self, router: zmq.Socket, cpu_start: float) -> None:
-        budget = self._cpu_bucket
-        for i in range(_READ_BATCH):
-            now = time.monotonic()
-            if not self._read_bucket.take(now):
-                return
-            # Stop mid-batch once this batch alone has spent what the CPU budget still holds.
-            if i % 16 == 15 and time.thread_time() - cpu_start > budget.tokens:
-                return
-            try:
-                parts = [router.recv(zmq.NOBLOCK)]
-            except zmq.Again:
-                self._read_bucket.tokens += 1.0
-                return
-            count = 1
-            while router.getsockopt(zmq.RCVMORE):
-                part = router.recv()
-                count += 1
-                if count <= 3:  # never hold more than the routing id, mac and envelope
-                    parts.append(part)
-            self._handle_command(router, parts, count, now)
-
-    def _handle_command(self, router: zmq.Socket, parts: list[bytes], count: int, now: float) -> None:
-        verdict = self._gate.admit(parts, count, now, len(self._inbox))
-        peer = parts[0]
-        if verdict.action == "auth_nack":
-            self._send_raw(router, peer, b"", self._auth_nacks[verdict.code])
-        elif verdict.action == "nack":
-            nack = Nack(command_id=verdict.command_id, reason=verdict.reason, code=verdict.code)
-            self._send_signed(router, peer, "nack", nack)
-        elif verdict.action == "history":
-            assert verdict.command is not None
-            self._serve_history(router, peer, verdict.command)
-        elif verdict.action == "accept":
-            assert verdict.command is not None
-            self._inbox.append((peer, verdict.command))
-
-    def _serve_history(self, router: zmq.Socket, peer: bytes, command: Command) -> None:
-        since = -1 if command.since_seq is None else command.since_seq
-        limit = protocol.MAX_FRAME_BYTES - 4096
-        chunks: list[list[tuple[int, bytes]]] = [[]]
-        size = 0
-        for seq, frame in self._history:
-            if seq <= since or len(frame) > limit:
-                continue
-            if chunks[-1] and size + len(frame) > self._chunk_bytes:
-                chunks.append([])
-                size = 0
-            chunks[-1].append((seq, frame))
-            size += len(frame) + 8
-        for index, chunk in enumerate(chunks):
-            body = History(
-                frames=[frame for _, frame in chunk],
-                oldest_seq=chunk[0][0] if chunk else None,
-                newest_seq=chunk[-1][0] if chunk else None,
-                command_id=command.id,
-                chunk=index,
-                chunks=len(chunks),
-                latest_seq=self._last_sent_seq,
-            )
-            if not self._send_signed(router, peer, "history", body):
-                return
-            self._history_served += 1
-            self._history_frames += len(chunk)
-
     def _read_monitor(self, mon: zmq.Socket, budget: int = 256) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
@@ -919,7 +695,7 @@ class Publisher:
             kind = event["event"]
             if self._zap is not None:
                 self._zap.on_event(kind, event["value"])
-            if kind & _FAILED:
+            if kind & FAILED_EVENTS:
                 self._handshake_failures += 1
                 self._warn_once(
                     "handshake",
