@@ -1,8 +1,11 @@
 """The publisher thread: snapshots out on PUB, authenticated commands in on ROUTER.
 
-The training thread only encodes a snapshot and appends it to a bounded queue that drops the
-oldest (and counts it): it never waits on the network, a slow dashboard or a flood of commands,
-and it does not even wake the publisher thread. A pipe write per snapshot would release the GIL
+The training thread only appends a snapshot to a bounded queue that drops the oldest (and
+counts it): it never waits on the network, a slow dashboard or a flood of commands, and it does
+not even wake the publisher thread. With :meth:`Publisher.hand_off_snapshot` (the hub's path) it
+does not encode either: the publisher thread encodes the snapshot (msgpack, tens of microseconds
+for a DEBUG one), so the caller must not change it afterwards; :meth:`Publisher.publish_snapshot`
+encodes on the calling thread and returns the frame. A pipe write per snapshot would release the GIL
 to a thread that then holds it while the training thread waits (hundreds of microseconds per
 publish with a subscriber attached); instead the thread looks at the queue every
 ``wake_interval`` seconds (20 ms by default, imperceptible on a dashboard).
@@ -66,6 +69,9 @@ from telemetry_core.transport.sockets import (
 __all__ = ["Publisher", "PublisherCounters"]
 
 log = logging.getLogger("telemetry_core.transport")
+
+# A queued snapshot: (seq, its frame or the snapshot still to encode, who else wants the frame).
+_Queued = tuple[int, bytes | Snapshot, Callable[[bytes], None] | None]
 
 
 class PublisherCounters(msgspec.Struct, frozen=True, kw_only=True):
@@ -235,7 +241,7 @@ class Publisher:
 
         # -- shared between the training thread and the publisher thread -----------------------
         self._lock = threading.Lock()
-        self._queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._queue: collections.deque[_Queued] = collections.deque()
         self._replies: collections.deque[tuple[bytes, Ack | Nack]] = collections.deque(maxlen=1024)
         self._controls: collections.deque[Callable[[], None]] = collections.deque()
         self._inbox: collections.deque[tuple[bytes, Command]] = collections.deque()
@@ -345,8 +351,11 @@ class Publisher:
         self._remove_connection_file()
         self._network = False
         with self._lock:
-            self._dropped += len(self._queue)
+            left = list(self._queue)
+            self._dropped += len(left)
             self._queue.clear()
+        for item in left:  # lost to the stream, not to the recorder
+            self._encode_for_sink(item)
 
     def __enter__(self) -> Publisher:
         return self.start()
@@ -362,14 +371,58 @@ class Publisher:
         """Encode ``snapshot`` with the next sequence number and queue it; return the frame bytes.
 
         Never blocks: a full queue drops its oldest frame and counts it. In a forked child this
-        returns ``b""`` and touches nothing.
+        returns ``b""`` and touches nothing. The snapshot may change after the call.
         """
         if os.getpid() != self._pid:
             return b""
         self._raise_thread_error()
         self._seq += 1  # the training thread is the only writer
         seq = self._seq
-        frame = protocol.encode_envelope(
+        frame = self._encode(seq, snapshot)
+        self._status = (snapshot.step, snapshot.level.level, snapshot.counters)
+        if not self._network or self._closed:
+            self._unsent += 1
+            return frame
+        self._enqueue((seq, frame, None))
+        return frame
+
+    def hand_off_snapshot(self, snapshot: Snapshot, on_frame: Callable[[bytes], None] | None = None) -> int:
+        """Queue ``snapshot`` to be encoded and sent by the publisher thread; return its sequence number.
+
+        The encode leaves the calling thread, so ``snapshot`` (and everything it holds) must not
+        change after this call. ``on_frame`` (a recorder's ``put``, say) gets the encoded frame, on
+        the publisher thread, in sequence order; it must not block. Whatever the stream does (off,
+        closed, the queue full and its oldest dropped) ``on_frame`` still gets every frame: then it
+        is encoded on the calling thread. Never blocks; in a forked child it returns 0 and touches
+        nothing.
+        """
+        if os.getpid() != self._pid:
+            return 0
+        self._raise_thread_error()
+        self._seq += 1
+        seq = self._seq
+        self._status = (snapshot.step, snapshot.level.level, snapshot.counters)
+        if not self._network or self._closed:
+            self._unsent += 1
+            if on_frame is not None:
+                on_frame(self._encode(seq, snapshot))
+            return seq
+        self._enqueue((seq, snapshot, on_frame))
+        return seq
+
+    def _enqueue(self, item: _Queued) -> None:
+        with self._lock:
+            queue = self._queue
+            dropped = queue.popleft() if len(queue) >= self._queue_size else None
+            if dropped is not None:
+                self._dropped += 1
+            queue.append(item)
+        # No wake-up: the thread looks every wake_interval (see the module docstring).
+        if dropped is not None:
+            self._encode_for_sink(dropped)
+
+    def _encode(self, seq: int, snapshot: Snapshot) -> bytes:
+        return protocol.encode_envelope(
             "snapshot",
             snapshot,
             session=self.session,
@@ -377,18 +430,12 @@ class Publisher:
             step=snapshot.step,
             wall_time=snapshot.wall_time,
         )
-        self._status = (snapshot.step, snapshot.level.level, snapshot.counters)
-        if not self._network or self._closed:
-            self._unsent += 1
-            return frame
-        with self._lock:
-            queue = self._queue
-            if len(queue) >= self._queue_size:
-                queue.popleft()
-                self._dropped += 1
-            queue.append((seq, frame))
-        # No wake-up: the thread looks every wake_interval (see the module docstring).
-        return frame
+
+    def _encode_for_sink(self, item: _Queued) -> None:
+        """A queued snapshot the stream lost still goes to its ``on_frame`` (encoded on this thread)."""
+        seq, payload, on_frame = item
+        if on_frame is not None:
+            on_frame(payload if isinstance(payload, bytes) else self._encode(seq, payload))
 
     def set_status(
         self, step: int, level: str | int | TelemetryLevel, counters: Counters | None = None
@@ -444,6 +491,19 @@ class Publisher:
             errors=self._errors,
             network=self._network,
         )
+
+    def fill_counters(self, out: Counters) -> Counters:
+        """Write this publisher's fields of the wire :class:`Counters` into ``out``; return it.
+
+        What :meth:`PublisherCounters.to_schema` does, without copying every counter first: the hub
+        calls it once per update on the training thread.
+        """
+        gate = self._gate
+        out.snapshots_published = self._published
+        out.snapshots_dropped = self._dropped
+        out.commands_accepted = gate.accepted
+        out.commands_rejected = sum(gate.rejected.values())
+        return out
 
     @property
     def network(self) -> bool:
@@ -593,7 +653,7 @@ class Publisher:
     def _loop(self, pub: zmq.Socket, router: zmq.Socket, monitors: list[zmq.Socket]) -> None:
         next_hb = time.monotonic()
         was_reading = True
-        while not self._stop:
+        while True:  # leaves through the stop check after the poll, which drains the queue first
             now = time.monotonic()
             if now >= next_hb:
                 self._send_heartbeat(pub)
@@ -660,9 +720,28 @@ class Publisher:
                     return
                 batch = list(self._queue)
                 self._queue.clear()
-            for seq, frame in batch:
+            for index, (seq, payload, on_frame) in enumerate(batch):
                 if self._stop and not stopping:
+                    with self._lock:  # close() counts them (and still records them)
+                        self._queue.extendleft(reversed(batch[index:]))
                     return
+                if isinstance(payload, bytes):
+                    frame = payload
+                else:
+                    try:
+                        frame = self._encode(seq, payload)
+                    except Exception as exc:  # a snapshot that cannot be encoded is lost, counted
+                        self._errors += 1
+                        self._warn_once(
+                            "encode", f"telemetry publisher: could not encode a snapshot: {exc!r}"
+                        )
+                        continue
+                if on_frame is not None:
+                    try:
+                        on_frame(frame)
+                    except Exception as exc:
+                        self._errors += 1
+                        self._warn_once("on_frame", f"telemetry publisher: on_frame failed: {exc!r}")
                 pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame], flags=zmq.NOBLOCK)
                 self._published += 1
                 self._last_sent_seq = seq
