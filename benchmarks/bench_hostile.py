@@ -10,18 +10,22 @@ attack of the hostile-peer table against its two ports from this process, in a t
   commands from one identity and 50,000 from 500 identities (signed commands are read, refused
   and answered: the publisher thread's CPU budget is what bounds them).
 
-For each: the trainer's update times (printed by the trainer itself, wall clock) over ``window``
-updates just before the attack and ``window`` updates while it runs, their median ratio, and the
-trainer's RSS (``/proc/PID/status``) before, at the end of the attack and 3 s after the attacker
-has left. The trainer is another process, so its wall time is what can be read; the machine, the
-method and the numbers are printed together.
+For each: ``pairs`` adjacent pairs of windows of ``window`` updates, one without and one with
+the attacker (a process of its own, given one update to get going before its window starts), in
+alternating order from one pair to the next so that load from other jobs hits both alike. Per
+window: the median of the trainer's update times (printed by the trainer itself, wall clock) and
+its training thread's CPU time per update (``/proc/PID/task/PID/stat``), and what its other
+threads (the publisher thread, libzmq's I/O threads) spent, as a share of a core. Printed: the
+median and IQR of the per-pair ratios (with / without), and the trainer's RSS
+(``/proc/PID/status``) before the first pair and 3 s after the last attacker left. The machine,
+the method and the numbers are printed together.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -39,6 +43,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from telemetry_core import protocol  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import describe, quartiles  # noqa: E402
 
 _UPDATE = re.compile(r"^update +(\d+)/\d+ .* (\d+\.\d+) s")
 
@@ -65,6 +72,7 @@ class Trainer:
             cwd=ROOT,
         )
         self.times: list[tuple[float, float]] = []  # (arrival, update seconds)
+        self.cpu: list[float] = []  # the training thread's CPU clock at each update line
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -74,16 +82,26 @@ class Trainer:
             self.lines.append(line.rstrip())
             m = _UPDATE.match(line.strip())
             if m:
+                self.cpu.append(thread_cpu(self.proc.pid).get(self.proc.pid, ("", math.nan))[1])
                 self.times.append((time.monotonic(), float(m.group(2))))
 
     def wait_updates(self, n: int) -> list[float]:
         """The update times of the next ``n`` updates."""
+        return self.window(n)[0]
+
+    def window(self, n: int) -> tuple[list[float], float, float]:
+        """The next ``n`` updates: their times, the training thread's CPU per update, and the CPU
+        the trainer's other threads spent meanwhile (a share of one core)."""
         start = len(self.times)
+        cpu0 = self.cpu[-1] if self.cpu else 0.0
+        others0, t0 = _others(thread_cpu(self.proc.pid), self.proc.pid), time.monotonic()
         while len(self.times) < start + n:
             if self.proc.poll() is not None:
                 raise RuntimeError("the trainer exited:\n" + "\n".join(self.lines[-20:]))
-            time.sleep(0.05)
-        return [t for _, t in self.times[start : start + n]]
+            time.sleep(0.02)
+        others = (_others(thread_cpu(self.proc.pid), self.proc.pid) - others0) / (time.monotonic() - t0)
+        times = [t for _, t in self.times[start : start + n]]
+        return times, (self.cpu[start + n - 1] - cpu0) / n, others
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -91,6 +109,25 @@ class Trainer:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Every thread of ``pid``: its name and CPU seconds (user + system)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                name, rest = fh.read().split(" (", 1)[1].rsplit(") ", 1)
+            fields = rest.split()
+            out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _others(threads: dict[int, tuple[str, float]], main: int) -> float:
+    return sum(cpu for tid, (_, cpu) in threads.items() if tid != main)
 
 
 def _sock(ctx: zmq.Context, kind: int, info: protocol.ConnectionInfo | None, endpoint: str) -> zmq.Socket:
@@ -236,7 +273,9 @@ def dashboard(frames: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--window", type=int, default=4, help="updates per measuring window (4)")
+    parser.add_argument("--window", type=int, default=3, help="updates per measuring window (3)")
+    parser.add_argument("--pairs", type=int, default=4, help="pairs of windows per attack (4)")
+    parser.add_argument("--only", default="", help="only the attacks whose name contains this")
     parser.add_argument(
         "--dashboard", type=int, metavar="N", help="instead: N hostile frames into the real dashboard"
     )
@@ -256,7 +295,7 @@ def main() -> None:
 
     port = free_port_pair()
     n_attacks = 7
-    trainer = Trainer(updates=6 + n_attacks * (3 * args.window + 4), port=port)
+    trainer = Trainer(updates=20 + n_attacks * args.pairs * (2 * args.window + 4), port=port)
     try:
         path = None
         deadline = time.monotonic() + 120
@@ -267,35 +306,57 @@ def main() -> None:
         info = protocol.read_connection_file(path)
         trainer.wait_updates(4)  # warm-up
         pid = trainer.proc.pid
+        rss_start = rss_mb(pid)
+        print(f"# hostile peers vs the demo trainer (NORMAL, one torch thread)\n{describe()}")
         print(
-            f"# hostile peers vs the demo trainer (NORMAL; python {sys.version.split()[0]}, "
-            f"{platform.machine()}, {os.cpu_count()} CPUs; update time: the trainer's own wall clock, "
-            f"median of {args.window} updates before vs during each attack; RSS from /proc)"
+            f"measured: the trainer's own update time (wall) and its training thread's CPU time per update "
+            f"(/proc), {args.pairs} pairs per attack of {args.window} updates without / with the attacker "
+            "(a process of its own, one update to get going first); other threads: the trainer's "
+            "publisher and libzmq threads, share of a core; RSS from /proc 3 s after the attacker left"
         )
         print(
-            "| attack | update before | update during | ratio | RSS before | RSS end of attack | RSS 3 s after |"
+            "| attack | update without → with (wall, medians) | ratio wall, median (IQR) | ratio training-thread "
+            "CPU, median (IQR) | other threads without → with | RSS change 3 s after |"
         )
-        print("|---|---|---|---|---|---|---|")
-        for name in attacks(info):
-            base = trainer.wait_updates(args.window)
+        print("|---|---|---|---|---|---|")
+        for name in [n for n in attacks(info) if args.only in n]:
             rss0 = rss_mb(pid)
-            # The attacker is a process of its own (its queues are its memory, and libzmq may crash
-            # tearing down a refused 10 MB subscription); it is killed when the window ends.
-            attacker = subprocess.Popen(
-                [sys.executable, __file__, "--attack", name, "--connection-file", str(path)], cwd=ROOT
-            )
-            during = trainer.wait_updates(args.window)
-            rss1 = rss_mb(pid)
-            attacker.kill()
-            attacker.wait()
-            time.sleep(3.0)
+            walls: list[tuple[float, float]] = []
+            cpus: list[tuple[float, float]] = []
+            others: list[tuple[float, float]] = []
+            for pair in range(args.pairs):
+                got: dict[bool, tuple[list[float], float, float]] = {}
+                for attacked in (False, True) if pair % 2 == 0 else (True, False):
+                    if not attacked:
+                        got[False] = trainer.window(args.window)
+                        continue
+                    # The attacker is a process of its own (its queues are its memory, and libzmq may
+                    # crash tearing down a refused 10 MB subscription); killed when its window ends.
+                    attacker = subprocess.Popen(
+                        [sys.executable, __file__, "--attack", name, "--connection-file", str(path)], cwd=ROOT
+                    )
+                    trainer.wait_updates(1)
+                    got[True] = trainer.window(args.window)
+                    attacker.kill()
+                    attacker.wait()
+                    time.sleep(1.0)
+                (t0, c0, o0), (t1, c1, o1) = got[False], got[True]
+                walls.append((statistics.median(t0), statistics.median(t1)))
+                cpus.append((c0, c1))
+                others.append((o0, o1))
+            time.sleep(2.0)
             rss2 = rss_mb(pid)
-            b, d = statistics.median(base), statistics.median(during)
+            wall_q = quartiles([b / a for a, b in walls])
+            cpu_q = quartiles([b / a for a, b in cpus if a > 0])
             print(
-                f"| {name} | {b:.3f} s | {d:.3f} s | {d / b:.2f}× | {rss0:.0f} MB | {rss1:.0f} MB | "
-                f"{rss2:.0f} MB ({rss2 - rss0:+.0f}) |",
+                f"| {name} | {statistics.median(a for a, _ in walls):.3f} → "
+                f"{statistics.median(b for _, b in walls):.3f} s | {wall_q[1]:.2f}× ({wall_q[0]:.2f}–{wall_q[2]:.2f}) "
+                f"| {cpu_q[1]:.2f}× ({cpu_q[0]:.2f}–{cpu_q[2]:.2f}) | "
+                f"{100 * statistics.median(a for a, _ in others):.1f} → {100 * statistics.median(b for _, b in others):.1f} % "
+                f"| {rss2 - rss0:+.0f} MB |",
                 flush=True,
             )
+        print(f"trainer RSS {rss_start:.0f} MB at the start, {rss_mb(pid):.0f} MB at the end")
     finally:
         trainer.stop()
 

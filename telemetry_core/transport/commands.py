@@ -102,21 +102,25 @@ class CommandPort:
 
     # -- commands -------------------------------------------------------------------------------
 
-    def read(self, router: zmq.Socket, cpu_start: float) -> None:
-        """Read up to a batch of commands, within the read rate and what the CPU budget holds."""
+    def read(self, router: zmq.Socket, cpu_start: float) -> bool:
+        """Read up to a batch of commands, within the read rate and what the CPU budget holds.
+
+        Returns True when the CPU budget ran out (``cpu_start``: this thread's clock when the
+        round that is charged began).
+        """
         budget = self.cpu_bucket
         for i in range(READ_BATCH):
             now = time.monotonic()
             if not self.read_bucket.take(now):
-                return
-            # Stop mid-batch once this batch alone has spent what the CPU budget still holds.
+                return False
+            # Stop mid-batch once this round has spent what the CPU budget still holds.
             if i % 16 == 15 and time.thread_time() - cpu_start > budget.tokens:
-                return
+                return True
             try:
                 parts = [router.recv(zmq.NOBLOCK)]
             except zmq.Again:
                 self.read_bucket.tokens += 1.0
-                return
+                return False
             count = 1
             while router.getsockopt(zmq.RCVMORE):
                 part = router.recv()
@@ -124,6 +128,7 @@ class CommandPort:
                 if count <= 3:  # never hold more than the routing id, mac and envelope
                     parts.append(part)
             self.handle(router, parts, count, now)
+        return False
 
     def handle(self, router: zmq.Socket, parts: list[bytes], count: int, now: float) -> None:
         verdict = self.gate.admit(parts, count, now, len(self.inbox))

@@ -26,10 +26,14 @@ Why it is built this way:
 * What an authenticated peer can cost is capped too: ``MAXMSGSIZE`` on both sockets (a subscription
   is a message to the PUB socket: 10 MB topics are refused by libzmq), a cap on connected peers,
   a per-peer token bucket, a global read rate and a CPU-time budget for everything the thread does
-  with incoming messages (``command_cpu_share`` of one core): when it is spent the thread stops
-  reading, libzmq's receive queue fills and TCP pushes back on the sender. libzmq delivers a
-  multipart message only once all of its parts arrived and has no limit on their number, so the
-  part count cannot be bounded before buffering; the peer must have passed the handshake to try.
+  with what peers send (``command_cpu_share`` of one core: monitor events, the ZAP handler,
+  reading, refusing and answering): when it is spent the thread stops reading, libzmq's
+  receive queue fills and TCP pushes back on the sender. libzmq delivers a multipart message only
+  once all of its parts arrived and has no limit on their number, so the part count cannot be
+  bounded before buffering; the peer must have passed the handshake to try.
+* The thread runs ``thread_nice`` steps below the thread that started it (Linux), and so do the
+  libzmq I/O threads it starts: handshakes, CURVE and the GIL-free parts of a flood wait for a
+  free core instead of taking one from training.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -171,6 +176,7 @@ class Publisher:
         command_cpu_share: float = 0.02,
         wake_interval: float = 0.02,
         port_search: int | None = None,
+        thread_nice: int = 10,
     ) -> None:
         for name, value, low in (
             ("history", history, 0),
@@ -183,6 +189,7 @@ class Publisher:
             ("inbox_size", inbox_size, 1),
             ("replay_memory", replay_memory, 1),
             ("max_peers", max_peers, 2),
+            ("thread_nice", thread_nice, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -229,6 +236,7 @@ class Publisher:
         self._cpu_bucket = TokenBucket(command_cpu_share, max(0.005, 2.5 * command_cpu_share))
         self._max_peers = max_peers
         self._wake_interval = float(wake_interval)
+        self._thread_nice = thread_nice
         self._gate = CommandGate(
             self._key,
             self.session,
@@ -555,6 +563,21 @@ class Publisher:
                     os.close(fd)
         self._wake_r = self._wake_w = -1
 
+    def _lower_priority(self) -> None:
+        """Run this thread (and the libzmq threads it starts) ``thread_nice`` steps below its creator.
+
+        Linux only (where a thread's nice value is its own); unprivileged, and never fatal.
+        """
+        if self._thread_nice == 0 or not sys.platform.startswith("linux"):
+            return
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(
+                os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._thread_nice)
+            )
+        except OSError as exc:  # a sandbox that forbids it: the CPU budget still bounds the thread
+            log.debug("telemetry publisher: could not lower the thread priority: %r", exc)
+
     def _warn_if_moved(self) -> None:
         plan, endpoints = self._plan, self._endpoints
         assert plan.pub_addr is not None and endpoints is not None
@@ -625,6 +648,9 @@ class Publisher:
         monitors: list[zmq.Socket] = []
         try:
             try:
+                # Before the context: libzmq's I/O and reaper threads start from this thread and
+                # inherit its lower priority, so handshakes and TLS-like CURVE work yield to training.
+                self._lower_priority()
                 ctx = zmq.Context()
                 # The ZAP handler is bound before the sockets, so no connection is ever judged
                 # without it; it lives on this thread and is served from the loop below.
@@ -668,6 +694,18 @@ class Publisher:
     def _loop(self, pub: zmq.Socket, router: zmq.Socket, monitors: list[zmq.Socket]) -> None:
         next_hb = time.monotonic()
         was_reading = True
+        zap = self._zap.socket if self._zap is not None else None
+        # Built once: one poller while reading, one without the ROUTER and ZAP sockets while the
+        # budget is spent (rebuilding them each time round cost more than the poll itself).
+        # The PUB socket is in both: it never has a message for us, but polling it makes libzmq
+        # take in the subscriptions waiting in its pipe as they come, so that a subscriber cannot
+        # fill it (RCVHWM) between two sends and have its input stopped.
+        paused = zmq.Poller()
+        for sock in (self._wake_r, pub, *monitors):
+            paused.register(sock, zmq.POLLIN)
+        reading_poller = zmq.Poller()
+        for sock in (self._wake_r, pub, *monitors, router, *((zap,) if zap is not None else ())):
+            reading_poller.register(sock, zmq.POLLIN)
         while True:  # leaves through the stop check after the poll, which drains the queue first
             now = time.monotonic()
             if now >= next_hb:
@@ -680,19 +718,10 @@ class Publisher:
             if was_reading and not reading:
                 self._read_pauses += 1
             was_reading = reading
-            poller = zmq.Poller()
-            poller.register(self._wake_r, zmq.POLLIN)
-            for mon in monitors:
-                poller.register(mon, zmq.POLLIN)
-            zap = self._zap.socket if self._zap is not None else None
-            if reading:
-                poller.register(router, zmq.POLLIN)
-                if zap is not None:
-                    poller.register(zap, zmq.POLLIN)
             timeout = min(max(0.0, next_hb - now), self._wake_interval)
             if not reading:
                 timeout = min(timeout, wait)
-            events = dict(poller.poll(timeout * 1000.0))
+            events = dict((reading_poller if reading else paused).poll(timeout * 1000.0))
             if self._wake_r in events:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
@@ -713,8 +742,11 @@ class Publisher:
                         self._read_monitor(mon)
                 if reading and zap is not None and zap in events and self._zap is not None:
                     self._zap.serve()
-                if reading and router in events:
-                    self._port.read(router, cpu)
+                if reading and router in events and self._port.read(router, cpu):
+                    # Counted here: on a busy machine the budget may refill before the next round
+                    # looks, though reading did stop because it ran out.
+                    self._read_pauses += 1
+                    was_reading = False
                 self._cpu_bucket.charge(time.monotonic(), time.thread_time() - cpu)
             except zmq.ContextTerminated:
                 raise
