@@ -207,9 +207,15 @@ def _configured(ctx: zmq.Context, plan: BindPlan, pub_hwm: int) -> tuple[zmq.Soc
     router = ctx.socket(zmq.ROUTER)
     for sock in (pub, router):
         sock.setsockopt(zmq.LINGER, 0)
-        # Drop peers that stopped answering ZMTP pings, so no queue waits on a dead dashboard.
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        # Drop peers whose host went away (TCP keepalive: ~16 s), so no queue waits on a dead
+        # dashboard. Not ZMTP heartbeats: libzmq 4.3.5 fires their timer on a connection whose
+        # input was stopped (receive queue full while reading is paused) and that then failed,
+        # and aborts the process (!_io_error, stream_engine_base.cpp:310) - a key holder that
+        # floods the command port and disconnects killed a trainer that way.
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 2)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
         sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
         if plan.curve:
             assert plan.server is not None
