@@ -122,6 +122,15 @@ class PublisherCounters(msgspec.Struct, frozen=True, kw_only=True):
         return out
 
 
+def _take_all(queue: collections.deque[_Queued]) -> list[_Queued]:
+    out = []
+    while True:
+        try:
+            out.append(queue.popleft())
+        except IndexError:
+            return out
+
+
 def _close_at_exit(ref: weakref.ref[Publisher]) -> None:
     pub = ref()
     if pub is not None:
@@ -251,7 +260,6 @@ class Publisher:
         )
 
         # -- shared between the training thread and the publisher thread -----------------------
-        self._lock = threading.Lock()
         self._queue: collections.deque[_Queued] = collections.deque()
         self._replies: collections.deque[tuple[bytes, Ack | Nack]] = collections.deque(maxlen=1024)
         self._controls: collections.deque[Callable[[], None]] = collections.deque()
@@ -362,10 +370,8 @@ class Publisher:
                 self._close_pipe()
         self._remove_connection_file()
         self._network = False
-        with self._lock:
-            left = list(self._queue)
-            self._dropped += len(left)
-            self._queue.clear()
+        left = _take_all(self._queue)
+        self._dropped += len(left)
         for item in left:  # lost to the stream, not to the recorder
             self._encode_for_sink(item)
 
@@ -423,14 +429,17 @@ class Publisher:
         return seq
 
     def _enqueue(self, item: _Queued) -> None:
-        with self._lock:
-            queue = self._queue
-            dropped = queue.popleft() if len(queue) >= self._queue_size else None
-            if dropped is not None:
-                self._dropped += 1
-            queue.append(item)
+        # No lock: deque appends and pops are atomic, and a lock held by the publisher thread (at
+        # its lower priority, possibly preempted) could keep the training thread waiting.
+        queue = self._queue
+        dropped = None
+        if len(queue) >= self._queue_size:
+            with contextlib.suppress(IndexError):  # the publisher thread emptied it meanwhile
+                dropped = queue.popleft()
+        queue.append(item)
         # No wake-up: the thread looks every wake_interval (see the module docstring).
         if dropped is not None:
+            self._dropped += 1
             self._encode_for_sink(dropped)
 
     def _encode(self, seq: int, snapshot: Snapshot) -> bytes:
@@ -761,38 +770,35 @@ class Publisher:
     # -- snapshots, heartbeats, replies --------------------------------------------------------
 
     def _drain_snapshots(self, pub: zmq.Socket, *, stopping: bool = False) -> None:
+        queue = self._queue
         while True:
-            with self._lock:
-                if not self._queue:
-                    return
-                batch = list(self._queue)
-                self._queue.clear()
-            for index, (seq, payload, on_frame) in enumerate(batch):
-                if self._stop and not stopping:
-                    with self._lock:  # close() counts them (and still records them)
-                        self._queue.extendleft(reversed(batch[index:]))
-                    return
-                if isinstance(payload, bytes):
-                    frame = payload
-                else:
-                    try:
-                        frame = self._encode(seq, payload)
-                    except Exception as exc:  # a snapshot that cannot be encoded is lost, counted
-                        self._errors += 1
-                        self._warn_once(
-                            "encode", f"telemetry publisher: could not encode a snapshot: {exc!r}"
-                        )
-                        continue
-                if on_frame is not None:
-                    try:
-                        on_frame(frame)
-                    except Exception as exc:
-                        self._errors += 1
-                        self._warn_once("on_frame", f"telemetry publisher: on_frame failed: {exc!r}")
-                pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame], flags=zmq.NOBLOCK)
-                self._published += 1
-                self._last_sent_seq = seq
-                self._history.remember(seq, frame)
+            try:
+                item = queue.popleft()
+            except IndexError:
+                return
+            seq, payload, on_frame = item
+            if self._stop and not stopping:
+                queue.appendleft(item)  # close() counts it (and still records it)
+                return
+            if isinstance(payload, bytes):
+                frame = payload
+            else:
+                try:
+                    frame = self._encode(seq, payload)
+                except Exception as exc:  # a snapshot that cannot be encoded is lost, counted
+                    self._errors += 1
+                    self._warn_once("encode", f"telemetry publisher: could not encode a snapshot: {exc!r}")
+                    continue
+            if on_frame is not None:
+                try:
+                    on_frame(frame)
+                except Exception as exc:
+                    self._errors += 1
+                    self._warn_once("on_frame", f"telemetry publisher: on_frame failed: {exc!r}")
+            pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame], flags=zmq.NOBLOCK)
+            self._published += 1
+            self._last_sent_seq = seq
+            self._history.remember(seq, frame)
 
     def _send_heartbeat(self, pub: zmq.Socket) -> None:
         step, level, hub_counters = self._status
