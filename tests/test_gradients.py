@@ -30,13 +30,18 @@ L = TelemetryLevel
 TH = Thresholds()
 
 
-@pytest.fixture(autouse=True, params=["flat", "per-call"])
+@pytest.fixture(autouse=True, params=["flat", "per-call", "aminmax"])
 def cpu_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs both CPU paths: small buckets kept as one flat copy per call and reduced in
+    """Every test runs the three CPU paths: small buckets kept as one flat copy per call and reduced in
     the fold ("flat", the default below FLAT_MAX elements) and the per-call fused kernels used for
-    larger buckets and on CUDA ("per-call", forced here by FLAT_MAX = 0)."""
-    if request.param == "per-call":
+    larger buckets and on CUDA ("per-call", forced here by FLAT_MAX = 0), where each tensor's max |g|
+    comes from one foreach abs + max for the tensors under BIG_TENSOR elements and from its own
+    aminmax for the larger ones ("aminmax": BIG_TENSOR = 64 as well, which splits SHAPES between
+    the two and the tests' larger models mostly to aminmax)."""
+    if request.param != "flat":
         monkeypatch.setattr(plan_module, "FLAT_MAX", 0)
+    if request.param == "aminmax":
+        monkeypatch.setattr(plan_module, "BIG_TENSOR", 64)
     return str(request.param)
 
 
@@ -480,7 +485,8 @@ def test_levels() -> None:
     for key in ("total_norm", "total_norm_max", "total_norm_last", "clip_rate", "max_abs"):
         assert close(getattr(minimal, key), ref[key]), key
     assert minimal.param_norms == [] and minimal.hist_counts == [] and minimal.zero_fraction is None
-    assert list(reducer.pending(L.MINIMAL)) == ["grad.stats"]
+    keys = list(reducer.pending(L.MINIMAL))  # the histogram, then each fold's rows and counts
+    assert keys[0] == "grad.stats" and all(k.startswith("grad.") for k in keys)
     normal = run(reducer, calls, L.NORMAL)
     assert len(normal.param_norms) == len(named) and normal.zero_fraction is not None
 
@@ -824,8 +830,10 @@ def test_samples_are_private_copies_binned_at_the_end(layout: str) -> None:
 
 def test_observe_launches_a_fixed_small_number_of_kernels(cpu_mode: str) -> None:
     """Per backward on CPU, a small model: one flat copy of its gradients (views and a cat inside one
-    C++ call); a larger one: one fused norm, one aminmax and one strided view per tensor, one stack
-    and one cat. Nothing else until pending() (a regression guard for the per-call dispatch cost)."""
+    C++ call); a larger one: one fused norm, one strided view per tensor, one stack and one cat, and
+    for max |g| one aminmax per tensor of at least BIG_TENSOR elements (64 in "aminmax") and one
+    foreach abs and one foreach max for all the others. Nothing else until pending() (a
+    regression guard for the per-call dispatch cost)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class KernelCounter(TorchDispatchMode):
@@ -849,9 +857,16 @@ def test_observe_launches_a_fixed_small_number_of_kernels(cpu_mode: str) -> None
     if cpu_mode == "flat":  # the views come from inside the C++ flatten: one Python-level dispatch
         assert [op for op in counter.ops if op != "view"] == ["cat"]
         assert len(counter.ops) == 1 + n
+    elif cpu_mode == "per-call":  # every tensor under BIG_TENSOR: no dispatch per tensor but a view
+        ops = ["_foreach_abs", "_foreach_max", "_foreach_norm", "as_strided", "cat", "stack"]
+        assert sorted(set(counter.ops)) == ops
+        assert len(counter.ops) == 5 + n
     else:
-        assert sorted(set(counter.ops)) == ["_foreach_norm", "aminmax", "as_strided", "cat", "stack"]
-        assert len(counter.ops) == 3 + 2 * n
+        big = sum(p.numel() >= 64 for _, p in named)
+        assert 0 < big < n
+        ops = ["_foreach_abs", "_foreach_max", "_foreach_norm", "aminmax", "as_strided", "cat", "stack"]
+        assert sorted(set(counter.ops)) == ops
+        assert counter.ops.count("aminmax") == big and len(counter.ops) == 5 + n + big
     assert reducer.build(transfer(reducer.pending(L.NORMAL)), L.NORMAL).calls == 2
 
 
