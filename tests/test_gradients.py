@@ -954,7 +954,10 @@ def _nan_at_the_critic_step(agent: _Agent, poison: bool) -> None:
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(4, 3, 6, generator=gen)
     logp, v = agent(x)
-    actions = {"move": torch.randint(0, 3, (4, 3), generator=gen), "fire": torch.randint(0, 2, (4, 3), generator=gen)}
+    actions = {
+        "move": torch.randint(0, 3, (4, 3), generator=gen),
+        "fire": torch.randint(0, 2, (4, 3), generator=gen),
+    }
     joint = sum(logp[k].gather(-1, actions[k][..., None]).squeeze(-1) for k in logp)
     adv = torch.randn(4, 3, generator=gen)
     returns = v.detach().clone() if poison else torch.randn(4, 3, generator=gen)
@@ -1085,3 +1088,55 @@ def test_float32_accumulation_path_matches_the_reference() -> None:
     assert accumulation_dtype("cpu") == torch.float64
     assert_matches(stats, ref_stats(calls, 0.5, groups), rel=1e-5)
     assert stats.nonfinite_params == ["lstm.weight_hh_l0"]
+
+
+def test_device_totals_agree_with_rank_sums_and_with_the_host_path() -> None:
+    """With ``device_totals`` (set by the hub when ranks are aggregated) the totals are computed on the
+    device, and ``rank_sums`` (what the ranks all_gather) agrees with ``build`` to the bit; without it
+    ``build`` computes them on the host. Both match the float64 reference, absent gradients, a NaN and
+    an Inf included, and the present gradients changing within the update (two plans)."""
+    gen = torch.Generator().manual_seed(71)
+    named = make_params(SHAPES)
+    calls: list[list[torch.Tensor | None]] = []
+    for c in range(5):
+        grads: list[torch.Tensor | None] = [random_grad(p.shape, gen) for _, p in named]
+        if c % 2:
+            grads[2] = None
+        calls.append(grads)
+    bad_nan, bad_inf = calls[3][0], calls[4][1]
+    assert bad_nan is not None and bad_inf is not None
+    bad_nan.view(-1)[5] = math.nan
+    bad_inf.view(-1)[0] = -math.inf
+    groups = default_groups(named)
+    host_path = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups=groups)
+    device_path = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups=groups)
+    device_path.device_totals = True
+    with pytest.raises(RuntimeError):
+        host_path.rank_sums()
+    def through_device(update: list[list[torch.Tensor | None]]) -> tuple[list[float], GradientStats]:
+        device_path.reset()
+        for grads in update:
+            for p, g in zip(device_path.params, grads):
+                p.grad = g
+            device_path.observe(L.NORMAL)
+        pending = device_path.pending(L.NORMAL)
+        sums = device_path.rank_sums().tolist()
+        return sums, device_path.build(transfer(pending), L.NORMAL)
+
+    clean = calls[:3]
+    sums, stats = through_device(clean)
+    assert sums == [stats.total_norm * 3, 0.0, 0.0]  # the same float64 sum, not a recomputation
+    assert_matches(stats, ref_stats(clean, 0.5, groups), rel=1e-5)
+    assert_matches(run(host_path, clean), ref_stats(clean, 0.5, groups), rel=1e-5)
+    on_host = run(host_path, calls)
+    sums, on_device = through_device(calls)
+    assert math.isnan(sums[0]) and (sums[1], sums[2]) == (on_device.nan_count, on_device.inf_count)
+    assert on_device.nan_params == on_host.nan_params == 1 and on_device.inf_params == on_host.inf_params == 1
+    assert on_device.nonfinite_params == on_host.nonfinite_params == [named[0][0], named[1][0]]
+    for stats in (on_host, on_device):
+        assert stats.skipped_params == 1
+        assert math.isnan(stats.total_norm) and math.isnan(stats.max_abs)
+        assert close(
+            stats.total_norm_last,
+            math.sqrt(sum(float(g.double().norm()) ** 2 for g in calls[4] if g is not None)),
+        )
