@@ -30,6 +30,7 @@ examples:
   simic-tui attach gpu-box:5555 --connection-file run.json
   simic-tui replay runs/demo.simrec               replay a recording
   simic-tui export runs/demo.simrec --format jsonl > demo.jsonl
+  simic-tui compare a.simrec b.simrec             compare recordings side by side
 """
 
 
@@ -80,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--at", type=int, metavar="STEP", help="open at this update (default: the last)")
     replay.add_argument("--play", action="store_true", help="start playing from --at (or the start)")
     replay.add_argument("--speed", type=float, default=10.0, help="playback speed, x the recorded pace (10)")
+
+    from simic_tui.compare import MAX_RUNS
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare recordings side by side",
+        description=f"Compare up to {MAX_RUNS} recordings: their health statistics aligned by update (or "
+        "environment steps), a summary per run and the incidents only some runs had. Runs are compared "
+        "on the statistics they share; the screen names what was left out.",
+    )
+    compare.add_argument("files", metavar="FILE", nargs="+")
 
     export = sub.add_parser(
         "export",
@@ -178,6 +190,23 @@ def _replay(args: argparse.Namespace) -> int:
     if args.play:
         source.playing = True
     app = SimicApp(store, replay=source, banner=notice)
+    app.run()
+    return _exit_code(app)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from simic_tui.compare import build_comparison, load_runs
+    from simic_tui.replay import ReplayError
+    from simic_tui.screens.compare import CompareApp
+
+    try:
+        runs = load_runs(args.files)
+    except ReplayError as exc:
+        raise CliError(str(exc)) from None
+    for run in runs:
+        if run.notice:
+            print(f"simic-tui: {run.notice}", file=sys.stderr)
+    app = CompareApp(build_comparison(runs))
     app.run()
     return _exit_code(app)
 
@@ -318,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"attach": _attach, "replay": _replay, "export": _export, "demo": _demo}
+    handlers = {"attach": _attach, "replay": _replay, "compare": _compare, "export": _export, "demo": _demo}
     started = time.monotonic()
     try:
         return handlers[args.command](args)
