@@ -28,6 +28,8 @@ examples:
   simic-tui demo                                  train the demo PPO and watch it
   simic-tui attach 127.0.0.1:5555                 attach to a local trainer
   simic-tui attach gpu-box:5555 --connection-file run.json
+  simic-tui attach 127.0.0.1:5555 127.0.0.1:5557  watch a sweep, one row per trainer
+  simic-tui attach --scan                         every local trainer, new ones join
   simic-tui replay runs/demo.simrec               replay a recording
   simic-tui export runs/demo.simrec --format jsonl > demo.jsonl
   simic-tui compare a.simrec b.simrec             compare recordings side by side
@@ -60,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         "pass it with --connection-file. The file holds the keys of the encrypted link (CURVE): "
         "without it a trainer refuses the dashboard, unless it was started with curve=False.",
     )
-    attach.add_argument("address", metavar="HOST:PORT", help="the trainer's PUB address, e.g. 127.0.0.1:5555")
+    attach.add_argument(
+        "address",
+        metavar="HOST:PORT",
+        nargs="*",
+        help="the trainer's PUB address, e.g. 127.0.0.1:5555; several open the sweep table",
+    )
+    attach.add_argument(
+        "--scan",
+        action="store_true",
+        help="a sweep table of every trainer whose connection file is in the runtime directory; "
+        "trainers that start later join it",
+    )
     attach.add_argument(
         "--connection-file", metavar="FILE", help="the trainer's connection file (JSON, mode 0600)"
     )
@@ -137,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _attach(args: argparse.Namespace) -> int:
     from simic_tui.target import TargetError, resolve_target
 
+    if args.scan or len(args.address) > 1:
+        return _sweep(args)
+    if not args.address:
+        raise CliError("attach needs HOST:PORT (or --scan for every local trainer)", EXIT_USAGE)
     try:
-        target = resolve_target(args.address, args.connection_file)
+        target = resolve_target(args.address[0], args.connection_file)
     except TargetError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     except PermissionError as exc:  # a runtime directory another user created or opened up
@@ -146,6 +163,33 @@ def _attach(args: argparse.Namespace) -> int:
     if args.allow_plaintext_commands:
         target = replace(target, allow_plaintext=True)
     return _run_live(target)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from simic_tui.screens.sweep import SweepApp
+    from simic_tui.sweep import make_run
+    from simic_tui.target import TargetError, resolve_target
+
+    if args.connection_file:
+        raise CliError("--connection-file names one trainer's file: attach to that one trainer", EXIT_USAGE)
+    runs = []
+    seen = set()
+    for address in args.address:
+        try:
+            target = resolve_target(address)
+        except TargetError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        except PermissionError as exc:
+            raise CliError(str(exc)) from None
+        if args.allow_plaintext_commands:
+            target = replace(target, allow_plaintext=True)
+        if target.pub in seen:
+            continue
+        seen.add(target.pub)
+        runs.append(make_run(target, address))
+    app = SweepApp(runs, scan=args.scan)
+    app.run()
+    return _exit_code(app)
 
 
 def _exit_code(app) -> int:  # type: ignore[no-untyped-def]

@@ -71,8 +71,8 @@ class StatSpec:
 
     key: str
     label: str
-    panel: str
     read: Callable[[Snapshot], dict[str, float | None]]
+    column: str  # the live store's column (a dict statistic: its prefix, ``.KEY`` appended)
     higher_is: str = ""  # "better" / "worse" / "": which way is healthy (decides ``worst``)
 
     @property
@@ -86,51 +86,56 @@ def _policy(snap: Snapshot, name: str) -> dict[str, float | None]:
     return {"": getattr(pol, name)} if pol is not None else {}
 
 
+def _value(snap: Snapshot, name: str) -> dict[str, float | None]:
+    val = snap.value
+    return {"": getattr(val, name)} if val is not None else {}
+
+
+def _lstm(snap: Snapshot, name: str) -> dict[str, float | None]:
+    lstm = snap.lstm
+    return {"": getattr(lstm, name)} if lstm is not None else {}
+
+
+def _return(snap: Snapshot) -> dict[str, float | None]:
+    ep = snap.episodes
+    # an update that finished no episode has no return (not a NaN one)
+    return {"": ep.return_mean} if ep is not None and ep.count > 0 else {}
+
+
 STATS: tuple[StatSpec, ...] = (
     StatSpec(
         "entropy",
         "entropy/log|A|",
-        "policy",
         lambda s: dict(s.policy.entropy_normalized) if s.policy is not None else {},
+        "policy.entropy_normalized",
         "better",
     ),
-    StatSpec("kl", "KL k3", "policy", lambda s: _policy(s, "kl_k3_mean"), "worse"),
-    StatSpec("clip", "clip fraction", "policy", lambda s: _policy(s, "clip_fraction"), "worse"),
+    StatSpec("kl", "KL k3", lambda s: _policy(s, "kl_k3_mean"), "policy.kl_k3_mean", "worse"),
+    StatSpec("clip", "clip fraction", lambda s: _policy(s, "clip_fraction"), "policy.clip_fraction", "worse"),
     StatSpec(
         "ev",
         "explained var",
-        "value",
-        lambda s: {"": s.value.explained_variance} if s.value is not None else {},
+        lambda s: _value(s, "explained_variance"),
+        "value.explained_variance",
         "better",
     ),
-    StatSpec(
-        "value_loss",
-        "value loss",
-        "value",
-        lambda s: {"": s.value.value_loss} if s.value is not None else {},
-    ),
+    StatSpec("value_loss", "value loss", lambda s: _value(s, "value_loss"), "value.value_loss"),
     StatSpec(
         "grad_norm",
         "grad norm (pre-clip)",
-        "gradients",
         lambda s: {"": s.gradients.total_norm} if s.gradients is not None else {},
+        "gradients.total_norm",
     ),
-    StatSpec("h_norm", "‖h‖", "lstm", lambda s: {"": s.lstm.h_norm} if s.lstm is not None else {}),
-    StatSpec("c_norm", "‖c‖", "lstm", lambda s: {"": s.lstm.c_norm} if s.lstm is not None else {}),
+    StatSpec("h_norm", "‖h‖", lambda s: _lstm(s, "h_norm"), "lstm.h_norm"),
+    StatSpec("c_norm", "‖c‖", lambda s: _lstm(s, "c_norm"), "lstm.c_norm"),
     StatSpec(
         "gates",
         "gate saturation",
-        "lstm",
         lambda s: dict(_d(s.lstm.gate_saturation)) if s.lstm is not None else {},
+        "lstm.gate_saturation",
         "worse",
     ),
-    StatSpec(
-        "return",
-        "episode return",
-        "episodes",
-        lambda s: {"": s.episodes.return_mean} if s.episodes is not None and s.episodes.count > 0 else {},
-        "better",
-    ),
+    StatSpec("return", "episode return", _return, "episodes.return_mean", "better"),
 )
 
 
