@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--connection-file", metavar="FILE", help="the trainer's connection file (JSON, mode 0600)"
     )
     attach.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="a known-good recording: the live statistics over its band (b), a banner when they leave it",
+    )
+    attach.add_argument(
         "--allow-plaintext-commands",
         action="store_true",
         help="send commands to a remote trainer whose connection file has no CURVE keys (the link is "
@@ -151,6 +156,8 @@ def _attach(args: argparse.Namespace) -> int:
     from simic_tui.target import TargetError, resolve_target
 
     if args.scan or len(args.address) > 1:
+        if args.baseline:
+            raise CliError("--baseline goes with one trainer (HOST:PORT), not a sweep", EXIT_USAGE)
         return _sweep(args)
     if not args.address:
         raise CliError("attach needs HOST:PORT (or --scan for every local trainer)", EXIT_USAGE)
@@ -162,7 +169,28 @@ def _attach(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.allow_plaintext_commands:
         target = replace(target, allow_plaintext=True)
+    if args.baseline:
+        return _run_baseline(target, args.baseline)
     return _run_live(target)
+
+
+def _run_baseline(target, path: str) -> int:  # type: ignore[no-untyped-def]
+    from simic_tui.baseline import load_baseline
+    from simic_tui.client import TelemetryClient
+    from simic_tui.replay import ReplayError
+    from simic_tui.screens.baseline import BaselineApp
+    from simic_tui.store import TelemetryStore
+
+    try:
+        baseline = load_baseline(path)
+    except ReplayError as exc:
+        raise CliError(f"--baseline: {exc}") from None
+    if baseline.trace.notice:
+        print(f"simic-tui: {baseline.trace.notice}", file=sys.stderr)
+    store = TelemetryStore()
+    app = BaselineApp(store, client=TelemetryClient(target, store), baseline=baseline)
+    app.run()
+    return _exit_code(app)
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -154,6 +154,7 @@ class RunTrace:
     env_steps: np.ndarray  # environment steps consumed up to and including each update (NaN: unknown)
     series: dict[str, np.ndarray]  # series name -> value per snapshot (NaN where absent/undefined)
     present: dict[str, np.ndarray]  # series name -> whether the snapshot carried it
+    columns: dict[str, str]  # series name -> the live store's column of the same statistic
     incidents: list[Incident]  # every incident of the run, as last reported
     heads: dict[str, int]
     thresholds: dict[str, object]
@@ -173,6 +174,7 @@ def trace_of(loaded: LoadedRecording) -> RunTrace:
     n = len(frames)
     series: dict[str, np.ndarray] = {}
     present: dict[str, np.ndarray] = {}
+    columns: dict[str, str] = {}
     for i, snap in enumerate(frames):
         for spec in STATS:
             for suffix, value in spec.read(snap).items():
@@ -181,6 +183,7 @@ def trace_of(loaded: LoadedRecording) -> RunTrace:
                 if arr is None:
                     arr = series[name] = np.full(n, np.nan)
                     present[name] = np.zeros(n, dtype=np.bool_)
+                    columns[name] = f"{spec.column}.{suffix}" if suffix else spec.column
                 present[name][i] = True
                 arr[i] = np.nan if value is None else float(value)
     counts = np.array(
@@ -201,6 +204,7 @@ def trace_of(loaded: LoadedRecording) -> RunTrace:
         env_steps=env_steps,
         series=series,
         present=present,
+        columns=columns,
         incidents=[r.incident for r in log.records.values()],
         heads=dict(last.run.heads) if last is not None else {},
         thresholds=dataclasses.asdict(last.thresholds) if last is not None else {},

@@ -253,8 +253,8 @@ class CompareScreen(Screen):
     def redraw(self) -> None:
         width = self.size.width - 5  # the body's padding and its scrollbar
         key = (width, self.env_steps)
-        if key == self._drawn or width <= 0:
-            return
+        if key == self._drawn or width <= 0 or not self.query("#compare-notes"):
+            return  # unchanged, or a resize before the screen is composed
         self._drawn = key
         c = self.comparison
         self.query_one("#compare-title", Static).update(self.title_content())
