@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable, Input
+from textual.widgets import Input
 
-from simic_tui.screens.sweep import SweepDashboard, SweepScreen
+from simic_tui.screens.sweep import SweepDashboard, SweepScreen, SweepTable
 from simic_tui.sweep import SORT_KEYS, filter_rows, row_of, scan_targets, sort_rows
 from telemetry_core.transport import Publisher
 
@@ -112,7 +112,7 @@ async def test_sort_keys_and_header_clicks_reorder_the_table() -> None:
         await pilot.pause()
         screen = app.screen
         assert isinstance(screen, SweepScreen)
-        table = screen.query_one(DataTable)
+        table = screen.query_one(SweepTable)
         rows = [row_of(r) for r in app.runs]
         # default: worst incidents first
         assert order(screen) == [r.name for r in sort_rows(rows, "incidents", True)]
@@ -120,7 +120,7 @@ async def test_sort_keys_and_header_clicks_reorder_the_table() -> None:
         await pilot.pause()
         assert screen.sort_key == "name"
         assert order(screen) == sorted(order(screen), key=str.lower)
-        assert [table.get_row_at(i)[0].plain for i in range(table.row_count)] == order(screen)
+        assert [table.row_text(i)[0] for i in range(table.row_count)] == order(screen)
         await pilot.press("S")
         await pilot.pause()
         assert order(screen) == sorted(order(screen), key=str.lower, reverse=True)
@@ -147,7 +147,7 @@ async def test_filter_narrows_the_rows_and_esc_clears_it() -> None:
         await pilot.press("enter")  # closes the box, keeps the filter
         await pilot.pause()
         assert not box.has_class("-open") and order(screen) == ["nangrad-s5"]
-        assert screen.query_one(DataTable).has_focus
+        assert screen.query_one(SweepTable).has_focus
         await pilot.press("escape")
         await pilot.pause()
         assert len(screen.rows) == 5
@@ -159,7 +159,7 @@ async def test_enter_opens_the_runs_dashboard_and_esc_returns() -> None:
         await pilot.pause()
         screen = app.screen
         assert isinstance(screen, SweepScreen)
-        table = screen.query_one(DataTable)
+        table = screen.query_one(SweepTable)
         for i in range(len(screen.rows)):
             table.move_cursor(row=i)
             key = screen.rows[i].key
