@@ -183,6 +183,18 @@ async def test_enter_opens_the_runs_dashboard_and_esc_returns() -> None:
             assert table.cursor_row == i  # the cursor stays on the run
 
 
+async def test_the_palette_offers_dashboard_commands_only_inside_a_run() -> None:
+    app = sweep_states.build()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.pause()
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert not any(t.startswith("DEBUG") or "(d)" in t for t in titles)
+        await pilot.press("enter")
+        await pilot.pause()
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert any("(d)" in t for t in titles)
+
+
 async def test_the_badge_counts_every_runs_incidents() -> None:
     app = sweep_states.build()
     async with app.run_test(size=(160, 30)) as pilot:

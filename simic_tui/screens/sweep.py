@@ -13,11 +13,11 @@ whose text changed are touched: sixteen trainers at ten updates a second must no
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar
 
-from textual.app import ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import ScrollableContainer
 from textual.content import Content
@@ -544,6 +544,14 @@ class SweepApp(SimicApp):
         while len(self.screen_stack) > 1 and self.screen is not self.sweep:
             self.pop_screen()
         self.sweep.refresh_view()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette's dashboard commands only inside a run's dashboard: on the table they would
+        have no run to go to."""
+        if self.dashboard in self.screen_stack:
+            yield from super().get_system_commands(screen)
+        else:
+            yield from App.get_system_commands(self, screen)
 
     # -- the timer ----------------------------------------------------------------------------------
     def tick(self) -> None:
