@@ -4,6 +4,7 @@ the pre-clip gradients once per backward."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,8 @@ from telemetry_core.config import TelemetryLevel
 from telemetry_core.hub import TelemetryHub
 
 __all__: list[str] = []
+
+log = logging.getLogger("telemetry_core")
 
 
 class _TrainHooks:
@@ -38,17 +41,27 @@ class _TrainHooks:
     def _install(self) -> None:
         if self._installed:
             return
-        policy, buf = self.model.policy, self.model.rollout_buffer
+        model = self.model
+        policy, buf = model.policy, model.rollout_buffer
         self._orig = {
+            "train": (model, model.train),
             "evaluate_actions": (policy, policy.evaluate_actions),
             "_get_action_dist_from_latent": (policy, policy._get_action_dist_from_latent),
             "get": (buf, buf.get),
             "_get_samples": (buf, buf._get_samples),
         }
+        orig_train = model.train
         orig_eval = policy.evaluate_actions
         orig_dist = policy._get_action_dist_from_latent
         orig_get = buf.get
         orig_samples = buf._get_samples
+
+        def train(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return orig_train(*args, **kwargs)
+            except BaseException:
+                self._train_raised()
+                raise
 
         def evaluate_actions(*args: Any, **kwargs: Any) -> Any:
             self._dist = None
@@ -84,6 +97,7 @@ class _TrainHooks:
             self._layout = buf.pad if self.recurrent and hasattr(buf, "pad") else None
             return sample
 
+        model.train = train
         policy.evaluate_actions = evaluate_actions
         policy._get_action_dist_from_latent = get_action_dist
         buf.get = get
@@ -104,6 +118,19 @@ class _TrainHooks:
             handle.remove()
         self._hooks = []
         self._installed = False
+
+    def _train_raised(self) -> None:
+        """SB3's ``train()`` raised — typically torch's argument check on NaN logits, one minibatch
+        after a NaN reward or loss reached the weights. ``learn()`` ends with that exception, so
+        neither ``on_rollout_start`` nor ``on_training_end`` comes: the update observed so far (the
+        NaN onset) is published now through the hub's normal end of update, with the detector's
+        judgement, before the exception goes on to the caller."""
+        try:
+            self._finish_update()
+        except Exception:  # the caller must see SB3's exception, not one of ours
+            log.exception("SimicCallback: publishing the update train() raised in failed")
+        finally:
+            self._uninstall()
 
     def _grad_hook(self, _param: torch.Tensor) -> None:
         # Runs inside backward as each parameter's gradient lands; the queued callback runs once
