@@ -990,3 +990,22 @@ def test_without_rollout_or_marks_every_minibatch_is_epoch_zero_and_early_stop_t
         assert snap is not None and snap.policy.epochs == 1 and snap.policy.early_stop_epoch == 0
     finally:
         hub.close()
+
+
+def test_end_update_carries_the_loops_timesteps() -> None:
+    hub = TelemetryHub(nn.Linear(2, 2), heads={"a": 2}, max_grad_norm=1.0, bind=None)
+    try:
+        first = hub.end_update(1)
+        assert first is not None and first.timesteps is None
+        second = hub.end_update(2, timesteps=np.int64(256))  # a numpy integer, as any number
+        assert second is not None and second.timesteps == 256 and type(second.timesteps) is int
+        third = hub.end_update(3, timesteps=-5)  # a bad one is left out and counted, never raised
+        assert third is not None and third.timesteps is None and third.counters.telemetry_errors == 1
+    finally:
+        hub.close()
+    strict = TelemetryHub(nn.Linear(2, 2), heads={"a": 2}, max_grad_norm=1.0, bind=None, strict=True)
+    try:
+        with pytest.raises(ValueError, match="timesteps must be an integer"):
+            strict.end_update(1, timesteps=2.5)
+    finally:
+        strict.close()

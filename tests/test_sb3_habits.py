@@ -1,6 +1,7 @@
 """SimicCallback inside SB3's habits: its statistics in SB3's own logger (CSV / TensorBoard at SB3's
-timesteps), its hub state saved and restored beside ``model.save`` / ``PPO.load``, and the update a
-NaN breaks published before SB3's exception ends ``learn()``."""
+timesteps), a recording exported on SB3's timesteps lining up with SB3's own TensorBoard, its hub
+state saved and restored beside ``model.save`` / ``PPO.load``, and the update a NaN breaks published
+before SB3's exception ends ``learn()``."""
 
 from __future__ import annotations
 
@@ -141,6 +142,51 @@ def test_hub_state_is_saved_and_restored_beside_the_model(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="saved state is for heads"):
         other.learn(32, callback=cb3)
     cb3.close()
+
+
+def test_an_export_on_timesteps_lines_up_with_sb3s_own_tensorboard(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from telemetry_core.integrations.tensorboard import export_recording
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=15)
+    model = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=2,
+        learning_rate=3e-3,
+        seed=15,
+        device="cpu",
+        tensorboard_log=str(tmp_path / "sb3"),
+    )
+    cb = SimicCallback(
+        bind=None,
+        record=tmp_path / "run.simrec",
+        config=TelemetryConfig(level=TelemetryLevel.NORMAL, auto_escalate=False),
+    )
+    model.learn(64 * 4, callback=cb, tb_log_name="ppo")
+    cb.close()
+    assert export_recording(tmp_path / "run.simrec", tmp_path / "tb", x="timesteps") == 4
+    sb3 = EventAccumulator(str(tmp_path / "sb3" / "ppo_1"), size_guidance={"scalars": 0})
+    ours = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    sb3.Reload()
+    ours.Reload()
+    exported = {e.step: e.value for e in ours.Scalars("policy/kl_k3_last_epoch")}
+    # update k trains on the rollout ending at 64 k; SB3 writes its train/* at its next dump, 64 (k + 1)
+    assert sorted(exported) == [128, 192, 256, 320]
+    live = {e.step: e.value for e in sb3.Scalars("simic/kl_k3_last_epoch")}
+    approx_kl = {e.step: e.value for e in sb3.Scalars("train/approx_kl")}
+    assert sorted(live) == sorted(approx_kl) == [128, 192, 256]  # SB3 never dumps the last update
+    for step, value in live.items():
+        assert exported[step] == value  # the same update at the same x, both float32 of one float64
+        assert math.isclose(exported[step], approx_kl[step], rel_tol=1e-3, abs_tol=1e-8)
+    clip = {e.step: e.value for e in sb3.Scalars("train/clip_fraction")}
+    ours_clip = {e.step: e.value for e in ours.Scalars("policy/clip_fraction")}
+    for step, value in clip.items():
+        assert math.isclose(ours_clip[step], value, rel_tol=1e-6, abs_tol=1e-7)
 
 
 class NanReward(gym.Wrapper):

@@ -65,6 +65,11 @@ has no normalised entropy; gSDE (``use_sde=True``) is refused. SB3's
 ``train/*`` logger values are what the callback's own statistics compute (read fresh at the
 boundary, not one update late as a callback reading them at ``on_rollout_end`` would get them);
 ``sb3_logged`` holds the last update's, and ``on_update`` receives them with each snapshot.
+Each snapshot carries ``timesteps``: SB3's ``num_timesteps`` at the dump that writes the update's
+``train/*`` values (one rollout after the update's own, as SB3 dumps before ``train()``), so an
+export on timesteps lines up with SB3's TensorBoard. When ``train()`` raises (torch refuses NaN
+logits one minibatch after a NaN reached the weights), the update so far is published, with the
+detector's judgement, before the exception leaves ``learn()``.
 
 The package follows what the callback does: ``callback`` (SB3's events and the update boundary),
 ``rollout`` (reading the rollout buffer), ``train`` (the wrappers and gradient hooks installed while

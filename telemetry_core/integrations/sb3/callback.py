@@ -99,6 +99,7 @@ class SimicCallback(_TrainHooks, _MinibatchReader, _RolloutReader, BaseCallback)
         self._installed = False
         self._armed = False  # between on_rollout_end and the end of train()
         self._pending: int | None = None  # update step awaiting end_update
+        self._pending_timesteps: int | None = None  # SB3's timesteps of that update's logger dump
         self._reset_update_state()
 
     # ------------------------------------------------------------------------------------------
@@ -171,6 +172,9 @@ class SimicCallback(_TrainHooks, _MinibatchReader, _RolloutReader, BaseCallback)
         hub = self.hub
         assert hub is not None
         self._pending = self.model.num_timesteps // self._rollout_size + self._step_offset
+        # SB3 dumps its logger before train(): this update's train/* (and simic/*) values are written
+        # at the next iteration's dump, after one more rollout; the snapshot carries that x-axis
+        self._pending_timesteps = self.model.num_timesteps + self._rollout_size
         level = hub.level
         if level > TelemetryLevel.OFF:
             with hub.guard("sb3.rollout"):
@@ -253,7 +257,11 @@ class SimicCallback(_TrainHooks, _MinibatchReader, _RolloutReader, BaseCallback)
                 if self._gate_capture is not None:
                     lstm_inputs, lstm_input_state = self._gate_inputs(self._gate_capture)
         snapshot = hub.end_update(
-            step, lstm_state=lstm_state, lstm_inputs=lstm_inputs, lstm_input_state=lstm_input_state
+            step,
+            lstm_state=lstm_state,
+            lstm_inputs=lstm_inputs,
+            lstm_input_state=lstm_input_state,
+            timesteps=self._pending_timesteps,
         )
         self.last_snapshot = snapshot
         self.sb3_logged = train_values(model.logger)
