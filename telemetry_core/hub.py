@@ -526,7 +526,8 @@ class TelemetryHub:
         ``timesteps``: the environment steps the loop's own logger shows this update at (e.g.
         CleanRL's ``global_step``), carried in the snapshot so an export can use the same x-axis.
 
-        Returns the published :class:`Snapshot` (``None`` at OFF, or if telemetry failed).
+        Returns the published :class:`Snapshot` (``None`` at OFF, or if telemetry failed). Treat it
+        as read-only: the publisher thread encodes it after this returns.
         """
         if type(step) is not int:  # a numpy step is fine; a bad one is telemetry's error, not training's
             with self._guard("end_update"):
@@ -647,20 +648,22 @@ class TelemetryHub:
     def _publish(self, snapshot: Snapshot) -> None:
         snapshot.counters = self._counters_now()
         if self.publisher is not None:
-            frame = self.publisher.publish_snapshot(snapshot)
-        else:
-            self._seq += 1
-            frame = protocol.encode_envelope(
-                "snapshot", snapshot, session=self.session, seq=self._seq, step=snapshot.step
-            )
-            self.counters.snapshots_published += 1
-        if self.recorder is not None and frame is not None:
+            # The publisher thread encodes it (and hands the frame to the recorder), so the
+            # training thread pays for the hand-off only; nothing here changes the snapshot after.
+            self.publisher.hand_off_snapshot(snapshot, self.recorder.put if self.recorder is not None else None)
+            return
+        self._seq += 1
+        frame = protocol.encode_envelope(
+            "snapshot", snapshot, session=self.session, seq=self._seq, step=snapshot.step
+        )
+        self.counters.snapshots_published += 1
+        if self.recorder is not None:
             self.recorder.put(frame)
 
     def _counters_now(self) -> Counters:
         c = msgspec.structs.replace(self.counters)
         if self.publisher is not None:
-            c = self.publisher.counters.to_schema(c)
+            self.publisher.fill_counters(c)
         if self.recorder is not None:
             c.records_written = self.recorder.written
             c.records_dropped = self.recorder.dropped
