@@ -303,24 +303,26 @@ def test_cli_says_plainly_when_tensorboard_is_missing(
 
 def test_timesteps_as_the_x_axis(recording: tuple[Path, list[Snapshot]], tmp_path: Path) -> None:
     path, snaps = recording
-    # the demo loop does not hand its timesteps to the hub: refused plainly, not guessed
-    with pytest.raises(ValueError, match="has no environment timesteps"):
-        export_recording(path, tmp_path / "tb-none", x="timesteps")
-    with pytest.raises(ValueError, match="x must be one of update, timesteps"):
-        export_recording(path, tmp_path / "tb-bad", x="epochs")
-    out = _cli(["export", str(path), "--tensorboard", str(tmp_path / "tb-cli"), "--x", "timesteps"])
-    assert json.loads(out.stdout.strip().splitlines()[-1])["rc"] != 0
-    assert "has no environment timesteps" in out.stderr
-    # the same snapshots with the timesteps a loop passes to end_update(timesteps=...)
-    stamped = tmp_path / "stamped.simrec"
-    with RecordWriter(stamped, session="s") as writer:
-        for seq, snap in enumerate(snaps, 1):
-            snap = msgspec.structs.replace(snap, timesteps=64 * snap.step)
-            writer.write(protocol.encode_envelope("snapshot", snap, session="s", seq=seq, step=snap.step))
-    out = _cli(["export", str(stamped), "--tensorboard", str(tmp_path / "tb"), "--x", "timesteps"])
+    # the demo hands its environment steps to the hub: 4 environments x 16 steps per update
+    assert [s.timesteps for s in snaps] == [64 * s.step for s in snaps]
+    out = _cli(["export", str(path), "--tensorboard", str(tmp_path / "tb"), "--x", "timesteps"])
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch": False}, out.stderr
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     events = acc.Scalars("policy/kl_k3_mean")
     assert [e.step for e in events] == [64 * s.step for s in snaps]
     assert all(f32_equal(s.policy.kl_k3_mean, e.value) for s, e in zip(snaps, events) if s.policy)
+    with pytest.raises(ValueError, match="x must be one of update, timesteps"):
+        export_recording(path, tmp_path / "tb-bad", x="epochs")
+    # a loop that does not pass end_update(timesteps=...): refused plainly, not guessed
+    bare = tmp_path / "bare.simrec"
+    with RecordWriter(bare, session="s") as writer:
+        for seq, snap in enumerate(snaps, 1):
+            snap = msgspec.structs.replace(snap, timesteps=None)
+            writer.write(protocol.encode_envelope("snapshot", snap, session="s", seq=seq, step=snap.step))
+    with pytest.raises(ValueError, match="has no environment timesteps"):
+        export_recording(bare, tmp_path / "tb-none", x="timesteps")
+    out = _cli(["export", str(bare), "--tensorboard", str(tmp_path / "tb-cli"), "--x", "timesteps"])
+    assert json.loads(out.stdout.strip().splitlines()[-1])["rc"] != 0
+    assert "has no environment timesteps" in out.stderr
+    assert export_recording(bare, tmp_path / "tb-update") == len(snaps)  # the update axis needs none
