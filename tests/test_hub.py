@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -661,7 +662,7 @@ def test_port_in_use_training_continues_without_network_or_strict_raises() -> No
         first.close()
 
 
-def test_close_returns_within_a_second_with_frames_queued() -> None:
+def test_close_never_blocks_on_a_subscriber_that_never_reads() -> None:
     lp = Loop({"bind": "tcp://127.0.0.1:0"})
     dash = Dashboard(lp.hub)  # a subscriber that never reads
     try:
@@ -672,9 +673,10 @@ def test_close_returns_within_a_second_with_frames_queued() -> None:
             lp.hub.publisher.publish_snapshot(snap)
         connection_file = lp.hub.publisher.connection_path
         assert connection_file is not None and connection_file.exists()
-        t0 = time.monotonic()
-        lp.close()
-        assert time.monotonic() - t0 < 1.0
+        closer = threading.Thread(target=lp.close, daemon=True)
+        closer.start()
+        closer.join(60)  # generous: a close that waited on the reader would never return
+        assert not closer.is_alive(), "close() blocked behind a subscriber that never reads"
         assert not connection_file.exists()
     finally:
         dash.close()

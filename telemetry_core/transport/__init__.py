@@ -26,6 +26,8 @@ from telemetry_core.transport.gate import (
     Verdict,
 )
 from telemetry_core.transport.net import (
+    DEFAULT_BIND,
+    DEFAULT_PORT_SEARCH,
     BindError,
     Endpoints,
     InsecureBindError,
@@ -38,6 +40,8 @@ from telemetry_core.transport.publisher import Publisher, PublisherCounters
 
 __all__ = [
     "AUTH_CODES",
+    "DEFAULT_BIND",
+    "DEFAULT_PORT_SEARCH",
     "FRAME_CODES",
     "REJECT_CODES",
     "SILENT_CODES",

@@ -57,7 +57,7 @@ from telemetry_core.transport.auth import ZapHandler
 from telemetry_core.transport.commands import CommandPort
 from telemetry_core.transport.gate import FRAME_CODES, CommandGate, TokenBucket
 from telemetry_core.transport.history import HistoryRing
-from telemetry_core.transport.net import BindError, Endpoints, TransportError
+from telemetry_core.transport.net import DEFAULT_BIND, BindError, Endpoints, TransportError, zmq_endpoint
 from telemetry_core.transport.sockets import (
     FAILED_EVENTS,
     MONITOR_EVENTS,
@@ -133,6 +133,8 @@ class Publisher:
     ``bind=None`` turns the network off: snapshots are still encoded (and returned, for a
     recorder) and counted as ``unsent``. With port 0 the PUB and ROUTER get ephemeral ports (see
     :attr:`endpoints`); otherwise the ROUTER binds the PUB port + 1 unless ``cmd_bind`` is given.
+    The default ports, when taken, move to the next free pair (``port_search`` pairs are tried,
+    by default for the default bind only); :attr:`endpoints` and a warning say where.
 
     ``curve=None`` (the default) encrypts and authenticates every connection with CURVE whenever
     libzmq has it, loopback included; ``curve=False`` is allowed on loopback only (then any local
@@ -141,7 +143,7 @@ class Publisher:
 
     def __init__(
         self,
-        bind: str | None = "tcp://127.0.0.1:5555",
+        bind: str | None = DEFAULT_BIND,
         *,
         session: str | None = None,
         run_name: str = "",
@@ -168,6 +170,7 @@ class Publisher:
         max_peers: int = 128,
         command_cpu_share: float = 0.02,
         wake_interval: float = 0.02,
+        port_search: int | None = None,
     ) -> None:
         for name, value, low in (
             ("history", history, 0),
@@ -207,7 +210,7 @@ class Publisher:
 
         # -- where to bind, and whether CURVE is required (checked here, before any thread) ----
         self._bind = bind
-        self._plan = BindPlan(bind, cmd_bind, curve, curve_allow)
+        self._plan = BindPlan(bind, cmd_bind, curve, curve_allow, port_search)
         self._curve = self._plan.curve
 
         self._connection_file_opt = connection_file
@@ -320,6 +323,7 @@ class Publisher:
                 raise BindError(message)
             self._warn_once("bind", message)
             return self
+        self._warn_if_moved()
         self._write_connection_file()
         self._atexit = _make_atexit(self)
         atexit.register(self._atexit)
@@ -550,6 +554,17 @@ class Publisher:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._wake_r = self._wake_w = -1
+
+    def _warn_if_moved(self) -> None:
+        plan, endpoints = self._plan, self._endpoints
+        assert plan.pub_addr is not None and endpoints is not None
+        asked = zmq_endpoint(*plan.pub_addr)
+        if plan.pub_addr[1] and endpoints.pub != asked:
+            self._warn_once(
+                "moved",
+                f"telemetry: {asked} is in use (another trainer?); streaming on {endpoints.pub} "
+                f"(commands {endpoints.cmd}) instead",
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -15,6 +15,8 @@ import zmq
 from telemetry_core import protocol
 from telemetry_core.transport.auth import ZAP_DOMAIN
 from telemetry_core.transport.net import (
+    DEFAULT_BIND,
+    DEFAULT_PORT_SEARCH,
     Endpoints,
     InsecureBindError,
     is_loopback,
@@ -50,6 +52,10 @@ class BindPlan:
     ``bind=None`` plans no network. Otherwise the ROUTER binds the PUB port + 1 unless ``cmd_bind``
     is given (port 0: ephemeral ports for both). ``curve=None`` uses CURVE whenever libzmq has it,
     loopback included; ``curve=False`` is allowed on loopback only and ``curve=True`` insists.
+
+    ``port_search`` further port pairs are tried when the ports asked for are in use (two trainers
+    started with the defaults must not collide); ``None`` searches for the default bind only, as
+    a port the caller named is one a dashboard is told to attach to.
     """
 
     def __init__(
@@ -58,10 +64,16 @@ class BindPlan:
         cmd_bind: str | None,
         curve: bool | None,
         curve_allow: list[bytes | str] | None,
+        port_search: int | None = None,
     ) -> None:
         self.pub_addr: tuple[str, int] | None = None
         self.cmd_addr: tuple[str, int] | None = None
         self.curve = False
+        if port_search is None:
+            port_search = DEFAULT_PORT_SEARCH if bind == DEFAULT_BIND and cmd_bind is None else 0
+        if isinstance(port_search, bool) or not isinstance(port_search, int) or port_search < 0:
+            raise ValueError(f"port_search must be an integer >= 0, got {port_search!r}")
+        self.port_search = port_search
         if bind is not None:
             host, port = parse_tcp(bind, "bind")
             if cmd_bind is not None:
@@ -104,6 +116,25 @@ class BindPlan:
         elif curve_allow:
             raise ValueError("curve_allow needs CURVE (leave curve=None or set curve=True)")
 
+    def attempts(self) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+        """The (PUB, ROUTER) addresses to try in order: those asked for, then ``port_search`` more.
+
+        Ephemeral ports (0) never collide, so they are tried once. With the command port next to
+        the stream port, pairs move by two (5555/5556, 5557/5558, ...).
+        """
+        assert self.pub_addr is not None and self.cmd_addr is not None
+        (host, port), (cmd_host, cmd_port) = self.pub_addr, self.cmd_addr
+        out = [(self.pub_addr, self.cmd_addr)]
+        if port == 0 or cmd_port == 0:
+            return out
+        step = 2 if cmd_port == port + 1 else 1
+        for k in range(1, self.port_search + 1):
+            pub, cmd = port + k * step, cmd_port + k * step
+            if max(pub, cmd) > 65535:
+                break
+            out.append(((host, pub), (cmd_host, cmd)))
+        return out
+
     def connection_info(
         self, endpoints: Endpoints, *, session: str, key_hex: str, run_name: str, pid: int, created: float
     ) -> protocol.ConnectionInfo:
@@ -130,6 +161,8 @@ def describe_bind_error(plan: BindPlan, exc: zmq.ZMQError) -> str:
     pub = zmq_endpoint(*plan.pub_addr)
     cmd = zmq_endpoint(*plan.cmd_addr)
     what = "already in use" if exc.errno == zmq.EADDRINUSE else exc.strerror
+    if exc.errno == zmq.EADDRINUSE and plan.port_search:
+        what += f" (and so were the next {len(plan.attempts()) - 1} port pairs)"
     return (
         f"telemetry: cannot bind the stream on {pub} (commands {cmd}): {what}. Training continues "
         "without the live stream (recording, if on, is unaffected); pick another port with "
@@ -140,12 +173,38 @@ def describe_bind_error(plan: BindPlan, exc: zmq.ZMQError) -> str:
 def make_sockets(
     ctx: zmq.Context, plan: BindPlan, sockets: list[zmq.Socket], *, pub_hwm: int
 ) -> tuple[zmq.Socket, zmq.Socket, Endpoints]:
-    """Create, configure and bind PUB and ROUTER; each is appended to ``sockets`` (to be closed)."""
-    assert plan.pub_addr is not None and plan.cmd_addr is not None
+    """Create, configure and bind PUB and ROUTER; both are appended to ``sockets`` (to be closed).
+
+    While the ports are in use, the next pair of :meth:`BindPlan.attempts` is tried; the first
+    error is raised when none is free (it names the ports asked for).
+    """
+    first: zmq.ZMQError | None = None
+    for pub_addr, cmd_addr in plan.attempts():
+        pub, router = _configured(ctx, plan, pub_hwm)
+        try:
+            for sock, (host, port) in ((pub, pub_addr), (router, cmd_addr)):
+                if ":" in host.strip("[]"):
+                    sock.setsockopt(zmq.IPV6, 1)
+                sock.bind(zmq_endpoint(host, port))
+        except zmq.ZMQError as exc:
+            pub.close(linger=0)
+            router.close(linger=0)
+            if exc.errno != zmq.EADDRINUSE:
+                raise
+            first = first or exc
+            continue
+        sockets += [pub, router]
+        endpoints = Endpoints(
+            pub.getsockopt_string(zmq.LAST_ENDPOINT), router.getsockopt_string(zmq.LAST_ENDPOINT)
+        )
+        return pub, router, endpoints
+    assert first is not None
+    raise first
+
+
+def _configured(ctx: zmq.Context, plan: BindPlan, pub_hwm: int) -> tuple[zmq.Socket, zmq.Socket]:
     pub = ctx.socket(zmq.PUB)
-    sockets.append(pub)
     router = ctx.socket(zmq.ROUTER)
-    sockets.append(router)
     for sock in (pub, router):
         sock.setsockopt(zmq.LINGER, 0)
         # Drop peers that stopped answering ZMTP pings, so no queue waits on a dead dashboard.
@@ -170,11 +229,4 @@ def make_sockets(
     router.setsockopt(zmq.RCVHWM, 100)
     # Commands are tiny: a larger frame gets the peer disconnected by libzmq before we see it.
     router.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_COMMAND_BYTES)
-    for sock, (host, port) in ((pub, plan.pub_addr), (router, plan.cmd_addr)):
-        if ":" in host.strip("[]"):
-            sock.setsockopt(zmq.IPV6, 1)
-        sock.bind(zmq_endpoint(host, port))
-    endpoints = Endpoints(
-        pub.getsockopt_string(zmq.LAST_ENDPOINT), router.getsockopt_string(zmq.LAST_ENDPOINT)
-    )
-    return pub, router, endpoints
+    return pub, router
