@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--tensorboard", metavar="DIR", help="write TensorBoard scalars and histograms to DIR instead"
     )
+    export.add_argument(
+        "--x",
+        choices=["update", "timesteps"],
+        default="update",
+        help="TensorBoard x-axis: the update step (default) or the environment timesteps the training "
+        "loop's own logger uses (SB3's, CleanRL's global_step), to overlay its curves",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -289,6 +296,8 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.tensorboard:
         return _export_tensorboard(args)
+    if args.x != "update":
+        raise CliError("--x applies to --tensorboard exports", EXIT_USAGE)
     if args.format != "jsonl":
         raise CliError("export needs --format jsonl (or --tensorboard DIR)", EXIT_USAGE)
     try:
@@ -321,7 +330,7 @@ def _export_tensorboard(args: argparse.Namespace) -> int:
             f"TensorBoard export is not available here ({exc}); install it with pip install 'simic-tui[tensorboard]'"
         ) from None
     try:
-        written = export_recording(args.file, args.tensorboard)
+        written = export_recording(args.file, args.tensorboard, x=args.x)
     except (OSError, ValueError) as exc:
         raise CliError(str(exc)) from None
     print(
