@@ -97,6 +97,42 @@ def test_scan_finds_live_publishers_and_skips_dead_or_unsafe_files(
             p.close()
 
 
+async def test_a_scan_joins_new_trainers_up_to_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trainers whose connection files appear later join on the next look; beyond the cap the title
+    says how many were left out (the cap lowered to 1 here, with real publishers' files)."""
+    import simic_tui.screens.sweep as sweep_screen
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(runtime))
+    directory = runtime / "simic-tui"
+    directory.mkdir(mode=0o700)
+    app = sweep_screen.SweepApp([], scan=True, scan_dir=directory, run_clients=False, clock=lambda: 0.0)
+    pubs: list[Publisher] = []
+    try:
+        async with app.run_test(size=(160, 30)) as pilot:
+            await pilot.pause()
+            assert app.runs == []
+            monkeypatch.setattr(sweep_screen, "MAX_SWEEP_RUNS", 1)
+            pubs = [Publisher("tcp://127.0.0.1:0", run_name=f"late{i}").start() for i in range(2)]
+            assert app.rescan() == 1 and app.left_out == 1
+            app.sweep.refresh_view()
+            await pilot.pause()
+            assert "1 more trainer(s) found, not shown (at most 1)" in str(
+                app.sweep.query_one("#sweep-title").render()
+            )
+            assert any("joined the sweep" in n.message for n in app._notifications)
+            monkeypatch.setattr(sweep_screen, "MAX_SWEEP_RUNS", 64)
+            assert app.rescan() == 1 and app.left_out == 0
+            assert sorted(r.label for r in app.runs) == ["late0", "late1"]
+            assert app.rescan() == 0  # the same files again: nothing new
+    finally:
+        for p in pubs:
+            p.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Pilot
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from simic_tui.keys import APP_BINDINGS
 from simic_tui.screens.dashboard import DashboardScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.sweep import (
+    MAX_SWEEP_RUNS,
     SORT_KEYS,
     SweepRow,
     SweepRun,
@@ -341,6 +342,9 @@ class SweepScreen(Screen):
             segments.append(
                 (1, [(f"filter: {self.filter_text!r} ({len(shown)} of {len(every)})", "$accent")])
             )
+        if self.sweep.left_out:
+            more = f"{self.sweep.left_out} more trainer(s) found, not shown (at most {MAX_SWEEP_RUNS})"
+            segments.append((1, [(more, "bold $warning")]))
         if self.sweep.scan:
             segments.append((4, [("scanning for new trainers", "$text-muted")]))
         return fit_segments(segments, max(self.size.width - 1, 20))
@@ -484,6 +488,7 @@ class SweepApp(SimicApp):
         self._last_scan = -1e18
         self._last_table = -1e18
         self._sweep_toasts: list[str] = []
+        self.left_out = 0  # trainers a scan found beyond MAX_SWEEP_RUNS
 
     def get_default_screen(self) -> Screen:
         return self.sweep
@@ -493,7 +498,7 @@ class SweepApp(SimicApp):
         for run in self.runs:
             self._start(run)
         if self.scan:
-            self.rescan()
+            self.rescan(quiet=True)  # the trainers already there are the table, not news
 
     def _start(self, run: SweepRun) -> None:
         if self.run_clients and not run.started:
@@ -502,8 +507,12 @@ class SweepApp(SimicApp):
                 run.client.run(), name=f"telemetry-{run.label}", group=f"net:{run.key}", exit_on_error=False
             )
 
-    def rescan(self) -> int:
-        """Add every trainer whose connection file appeared since the last look; returns how many."""
+    def rescan(self, *, quiet: bool = False) -> int:
+        """Add every trainer whose connection file appeared since the last look; returns how many.
+
+        At most ``MAX_SWEEP_RUNS`` runs (each holds a client and a bounded store): beyond that the
+        table says how many were left out instead of growing the dashboard without bound.
+        """
         self._last_scan = self.clock()
         known = {r.key for r in self.runs}
         added = 0
@@ -511,15 +520,16 @@ class SweepApp(SimicApp):
             found = scan_targets(self.scan_dir)
         except (OSError, PermissionError):
             return 0
-        for label, target in found:
-            if target.pub in known:
-                continue
+        fresh = [(label, t) for label, t in found if t.pub not in known]
+        room = max(0, MAX_SWEEP_RUNS - len(self.runs))
+        self.left_out = max(0, len(fresh) - room)
+        for label, target in fresh[:room]:
             run = self.make(target, label, clock=self.clock)
             self.runs.append(run)
-            known.add(run.key)
             self._start(run)
             added += 1
-            self.notify(f"new trainer {label} joined the sweep", timeout=4)
+            if not quiet:
+                self.notify(f"new trainer {label} joined the sweep", timeout=4)
         return added
 
     # -- runs ----------------------------------------------------------------------------------------
