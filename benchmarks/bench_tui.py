@@ -83,9 +83,7 @@ def _publisher_proc(port: int, rate: float, seconds: float, ready: mp.Event) -> 
 
     run = Run()
     snaps = [run.snapshot(k, k + 1) for k in range(120)]
-    with Publisher(
-        f"tcp://127.0.0.1:{port}", run_name="bench", pub_hwm=10_000
-    ) as pub:  # its file: CURVE keys
+    with Publisher(f"tcp://127.0.0.1:{port}", run_name="bench", pub_hwm=10_000) as pub:  # its file: CURVE keys
         ready.set()
         time.sleep(1.0)  # let the subscriber connect
         start = time.perf_counter()

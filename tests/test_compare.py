@@ -203,6 +203,29 @@ def test_the_loops_own_timesteps_are_the_env_steps_axis_when_every_update_has_th
     )
 
 
+def test_trainer_text_is_cleaned_before_it_reaches_the_screen(tmp_path: Path) -> None:
+    """Every byte of a recording is hostile: a run name and an incident kind carrying escape sequences
+    and bidirectional overrides arrive cleaned (the replay's decode path)."""
+    rec = read_recording(KLSPIKE)
+    out = tmp_path / "hostile.simrec"
+    evil = "\x1b]0;owned\x07\x1b[2J\u202eevil"
+    with RecordWriter(out, session=rec.session) as w:
+        for env, snap in load_recording(KLSPIKE).frames:
+            snap.run.name = evil
+            for e in snap.incident_events:
+                e.incident.kind = evil + e.incident.kind
+            w.write(
+                encode_envelope(
+                    "snapshot", snap, session=env.session, seq=env.seq, step=env.step, wall_time=env.wall_time
+                )
+            )
+    c = build_comparison(load_runs([HEALTHY, out]))
+    texts = [c.runs[1].name, *(i.kind for i in c.runs[1].incidents), *(d.kind for d in c.diffs)]
+    assert c.runs[1].incidents
+    for text in texts:
+        assert text.isprintable() and "\x1b" not in text and "\u202e" not in text
+
+
 def test_load_runs_refuses_too_many_and_unusable_files(tmp_path: Path) -> None:
     with pytest.raises(ReplayError, match="at most 8"):
         load_runs([HEALTHY] * (MAX_RUNS + 1))
