@@ -14,6 +14,7 @@ __all__ = [
     "APP_BINDINGS",
     "DASHBOARD_BINDINGS",
     "DEBUG_BINDINGS",
+    "FOOTER_ORDER",
     "INCIDENT_LOG_BINDINGS",
     "LIVE_ONLY",
     "PALETTE_TITLES",
@@ -248,3 +249,33 @@ PALETTE_TITLES: dict[str, str] = {
     "replay_faster": "Replay faster",
     "replay_slower": "Replay slower",
 }
+
+# Which footer entries stay when the footer is short of width, most important first (actions, without
+# their arguments); the help lists them all.
+FOOTER_ORDER: tuple[str, ...] = (
+    "help",
+    "pop_screen",
+    "dismiss",
+    "quit",
+    "anomalies",
+    "thresholds",
+    "debug",
+    "play_pause",
+    "step",
+    "panel",
+    "toggle_pause",
+    "detail",
+    "acknowledge",
+    "goto",
+    "incident",
+    "set_level",
+    "acknowledge_all",
+    "filter_severity",
+    "filter_kind",
+    "sort_next",
+    "sort_reverse",
+    "ranks",
+    "profile",
+    "speed",
+    "command_palette",
+)

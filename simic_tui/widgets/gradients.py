@@ -127,7 +127,7 @@ class GradientsPanel(Panel):
                 SPARK_BLOCKS[round(math.log1p(c) / math.log1p(top) * scale)] if c else " " for c in counts
             )
             peak = labels[counts.index(top)]
-            line = Line().label("|g| hist", L).label("0 ").add(chart, "$accent").label(f" {labels[-1]}")
+            line = Line().label("|g| hist", L).label("0 ").add(chart, "$series").label(f" {labels[-1]}")
             line.label(f" peak {peak}")
             rows.add(line, 2)
             bar_w = max(width - L - 14 - 6, 4)
@@ -135,7 +135,7 @@ class GradientsPanel(Panel):
             for i, (label, count) in enumerate(zip(labels, counts)):
                 n = count / top * bar_w
                 bar = "█" * int(n) + ("▌" if n - int(n) >= 0.5 else "")
-                line = Line().label(f"  {label}".ljust(L + 12)).add(bar.ljust(bar_w), "$accent")
+                line = Line().label(f"  {label}".ljust(L + 12)).add(bar.ljust(bar_w), "$series")
                 line.label(f" {fmt_pct(count / total)}".rjust(6))
                 rows.add(line, 7 + rank[i] / 100)  # short of rows: the fullest bins stay
 

@@ -84,7 +84,7 @@ class PolicyPanel(Panel):
             marks = "".join("ˆ" if s == 1.0 else " " for s in np.nan_to_num(stops, nan=0.0))
             if "ˆ" in marks:
                 rows.add(
-                    Line().label("early stop").pad_to(spark_col).add(marks.rjust(spark_w), "$warning"), 6
+                    Line().label("early stop").pad_to(spark_col).add(marks, "$series-dim"), 6
                 )
 
         # clipping, ratios, ESS
@@ -127,7 +127,7 @@ class PolicyPanel(Panel):
 
         # this update's early stop
         if pol.early_stopped:
-            line = Line().label("stopped", L).add("early stop", "$warning")
+            line = Line().label("stopped", L).add("early stop")
             line.label(" at epoch ").val(pol.early_stop_epoch).label(" KL ").val(pol.early_stop_kl)
         else:
             line = Line().label("stopped", L).label(f"no early stop ({pol.epochs} epochs)")
