@@ -96,9 +96,7 @@ def screen_text(app: SimicApp) -> str:
 def ranks_app() -> SimicApp:
     loaded = load_recording(Path(__file__).parent / "fixtures" / "ranks_run.simrec")
     frames = [s for _, s in loaded.frames]
-    position = next(
-        i for i, s in enumerate(frames) if any(x.kind == "rank_divergence" for x in s.incidents)
-    )
+    position = next(i for i, s in enumerate(frames) if any(x.kind == "rank_divergence" for x in s.incidents))
     store = TelemetryStore(clock=lambda: states.FROZEN)
     replay = ReplaySource(loaded, store)
     replay.seek(position + 1)

@@ -9,6 +9,7 @@ glyph and a word, so the panel reads the same with NO_COLOR.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -140,7 +141,8 @@ class Line:
             text = part if isinstance(part, str) else part[0]
             prev = fields[-1][-1] if fields and fields[-1] else None
             prev_text = prev if isinstance(prev, str) else prev[0] if prev else ""
-            if not fields or text.startswith(" ") or not prev_text.strip():
+            # only a plain space breaks: a non-breaking one (U+00A0) glues a field together
+            if not fields or text.startswith(" ") or not prev_text.strip(" "):
                 fields.append([part])
             else:
                 fields[-1].append(part)
@@ -151,7 +153,7 @@ class Line:
             size = sum(len(p if isinstance(p, str) else p[0]) for p in f)
             if rows[-1] and used + size > width:
                 first = f[0]
-                text = (first if isinstance(first, str) else first[0]).lstrip()
+                text = (first if isinstance(first, str) else first[0]).lstrip(" ")
                 if not text and len(f) == 1:
                     continue  # spacing at a break
                 stripped = text if isinstance(first, str) else (text, first[1])
@@ -310,7 +312,10 @@ class Panel(Static):
             rows.add(Line().label(legend.strip()), 9)
         for i, text in enumerate(lines):
             tick = fmt_num(hi) if i == 0 else fmt_num(lo) if i == len(lines) - 1 else ""
-            rows.add(Line().label(tick.rjust(axis - 1) + " ").add(text, "$series"), 9)
+            line = Line().label(tick.rjust(axis - 1) + " ")
+            for run in re.findall(r"┈+|[^┈]+", text):  # a limit's dotted line is context, not data
+                line.add(run, "$text-muted" if run[0] == "┈" else "$series")
+            rows.add(line, 9)
 
 
 def panel_title(

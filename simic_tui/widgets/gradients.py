@@ -106,9 +106,11 @@ class GradientsPanel(Panel):
         if g.group_norms:
             line = Line().label("groups", L)
             for name, norm in g.group_norms.items():
-                line.label(f"{name} ")
+                # one field per group (a wrapped line breaks between groups, never inside one): the
+                # spaces inside it are non-breaking
+                line.label(f"{name}\u00a0")
                 if width >= 56:
-                    line.val(norm, alarms.mark(Verdict.OK, value=norm)).add(" ")
+                    line.val(norm, alarms.mark(Verdict.OK, value=norm)).add("\u00a0")
                 ratio = g.group_ratios.get(name)
                 if ratio is not None:
                     line.label(f"×{fmt_num(ratio, 2)}")
