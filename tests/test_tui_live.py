@@ -218,7 +218,9 @@ async def test_without_a_connection_file_the_trainer_refuses_the_dashboard_and_i
             assert any("commands disabled" in m and "--connection-file" in m for m in notes(app))
             assert not any(c.action == "set_level" for c in trainer.commands)
             await pilot.press("question_mark")  # live help lists the trainer commands too
-            shown = "\n".join(str(s.content) for s in app.screen.query(".help-section"))
+            await pilot.pause()
+            # descriptions wrap in their own column
+            shown = " ".join(" ".join(str(s.content) for s in app.screen.query(".help-section")).split())
             for binding in DASHBOARD_BINDINGS:
                 assert binding.tooltip in shown, binding.id
 
