@@ -37,6 +37,8 @@ from telemetry_core.schema import Incident, Snapshot
 __all__ = ["CLEARED_FOR", "ChartSpec", "Line", "Panel", "Row", "View", "fit_rows", "panel_title"]
 
 LABEL = "$text-muted"
+# Rows of this priority or less important are secondary: they never wrap onto a second row.
+SECONDARY = 3
 # Updates a panel says "cleared at S" after its last incident cleared (long enough to be noticed).
 CLEARED_FOR = 10
 
@@ -202,9 +204,17 @@ class Rows:
 
     def add(self, line: Line | Content | str, priority: float = 5) -> None:
         if isinstance(line, Line):
+            wrapped = line.wrap(self.width)
+            if len(wrapped) > 1 and priority >= SECONDARY:
+                # a secondary line keeps its first row, its last fields left to the zoomed panel
+                # (marked " …"), so that it never pushes a chart out
+                head = wrapped[0]
+                if self.width - head.cell_length >= 2:
+                    head = Content.assemble(head, (" …", LABEL))
+                wrapped = [head]
             # a continuation yields to every row of its line's priority (the line's head stays, and
             # no other line is pushed out for it); zoomed, there is room for all
-            for i, content in enumerate(line.wrap(self.width)):
+            for i, content in enumerate(wrapped):
                 self.rows.append(Row(priority + (0.5 if i else 0), len(self.rows), content))
             return
         content = Content(line) if isinstance(line, str) else line
