@@ -212,6 +212,13 @@ DEBUG_BINDINGS: list[Binding] = [
     Binding("escape", "app.pop_screen", "Back", id="debug_back", tooltip="Back to the dashboard"),
     Binding("s", "sort_next", "Sort", id="debug_sort", tooltip="Sort the layer table by the next column"),
     Binding("r", "sort_reverse", "Reverse", id="debug_reverse", tooltip="Reverse the layer table's order"),
+    Binding(
+        "tab",
+        "app.focus_next",
+        "Reports",
+        id="debug_reports",
+        tooltip="Between the layer table and the reports below it (PgUp/PgDn/Home/End then scroll them)",
+    ),
 ]
 
 # Actions that only make sense with a live trainer, or only in a replay (hidden otherwise).
@@ -274,6 +281,7 @@ FOOTER_ORDER: tuple[str, ...] = (
     "filter_kind",
     "sort_next",
     "sort_reverse",
+    "focus_next",
     "ranks",
     "profile",
     "speed",

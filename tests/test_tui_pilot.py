@@ -256,6 +256,22 @@ async def test_number_keys_focus_then_zoom_then_restore() -> None:
             assert app.dashboard.zoomed is None and not widget.border_subtitle
 
 
+async def test_every_debug_report_can_be_scrolled_to_at_80x24() -> None:
+    app = states.build("debug")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("d")
+        await pilot.pause()
+        assert isinstance(app.screen, DebugScreen)
+        body, conflict = app.screen.query_one("#debug-body"), app.screen.query_one("#conflict")
+        assert conflict.region.y >= 24  # below the screen at first
+        await pilot.press("tab", "end")  # Tab: from the layer table to the reports
+        await pilot.pause()
+        assert body.scroll_y > 0 and conflict.region.bottom <= 24 - 1  # above the footer
+        # the title wraps: the sort order is never cut off
+        title = str(app.screen.query_one("#debug-title").render())
+        assert "sorted by norm (descending)" in " ".join(title.split())
+
+
 async def test_d_in_a_replay_opens_the_debug_screen_with_a_sortable_layer_table() -> None:
     app = states.build("debug")
     async with app.run_test(size=SIZE) as pilot:
