@@ -209,10 +209,10 @@ async def test_enter_opens_the_runs_dashboard_and_esc_returns() -> None:
             # Esc with a zoomed panel unzooms first; the next one goes back to the table
             await pilot.press("1", "1")
             await pilot.pause()
-            assert app.screen.maximized is not None
+            assert app.screen.zoomed is not None
             await pilot.press("escape")
             await pilot.pause()
-            assert isinstance(app.screen, SweepDashboard) and app.screen.maximized is None
+            assert isinstance(app.screen, SweepDashboard) and app.screen.zoomed is None
             await pilot.press("escape")
             await pilot.pause()
             assert app.screen is screen

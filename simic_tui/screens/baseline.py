@@ -32,7 +32,7 @@ __all__ = ["BaselineApp", "BaselineScreen", "band_chart"]
 LABEL = "$text-muted"
 BAND = "$primary 50%"
 OUT = "bold $error"
-LIVE = "bold $accent"
+LIVE = "bold $series"  # a data series (simic_tui.palette)
 _CHART_ROWS = 4
 
 

@@ -446,7 +446,7 @@ class SweepDashboard(DashboardScreen):
         return super().check_action(action, parameters)
 
     def action_unzoom(self) -> None:
-        if self.maximized is not None:
+        if self.zoomed is not None:
             super().action_unzoom()
         else:
             self.app.back_to_sweep()  # type: ignore[attr-defined]
