@@ -454,6 +454,27 @@ class TelemetryHub:
         with self._guard("observe_log_std"):
             self._policy.observe_log_std(head, log_std, self._level)
 
+    def observe_actions(
+        self,
+        head: str,
+        actions: torch.Tensor,
+        *,
+        low: Any = None,
+        high: Any = None,
+        squashed: bool = False,
+    ) -> None:
+        """A continuous head's sampled actions *before clipping*, ``(..., dims)`` (e.g. the rollout's,
+        once per update), against the action bounds ``low``/``high`` (numbers or per-dimension
+        values, such as the action space's): reported as the share beyond the bounds
+        (``action_saturation``) and that of the worst dimension. A tanh-squashed head passes its
+        pre-tanh values with ``squashed=True`` instead (share with ``|tanh(u)| > 0.99``). No sync."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("observe_actions"):
+            self._policy.observe_actions(
+                head, actions, low=low, high=high, squashed=squashed, level=self._level
+            )
+
     def next_epoch(self) -> None:
         """Start a new epoch of the update for minibatches observed without ``epoch=``.
 

@@ -51,7 +51,7 @@ __all__ = [
 
 MAGIC = "SIMIC"
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1  # 1: incidents, incident events, DEBUG cost share
+SCHEMA_MINOR = 2  # 1: incidents, incident events, DEBUG cost share; 2: continuous-head statistics
 
 NAN = math.nan
 
@@ -159,6 +159,12 @@ class PolicyStats(_S):
     log_std_mean: dict[Str, float] = {}
     log_std_min: dict[Str, float] = {}
     log_std_max: dict[Str, float] = {}
+    log_std_dims: dict[Str, list[float]] = {}  # per head, each dimension's mean log-std (at most 256)
+    log_std_trend: dict[Str, float] = {}  # per head, slope of log_std_mean over recent updates, nats/update
+    entropy_differential: dict[Str, float] = {}  # per head, of the (pre-squash) Gaussian from its log-stds
+    # per head, share of action elements beyond the bounds before clipping (|tanh| > 0.99 when squashed)
+    action_saturation: dict[Str, float] = {}
+    action_saturation_max: dict[Str, float] = {}  # ... of its worst dimension
     early_stopped: bool = False  # the loop reported a target-KL early stop
     early_stop_epoch: Int | None = None
     early_stop_kl: float | None = None

@@ -99,10 +99,10 @@ def test_upstream_order_puts_causes_before_consequences() -> None:
     chain = [
         ["numerical_instability"],
         ["gradient_exploding"],
-        ["kl_spike"],
+        ["kl_spike", "action_saturation"],  # an observation slip moves the mean out, and the policy with it
         ["ratio_explosion", "ratio_collapse"],
         ["value_collapse", "ev_low"],
-        ["entropy_collapse"],
+        ["entropy_collapse", "std_collapse", "std_explosion"],
         ["lstm_unhealthy"],
         ["gradient_drift", "gradient_vanishing", "performance_degradation", "rank_divergence"],
     ]
