@@ -86,7 +86,12 @@ class StdCollapseRule(_StdRule):
             drop = base - mean if base is not None else None
             found: tuple[str, float, float, str] | None = None  # severity, value, limit, words
             if low < t.std_collapse_log_std_critical:
-                found = (CRITICAL, low, t.std_collapse_log_std_critical, "is essentially deterministic")
+                found = (
+                    CRITICAL,
+                    low,
+                    t.std_collapse_log_std_critical,
+                    f"is below {fmt(t.std_collapse_log_std_critical)}: essentially deterministic",
+                )
             elif drop is not None and base is not None and drop > t.std_drop_critical:
                 found = (
                     CRITICAL,
@@ -95,7 +100,12 @@ class StdCollapseRule(_StdRule):
                     f"lost {fmt(drop)} nats (std x{_ratio(drop)}) against its recent median {fmt(base)}",
                 )
             elif low < t.std_collapse_log_std:
-                found = (WARNING, low, t.std_collapse_log_std, "is nearly deterministic")
+                found = (
+                    WARNING,
+                    low,
+                    t.std_collapse_log_std,
+                    f"is below {fmt(t.std_collapse_log_std)}: nearly deterministic",
+                )
             elif drop is not None and base is not None and drop > t.std_drop:
                 found = (
                     WARNING,
@@ -123,7 +133,7 @@ class StdCollapseRule(_StdRule):
                 self.anomaly(
                     severity,
                     ctx.step,
-                    f"Head '{head}' std is collapsing: log-std mean {fmt(mean)}, min {fmt(low)} {words}; "
+                    f"Head '{head}' std is collapsing: its log-std (mean {fmt(mean)}, min {fmt(low)}) {words}; "
                     f"it is running out of exploration.",
                     value=value,
                     threshold=limit,
@@ -163,7 +173,12 @@ class StdExplosionRule(_StdRule):
             rise = mean - base if base is not None else None
             found: tuple[str, float, float, str] | None = None
             if high > t.std_explosion_log_std_critical:
-                found = (CRITICAL, high, t.std_explosion_log_std_critical, "far wider than any action range")
+                found = (
+                    CRITICAL,
+                    high,
+                    t.std_explosion_log_std_critical,
+                    f"is above {fmt(t.std_explosion_log_std_critical)}: far wider than any action range",
+                )
             elif rise is not None and base is not None and rise > t.std_rise_critical:
                 found = (
                     CRITICAL,
@@ -172,7 +187,12 @@ class StdExplosionRule(_StdRule):
                     f"rose {fmt(rise)} nats (std x{_ratio(-rise)}) above its recent median {fmt(base)}",
                 )
             elif high > t.std_explosion_log_std:
-                found = (WARNING, high, t.std_explosion_log_std, "wider than a usual action range")
+                found = (
+                    WARNING,
+                    high,
+                    t.std_explosion_log_std,
+                    f"is above {fmt(t.std_explosion_log_std)}: wider than a usual action range",
+                )
             elif rise is not None and base is not None and rise > t.std_rise:
                 found = (
                     WARNING,
@@ -188,7 +208,7 @@ class StdExplosionRule(_StdRule):
                 self.anomaly(
                     severity,
                     ctx.step,
-                    f"Head '{head}' std is exploding: log-std mean {fmt(mean)}, max {fmt(high)} {words}; "
+                    f"Head '{head}' std is exploding: its log-std (mean {fmt(mean)}, max {fmt(high)}) {words}; "
                     f"its actions are mostly noise.",
                     value=value,
                     threshold=limit,
