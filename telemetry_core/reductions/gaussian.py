@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from telemetry_core.reductions.advantage import acc_dtype, check_float_tensor, to_device
+from telemetry_core.reductions.advantage import acc_dtype, check_float_tensor
+from telemetry_core.reductions.transfer import to_device
 from telemetry_core.schema import PolicyStats
 
 __all__ = ["HALF_LOG_2PI_E", "MAX_DIMS", "SQUASH_SATURATION", "TREND_WINDOW", "GaussianReducer", "slope"]
