@@ -298,7 +298,8 @@ def main(args: Args | None = None, before_update: BeforeUpdate | None = None) ->
                     break
 
             hub.observe_log_std("action", agent.actor_logstd.detach())  # simic: what the next rollout uses
-            snapshot = hub.end_update(iteration)  # simic: one host transfer, detection, publish
+            # simic: one host transfer, detection, publish; timesteps: CleanRL's TensorBoard x-axis
+            snapshot = hub.end_update(iteration, timesteps=global_step)  # simic
 
             y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
             var_y = np.var(y_true)
