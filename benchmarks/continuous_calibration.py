@@ -162,7 +162,7 @@ def judge(outs: list[Path], verbose: bool) -> int:
                 )
         if EXPECTED.get(meta["injection"], "") is None:  # no one expected kind: report what it raised
             after = sorted({f"{k}:{sev[0]}@+{s - meta['onset']}" for s, k, sev in onsets if s >= meta["onset"]})
-            rows.append((meta["env"], meta["injection"], "; ".join(after) or "nothing", None, "-", []))
+            rows.append((meta["env"], meta["injection"], "(none expected) raised: " + ("; ".join(after) or "nothing"), -1, "-", []))
             continue
         if meta["injection"] == "healthy":
             healthy_updates += len(snaps)
@@ -179,7 +179,7 @@ def judge(outs: list[Path], verbose: bool) -> int:
     print("| task | injection | expected kind | latency (updates after onset) | severity | alarms before onset |")
     print("|---|---|---|---|---|---|")
     for env, inj, want, latency, sev, early in rows:
-        lat = "missed" if latency is None else str(latency)
+        lat = "missed" if latency is None else "-" if latency < 0 else str(latency)
         print(f"| {env} | {inj} | {want} | {lat} | {sev} | {len(early)} |")
     per100 = {k: 100.0 * v / max(healthy_updates, 1) for k, v in healthy_onsets.items()}
     print(

@@ -98,7 +98,7 @@ _SPECS: tuple[KindSpec, ...] = (
         ),
         escalation_updates=8,
         scope="head",
-        upstream=5,
+        upstream=2,  # a log-std that jumps moves every ratio: it heads the KL and ratio alarms it causes
         thresholds=(
             "std_collapse_log_std",
             "std_collapse_log_std_critical",
@@ -124,7 +124,7 @@ _SPECS: tuple[KindSpec, ...] = (
         ),
         escalation_updates=5,
         scope="head",
-        upstream=5,
+        upstream=2,
         thresholds=(
             "std_explosion_log_std",
             "std_explosion_log_std_critical",
@@ -147,7 +147,7 @@ _SPECS: tuple[KindSpec, ...] = (
         ),
         escalation_updates=5,
         scope="head",
-        upstream=2,
+        upstream=3,  # a std that exploded spills samples past the bounds: the std alarm heads the group
         thresholds=(
             "action_saturation_warning",
             "action_saturation_critical",
