@@ -182,6 +182,8 @@ def test_bad_arguments_are_refused() -> None:
         reducer.observe_actions("arm", torch.zeros(4, 3), low=[-1, -1], high=[1, 1])
     with pytest.raises(ValueError, match="must not exceed"):
         reducer.observe_actions("arm", torch.zeros(2), low=1, high=-1)
+    with pytest.raises(TypeError, match="host values"):
+        reducer.observe_actions("arm", torch.zeros(2), low=torch.tensor(-1.0), high=1)
     with pytest.raises(TypeError, match="floating-point"):
         reducer.observe_actions("arm", torch.zeros(2, dtype=torch.long), low=-1, high=1)
 

@@ -66,7 +66,9 @@ def slope(values: Sequence[float]) -> float:
 def _bounds(name: str, value: object, dims: int) -> np.ndarray:
     """A bound as a float64 array of ``dims`` values (a number is broadcast)."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()  # once per head and layout: cached by the caller
+        # reading a device tensor's values would sync the device on every call
+        raise TypeError(f"{name} must be host values (a number, a sequence or a numpy array such as the "
+                        "action space's), not a tensor")
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if arr.size == 1:
         arr = np.full(dims, float(arr[0]))
