@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -138,6 +140,7 @@ def judge(outs: list[Path], verbose: bool) -> int:
     healthy_updates = 0
     healthy_onsets = {"warning": 0, "critical": 0}
     healthy_by_kind: dict[str, int] = {}
+    margins = {"drop": 0.0, "rise": 0.0, "saturation": 0.0, "log_std_min": math.inf}
     rows = []
     for meta_path in sorted(p for out in outs for p in out.glob("*.json")):
         meta = json.loads(meta_path.read_text())
@@ -166,6 +169,17 @@ def judge(outs: list[Path], verbose: bool) -> int:
             continue
         if meta["injection"] == "healthy":
             healthy_updates += len(snaps)
+            means: list[float] = []
+            for snap in snaps:  # how close healthy training came to each limit
+                p = snap.policy
+                mean = p.log_std_mean.get("action", math.nan)
+                if len(means) >= 5:
+                    med = statistics.median(means[-20:])
+                    margins["drop"] = max(margins["drop"], med - mean)
+                    margins["rise"] = max(margins["rise"], mean - med)
+                means.append(mean)
+                margins["log_std_min"] = min(margins["log_std_min"], p.log_std_min.get("action", math.inf))
+                margins["saturation"] = max(margins["saturation"], p.action_saturation_max.get("action", 0.0))
             for _, kind, severity in onsets:
                 healthy_onsets[severity] += 1
                 healthy_by_kind[f"{kind}:{severity}"] = healthy_by_kind.get(f"{kind}:{severity}", 0) + 1
@@ -185,6 +199,11 @@ def judge(outs: list[Path], verbose: bool) -> int:
     print(
         f"healthy: {healthy_updates} updates; onsets per 100 updates: warning {per100['warning']:.2f}, "
         f"critical {per100['critical']:.2f}; by kind {healthy_by_kind}"
+    )
+    print(
+        f"healthy extremes: log-std drop below its recent median {margins['drop']:.3f} nats, rise above it "
+        f"{margins['rise']:.3f}, smallest log-std {margins['log_std_min']:.3f}, worst-dimension saturation "
+        f"{margins['saturation']:.3f}"
     )
     return 0
 
