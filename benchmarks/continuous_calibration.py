@@ -10,6 +10,7 @@ Injections (from the onset update on, through the recipe's ``before_update`` hoo
 
 * ``neg_ent``: the entropy coefficient becomes ``-0.05`` (a wrong-sign entropy term): every update
   shrinks the log-std as fast as the optimiser allows -> ``std_collapse``.
+* ``neg_ent_strong``: ``-1.0``, an entropy term that dominates the loss.
 * ``logstd_down``: the log-std parameter is lowered by 2.5 nats once (std x 0.08, e.g. a bad
   checkpoint or an init bug) -> ``std_collapse``.
 * ``logstd_up``: raised by 3 nats once (std x 20) -> ``std_explosion``.
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Which kind each injection must be flagged as.
 EXPECTED = {
     "neg_ent": "std_collapse",
+    "neg_ent_strong": "std_collapse",
     "logstd_down": "std_collapse",
     "logstd_up": "std_explosion",
     "mean_shift": "action_saturation",
@@ -76,6 +78,8 @@ def injection(kind: str, onset: int) -> Callable[[int, Any, Any], None]:
             return
         if kind == "neg_ent":
             args.ent_coef = -0.05
+        elif kind == "neg_ent_strong":
+            args.ent_coef = -1.0
         elif kind == "logstd_down":
             with torch.no_grad():
                 agent.actor_logstd -= 2.5

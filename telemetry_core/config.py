@@ -431,10 +431,17 @@ class Thresholds:
     )
     std_drop_critical: float = _t(2.0, "... this many nats below it (std x0.14): critical")
     std_fall_step: float = _t(
-        0.01, "an update whose mean log-std is this many nats below the previous one's counts as a fall"
+        0.015,
+        "an update whose mean log-std is this many nats below the previous one's counts as a fall: "
+        "healthy CleanRL-continuous runs (Pendulum, InvertedPendulum; 80 Adam steps per update) made at "
+        "most 1 such fall in a row once past warm-up, a wrong-sign entropy term of -1 made 3 by the "
+        "second update",
     )
     std_fall_updates: int = _t(3, "falls in a row (and std_slide_drop below the median) that make a slide")
-    std_slide_drop: float = _t(0.15, "a slide is a std_collapse warning once this many nats below the median")
+    std_slide_drop: float = _t(
+        0.05, "a slide is a std_collapse warning once this many nats below the median (healthy: <= 0.059 "
+        "below it, never while sliding)"
+    )
     std_explosion_log_std: float = _t(
         2.0, "a continuous head whose largest log-std is above this (std 7.4) is mostly noise: warning"
     )

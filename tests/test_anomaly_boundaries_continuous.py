@@ -113,8 +113,10 @@ def _falls() -> list[float]:
 
 @pytest.mark.parametrize(("final", "fires"), sides(-T.std_slide_drop, high=False))
 def test_std_slide_below_its_drop(final: float, fires: bool) -> None:
-    # every value a fall of twice std_fall_step, ending at ``final``: the drop decides
-    prior = [final + 2 * T.std_fall_step * k for k in range(T.std_fall_updates - 1, 0, -1)]
+    # every value (the first one from the baseline at 0) a fall of 1.1 x std_fall_step, ending at
+    # ``final``: the drop decides
+    assert T.std_slide_drop > 1.1 * T.std_fall_step * T.std_fall_updates  # (so the first is a fall)
+    prior = [final + 1.1 * T.std_fall_step * k for k in range(T.std_fall_updates - 1, 0, -1)]
     assert _slide([*prior, final]) == (WARNING if fires else None)
 
 
