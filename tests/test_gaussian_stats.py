@@ -9,10 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_policy_stats import SyncCounter
 
 from telemetry_core.config import TelemetryLevel
 from telemetry_core.reductions.gaussian import HALF_LOG_2PI_E, SQUASH_SATURATION, TREND_WINDOW, slope
 from telemetry_core.reductions.policy import PolicyReducer
+from telemetry_core.reductions.transfer import transfer
 from telemetry_core.schema import PolicyStats
 
 LEVEL = TelemetryLevel.NORMAL
@@ -186,6 +188,23 @@ def test_bad_arguments_are_refused() -> None:
         reducer.observe_actions("arm", torch.zeros(2), low=torch.tensor(-1.0), high=1)
     with pytest.raises(TypeError, match="floating-point"):
         reducer.observe_actions("arm", torch.zeros(2, dtype=torch.long), low=-1, high=1)
+
+
+def test_observing_and_pending_never_sync_and_transfer_once() -> None:
+    g = torch.Generator().manual_seed(SEED)
+    reducer = PolicyReducer({"arm": 1})
+    low, high = np.array([-2.0, -1.0]), np.array([2.0, 1.0])
+    with SyncCounter() as counter:
+        for _ in range(3):  # the bounds reach the device once, then come from the cache
+            reducer.observe_log_std("arm", torch.randn(2, generator=g))
+            reducer.observe_actions("arm", torch.randn(32, 2, generator=g), low=low, high=high)
+        pending = reducer.pending(LEVEL)
+    assert counter.calls == []
+    with SyncCounter() as counter:
+        host = transfer(pending)
+    assert counter.calls == ["tolist"]  # the one materialisation, done by the hub's transfer
+    stats = reducer.build(host, LEVEL)
+    assert stats is not None and "arm" in stats.action_saturation and "arm" in stats.log_std_mean
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
