@@ -29,7 +29,7 @@ examples:
   simic-tui attach 127.0.0.1:5555                 attach to a local trainer
   simic-tui attach gpu-box:5555 --connection-file run.json
   simic-tui replay runs/demo.simrec               replay a recording
-  simic-tui export runs/demo.simrec --format jsonl > demo.jsonl
+  simic-tui export runs/demo.simrec > demo.jsonl
 """
 
 
@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--connection-file", metavar="FILE", help="the trainer's connection file (JSON, mode 0600)"
     )
     attach.add_argument(
+        "--lease-updates",
+        type=int,
+        default=100,
+        metavar="N",
+        help="the most updates a DEBUG lease from this dashboard lasts (default 100)",
+    )
+    attach.add_argument(
         "--allow-plaintext-commands",
         action="store_true",
         help="send commands to a remote trainer whose connection file has no CURVE keys (the link is "
@@ -84,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export",
         help="export a recording",
-        description="Export a recording. --format jsonl writes one JSON object per snapshot (its "
+        description="Export a recording. JSON lines (the default) is one JSON object per snapshot (its "
         "fields plus session and seq) to stdout or --output. JSON has no NaN or infinity: non-finite "
         "numbers are written as null, like undefined statistics.",
     )
     export.add_argument("file", metavar="FILE")
-    export.add_argument("--format", choices=["jsonl"], help="output format (jsonl)")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl", help="output format (jsonl, the default)")
     export.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
     export.add_argument(
         "--tensorboard", metavar="DIR", help="write TensorBoard scalars and histograms to DIR instead"
@@ -133,7 +140,9 @@ def _attach(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.allow_plaintext_commands:
         target = replace(target, allow_plaintext=True)
-    return _run_live(target)
+    if args.lease_updates < 1:
+        raise CliError("--lease-updates must be at least 1", EXIT_USAGE)
+    return _run_live(target, args.lease_updates)
 
 
 def _exit_code(app) -> int:  # type: ignore[no-untyped-def]
@@ -141,15 +150,24 @@ def _exit_code(app) -> int:  # type: ignore[no-untyped-def]
     return app.return_code or 0
 
 
-def _run_live(target) -> int:  # type: ignore[no-untyped-def]
+def _run_live(target, lease_updates: int = 100) -> int:  # type: ignore[no-untyped-def]
     from simic_tui.app import SimicApp
     from simic_tui.client import TelemetryClient
     from simic_tui.store import TelemetryStore
 
     store = TelemetryStore()
-    app = SimicApp(store, client=TelemetryClient(target, store))
+    client = TelemetryClient(target, store, lease_updates=lease_updates)
+    app = SimicApp(store, client=client)
     app.run()
-    return _exit_code(app)
+    code = _exit_code(app)
+    if code == 0 and client.status.last_frame_at is None:
+        # Quit without ever hearing from a trainer: say where nothing answered, and fail.
+        why = client.status.detail.removesuffix("; retrying quietly")
+        where = f"tcp://{target.host}:{target.port}" if ":" not in target.host else target.pub
+        print(f"simic-tui attach: no trainer answered at {where.removeprefix('tcp://')}"
+              f"{': ' + why if why and 'waiting' not in why else ''}", file=sys.stderr)
+        return EXIT_FAIL
+    return code
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -188,8 +206,6 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.tensorboard:
         return _export_tensorboard(args)
-    if args.format != "jsonl":
-        raise CliError("export needs --format jsonl (or --tensorboard DIR)", EXIT_USAGE)
     try:
         if args.output:
             with open(args.output, "wb") as out:
@@ -315,9 +331,9 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a command is required: usage on stderr, like any usage error
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     handlers = {"attach": _attach, "replay": _replay, "export": _export, "demo": _demo}
     started = time.monotonic()
     try:
