@@ -183,7 +183,11 @@ class SimicApp(App[None]):
         )
 
     def banners(self) -> list[str]:
-        out = [self.static_banner, self.status.banner, self.trainer_note]
+        st = self.status
+        unreachable = ""
+        if st.unreachable and st.state == LinkState.CONNECTING:  # a sentence: wraps at any width
+            unreachable = f"No trainer answers: {st.unreachable}. Retrying quietly; q quits."
+        out = [self.static_banner, st.banner, unreachable, self.trainer_note]
         return [b for b in out if b]
 
     def lease_text(self) -> str:

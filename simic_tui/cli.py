@@ -162,10 +162,13 @@ def _run_live(target, lease_updates: int = 100) -> int:  # type: ignore[no-untyp
     code = _exit_code(app)
     if code == 0 and client.status.last_frame_at is None:
         # Quit without ever hearing from a trainer: say where nothing answered, and fail.
-        why = client.status.detail.removesuffix("; retrying quietly")
-        where = f"tcp://{target.host}:{target.port}" if ":" not in target.host else target.pub
-        print(f"simic-tui attach: no trainer answered at {where.removeprefix('tcp://')}"
-              f"{': ' + why if why and 'waiting' not in why else ''}", file=sys.stderr)
+        from simic_tui.reach import address_of
+
+        why = client.status.unreachable
+        print(
+            f"simic-tui attach: no trainer answered at {address_of(target)}{': ' + why if why else ''}",
+            file=sys.stderr,
+        )
         return EXIT_FAIL
     return code
 

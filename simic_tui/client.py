@@ -391,6 +391,7 @@ class TelemetryClient:
         if not self._accept_session(env):
             return
         self.status.last_frame_at = now
+        self.status.unreachable = ""
         if self.status.state == LinkState.FINISHED and self.store.finished is not None:
             return  # the run ended; its publisher's last heartbeats change nothing
         if self.status.state != LinkState.LIVE:
@@ -758,7 +759,8 @@ class TelemetryClient:
             self._diagnosis = None
             reason = "" if task.cancelled() or task.exception() is not None else task.result()
             if reason and st.state == LinkState.CONNECTING and st.last_frame_at is None:
-                st.detail = f"{reason}; retrying quietly"
+                st.unreachable = reason
+                st.detail = "retrying quietly"
                 self.store.version += 1
             return
         if (

@@ -38,6 +38,7 @@ class LinkStatus:
     commands_note: str = ""  # why commands are unavailable ('' when they are)
     unencrypted: bool = False  # a non-loopback link without CURVE: anyone on the path reads and rewrites it
     worker_failures: int = 0  # times the network worker failed and was restarted
+    unreachable: str = ""  # why no trainer answers yet (the address and the likely reason)
 
     def set(self, state: LinkState, now: float, detail: str = "") -> None:
         if state != self.state:

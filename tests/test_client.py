@@ -259,8 +259,9 @@ async def test_unreachable_trainer_stays_connecting_and_keeps_retrying() -> None
     async with Running(TelemetryClient(target, store)) as client:
         await wait_until(lambda: client.status.connect_retries >= 2, what="retries")
         assert client.status.state == LinkState.CONNECTING
-        await wait_until(lambda: "retrying quietly" in client.status.detail, timeout=30, what="why")
-        assert f"nothing is listening on 127.0.0.1:{port}" in client.status.detail
+        await wait_until(lambda: bool(client.status.unreachable), timeout=30, what="why")
+        assert f"nothing is listening on 127.0.0.1:{port}" in client.status.unreachable
+        assert client.status.detail == "retrying quietly"
         # the trainer shows up late: the same client attaches without being restarted
         with publisher(port) as pub:
             pub.publish_snapshot(Run().snapshot(0, 1))

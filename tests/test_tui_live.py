@@ -434,8 +434,8 @@ async def test_an_unresolvable_host_name_is_said_as_such() -> None:
     store = TelemetryStore()
     app = SimicApp(store, client=TelemetryClient(resolve_target("nosuchhost.invalid:5555"), store))
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: "cannot resolve" in app.client.status.detail, timeout=30, what="why")
-        assert "'nosuchhost.invalid'" in app.client.status.detail
+        await until(pilot, lambda: "cannot resolve" in app.client.status.unreachable, timeout=30, what="why")
+        assert "'nosuchhost.invalid'" in app.client.status.unreachable
         assert app.client.status.state == LinkState.CONNECTING
 
 
@@ -450,11 +450,69 @@ async def test_an_unreachable_trainer_shows_connecting_and_keeps_retrying() -> N
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.client.status.connect_retries >= 2, what="retries")
         # The header names the address and why, and retries quietly (no attempt counter).
-        await until(pilot, lambda: "nothing is listening" in app.client.status.detail, timeout=30, what="why")
-        await pilot.pause()
+        await until(pilot, lambda: "nothing is listening" in app.client.status.unreachable, timeout=30, what="why")
+        await pilot.pause(0.3)
         header = str(app.dashboard.query_one("#header").content)
         assert f"waiting for a trainer at 127.0.0.1:{port}" in header
-        assert f"nothing is listening on 127.0.0.1:{port}" in header and "attempt" not in header
-        assert "no connection file for that port in" in app.client.status.detail
-        assert app.client.status.detail.endswith("retrying quietly")
+        assert "retrying quietly" in header and "attempt" not in header
+        banner = str(app.dashboard.query_one("#banner").content)
+        assert f"nothing is listening on 127.0.0.1:{port}; no connection file for that port in" in banner
         assert "waiting for the first snapshot" in text(app.dashboard.query_one("#policy", Panel))
+
+
+def header_text(app: SimicApp) -> str:
+    return str(app.dashboard.query_one("#header").content)
+
+
+async def test_a_run_that_ends_shows_finished_and_stays_quiet() -> None:
+    """hub.close() publishes the closing frame: the header says finished, not disconnected."""
+    pytest.importorskip("torch")
+    pytest.importorskip("telemetry_core.hub")
+    with HubLoop() as loop:
+        assert loop.hub.endpoints is not None
+        store = TelemetryStore()
+        target = resolve_target(loop.hub.endpoints[0].replace("tcp://", ""))
+        app = SimicApp(store, client=TelemetryClient(target, store))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: store.count >= 2, what="live")
+            loop.stop.set()
+            loop.thread.join(30)
+            last = loop.step - 1
+            loop.hub.close()
+            await until(pilot, lambda: app.client.status.state == LinkState.FINISHED, what="finished")
+            await until(pilot, lambda: f"■ finished at {last}/10000" in header_text(app), what="header")
+            count = store.count
+            # The publisher is gone: the link drops, and the header still says finished, quietly.
+            await pilot.pause(3.5)
+            assert app.client.status.state == LinkState.FINISHED and store.count == count
+            header = header_text(app)
+            assert "■ finished at" in header and "lost" not in header and "retrying" not in header
+            assert any("the trainer finished at step" in m for m in notes(app))
+
+
+async def test_a_trainer_that_vanishes_without_its_closing_frame_is_lost() -> None:
+    trainer = Trainer(interval=0.03)
+    with trainer:
+        app = trainer.app()
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.store.count > 3, what="frames")
+            trainer.stop.set()
+            trainer.thread.join(5)
+            trainer.pub.close()  # a Publisher alone: no closing frame, as when a trainer is killed
+            await until(pilot, lambda: "✖ trainer lost after step" in header_text(app), what="lost")
+            assert "reconnecting quietly" in header_text(app) and "finished" not in header_text(app)
+
+
+async def test_before_the_first_update_the_header_says_it_waits_for_it() -> None:
+    pub = Publisher("tcp://127.0.0.1:0", heartbeat_interval=0.1).start()
+    try:
+        assert pub.endpoints is not None
+        store = TelemetryStore()
+        target = resolve_target(pub.endpoints.pub.replace("tcp://", ""))
+        app = SimicApp(store, client=TelemetryClient(target, store))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: store.counters.heartbeats > 0, what="a heartbeat")
+            await until(pilot, lambda: "waiting for the trainer's first update" in header_text(app), what="waiting")
+            assert "no snapshot yet" not in header_text(app)
+    finally:
+        pub.close()

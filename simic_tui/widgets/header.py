@@ -176,7 +176,9 @@ def _waiting(status: LinkStatus) -> str:
     """What line 1 says before the first snapshot: whom it waits for."""
     if status.last_frame_at is None and status.state == LinkState.CONNECTING:
         return f"waiting for a trainer at {status.endpoint.removeprefix('tcp://')}"
-    return "waiting for the trainer's first update…"
+    if status.state in (LinkState.CONNECTING, LinkState.LIVE, LinkState.STALE):
+        return "waiting for the trainer's first update…"
+    return "no snapshot yet"
 
 
 class Banner(Static):
