@@ -309,6 +309,28 @@ async def test_a_crash_exits_1_with_its_traceback_in_a_private_file_not_on_the_s
     assert (crash.stat().st_mode & 0o777) == 0o600 and "Traceback" in crash.read_text()
 
 
+def test_a_moved_default_port_is_in_the_attach_line_and_said() -> None:
+    import argparse
+    import io
+
+    from telemetry_core.demo.cli import _announce
+
+    class Hub:
+        endpoints = ("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558")
+
+        class publisher:
+            connection_path = None
+
+    out = io.StringIO()
+    _announce(Hub(), "tcp://127.0.0.1:5555", argparse.Namespace(quiet=False), out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "simic-tui attach 127.0.0.1:5557"
+    assert lines[1] == "telemetry: port 5555 is in use (another trainer?); streaming on 5557"
+    out = io.StringIO()
+    _announce(Hub(), "tcp://127.0.0.1:5557", argparse.Namespace(quiet=False), out)
+    assert out.getvalue().splitlines() == ["simic-tui attach 127.0.0.1:5557"]
+
+
 def test_a_wildcard_bind_prints_an_attach_line_that_works(capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
     import io

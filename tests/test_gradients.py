@@ -11,6 +11,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import telemetry_core.reductions.gradients as gradients_module
+import telemetry_core.reductions.gradients.categories as categories_module
+import telemetry_core.reductions.gradients.plan as plan_module
 from telemetry_core.config import TelemetryLevel, Thresholds
 from telemetry_core.reductions.gradients import (
     FOLD_EVERY,
@@ -34,7 +36,7 @@ def cpu_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     the fold ("flat", the default below FLAT_MAX elements) and the per-call fused kernels used for
     larger buckets and on CUDA ("per-call", forced here by FLAT_MAX = 0)."""
     if request.param == "per-call":
-        monkeypatch.setattr(gradients_module, "FLAT_MAX", 0)
+        monkeypatch.setattr(plan_module, "FLAT_MAX", 0)
     return str(request.param)
 
 
@@ -859,14 +861,14 @@ def test_binade_tables_categorise_exactly_like_bucketize(dtype: torch.dtype) -> 
     each boundary and its neighbours, every binade's first and last pattern, zero, subnormals, inf,
     NaNs, and random magnitudes. float16's subnormal binade holds several default edges: no tables,
     bucketize is used (and the reducer's statistics are the same either way, tested above)."""
-    int_dtype, _ = gradients_module._BITS[dtype]
+    int_dtype, _ = categories_module._BITS[dtype]
     bounds = category_boundaries(TH.grad_hist_edges, dtype)
     tables = gradients_module.category_lut(bounds, dtype)
     if dtype == torch.float16:
         assert tables is None
         return
     assert tables is not None
-    shift = gradients_module._MANTISSA[dtype]
+    shift = categories_module._MANTISSA[dtype]
     top = (1 << (int_dtype.itemsize * 8 - 1)) - 1
     patterns = {0, 1, 2, top, top - 1}
     for b in bounds:

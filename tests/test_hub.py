@@ -1032,3 +1032,22 @@ def test_close_without_any_update_publishes_no_closing_frame(tmp_path: Path) -> 
     lp = Loop({"record": str(path)})
     lp.close()
     assert read_recording(path).frames == []
+
+
+def test_end_update_carries_the_loops_timesteps() -> None:
+    hub = TelemetryHub(nn.Linear(2, 2), heads={"a": 2}, max_grad_norm=1.0, bind=None)
+    try:
+        first = hub.end_update(1)
+        assert first is not None and first.timesteps is None
+        second = hub.end_update(2, timesteps=np.int64(256))  # a numpy integer, as any number
+        assert second is not None and second.timesteps == 256 and type(second.timesteps) is int
+        third = hub.end_update(3, timesteps=-5)  # a bad one is left out and counted, never raised
+        assert third is not None and third.timesteps is None and third.counters.telemetry_errors == 1
+    finally:
+        hub.close()
+    strict = TelemetryHub(nn.Linear(2, 2), heads={"a": 2}, max_grad_norm=1.0, bind=None, strict=True)
+    try:
+        with pytest.raises(ValueError, match="timesteps must be an integer"):
+            strict.end_update(1, timesteps=2.5)
+    finally:
+        strict.close()

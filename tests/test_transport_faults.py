@@ -485,6 +485,59 @@ def test_port_in_use_warns_once_and_training_continues(
     assert list((runtime_dir / "simic-tui").glob("*.json")) == []
 
 
+def test_a_taken_port_moves_to_the_next_free_pair_and_says_where(
+    make: Any, dashboards: Any, caplog: pytest.LogCaptureFixture, runtime_dir: Path
+) -> None:
+    holder, port = _occupied_port()
+    try:
+        with caplog.at_level(logging.WARNING, logger="telemetry_core.transport"):
+            pub = make(f"tcp://127.0.0.1:{port}", port_search=6)
+        assert pub.network and pub.endpoints is not None
+        moved = int(pub.endpoints.pub.rpartition(":")[2])
+        cmd = int(pub.endpoints.cmd.rpartition(":")[2])
+        assert moved in range(port + 2, port + 13, 2) and cmd == moved + 1  # pairs move by two
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert f"127.0.0.1:{port} is in use" in warning and pub.endpoints.pub in warning
+        info = protocol.read_connection_file(pub.connection_path)  # type: ignore[arg-type]
+        assert info.pub == pub.endpoints.pub and info.cmd == pub.endpoints.cmd
+        dash = dashboards(info)
+        dash.wait_heartbeat()
+        pub.publish_snapshot(full_snapshot(3))
+        assert [env.step for env, _, _ in dash.snapshots(1)] == [3]
+    finally:
+        holder.close()
+
+
+def test_two_trainers_with_the_same_default_do_not_collide(make: Any, dashboards: Any) -> None:
+    probe, port = _occupied_port()
+    probe.close()  # a port that was free a moment ago: both publishers ask for it
+    first = make(f"tcp://127.0.0.1:{port}", port_search=6)
+    second = make(f"tcp://127.0.0.1:{port}", port_search=6)
+    assert first.network and second.network
+    assert first.endpoints is not None and second.endpoints is not None
+    assert len({first.endpoints.pub, first.endpoints.cmd, second.endpoints.pub, second.endpoints.cmd}) == 4
+    for pub, step in ((first, 1), (second, 2)):
+        dash = dashboards(pub.connection_info)
+        dash.wait_heartbeat()
+        pub.publish_snapshot(full_snapshot(step))
+        ((env, _, _),) = dash.snapshots(1)
+        assert (env.session, env.step) == (pub.session, step)
+
+
+def test_only_the_default_bind_searches_unless_asked() -> None:
+    from telemetry_core.transport.net import DEFAULT_BIND, DEFAULT_PORT_SEARCH
+
+    assert Publisher()._plan.port_search == DEFAULT_PORT_SEARCH  # nothing binds before start()
+    assert Publisher(DEFAULT_BIND)._plan.port_search == DEFAULT_PORT_SEARCH
+    assert Publisher("tcp://127.0.0.1:6100")._plan.port_search == 0  # a named port is the one asked for
+    assert Publisher(DEFAULT_BIND, cmd_bind="tcp://127.0.0.1:7000")._plan.port_search == 0
+    plan = Publisher("tcp://127.0.0.1:65532", port_search=5)._plan
+    assert [(p[1], c[1]) for p, c in plan.attempts()] == [(65532, 65533), (65534, 65535)]
+    assert len(Publisher("tcp://127.0.0.1:0", port_search=5)._plan.attempts()) == 1
+    with pytest.raises(ValueError, match="port_search"):
+        Publisher(port_search=-1)
+
+
 def test_command_port_in_use_is_the_same_failure(make: Any) -> None:
     holder, port = _occupied_port()
     try:

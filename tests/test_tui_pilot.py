@@ -328,6 +328,20 @@ async def test_a_tick_without_screens_does_nothing() -> None:
     app.tick()
 
 
+async def test_the_policy_panel_shows_the_last_epochs_kl_beside_the_mean() -> None:
+    app = states.build("healthy")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("1", "1")  # the policy panel, zoomed: its widest layout
+        await pilot.pause()
+        widget = app.dashboard.query_one("#policy", Panel)
+        p = app.current_view().snap.policy
+        assert p is not None and len(p.kl_k3_per_epoch) > 1 and p.kl_k3_per_epoch[-1] != p.kl_k3_mean
+        shown = text(widget)
+        # SB3's approx_kl is the last epoch's k3: a TensorBoard-reading user compares with it
+        assert f"mean {fmt_num(p.kl_k3_mean)} last {fmt_num(p.kl_k3_per_epoch[-1])} max" in shown
+        assert f"mean {fmt_num(p.kl_k1_mean)} last {fmt_num(p.kl_k1_per_epoch[-1])} max" in shown
+
+
 async def test_kl_spike_and_nan_gradients_stand_out() -> None:
     app = states.build("kl_spike")
     async with app.run_test(size=SIZE) as pilot:

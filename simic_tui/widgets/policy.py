@@ -73,6 +73,11 @@ class PolicyPanel(Panel):
         if width >= 44:
             line.label("mean ")
         line.val(pol.kl_k3_mean, kv)
+        if width >= 64:
+            # the last epoch that ran, wherever an early stop ended the update (SB3's approx_kl): the
+            # mean over epochs understates an update whose last epochs moved the policy most
+            last = pol.kl_k3_per_epoch[-1] if pol.kl_k3_per_epoch else None
+            line.label(" last ").val(last, alarms.mark(Verdict.OK, value=last))
         line.label(" max ").val(pol.kl_k3_max, alarms.mark(Verdict.OK, value=pol.kl_k3_max))
         line.add(" ")
         spark_col = line.width
@@ -143,9 +148,10 @@ class PolicyPanel(Panel):
         rows.add(line, 4)
 
         if wide:
-            line = (
-                Line().label("KL k1", L).label("mean ").val(pol.kl_k1_mean).label(" max ").val(pol.kl_k1_max)
-            )
+            line = Line().label("KL k1", L).label("mean ").val(pol.kl_k1_mean)
+            if pol.kl_k1_per_epoch:
+                line.label(" last ").val(pol.kl_k1_per_epoch[-1])
+            line.label(" max ").val(pol.kl_k1_max)
             if pol.kl_k3_per_epoch:
                 line.label("  k3/epoch ").add(" ".join(fmt_num(x, 2) for x in pol.kl_k3_per_epoch))
             rows.add(line, 5)

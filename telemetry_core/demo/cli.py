@@ -370,6 +370,9 @@ def _announce(hub: Any, bind: str | None, args: argparse.Namespace, out: Any) ->
         print(f"simic-tui attach {socket.gethostname()}:{port}{where}", file=out, flush=True)
     else:
         print(f"simic-tui attach {host}:{port}", file=out, flush=True)
+    asked = bind.rpartition(":")[2]
+    if asked not in ("0", "*", port) and not args.quiet:  # the default port was taken: say so
+        print(f"telemetry: port {asked} is in use (another trainer?); streaming on {port}", file=out, flush=True)
     if path is not None and not args.quiet:
         print(f"telemetry: connection file {path}", file=out, flush=True)
 
