@@ -75,8 +75,11 @@ class LSTMPanel(Panel):
         elif not s.gates_fed:  # the loop handed over the state but not the inputs gates need
             line = Line().label("gates", L).add("not fed", "$text-muted")
             if s.gates_not_fed:
-                line.label(f" ({s.gates_not_fed} updates; pass lstm_inputs= to end_update)")
+                line.label(f" ({s.gates_not_fed} updates)")
             rows.add(line, 2)
+            hint = "pass lstm_inputs= to end_update"
+            if width >= L + len(hint):  # the fix, on its own row where it fits whole
+                rows.add(Line().label("", L).label(hint), 4)
 
         line = Line().label("NaN/Inf", L)
         for name, nan, inf in (("h", s.h_nan, s.h_inf), ("c", s.c_nan, s.c_inf)):
