@@ -18,7 +18,7 @@ from pathlib import Path
 
 from simic_tui import __version__
 
-__all__ = ["build_parser", "demo_command", "launch_demo", "main"]
+__all__ = ["build_parser", "demo_command", "launch_demo", "main", "never_reached"]
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -251,17 +251,21 @@ def _run_live(target, lease_updates: int = 100) -> int:  # type: ignore[no-untyp
     app = SimicApp(store, client=client)
     app.run()
     code = _exit_code(app)
-    if code == 0 and client.status.last_frame_at is None:
-        # Quit without ever hearing from a trainer: say where nothing answered, and fail.
-        from simic_tui.reach import address_of
-
-        why = client.status.unreachable
-        print(
-            f"simic-tui attach: no trainer answered at {address_of(target)}{': ' + why if why else ''}",
-            file=sys.stderr,
-        )
+    never = never_reached(client)
+    if code == 0 and never:  # quit without ever hearing from a trainer: say where, and fail
+        print(f"simic-tui attach: {never}", file=sys.stderr)
         return EXIT_FAIL
     return code
+
+
+def never_reached(client) -> str:  # type: ignore[no-untyped-def]
+    """'' when a trainer ever answered this client, else the address and why nothing did."""
+    if client.status.last_frame_at is not None:
+        return ""
+    from simic_tui.reach import address_of
+
+    why = client.status.unreachable
+    return f"no trainer answered at {address_of(client.target)}{': ' + why if why else ''}"
 
 
 def _replay(args: argparse.Namespace) -> int:
