@@ -720,6 +720,8 @@ def test_recording_holds_every_published_snapshot(tmp_path: Path) -> None:
     rec = read_recording(path)
     assert rec.session == lp.hub.session and not rec.problems
     decoded = [protocol.decode_body(protocol.decode_envelope(f)) for f in rec.frames]
+    closing = decoded.pop()  # close() records the run's end: the last update again, marked finished
+    assert closing.run_state == "finished" and closing.step == 4
     assert [d.step for d in decoded] == [1, 2, 3, 4]
     for got, want in zip(decoded, snaps):
         assert msgspec.msgpack.encode(got) == msgspec.msgpack.encode(want)
