@@ -216,6 +216,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
     if args.connection_file:
         raise CliError("--connection-file names one trainer's file: attach to that one trainer", EXIT_USAGE)
+    from simic_tui.sweep import MAX_SWEEP_RUNS
+
+    if len(args.address) > MAX_SWEEP_RUNS:
+        raise CliError(
+            f"a sweep shows at most {MAX_SWEEP_RUNS} trainers; {len(args.address)} were given", EXIT_USAGE
+        )
     runs = []
     seen = set()
     for address in args.address:

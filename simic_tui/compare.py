@@ -11,8 +11,9 @@ that only some runs carry is left out of the charts and named in :attr:`Comparis
 thresholds that differ between runs are listed in :attr:`Comparison.threshold_diffs`, since the same
 number can be an incident in one run and not in the other.
 
-The x-axis is the update (``Snapshot.step``) or the environment steps consumed so far: the sum of
-each update's rollout size (``AdvantageStats.raw.count``, the number of advantages GAE computed).
+The x-axis is the update (``Snapshot.step``) or the environment steps: the training loop's own count
+(``Snapshot.timesteps``) when every snapshot carries it, else the sum of each update's rollout size
+(``AdvantageStats.raw.count``, the number of advantages GAE computed).
 """
 
 from __future__ import annotations
@@ -186,11 +187,15 @@ def trace_of(loaded: LoadedRecording) -> RunTrace:
                     columns[name] = f"{spec.column}.{suffix}" if suffix else spec.column
                 present[name][i] = True
                 arr[i] = np.nan if value is None else float(value)
-    counts = np.array(
-        [s.advantage.raw.count if s.advantage is not None else np.nan for s in frames], dtype=np.float64
-    )
-    # an update whose rollout size was not measured (a lower level) leaves the total unknown from there
-    env_steps = np.cumsum(counts) if n else np.zeros(0)
+    if n and all(s.timesteps is not None for s in frames):
+        # the training loop's own count (what its logger plots): recordings line up with its curves
+        env_steps = np.array([s.timesteps for s in frames], dtype=np.float64)
+    else:
+        counts = np.array(
+            [s.advantage.raw.count if s.advantage is not None else np.nan for s in frames], dtype=np.float64
+        )
+        # an update whose rollout size was not measured (a lower level) leaves the total unknown from there
+        env_steps = np.cumsum(counts) if n else np.zeros(0)
     log = IncidentLog(capacity=100_000)
     for snap in frames:
         log.update(snap)

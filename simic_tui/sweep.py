@@ -28,6 +28,7 @@ from simic_tui.target import AttachTarget, TargetError, endpoint_port, resolve_t
 from telemetry_core.protocol import connection_dir, read_connection_file
 
 __all__ = [
+    "MAX_SWEEP_RUNS",
     "SORT_KEYS",
     "SWEEP_CAPACITY",
     "SweepRow",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 SWEEP_CAPACITY = 2_000
+# Trainers one sweep holds (a client and a store each: about 7 MB apiece with a full history).
+MAX_SWEEP_RUNS = 64
 _SEVERITY_RANK = {"": 0, "warning": 1, "critical": 2}
 _LINK_RANK = {
     LinkState.INCOMPATIBLE: 0,

@@ -225,6 +225,7 @@ class TelemetryHub:
                     group=process_group,
                 )
                 self.run_info.world_size, self.run_info.rank = self._ranks.world_size, self._ranks.rank
+                self._grads.device_totals = True  # the aggregator reads rank_sums() before the transfer
                 self._level, self._reason = self._ranks.level_now() or (self._level, self._reason)
                 if not self._ranks.leads:
                     bind = None

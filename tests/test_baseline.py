@@ -162,3 +162,10 @@ async def test_live_over_a_real_publisher(tmp_path: Path, monkeypatch: pytest.Mo
         if thread.is_alive():
             thread.join(5)
         pub.close()
+
+
+@pytest.mark.usefixtures("deterministic_terminal")
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_baseline_overlay_snapshot(snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+    app = BaselineApp(fed_store(20), baseline=load_baseline(GOOD), clock=lambda: FROZEN)
+    assert snap_compare(app, press=["b"], terminal_size=size)

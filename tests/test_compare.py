@@ -183,6 +183,49 @@ def test_the_env_steps_axis_aligns_runs_by_samples_consumed() -> None:
     assert c.runs[0].env_steps[-1] == sum(s.advantage.raw.count for s in snaps(HEALTHY))
 
 
+def test_the_loops_own_timesteps_are_the_env_steps_axis_when_every_update_has_them(tmp_path: Path) -> None:
+    """A recording whose snapshots carry the loop's timesteps is aligned on those (here a loop that
+    counts two environment steps per sample, so they differ from the rollout sizes' sum)."""
+    rec = read_recording(HEALTHY)
+    out = tmp_path / "timesteps.simrec"
+    with RecordWriter(out, session=rec.session) as w:
+        for env, snap in load_recording(HEALTHY).frames:
+            snap.timesteps = 2 * (snap.step + 1) * snap.advantage.raw.count
+            w.write(
+                encode_envelope(
+                    "snapshot", snap, session=env.session, seq=env.seq, step=env.step, wall_time=env.wall_time
+                )
+            )
+    with_ts, without = load_runs([out, HEALTHY])
+    np.testing.assert_array_equal(with_ts.env_steps, [float(s.timesteps) for s in snaps(out)])
+    np.testing.assert_array_equal(
+        without.env_steps, np.cumsum([s.advantage.raw.count for s in snaps(HEALTHY)])
+    )
+
+
+def test_trainer_text_is_cleaned_before_it_reaches_the_screen(tmp_path: Path) -> None:
+    """Every byte of a recording is hostile: a run name and an incident kind carrying escape sequences
+    and bidirectional overrides arrive cleaned (the replay's decode path)."""
+    rec = read_recording(KLSPIKE)
+    out = tmp_path / "hostile.simrec"
+    evil = "\x1b]0;owned\x07\x1b[2J\u202eevil"
+    with RecordWriter(out, session=rec.session) as w:
+        for env, snap in load_recording(KLSPIKE).frames:
+            snap.run.name = evil
+            for e in snap.incident_events:
+                e.incident.kind = evil + e.incident.kind
+            w.write(
+                encode_envelope(
+                    "snapshot", snap, session=env.session, seq=env.seq, step=env.step, wall_time=env.wall_time
+                )
+            )
+    c = build_comparison(load_runs([HEALTHY, out]))
+    texts = [c.runs[1].name, *(i.kind for i in c.runs[1].incidents), *(d.kind for d in c.diffs)]
+    assert c.runs[1].incidents
+    for text in texts:
+        assert text.isprintable() and "\x1b" not in text and "\u202e" not in text
+
+
 def test_load_runs_refuses_too_many_and_unusable_files(tmp_path: Path) -> None:
     with pytest.raises(ReplayError, match="at most 8"):
         load_runs([HEALTHY] * (MAX_RUNS + 1))

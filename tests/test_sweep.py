@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable, Input
+from textual.widgets import Input
 
-from simic_tui.screens.sweep import SweepDashboard, SweepScreen
+from simic_tui.screens.sweep import SweepDashboard, SweepScreen, SweepTable
 from simic_tui.sweep import SORT_KEYS, filter_rows, row_of, scan_targets, sort_rows
 from telemetry_core.transport import Publisher
 
@@ -97,6 +97,42 @@ def test_scan_finds_live_publishers_and_skips_dead_or_unsafe_files(
             p.close()
 
 
+async def test_a_scan_joins_new_trainers_up_to_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trainers whose connection files appear later join on the next look; beyond the cap the title
+    says how many were left out (the cap lowered to 1 here, with real publishers' files)."""
+    import simic_tui.screens.sweep as sweep_screen
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("SIMIC_RUNTIME_DIR", str(runtime))
+    directory = runtime / "simic-tui"
+    directory.mkdir(mode=0o700)
+    app = sweep_screen.SweepApp([], scan=True, scan_dir=directory, run_clients=False, clock=lambda: 0.0)
+    pubs: list[Publisher] = []
+    try:
+        async with app.run_test(size=(160, 30)) as pilot:
+            await pilot.pause()
+            assert app.runs == []
+            monkeypatch.setattr(sweep_screen, "MAX_SWEEP_RUNS", 1)
+            pubs = [Publisher("tcp://127.0.0.1:0", run_name=f"late{i}").start() for i in range(2)]
+            assert app.rescan() == 1 and app.left_out == 1
+            app.sweep.refresh_view()
+            await pilot.pause()
+            assert "1 more trainer(s) found, not shown (at most 1)" in str(
+                app.sweep.query_one("#sweep-title").render()
+            )
+            assert any("joined the sweep" in n.message for n in app._notifications)
+            monkeypatch.setattr(sweep_screen, "MAX_SWEEP_RUNS", 64)
+            assert app.rescan() == 1 and app.left_out == 0
+            assert sorted(r.label for r in app.runs) == ["late0", "late1"]
+            assert app.rescan() == 0  # the same files again: nothing new
+    finally:
+        for p in pubs:
+            p.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Pilot
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +148,7 @@ async def test_sort_keys_and_header_clicks_reorder_the_table() -> None:
         await pilot.pause()
         screen = app.screen
         assert isinstance(screen, SweepScreen)
-        table = screen.query_one(DataTable)
+        table = screen.query_one(SweepTable)
         rows = [row_of(r) for r in app.runs]
         # default: worst incidents first
         assert order(screen) == [r.name for r in sort_rows(rows, "incidents", True)]
@@ -120,7 +156,7 @@ async def test_sort_keys_and_header_clicks_reorder_the_table() -> None:
         await pilot.pause()
         assert screen.sort_key == "name"
         assert order(screen) == sorted(order(screen), key=str.lower)
-        assert [table.get_row_at(i)[0].plain for i in range(table.row_count)] == order(screen)
+        assert [table.row_text(i)[0] for i in range(table.row_count)] == order(screen)
         await pilot.press("S")
         await pilot.pause()
         assert order(screen) == sorted(order(screen), key=str.lower, reverse=True)
@@ -147,7 +183,7 @@ async def test_filter_narrows_the_rows_and_esc_clears_it() -> None:
         await pilot.press("enter")  # closes the box, keeps the filter
         await pilot.pause()
         assert not box.has_class("-open") and order(screen) == ["nangrad-s5"]
-        assert screen.query_one(DataTable).has_focus
+        assert screen.query_one(SweepTable).has_focus
         await pilot.press("escape")
         await pilot.pause()
         assert len(screen.rows) == 5
@@ -159,7 +195,7 @@ async def test_enter_opens_the_runs_dashboard_and_esc_returns() -> None:
         await pilot.pause()
         screen = app.screen
         assert isinstance(screen, SweepScreen)
-        table = screen.query_one(DataTable)
+        table = screen.query_one(SweepTable)
         for i in range(len(screen.rows)):
             table.move_cursor(row=i)
             key = screen.rows[i].key
@@ -173,14 +209,26 @@ async def test_enter_opens_the_runs_dashboard_and_esc_returns() -> None:
             # Esc with a zoomed panel unzooms first; the next one goes back to the table
             await pilot.press("1", "1")
             await pilot.pause()
-            assert app.screen.maximized is not None
+            assert app.screen.zoomed is not None
             await pilot.press("escape")
             await pilot.pause()
-            assert isinstance(app.screen, SweepDashboard) and app.screen.maximized is None
+            assert isinstance(app.screen, SweepDashboard) and app.screen.zoomed is None
             await pilot.press("escape")
             await pilot.pause()
             assert app.screen is screen
             assert table.cursor_row == i  # the cursor stays on the run
+
+
+async def test_the_palette_offers_dashboard_commands_only_inside_a_run() -> None:
+    app = sweep_states.build()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.pause()
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert not any(t.startswith("DEBUG") or "(d)" in t for t in titles)
+        await pilot.press("enter")
+        await pilot.pause()
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert any("(d)" in t for t in titles)
 
 
 async def test_the_badge_counts_every_runs_incidents() -> None:

@@ -22,7 +22,7 @@ import pytest
 from simic_tui.client import LeasePhase, LinkState
 from simic_tui.demo import demo_available, free_port_pair
 from simic_tui.screens.debug import DebugScreen
-from simic_tui.screens.sweep import SweepApp, SweepDashboard, SweepScreen
+from simic_tui.screens.sweep import SweepApp, SweepDashboard, SweepScreen, SweepTable
 from simic_tui.sweep import SweepRun
 
 pytestmark = [
@@ -149,7 +149,7 @@ async def test_a_sweep_of_real_trainers_found_killed_restarted_and_commanded(tmp
             assert len(app.runs) == 3  # the same row, not a new one
 
             # drill in and back
-            table = screen.query_one("DataTable")
+            table = screen.query_one(SweepTable)
             table.move_cursor(row=screen._order.index(first.key))
             await pilot.press("enter")
             await pilot.pause()

@@ -32,7 +32,7 @@ __all__ = ["BaselineApp", "BaselineScreen", "band_chart"]
 LABEL = "$text-muted"
 BAND = "$primary 50%"
 OUT = "bold $error"
-LIVE = "bold $accent"
+LIVE = "bold $series"  # a data series (simic_tui.palette)
 _CHART_ROWS = 4
 
 
@@ -75,11 +75,11 @@ def block(lb: LiveBand, width: int) -> list[Content]:
     line = Line().add(lb.name, "bold")
     if last is not None:
         line.label("  live ").add(fmt_num(lb.values[last]), OUT if lb.outside[last] else "")
-        line.label(f"  band {fmt_band(lb.lo[last], lb.hi[last])} at update {lb.steps[last]}")
+        line.label(f"  band {fmt_band(lb.lo[last], lb.hi[last])} @{lb.steps[last]}")
     n_out = int(lb.outside.sum())
     if n_out:
         where = np.flatnonzero(lb.outside)
-        line.add(f"  ▲ outside at {n_out} update{'s' if n_out != 1 else ''}, last {lb.steps[where[-1]]}", OUT)
+        line.add(f"  ▲ outside {n_out}×, last at {lb.steps[where[-1]]}", OUT)
     else:
         line.label("  inside the band")
     return [line.build().truncate(width, ellipsis=True), *band_chart(lb)]

@@ -33,6 +33,7 @@ from simic_tui.compare import (
 from simic_tui.fmt import fmt_num
 from simic_tui.incidents import scope_label
 from simic_tui.judge import GLYPH, Verdict, kind_title
+from simic_tui.sanitize import clean_text
 from simic_tui.widgets.base import Line
 from simic_tui.widgets.cells import rich_cell
 
@@ -247,7 +248,7 @@ class CompareScreen(Screen):
             letter, style = run_tag(c, i)
             parts.append((f"{letter} ━ ", style))
             parts.append((f"{r.name} ", style))
-            parts.append((f"{r.path.name}  ", LABEL))
+            parts.append((f"{clean_text(r.path.name)}  ", LABEL))  # a file name can hold anything
         return Content.assemble(*parts)
 
     def redraw(self) -> None:

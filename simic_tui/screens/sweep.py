@@ -13,17 +13,20 @@ whose text changed are touched: sixteen trainers at ten updates a second must no
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar
 
-from rich.text import Text
-from textual.app import ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.containers import ScrollableContainer
 from textual.content import Content
 from textual.css.query import NoMatches
+from textual.events import Click
+from textual.geometry import Region
+from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets import Footer, Input, Static
 
 from simic_tui.app import SimicApp
 from simic_tui.client import LinkState
@@ -32,6 +35,7 @@ from simic_tui.keys import APP_BINDINGS
 from simic_tui.screens.dashboard import DashboardScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.sweep import (
+    MAX_SWEEP_RUNS,
     SORT_KEYS,
     SweepRow,
     SweepRun,
@@ -41,11 +45,10 @@ from simic_tui.sweep import (
     scan_targets,
     sort_rows,
 )
-from simic_tui.widgets.cells import rich_cell
 from simic_tui.widgets.header import fit_segments
 from simic_tui.widgets.incidents import severity_style
 
-__all__ = ["SweepApp", "SweepDashboard", "SweepScreen"]
+__all__ = ["SweepApp", "SweepDashboard", "SweepScreen", "SweepTable"]
 
 _LINK = {
     LinkState.CONNECTING.value: ("◌", "$warning"),
@@ -62,6 +65,133 @@ _SORT_ORDER = ("incidents", "name", "step", "return", "entropy", "kl", "ev", "gr
 
 def _cell(value: float | None, digits: int = 3) -> str:
     return fmt_num(value, digits)
+
+
+class SweepTable(Static, can_focus=True):
+    """A light table: one Content per line, redrawn only when the screen hands it new rows.
+
+    Textual's DataTable renders every cell through Rich on each refresh; sixteen trainers updating
+    ten times a second made that most of the sweep's CPU. Here a refresh is one ``update`` of
+    pre-styled lines (cells are trainer text: plain, never markup); the cursor is a reversed row.
+    """
+
+    BINDINGS: ClassVar = [
+        Binding("up", "cursor(-1)", show=False),
+        Binding("down", "cursor(1)", show=False),
+        Binding("pageup", "cursor(-10)", show=False),
+        Binding("pagedown", "cursor(10)", show=False),
+        Binding("home", "cursor(-1000000)", show=False),
+        Binding("end", "cursor(1000000)", show=False),
+    ]
+    GAP = 2
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__("", **kwargs)  # type: ignore[arg-type]
+        self.columns: list[tuple[str, str]] = []  # (key, title)
+        self.keys: list[str] = []  # row keys in display order
+        self.cells: list[list[tuple[str, str]]] = []  # per row: (text, style) per column
+        self.cursor_row = 0
+        self.sorted_column = ""
+        self.descending = False
+        self._widths: list[int] = []
+
+    @property
+    def row_count(self) -> int:
+        return len(self.keys)
+
+    def set_rows(
+        self, columns: list[tuple[str, str]], keys: list[str], cells: list[list[tuple[str, str]]]
+    ) -> None:
+        keep = self.keys[self.cursor_row] if 0 <= self.cursor_row < len(self.keys) else None
+        self.columns, self.keys, self.cells = columns, keys, cells
+        if keep in keys:
+            self.cursor_row = keys.index(keep)
+        self.cursor_row = max(0, min(self.cursor_row, len(keys) - 1))
+        self._draw()
+
+    def row_text(self, i: int) -> list[str]:
+        return [text for text, _ in self.cells[i]]
+
+    def move_cursor(self, row: int) -> None:
+        self.cursor_row = max(0, min(row, len(self.keys) - 1))
+        self._draw()
+        self.post_message(SweepTable.Highlighted())
+
+    def action_cursor(self, delta: int) -> None:
+        self.move_cursor(self.cursor_row + delta)
+
+    def column_at(self, x: int) -> str | None:
+        """The key of the column under content column ``x`` (header clicks sort by it)."""
+        start = 0
+        for (key, _), w in zip(self.columns, self._widths):
+            if start <= x < start + w + self.GAP:
+                return key
+            start += w + self.GAP
+        return None
+
+    def _draw(self) -> None:
+        widths = [len(title) + 2 for _, title in self.columns]  # room for the sort arrow
+        for row in self.cells:
+            for j, (text, _) in enumerate(row):
+                widths[j] = max(widths[j], len(text))
+        self._widths = widths
+        gap = " " * self.GAP
+        head: list[tuple[str, str] | str] = []
+        for (key, title), w in zip(self.columns, widths):
+            arrow = (" ↓" if self.descending else " ↑") if key == self.sorted_column else ""
+            head.append(((title + arrow).ljust(w) + gap, "bold $accent" if arrow else "bold"))
+        lines = [Content.assemble(*head)]
+        focused = self.has_focus
+        for i, row in enumerate(self.cells):
+            parts: list[tuple[str, str] | str] = []
+            for (text, style), w in zip(row, widths):
+                parts.append((text.ljust(w) + gap, style))
+            line = Content.assemble(*parts)
+            if i == self.cursor_row:
+                line = line.stylize("reverse" if focused else "underline")
+            lines.append(line)
+        self.update(Content("\n").join(lines))
+        if self.parent is not None and self.is_mounted:
+            self.scroll_visible_row()
+
+    def scroll_visible_row(self) -> None:
+        parent = self.parent
+        if isinstance(parent, ScrollableContainer):
+            parent.scroll_to_region(Region(0, self.cursor_row, 1, 2), animate=False, immediate=True)
+
+    def on_focus(self) -> None:
+        self._draw()
+
+    def on_blur(self) -> None:
+        self._draw()
+
+    def on_click(self, event: Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is None:  # on the padding
+            return
+        if offset.y == 0:
+            key = self.column_at(offset.x)
+            if key is not None:
+                self.post_message(SweepTable.HeaderClicked(key))
+            return
+        row = offset.y - 1
+        if 0 <= row < len(self.keys):
+            if row == self.cursor_row and event.chain >= 2:
+                self.post_message(SweepTable.Selected(self.keys[row]))
+            self.move_cursor(row)
+
+    class Highlighted(Message):
+        """The cursor moved."""
+
+    class Selected(Message):
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
+
+    class HeaderClicked(Message):
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
 
 
 class SweepScreen(Screen):
@@ -89,7 +219,8 @@ class SweepScreen(Screen):
     SweepScreen #sweep-title { height: auto; background: $panel; padding: 0 1; }
     SweepScreen #sweep-filter { display: none; height: 3; }
     SweepScreen #sweep-filter.-open { display: block; }
-    SweepScreen #sweep-table { height: 1fr; }
+    SweepScreen #sweep-body { height: 1fr; }
+    SweepScreen #sweep-table { width: auto; height: auto; text-wrap: nowrap; padding: 0 1; }
     SweepScreen #sweep-note { height: auto; color: $text-muted; padding: 0 1; }
     """
 
@@ -98,9 +229,7 @@ class SweepScreen(Screen):
         self.sort_key = "incidents"
         self.descending = True
         self.filter_text = ""
-        self._columns: tuple[str, ...] = ()
-        self._order: list[str] = []
-        self._cells: dict[tuple[str, str], str] = {}
+        self._shown: object = None
         self.rows: list[SweepRow] = []
 
     @property
@@ -113,18 +242,19 @@ class SweepScreen(Screen):
             placeholder="filter: words in name, link, level or incident; ! active, !! critical",
             id="sweep-filter",
         )
-        yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
+        with ScrollableContainer(id="sweep-body"):
+            yield SweepTable(id="sweep-table")
         yield Static(id="sweep-note")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).focus()
+        self.query_one(SweepTable).focus()
         self.refresh_view()
 
     # -- drawing -----------------------------------------------------------------------------------
     def refresh_view(self) -> None:
         try:
-            table = self.query_one(DataTable)
+            table = self.query_one(SweepTable)
         except NoMatches:
             return
         app = self.sweep
@@ -134,54 +264,22 @@ class SweepScreen(Screen):
         heads: list[str] = []
         for r in every:
             heads.extend(h for h in r.entropy if h not in heads)
-        columns = (
-            "run",
-            "link",
-            "step",
-            "level",
-            "incidents",
-            "return",
-            *[f"H {h}" for h in heads],
-            "KL",
-            "EV",
-            "grad",
-        )
-        order = [r.key for r in rows]
-        if columns != self._columns or order != self._order:
-            self._rebuild(table, columns, rows, heads)
-        else:
-            for r in rows:
-                for col, (text, style) in zip(columns, self._texts(r, heads)):
-                    if self._cells.get((r.key, col)) != (text + style):
-                        self._cells[(r.key, col)] = text + style
-                        table.update_cell(r.key, col, self._cell_text(text, style))
+        columns = ["run", "link", "step", "level", "incidents", "return", *[f"H {h}" for h in heads]]
+        columns += ["KL", "EV", "grad"]
+        titles = [(c, c[2:] if c.startswith("H ") else c) for c in columns]
+        cells = [self._texts(r, heads) for r in rows]
+        key = (tuple(titles), [r.key for r in rows], cells, self.sort_key, self.descending)
+        if key != self._shown:
+            self._shown = key
+            table.sorted_column = next((c for c in columns if self._sort_of(c) == self.sort_key), "")
+            table.descending = self.descending
+            table.set_rows(titles, [r.key for r in rows], cells)
         self.query_one("#sweep-title", Static).update(self.title_content(every, rows))
         self.query_one("#sweep-note", Static).update(self.note_content())
 
-    def _rebuild(
-        self, table: DataTable, columns: tuple[str, ...], rows: list[SweepRow], heads: list[str]
-    ) -> None:  # type: ignore[type-arg]
-        keep = None
-        if table.row_count and 0 <= table.cursor_row < len(self._order):
-            keep = self._order[table.cursor_row]
-        table.clear(columns=columns != self._columns)
-        if columns != self._columns:
-            for col in columns:
-                title = SORT_KEYS[self._sort_of(col)][0] if self._sort_of(col) else col
-                if col.startswith("H "):
-                    title = col[2:]
-                table.add_column(Text(title), key=col)  # head names are trainer text: never markup
-        self._columns = columns
-        self._order = [r.key for r in rows]
-        self._cells = {}
-        for r in rows:
-            cells = []
-            for col, (text, style) in zip(columns, self._texts(r, heads)):
-                self._cells[(r.key, col)] = text + style
-                cells.append(self._cell_text(text, style))
-            table.add_row(*cells, key=r.key)
-        if keep in self._order:
-            table.move_cursor(row=self._order.index(keep), animate=False)
+    @property
+    def _order(self) -> list[str]:
+        return [r.key for r in self.rows]
 
     @staticmethod
     def _sort_of(col: str) -> str:
@@ -196,9 +294,6 @@ class SweepScreen(Screen):
             "EV": "ev",
             "grad": "grad",
         }.get(col, "entropy" if col.startswith("H ") else "")
-
-    def _cell_text(self, text: str, style: str) -> Text:
-        return rich_cell(self.app, text, style)
 
     def _texts(self, r: SweepRow, heads: list[str]) -> list[tuple[str, str]]:
         glyph, link_style = _LINK.get(r.link, ("", ""))
@@ -248,6 +343,9 @@ class SweepScreen(Screen):
             segments.append(
                 (1, [(f"filter: {self.filter_text!r} ({len(shown)} of {len(every)})", "$accent")])
             )
+        if self.sweep.left_out:
+            more = f"{self.sweep.left_out} more trainer(s) found, not shown (at most {MAX_SWEEP_RUNS})"
+            segments.append((1, [(more, "bold $warning")]))
         if self.sweep.scan:
             segments.append((4, [("scanning for new trainers", "$text-muted")]))
         return fit_segments(segments, max(self.size.width - 1, 20))
@@ -268,28 +366,27 @@ class SweepScreen(Screen):
             parts.append((f"  {g} {', '.join(row.active_kinds)}", sev_style))
         return Content.assemble(*parts)
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        self.query_one("#sweep-note", Static).update(self.note_content())
-
     # -- keys ---------------------------------------------------------------------------------------
     def selected_key(self) -> str | None:
-        table = self.query_one(DataTable)
-        if not self._order or not 0 <= table.cursor_row < len(self._order):
+        table = self.query_one(SweepTable)
+        if not table.keys or not 0 <= table.cursor_row < len(table.keys):
             return None
-        return self._order[table.cursor_row]
+        return table.keys[table.cursor_row]
 
     def action_open(self) -> None:
         key = self.selected_key()
         if key is not None:
             self.sweep.open_run(key)
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_sweep_table_selected(self, event: SweepTable.Selected) -> None:
         event.stop()
-        if event.row_key.value is not None:
-            self.sweep.open_run(event.row_key.value)
+        self.sweep.open_run(event.key)
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
-        key = self._sort_of(str(event.column_key.value))
+    def on_sweep_table_highlighted(self, event: SweepTable.Highlighted) -> None:
+        self.query_one("#sweep-note", Static).update(self.note_content())
+
+    def on_sweep_table_header_clicked(self, event: SweepTable.HeaderClicked) -> None:
+        key = self._sort_of(event.key)
         if key:
             self.descending = not self.descending if key == self.sort_key else key in ("incidents", "step")
             self.sort_key = key
@@ -315,7 +412,7 @@ class SweepScreen(Screen):
         box = self.query_one("#sweep-filter", Input)
         if box.has_class("-open"):
             box.remove_class("-open")
-            self.query_one(DataTable).focus()
+            self.query_one(SweepTable).focus()
             return
         if self.filter_text:
             self.filter_text = ""
@@ -327,7 +424,7 @@ class SweepScreen(Screen):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.query_one("#sweep-filter", Input).remove_class("-open")
-        self.query_one(DataTable).focus()
+        self.query_one(SweepTable).focus()
 
     def action_debug(self) -> None:
         key = self.selected_key()
@@ -350,7 +447,7 @@ class SweepDashboard(DashboardScreen):
         return super().check_action(action, parameters)
 
     def action_unzoom(self) -> None:
-        if self.maximized is not None:
+        if self.zoomed is not None:
             super().action_unzoom()
         else:
             self.app.back_to_sweep()  # type: ignore[attr-defined]
@@ -361,7 +458,7 @@ class SweepApp(SimicApp):
 
     CSS_PATH = str(Path(__file__).parent.parent / "app.tcss")  # the dashboard's stylesheet
     SCAN_INTERVAL = 2.0  # seconds between looks at the runtime directory under --scan
-    TABLE_INTERVAL = 0.5  # seconds between table redraws
+    TABLE_INTERVAL = 1.0  # seconds between table redraws
 
     def __init__(
         self,
@@ -392,6 +489,7 @@ class SweepApp(SimicApp):
         self._last_scan = -1e18
         self._last_table = -1e18
         self._sweep_toasts: list[str] = []
+        self.left_out = 0  # trainers a scan found beyond MAX_SWEEP_RUNS
 
     def get_default_screen(self) -> Screen:
         return self.sweep
@@ -401,7 +499,7 @@ class SweepApp(SimicApp):
         for run in self.runs:
             self._start(run)
         if self.scan:
-            self.rescan()
+            self.rescan(quiet=True)  # the trainers already there are the table, not news
 
     def _start(self, run: SweepRun) -> None:
         if self.run_clients and not run.started:
@@ -410,8 +508,12 @@ class SweepApp(SimicApp):
                 run.client.run(), name=f"telemetry-{run.label}", group=f"net:{run.key}", exit_on_error=False
             )
 
-    def rescan(self) -> int:
-        """Add every trainer whose connection file appeared since the last look; returns how many."""
+    def rescan(self, *, quiet: bool = False) -> int:
+        """Add every trainer whose connection file appeared since the last look; returns how many.
+
+        At most ``MAX_SWEEP_RUNS`` runs (each holds a client and a bounded store): beyond that the
+        table says how many were left out instead of growing the dashboard without bound.
+        """
         self._last_scan = self.clock()
         known = {r.key for r in self.runs}
         added = 0
@@ -419,15 +521,16 @@ class SweepApp(SimicApp):
             found = scan_targets(self.scan_dir)
         except (OSError, PermissionError):
             return 0
-        for label, target in found:
-            if target.pub in known:
-                continue
+        fresh = [(label, t) for label, t in found if t.pub not in known]
+        room = max(0, MAX_SWEEP_RUNS - len(self.runs))
+        self.left_out = max(0, len(fresh) - room)
+        for label, target in fresh[:room]:
             run = self.make(target, label, clock=self.clock)
             self.runs.append(run)
-            known.add(run.key)
             self._start(run)
             added += 1
-            self.notify(f"new trainer {label} joined the sweep", timeout=4)
+            if not quiet:
+                self.notify(f"new trainer {label} joined the sweep", timeout=4)
         return added
 
     # -- runs ----------------------------------------------------------------------------------------
@@ -452,6 +555,14 @@ class SweepApp(SimicApp):
         while len(self.screen_stack) > 1 and self.screen is not self.sweep:
             self.pop_screen()
         self.sweep.refresh_view()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette's dashboard commands only inside a run's dashboard: on the table they would
+        have no run to go to."""
+        if self.dashboard in self.screen_stack:
+            yield from super().get_system_commands(screen)
+        else:
+            yield from App.get_system_commands(self, screen)
 
     # -- the timer ----------------------------------------------------------------------------------
     def tick(self) -> None:

@@ -7,7 +7,8 @@ Exact, from every element of every gradient, on every observed backward:
 * per-parameter L2 norm (``torch._foreach_norm``, float32 accumulation, one fused pass) and from it
   the pre-clip total norm (as ``clip_grad_norm_`` computes it), the clip flag, group norms, their
   sqrt(numel)-normalised values and ratios, and the vanishing / exploding parameter counts;
-* per-parameter max |g| (``aminmax`` on CPU, ``_foreach_norm(ord=inf)`` on CUDA: one more pass);
+* per-parameter max |g| (``aminmax`` or ``_foreach_abs`` + ``_foreach_max`` on CPU,
+  ``_foreach_norm(ord=inf)`` on CUDA: one more pass);
 * which tensors hold a NaN (their L2 norm is NaN) or an Inf (their max |g| is inf): ``nan_params``
   / ``inf_params``. A tensor holding both counts as NaN (its max |g| is NaN).
 
@@ -20,21 +21,12 @@ reports exactly 0 (its norm says so), one with a NaN at least 1, one examined in
 the exact count. ``examined_elements`` / ``total_elements`` say how much was binned. The default
 ``sample_size="auto"`` is numel/512 clamped to [4096, 32768] elements per backward.
 
-Why a sample, and why this shape (measured on this project's 2-core AMD EPYC CPU, float32)
-----------------------------------------------------------------------------------------
-In units of one bare ``torch._foreach_norm`` pass over the same 10M-45M elements: ``aminmax`` 0.6-1.5,
-``amax`` 1.1, ``count_nonzero`` 1.1-2.1, ``_foreach_norm(ord=inf)`` 3.9-10 and ``ord=0`` 1.5-4.6
-(their CPU paths are not vectorised), an elementwise op into a reused buffer (compare, bitwise and,
-``nan_to_num``) 2-3, ``isnan().sum()`` 10, and every per-element binning kernel 20-58:
-``torch.histogram`` 31-50, ``torch.histc`` 19-37, ``torch.bucketize`` 29-58; ``torch.compile`` of the
-whole set fused into one kernel 11-14 after 15-52 s of compilation. An exact histogram of every
-element thus costs 20x by itself, and exact NaN, Inf and zero counts 2-4x each, against a target of
-3x for everything. So the design keeps what is exact *and* cheap (two passes: L2 norms and max |g|)
-and bins a sample whose cost does not grow with the model (about 12 ns per sampled element).
-``sample_size=None`` bins every element (31-61x bare in benchmarks/bench_gradients.py); the tests compare
-it with float64 references.
-Interleaving the norm and ``aminmax`` per 256K-element chunk so the second read hits cache saved
-~0.25x single-threaded but collapsed with two threads on a loaded machine: rejected.
+Why a sample: an exact histogram of every element costs many times the L2 pass by itself (every
+per-element binning kernel is slow on CPU), and exact NaN, Inf and zero counts one or more passes
+each, against a target of 3x the bare norm for everything. So the design keeps what is exact *and*
+cheap (two passes: L2 norms and max |g|) and bins a sample whose cost does not grow with the model.
+``sample_size=None`` bins every element; the tests compare it with float64 references. The
+measurements behind these choices are in BENCHMARKS.md (gradient statistics).
 
 One pass for all categories: |x| is monotone in the float's bit pattern with the sign bit cleared,
 so one ``bucketize`` of ``bits & 0x7F..F`` against the edges' bit patterns (each rounded *up* into
@@ -43,20 +35,20 @@ the gradient's dtype, so ``|g| >= edge`` holds exactly) sorts every element into
 CPU and CUDA (``bincount`` on CPU; ``index_add_`` on CUDA, whose ``bincount`` syncs to size its output).
 
 Per call vs per update: ``observe`` does only what must read this backward's gradients. Per
-(device, dtype) bucket: one fused ``_foreach_norm``, the extremes (one ``aminmax`` per tensor on CPU,
-its vectorised path; one fused ``_foreach_norm(inf)`` on CUDA), one ``stack`` of them, and a private
-copy of the sample (one strided view per tensor and one ``cat``): 4 + 2 per tensor dispatches on
-CPU, 5 + 1 per tensor on CUDA, no reduction. Binning the samples of every call (one
-categorisation and one count for all of them) runs on the device in ``pending`` (or every
-``FOLD_EVERY`` calls, which bounds the memory the samples hold), which then hands over, in the
-update's one transfer, the histogram and 4 numbers per parameter per call (L2 norm, max |g|, the
-sampled Inf and NaN counts). Every reduction over parameters and calls (totals, clip rate, groups,
-vanishing/exploding, NaN/Inf estimates, which tensors hold NaN/Inf) runs on the host in ``build``,
-vectorised in float64 numpy over those (calls x parameters) arrays: on the device each of those few
-dozen small operations was a kernel launch (~80 per update, the largest cost of a one-backward
-update of a 1M-parameter model). Figures: BENCHMARKS.md (``benchmarks/bench_gradients.py``). The
-histogram's binning is the largest per-element part of what remains
-for a small model: about 12 ns per sampled element, ``sample_size`` elements per backward.
+(device, dtype) bucket: one fused ``_foreach_norm``, the extremes, one ``stack`` of them, and a
+private copy of the sample (one strided view per tensor and one ``cat``). On CPU the extremes are
+one ``aminmax`` per tensor of at least ``BIG_TENSOR`` elements (its vectorised path; the read
+dominates the dispatch) and one ``_foreach_abs`` + ``_foreach_max`` for all the smaller ones, so the
+dispatches per backward grow with the model's size, not with its number of tensors (besides the
+sample's views); on CUDA one fused ``_foreach_norm(inf)``. A CPU bucket of at most ``FLAT_MAX``
+elements is copied flat in one dispatch instead and reduced in the fold. The fold (in ``pending``,
+or every ``FOLD_EVERY`` calls, which bounds the memory the samples hold) bins the samples of every
+call at once and hands each bucket's rows of norms and extremes and its sampled Inf / NaN counts to
+the update's one transfer, unconverted and in bucket order. Every other reduction (max |g| from the
+extremes, parameter order, totals, clip rate, groups, vanishing/exploding, NaN/Inf estimates, which
+tensors hold NaN/Inf) runs on the host in ``build``, vectorised in float64 numpy over (calls x
+parameters) arrays: on the device each of those small operations is a kernel launch, which on CPU
+after the gradient passes costs more than the numpy operation.
 
 Precision: norms accumulate in float32 (``_foreach_norm(..., dtype=torch.float32)`` for float16 and
 bfloat16, so squares that overflow float16 do not), never through a float64 copy of the gradients;

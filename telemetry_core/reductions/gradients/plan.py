@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from telemetry_core.reductions.gradients.categories import _BITS, ROTATION, sample_plan
 from telemetry_core.reductions.transfer import to_device
 
-__all__ = ["FLAT_MAX", "FOLD_EVERY", "PAD_MAX", "SMALL_FOLD_ELEMENTS"]
+__all__ = ["BIG_TENSOR", "FLAT_MAX", "FOLD_EVERY", "PAD_MAX", "SMALL_FOLD_ELEMENTS"]
 
 
 @dataclass
@@ -27,13 +28,23 @@ class _Bucket:
     mask: int
     slot_offset: torch.Tensor | None  # slot * nb of every element binned in the fold, on device
     rounds: dict[int, list[tuple[int, int, int]]]  # sample plans by round % ROTATION
-    width: int  # extremes per tensor in the per-call vector: 2 (CPU min, max) or 1 (max |g|)
+    # The fold hands over one row per call and bucket, reduced on the host: the bucket's k-th tensor
+    # has L2 norm row[norm_col[k]] and max |g| = max(|row[ext_a[k]]|, |row[ext_b[k]]|). Per call, a
+    # large bucket's row is [norms, extremes]: on CPU (min, max) of each tensor of at least BIG_TENSOR
+    # elements (one aminmax each), then max |g| of the smaller ones (one foreach abs and one foreach
+    # max for all of them); on CUDA max |g| of each (one fused foreach norm). A small bucket's row,
+    # from the fold: [norms, maxima, minima] in the order they are computed (padded block first).
+    big: list[int]  # bucket positions of the CPU tensors reduced by aminmax
+    rest: list[int]  # ... and of the CPU tensors reduced by foreach abs + max
+    norm_col: np.ndarray
+    ext_a: np.ndarray
+    ext_b: np.ndarray
+    cols: np.ndarray  # ``indices`` as an array, for the host
     small: bool  # a small CPU bucket: observe() keeps one flat copy, the fold does the rest (FLAT_MAX)
     starts: list[int]  # where each tensor starts in the bucket's flat copy
     flat_index: torch.Tensor | None  # small sampled buckets: sample positions in the flat copy by round
     pad: tuple[torch.Tensor, torch.Tensor] | None  # small buckets: padded block of the tensors <= PAD_MAX
     alone: list[tuple[int, int]]  # small buckets: (start, numel) of the tensors reduced one by one
-    order: torch.Tensor | None  # small buckets: bucket position of each computed column, if reordered
     lut: tuple[int, torch.Tensor, torch.Tensor] | None  # binade tables of category_lut, on device
 
 
@@ -58,8 +69,8 @@ class _Plan:
 class _Call:
     """What one observe() call leaves for the fold, per bucket of its plan: nothing reduced yet.
 
-    ``vecs[b]``: one stacked vector per bucket, ``[L2 norms (P_b), extremes (P_b * width)]`` where the
-    extremes are ``(min, max)`` pairs (CPU ``aminmax``) or max |g| (CUDA, width 1). ``samples[b]``:
+    ``vecs[b]``: one stacked vector per bucket, ``[L2 norms (P_b), extremes]`` (see ``_Bucket.big``
+    for the extremes' layout). ``samples[b]``:
     a private copy of the sampled elements (sampled mode; binned in the fold) or the ``(P_b, nb)``
     category counts already binned (every-element mode, where a copy would be the whole gradient).
     A small bucket keeps only ``vecs[b]``, the flat copy of its gradients (``samples[b]`` is None).
@@ -69,6 +80,17 @@ class _Call:
     vecs: list[torch.Tensor]
     samples: list[torch.Tensor | None]
     round_index: int
+
+
+@dataclass
+class _Folded:
+    """Calls of one plan reduced by a fold: where they stand in the update's call order, and under
+    which names each bucket's rows (``key + "v"``: C x the bucket's row) and sampled Inf / NaN counts
+    (``key + "k"``: C x P_b x 2) wait for the transfer."""
+
+    plan: _Plan
+    positions: np.ndarray
+    keys: list[str]
 
 
 FOLD_EVERY = 64  # calls kept as rows before they are folded (bounds memory on long updates)
@@ -83,6 +105,10 @@ FOLD_EVERY = 64  # calls kept as rows before they are folded (bounds memory on l
 FLAT_MAX = 1 << 17
 SMALL_FOLD_ELEMENTS = 1 << 22
 PAD_MAX = 1024  # small-bucket tensors up to this size are reduced together, zero-padded
+# In a CPU bucket past FLAT_MAX, a tensor of at least this many elements gets its own aminmax (one
+# vectorised pass: the read dominates its dispatch); the smaller ones share one foreach abs and one
+# foreach max, so the dispatches per backward grow with the model's size, not its tensor count.
+BIG_TENSOR = 1 << 15
 
 
 class _Planner:
@@ -150,7 +176,8 @@ class _Planner:
                                   zip(starts, rounds[0])])  # fmt: skip
                 tensor_of = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor(counts))
                 flat_index = to_device(base + offsets.index_select(1, tensor_of), device)
-            pad = order = None
+            pad = None
+            position = list(range(len(numels)))  # column of each tensor in the reduced row
             alone: list[tuple[int, int]] = []
             if small:  # tensors of at most PAD_MAX elements are reduced together, zero-padded
                 padded = [k for k, n in enumerate(numels) if n <= PAD_MAX]
@@ -166,19 +193,32 @@ class _Planner:
                     index = first + torch.minimum(span, lengths - 1)  # padding repeats the last element
                     pad = (to_device(index, device), to_device(keep, device))
                 computed = padded + [k for k in range(len(numels)) if k not in padded]
-                if computed != list(range(len(numels))):
-                    position = [computed.index(k) for k in range(len(numels))]
-                    order = to_device(torch.tensor(position), device)
+                position = [computed.index(k) for k in range(len(numels))]
             bounds = to_device(torch.tensor(self._bounds[dtype], dtype=int_dtype), device)
             tables = self._luts[dtype]
             lut = None
             if tables is not None:
                 lut = (tables[0], to_device(tables[1], device), to_device(tables[2], device))
-            width = 2 if device.type == "cpu" else 1
+            big: list[int] = []
+            rest: list[int] = []
+            p_b = len(numels)
+            norm_col = np.asarray(position, dtype=np.int64)
+            if small:
+                ext_a, ext_b = norm_col + p_b, norm_col + 2 * p_b
+            elif device.type == "cpu":
+                big = [k for k, n in enumerate(numels) if n >= BIG_TENSOR]
+                rest = [k for k in range(p_b) if k not in big]
+                ext_a = np.empty(p_b, dtype=np.int64)
+                ext_a[big] = np.arange(p_b, p_b + 2 * len(big), 2)
+                ext_a[rest] = np.arange(p_b + 2 * len(big), p_b + 2 * len(big) + len(rest))
+                ext_b = ext_a.copy()
+                ext_b[big] += 1
+            else:
+                ext_a = ext_b = norm_col + p_b
             buckets.append(
                 _Bucket(
-                    device, dtype, idx, numels, bounds, int_dtype, mask, slot_offset, {}, width,
-                    small, starts, flat_index, pad, alone, order, lut,
+                    device, dtype, idx, numels, bounds, int_dtype, mask, slot_offset, {}, big, rest, norm_col, ext_a, ext_b, np.asarray(idx),
+                    small, starts, flat_index, pad, alone, lut,
                 )
             )  # fmt: skip
         return _Plan(

@@ -8,6 +8,7 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors  # one dispatch for the copy of a whole bucket (DDP uses it)
 
@@ -30,6 +31,7 @@ from telemetry_core.reductions.gradients.plan import (
     SMALL_FOLD_ELEMENTS,
     _Bucket,
     _Call,
+    _Folded,
     _Plan,
     _Planner,
 )
@@ -123,6 +125,10 @@ class GradientReducer(_Planner, _DeviceFold, _HostStatistics):
             group_map[g] = sorted(set(idx))
         self.groups: dict[str, list[int]] = group_map
         self.group_names = list(group_map)
+        self._numel = np.asarray(self.numels, dtype=np.float64)
+        sizes = [len(group_map[g]) for g in self.group_names]
+        self._group_cols = np.asarray([i for g in self.group_names for i in group_map[g]], dtype=np.int64)
+        self._group_starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
         self._vanish_thr = thresholds.grad_vanishing_rel * self.max_grad_norm
         self._explode_thr = thresholds.grad_exploding_rel * self.max_grad_norm
         self._edges = tuple(float(e) for e in thresholds.grad_hist_edges)
@@ -132,6 +138,9 @@ class GradientReducer(_Planner, _DeviceFold, _HostStatistics):
         self._luts = {dt: category_lut(self._bounds[dt], dt) for dt in _BITS}
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._round = 0  # sampling rotation, continued across updates
+        # Set when rank_sums() will be asked for (the hub's cross-rank aggregation): the totals are
+        # then computed on the device, once, and build() uses them so that both agree to the bit.
+        self.device_totals = False
         self.reset()
 
     # -- protocol -------------------------------------------------------------------------------
@@ -144,8 +153,10 @@ class GradientReducer(_Planner, _DeviceFold, _HostStatistics):
         self._calls: list[_Call] = []
         self._kept = 0  # elements of the flat copies the stored calls hold
         self._hist: torch.Tensor | None = None  # (nb,) category counts summed over calls
-        self._total_sum: torch.Tensor | None = None  # (1,) sum over calls of the total norm (pending)
-        self._rows: list[torch.Tensor] = []  # per fold, (C, 4, P): see _fold
+        self._pieces: dict[str, torch.Tensor] = {}  # what the folds hand over: see _fold
+        self._folded: list[_Folded] = []  # ... and how to read it back
+        self._rows: torch.Tensor | None = None  # (C, 4, P) on the device, with device_totals only
+        self._total_sum: torch.Tensor | None = None  # (1,) sum over calls of the total norm (idem)
         self._call_scales: list[list[float]] = []  # per call, numel / examined elements per parameter
         self._home: torch.device | None = None
         signature = [(p.dtype, p.device) for p in self.params]
@@ -211,8 +222,11 @@ class GradientReducer(_Planner, _DeviceFold, _HostStatistics):
                 norms = torch._foreach_norm(gs, 2, dtype=torch.float32)
             else:
                 norms = torch._foreach_norm(gs, 2)
-            if b.width == 2:  # CPU: aminmax is one vectorised pass; _foreach_norm(inf) is 4-10x slower
-                extremes = [t for g in gs for t in torch.aminmax(g)]
+            if b.device.type == "cpu":  # aminmax is one vectorised pass; _foreach_norm(inf) is 4-10x slower
+                extremes = [t for k in b.big for t in torch.aminmax(gs[k])]
+                if b.rest:  # the smaller tensors: two dispatches for all of them
+                    rest = gs if not b.big else [gs[k] for k in b.rest]
+                    extremes.extend(torch._foreach_max(torch._foreach_abs(rest)))
             else:  # one fused multi-tensor kernel
                 extremes = torch._foreach_norm(gs, math.inf)
             vecs.append(torch.stack([*norms, *extremes]))  # promotes half extremes to float32: exact
@@ -220,30 +234,38 @@ class GradientReducer(_Planner, _DeviceFold, _HostStatistics):
         return vecs, samples
 
     def pending(self, level: TelemetryLevel) -> dict[str, torch.Tensor]:
-        """``{"grad.stats": vector}`` with what the update's statistics are reduced from (empty if none)."""
+        """What the update's statistics are reduced from, for the hub's one transfer (empty if none):
+        ``"grad.stats"`` (the histogram) and each fold's rows and sampled counts; with
+        ``device_totals`` also ``"grad.totals"``, the sum over calls of the pre-clip norm and each
+        call's, computed on the device."""
         if level <= TelemetryLevel.OFF or self.calls == 0:
             return {}
         self._fold()
         assert self._hist is not None
-        rows = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
-        n = rows[:, 0]
-        n0 = torch.where(n != -math.inf, n, 0.0)  # absent -> 0, NaN stays NaN
-        totals = (n0 * n0).sum(1).sqrt()  # (C,): the pre-clip norm clip_grad_norm_ computes
-        # the sum over calls is taken here once, so that build() and rank_sums() agree to the bit
-        self._total_sum = totals.sum().unsqueeze(0)
-        return {PREFIX + "stats": torch.cat([self._hist, self._total_sum, totals, rows.reshape(-1)])}
+        out = {PREFIX + "stats": self._hist, **self._pieces}
+        if self.device_totals:
+            rows = self._rows = self._device_rows()
+            n = rows[:, 0]
+            n0 = torch.where(n != -math.inf, n, 0.0)  # absent -> 0, NaN stays NaN
+            totals = (n0 * n0).sum(1).sqrt()  # (C,): the pre-clip norm clip_grad_norm_ computes
+            # the sum over calls is taken here once, so that build() and rank_sums() agree to the bit
+            self._total_sum = totals.sum().unsqueeze(0)
+            out[PREFIX + "totals"] = torch.cat([self._total_sum, totals])
+        return out
 
     def rank_sums(self) -> torch.Tensor:
-        """(3,) on the device, after :meth:`pending`: the sum over calls of the pre-clip total norm
-        and the NaN and Inf element estimates, as :meth:`build` computes them. For what must be
-        reduced across ranks before the transfer (torch.distributed); a dozen kernels, no sync."""
-        assert self._rows and self._total_sum is not None
-        rows = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
+        """(3,) on the device, after :meth:`pending` with ``device_totals`` set: the sum over calls of
+        the pre-clip total norm and the NaN and Inf element estimates, as :meth:`build` computes them.
+        For what must be reduced across ranks before the transfer (torch.distributed); a few dozen
+        kernels, no sync."""
+        rows, total_sum = self._rows, self._total_sum
+        if rows is None or total_sum is None:
+            raise RuntimeError("rank_sums() needs device_totals = True before pending()")
         n, x, k_inf, k_nan = rows.unbind(1)
         scale = to_device(torch.tensor(self._call_scales, dtype=rows.dtype), rows.device)
         has_nan = n.isnan()
         has_inf = (x == math.inf) & ~has_nan
-        total = self._total_sum[0]
+        total = total_sum[0]
         inf_est = torch.maximum((k_inf * scale).round() * (has_inf | has_nan), has_inf.to(rows.dtype)).sum()
         nan_est = torch.maximum((k_nan * scale).round() * has_nan, has_nan.to(rows.dtype)).sum()
         return torch.stack([total, nan_est, inf_est])
