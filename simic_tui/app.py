@@ -33,7 +33,7 @@ from simic_tui.palette import role_variables
 from simic_tui.replay import ReplaySource
 from simic_tui.screens.anomaly_log import AnomalyLogScreen, IncidentDetailScreen
 from simic_tui.screens.dashboard import DashboardScreen
-from simic_tui.screens.debug import DebugScreen
+from simic_tui.screens.debug import DebugScreen, KeepLeaseScreen
 from simic_tui.screens.goto import GotoStepScreen
 from simic_tui.screens.help import HelpScreen, key_name
 from simic_tui.screens.ranks import RanksScreen
@@ -154,6 +154,7 @@ class SimicApp(App[None]):
             self.replay.advance(dt)
         self._check_trainer()
         self._notify_events()
+        self._notify_telemetry_error()
         screen = self.screen
         self.dashboard.show_header(self.header_model(), self.banners())
         if self.display_paused:
@@ -193,11 +194,18 @@ class SimicApp(App[None]):
         )
 
     def banners(self) -> list[str]:
-        out = [self.static_banner, self.status.banner, self.trainer_note]
+        st = self.status
+        unreachable = ""
+        if st.unreachable and st.state == LinkState.CONNECTING:  # a sentence: wraps at any width
+            unreachable = f"No trainer answers: {st.unreachable}. Retrying quietly; q quits."
+        out = [self.static_banner, st.banner, unreachable, self.trainer_note]
         return [b for b in out if b]
 
     def lease_text(self) -> str:
-        return self.client.lease.describe() if self.client is not None else ""
+        if self.client is None:
+            return ""
+        latest = self.store.latest
+        return self.client.lease.describe(latest.step if latest is not None else None)
 
     def notify(  # type: ignore[override]
         self,
@@ -256,6 +264,21 @@ class SimicApp(App[None]):
             self._last_incident_toast = now
             self.notify(message, severity=severity, timeout=self.NOTIFICATION_TIMEOUT, markup=False)  # type: ignore[arg-type]
 
+    _last_error_shown = ""
+
+    def _notify_telemetry_error(self) -> None:
+        """The header counts the trainer's swallowed telemetry errors; the latest one is told once."""
+        snap = self.store.latest
+        message = snap.counters.last_telemetry_error if snap is not None else ""
+        if message and message != self._last_error_shown:
+            self._last_error_shown = message
+            n = snap.counters.telemetry_errors if snap is not None else 0
+            self.notify(
+                f"telemetry error on the trainer ({n} so far, training continues): {message}",
+                severity="warning",
+                timeout=self.NOTIFICATION_TIMEOUT,
+            )
+
     def _check_trainer(self) -> None:
         if self.trainer is None or self.trainer_note:
             return
@@ -282,6 +305,36 @@ class SimicApp(App[None]):
             self._command(self.client.request_debug)
         if not isinstance(self.screen, DebugScreen):
             self.push_screen(DebugScreen())
+
+    def toggle_debug(self) -> None:
+        """``d``: take a DEBUG lease (and show the DEBUG screen), or release the one held."""
+        if self.client is not None and self.client.lease_held:
+            self.release_debug()
+        else:
+            self.request_debug()
+
+    def release_debug(self) -> None:
+        if self.client is None:
+            self._command(lambda: "")
+            return
+        reason = self.client.release_debug()
+        self.notify(reason or "DEBUG lease released", severity="warning" if reason else "information", timeout=4)
+
+    def leave_debug(self) -> None:
+        """Esc on the DEBUG screen: with a lease held, ask whether to keep it (it costs the trainer)."""
+        if self.client is None or not self.client.lease_held:
+            self.pop_screen()
+            return
+
+        def answered(keep: bool | None) -> None:
+            if keep is None:
+                return  # asked again later: stay on the DEBUG screen
+            if not keep:
+                self.release_debug()
+            if isinstance(self.screen, DebugScreen):
+                self.pop_screen()
+
+        self.push_screen(KeepLeaseScreen(self.lease_text()), answered)
 
     def set_level(self, level: str) -> None:
         assert level in ("NORMAL", "MINIMAL")

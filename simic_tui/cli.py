@@ -18,7 +18,7 @@ from pathlib import Path
 
 from simic_tui import __version__
 
-__all__ = ["build_parser", "demo_command", "launch_demo", "main"]
+__all__ = ["build_parser", "demo_command", "launch_demo", "main", "never_reached"]
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -31,7 +31,7 @@ examples:
   simic-tui attach 127.0.0.1:5555 127.0.0.1:5557  watch a sweep, one row per trainer
   simic-tui attach --scan                         every local trainer, new ones join
   simic-tui replay runs/demo.simrec               replay a recording
-  simic-tui export runs/demo.simrec --format jsonl > demo.jsonl
+  simic-tui export runs/demo.simrec > demo.jsonl
   simic-tui compare a.simrec b.simrec             compare recordings side by side
 """
 
@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--connection-file", metavar="FILE", help="the trainer's connection file (JSON, mode 0600)"
     )
     attach.add_argument(
+        "--lease-updates",
+        type=int,
+        default=100,
+        metavar="N",
+        help="the most updates a DEBUG lease from this dashboard lasts (default 100)",
+    )
+    attach.add_argument(
         "--baseline",
         metavar="FILE",
         help="a known-good recording: the live statistics over its band (b), a banner when they leave it",
@@ -114,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export",
         help="export a recording",
-        description="Export a recording. --format jsonl writes one JSON object per snapshot (its "
+        description="Export a recording. JSON lines (the default) is one JSON object per snapshot (its "
         "fields plus session and seq) to stdout or --output. JSON has no NaN or infinity: non-finite "
         "numbers are written as null, like undefined statistics.",
     )
     export.add_argument("file", metavar="FILE")
-    export.add_argument("--format", choices=["jsonl"], help="output format (jsonl)")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl", help="output format (jsonl, the default)")
     export.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
     export.add_argument(
         "--tensorboard", metavar="DIR", help="write TensorBoard scalars and histograms to DIR instead"
@@ -176,9 +183,11 @@ def _attach(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     if args.allow_plaintext_commands:
         target = replace(target, allow_plaintext=True)
+    if args.lease_updates < 1:
+        raise CliError("--lease-updates must be at least 1", EXIT_USAGE)
     if args.baseline:
         return _run_baseline(target, args.baseline)
-    return _run_live(target)
+    return _run_live(target, args.lease_updates)
 
 
 def _run_baseline(target, path: str) -> int:  # type: ignore[no-untyped-def]
@@ -238,15 +247,31 @@ def _exit_code(app) -> int:  # type: ignore[no-untyped-def]
     return app.return_code or 0
 
 
-def _run_live(target) -> int:  # type: ignore[no-untyped-def]
+def _run_live(target, lease_updates: int = 100) -> int:  # type: ignore[no-untyped-def]
     from simic_tui.app import SimicApp
     from simic_tui.client import TelemetryClient
     from simic_tui.store import TelemetryStore
 
     store = TelemetryStore()
-    app = SimicApp(store, client=TelemetryClient(target, store))
+    client = TelemetryClient(target, store, lease_updates=lease_updates)
+    app = SimicApp(store, client=client)
     app.run()
-    return _exit_code(app)
+    code = _exit_code(app)
+    never = never_reached(client)
+    if code == 0 and never:  # quit without ever hearing from a trainer: say where, and fail
+        print(f"simic-tui attach: {never}", file=sys.stderr)
+        return EXIT_FAIL
+    return code
+
+
+def never_reached(client) -> str:  # type: ignore[no-untyped-def]
+    """'' when a trainer ever answered this client, else the address and why nothing did."""
+    if client.status.last_frame_at is not None:
+        return ""
+    from simic_tui.reach import address_of
+
+    why = client.status.unreachable
+    return f"no trainer answered at {address_of(client.target)}{': ' + why if why else ''}"
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -304,8 +329,6 @@ def _export(args: argparse.Namespace) -> int:
         return _export_tensorboard(args)
     if args.x != "update":
         raise CliError("--x applies to --tensorboard exports", EXIT_USAGE)
-    if args.format != "jsonl":
-        raise CliError("export needs --format jsonl (or --tensorboard DIR)", EXIT_USAGE)
     try:
         if args.output:
             with open(args.output, "wb") as out:
@@ -431,9 +454,9 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a command is required: usage on stderr, like any usage error
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     handlers = {"attach": _attach, "replay": _replay, "compare": _compare, "export": _export, "demo": _demo}
     started = time.monotonic()
     try:

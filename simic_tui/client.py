@@ -28,6 +28,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from simic_tui.link import DebugLease, LeasePhase, LinkState, LinkStatus
+from simic_tui.reach import explain_unreachable
 from simic_tui.store import StoreEvent, TelemetryStore
 from simic_tui.target import AttachTarget
 from telemetry_core.protocol import (
@@ -140,6 +141,9 @@ class TelemetryClient:
         self._last_rescan = 0.0
         self._cmd_seq = 0
         self._reply_auth_failures = 0
+        self._refused = False  # ZeroMQ reported a failed connect since the last success
+        self._diagnosis: asyncio.Task[str] | None = None
+        self._diagnosed_at = -1e18
         self._update_commands_note()
 
     # ------------------------------------------------------------------------------------------
@@ -162,6 +166,21 @@ class TelemetryClient:
             ("lease_debug", {"updates": self.lease_updates, "lease_seconds": self.lease_seconds})
         )
         return ""
+
+    def release_debug(self) -> str:
+        """End the operator's DEBUG lease now; returns '' or why there is nothing to release."""
+        if self.lease.phase not in (LeasePhase.PENDING, LeasePhase.ACTIVE):
+            return "no DEBUG lease to release"
+        reason = self.commands_unavailable()
+        if reason:
+            return reason
+        self._queue.append(("release", {}))
+        self.lease = DebugLease(phase=LeasePhase.RELEASED, effective_step=self.lease.effective_step)
+        return ""
+
+    @property
+    def lease_held(self) -> bool:
+        return self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE)
 
     def set_level(self, level: str) -> str:
         """Set the trainer's level (NORMAL / MINIMAL); an active DEBUG lease is released first."""
@@ -247,6 +266,9 @@ class TelemetryClient:
                     self._register(poller)
                 await self._send_queued()
         finally:
+            if self._diagnosis is not None:
+                self._diagnosis.cancel()
+                self._diagnosis = None
             if self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
                 with contextlib.suppress(Exception):
                     self._send_now("release", {})
@@ -369,6 +391,9 @@ class TelemetryClient:
         if not self._accept_session(env):
             return
         self.status.last_frame_at = now
+        self.status.unreachable = ""
+        if self.status.state == LinkState.FINISHED and self.store.finished is not None:
+            return  # the run ended; its publisher's last heartbeats change nothing
         if self.status.state != LinkState.LIVE:
             self.status.set(LinkState.LIVE, now)
             self.status.banner = ""
@@ -392,9 +417,24 @@ class TelemetryClient:
 
     def _ingest(self, env: Envelope, snap: Snapshot, *, backfill: bool = False) -> None:
         self.store.ingest(env, snap, quiet=backfill, backfill=backfill)
+        if self.store.finished is not None and self.status.state != LinkState.FINISHED:
+            self._on_finished(self.store.finished)
+            return
         self._track_lease(snap)
         if snap.profile_trace and not backfill:
             self.profile_note = f"profile trace: {snap.profile_trace}"
+
+    def _on_finished(self, final: Snapshot) -> None:
+        """The trainer closed its hub: the run ended. Stop asking it for anything."""
+        self.status.set(LinkState.FINISHED, self.clock())
+        self._pending.clear()
+        if self.lease.phase in (LeasePhase.PENDING, LeasePhase.ACTIVE):
+            self.lease = DebugLease(phase=LeasePhase.EXPIRED, reason="the run ended")
+        planned = final.run.planned_updates
+        self.store.events.append(
+            StoreEvent("info", f"the trainer finished at step {final.step}{f'/{planned}' if planned else ''}")
+        )
+        self.store.version += 1
 
     def _accept_session(self, env: Envelope) -> bool:
         """Adopt the first session; a different one later is a trainer restart: reset and say so."""
@@ -618,17 +658,19 @@ class TelemetryClient:
         now = self.clock()
         st = self.status
         if event == zmq.EVENT_CONNECTED:
+            self._refused = False
             if st.state in (LinkState.DISCONNECTED, LinkState.CONNECTING):
-                st.set(LinkState.CONNECTING, now, "connected, waiting for the first frame")
-            if self.session is not None:
+                st.set(LinkState.CONNECTING, now, "connected, waiting for the trainer's first frame")
+            if self.session is not None and st.state != LinkState.FINISHED:
                 self._ask_history()  # reconnected: backfill what was missed
         elif event == zmq.EVENT_DISCONNECTED:
-            if st.state != LinkState.INCOMPATIBLE:
-                st.set(LinkState.DISCONNECTED, now, "connection lost, reconnecting…")
+            if st.state not in (LinkState.INCOMPATIBLE, LinkState.FINISHED):
+                # Frames stopped without the closing frame: the trainer vanished (or the network).
+                st.set(LinkState.DISCONNECTED, now, "reconnecting quietly")
         elif event == zmq.EVENT_CONNECT_RETRIED:
+            # Counted, not shown: the header names the address and the reason instead (below).
             st.connect_retries += 1
-            if st.state in (LinkState.CONNECTING, LinkState.DISCONNECTED):
-                st.detail = f"retrying (attempt {st.connect_retries})"
+            self._refused = True
         elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
             st.banner = (
                 "The trainer refused the encrypted handshake (CURVE): pass its current connection file "
@@ -656,6 +698,7 @@ class TelemetryClient:
             st.set(LinkState.STALE, now)
         if st.state == LinkState.STALE and st.last_frame_at is not None:
             st.detail = f"no heartbeat for {now - st.last_frame_at:.0f} s"
+        self._diagnose(now)
         if self._history_since is not None:
             if now - self._history_since > self.history_timeout:
                 self.store.events.append(
@@ -678,9 +721,11 @@ class TelemetryClient:
                     self.profile_note = "profile: no reply from the trainer"
                 self.store.version += 1
         if self.lease.phase == LeasePhase.ACTIVE and now - self.lease.last_sent > self.lease_seconds / 3:
-            self._queue.append(
-                ("renew", {"updates": self.lease_updates, "lease_seconds": self.lease_seconds})
-            )
+            # Renewal keeps the lease while this dashboard is attached, never past its bound:
+            # lease_updates from the step it took effect (DEBUG costs the trainer ~20-30 %).
+            left = self._lease_left()
+            if left is not None and left > 0:
+                self._queue.append(("renew", {"updates": left, "lease_seconds": self.lease_seconds}))
             self.lease.last_sent = now
         reopen = self._reopen_needed
         self._reopen_needed = False
@@ -700,6 +745,43 @@ class TelemetryClient:
         if reopen:
             self._update_commands_note()
         return reopen
+
+    # Seconds without a connection before the header says why, and between fresh looks.
+    DIAGNOSE_AFTER = 1.5
+    DIAGNOSE_EVERY = 10.0
+
+    def _diagnose(self, now: float) -> None:
+        """While no trainer answers, name the address and the likely reason (in the background:
+        resolving a host name may take a while) and keep retrying quietly."""
+        st = self.status
+        task = self._diagnosis
+        if task is not None and task.done():
+            self._diagnosis = None
+            reason = "" if task.cancelled() or task.exception() is not None else task.result()
+            if reason and st.state == LinkState.CONNECTING and st.last_frame_at is None:
+                st.unreachable = reason
+                st.detail = "retrying quietly"
+                self.store.version += 1
+            return
+        if (
+            task is not None
+            or st.state != LinkState.CONNECTING
+            or st.last_frame_at is not None
+            or self.target.require_pid is not None  # the demo: its own trainer is starting
+            or not (self._refused or now - st.since > self.DIAGNOSE_AFTER)
+            or now - self._diagnosed_at < self.DIAGNOSE_EVERY
+        ):
+            return
+        self._diagnosed_at = now
+        self._diagnosis = asyncio.ensure_future(explain_unreachable(self.target, refused=self._refused))
+
+    def _lease_left(self) -> int | None:
+        """Updates the active lease may still run within its bound (None before it took effect)."""
+        lease, latest = self.lease, self.store.latest
+        if lease.effective_step is None:
+            return None
+        step = max(latest.step if latest is not None else 0, lease.effective_step)
+        return lease.effective_step + self.lease_updates - step
 
     def _ask_history(self) -> None:
         """Hold live snapshots and ask for what came before them (the Clone pattern)."""

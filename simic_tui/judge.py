@@ -186,6 +186,9 @@ def kind_title(kind: str) -> str:
 # "{head}" is the incident's head for head-scoped incidents.
 KIND_COLUMNS: dict[str, tuple[str, str]] = {
     "entropy_collapse": ("policy.entropy_normalized.{head}", "normalised entropy ({head})"),
+    "std_collapse": ("policy.log_std_mean.{head}", "mean log-std ({head})"),
+    "std_explosion": ("policy.log_std_mean.{head}", "mean log-std ({head})"),
+    "action_saturation": ("policy.action_saturation_max.{head}", "actions beyond bounds, worst dimension ({head})"),
     "kl_spike": ("policy.kl_k3_mean", "KL k3 mean"),
     "ratio_explosion": ("policy.ratio_max", "max ratio"),
     "ratio_collapse": ("policy.ratio_min", "min ratio"),

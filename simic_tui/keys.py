@@ -16,6 +16,7 @@ __all__ = [
     "DEBUG_BINDINGS",
     "FOOTER_ORDER",
     "INCIDENT_LOG_BINDINGS",
+    "KEEP_LEASE_BINDINGS",
     "LIVE_ONLY",
     "PALETTE_TITLES",
     "REPLAY_BINDINGS",
@@ -37,8 +38,9 @@ DASHBOARD_BINDINGS: list[Binding] = [
         "debug",
         "DEBUG",
         id="debug_lease",
-        tooltip="Request a DEBUG lease (renewed while you keep it); open the DEBUG screen",
+        tooltip="Take a DEBUG lease (bounded; renewed while attached) and open the DEBUG screen; again: release it",
     ),
+    Binding("x", "release_debug", "Release", show=False, id="debug_release", tooltip="Release the DEBUG lease now"),
     Binding(
         "n",
         "set_level('NORMAL')",
@@ -209,7 +211,9 @@ INCIDENT_LOG_BINDINGS: list[Binding] = [
 ]
 
 DEBUG_BINDINGS: list[Binding] = [
-    Binding("escape", "app.pop_screen", "Back", id="debug_back", tooltip="Back to the dashboard"),
+    Binding("escape", "back", "Back", id="debug_back", tooltip="Back to the dashboard (asks whether to keep a lease)"),
+    Binding("x", "release_debug", "Release", id="debug_release_here", tooltip="Release the DEBUG lease now"),
+    Binding("d", "toggle_debug", "DEBUG", show=False, id="debug_toggle_here", tooltip="Release the lease, or take one"),
     Binding("s", "sort_next", "Sort", id="debug_sort", tooltip="Sort the layer table by the next column"),
     Binding("r", "sort_reverse", "Reverse", id="debug_reverse", tooltip="Reverse the layer table's order"),
     Binding(
@@ -219,6 +223,12 @@ DEBUG_BINDINGS: list[Binding] = [
         id="debug_reports",
         tooltip="Between the layer table and the reports below it (PgUp/PgDn/Home/End then scroll them)",
     ),
+]
+
+KEEP_LEASE_BINDINGS: list[Binding] = [
+    Binding("k,enter", "keep", "Keep", id="lease_keep", tooltip="Keep the DEBUG lease until its bound"),
+    Binding("x,r", "release", "Release", id="lease_release", tooltip="Release the DEBUG lease now"),
+    Binding("escape", "stay", "Stay", id="lease_stay", tooltip="Stay on the DEBUG screen"),
 ]
 
 # Actions that only make sense with a live trainer, or only in a replay (hidden otherwise).

@@ -19,6 +19,7 @@ class LinkState(str, enum.Enum):
     DISCONNECTED = "disconnected"
     INCOMPATIBLE = "incompatible"
     REPLAY = "replay"
+    FINISHED = "finished"  # the trainer's closing frame arrived: the run ended (not a lost link)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class LinkStatus:
     commands_note: str = ""  # why commands are unavailable ('' when they are)
     unencrypted: bool = False  # a non-loopback link without CURVE: anyone on the path reads and rewrites it
     worker_failures: int = 0  # times the network worker failed and was restarted
+    unreachable: str = ""  # why no trainer answers yet (the address and the likely reason)
 
     def set(self, state: LinkState, now: float, detail: str = "") -> None:
         if state != self.state:
@@ -69,10 +71,14 @@ class DebugLease:
     reason: str = ""
     last_sent: float = 0.0
 
-    def describe(self) -> str:
+    def describe(self, step: int | None = None) -> str:
+        """In words; with the step on screen, an active lease counts down the updates it has left."""
         if self.phase == LeasePhase.PENDING:
             return "DEBUG lease pending…"
         if self.phase == LeasePhase.ACTIVE:
+            if step is not None and self.lease_until is not None and step >= (self.effective_step or 0):
+                left = max(0, self.lease_until - step)
+                return f"DEBUG lease: {left} update{'s' if left != 1 else ''} left (x releases)"
             until = f", until step {self.lease_until}" if self.lease_until is not None else ""
             return f"DEBUG lease acknowledged at step {self.effective_step}{until}"
         if self.phase == LeasePhase.EXPIRED:

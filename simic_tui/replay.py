@@ -15,7 +15,7 @@ from pathlib import Path
 from simic_tui.store import TelemetryStore, decode_checked
 from telemetry_core.protocol import FrameError, IncompatibleVersion
 from telemetry_core.record import Recording, RecordingError, read_recording
-from telemetry_core.schema import SCHEMA_MAJOR, SCHEMA_MINOR, Envelope, Snapshot
+from telemetry_core.schema import RUN_FINISHED, SCHEMA_MAJOR, SCHEMA_MINOR, Envelope, Snapshot
 
 __all__ = ["SPEEDS", "LoadedRecording", "ReplayError", "ReplaySource", "load_recording"]
 
@@ -33,6 +33,7 @@ class LoadedRecording:
     frames: list[tuple[Envelope, Snapshot]] = field(default_factory=list)
     heartbeats: int = 0
     bad_frames: dict[str, int] = field(default_factory=dict)
+    finished: Snapshot | None = None  # the closing frame, when the recorded run ended cleanly
     problems: str = ""  # damage found by the reader ('' when intact)
 
     def notice(self) -> str:
@@ -84,6 +85,10 @@ def load_recording(path: str | Path) -> LoadedRecording:
             loaded.bad_frames["out_of_order"] = loaded.bad_frames.get("out_of_order", 0) + 1
             continue
         last_seq = env.seq
+        if body.run_state == RUN_FINISHED:  # the trainer closed: not a position of its own
+            loaded.finished = body
+            continue
+        loaded.finished = None  # a later session appended to the same file
         loaded.frames.append((env, body))
     return loaded
 
@@ -133,6 +138,8 @@ class ReplaySource:
             self.store.latest_debug = next(
                 ((s.step, s.debug) for _, s in reversed(frames[:position]) if s.debug is not None), None
             )
+        # At the end of a run that ended cleanly the header says so, as it did live.
+        self.store.finished = self.loaded.finished if position == self.total else None
         self.position = position
 
     def next_onset(self, direction: int) -> int | None:

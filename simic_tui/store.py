@@ -28,7 +28,15 @@ import numpy as np
 from simic_tui.incidents import DEFAULT_INCIDENT_CAPACITY, IncidentLog
 from simic_tui.sanitize import sanitize
 from telemetry_core.protocol import FrameError, IncompatibleVersion, decode_body, decode_envelope
-from telemetry_core.schema import Anomaly, DebugReport, Envelope, Heartbeat, IncidentEvent, Snapshot
+from telemetry_core.schema import (
+    RUN_FINISHED,
+    Anomaly,
+    DebugReport,
+    Envelope,
+    Heartbeat,
+    IncidentEvent,
+    Snapshot,
+)
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -296,6 +304,7 @@ class TelemetryStore:
         self.latest_debug: tuple[int, DebugReport] | None = None  # (step, report) of the last DEBUG
         self.last_heartbeat: Heartbeat | None = None
         self.last_seq: int | None = None
+        self.finished: Snapshot | None = None  # the trainer's closing frame: the run ended
         self.anomalies: collections.deque[AnomalyEntry] = collections.deque(maxlen=self.anomaly_capacity)
         self.anomaly_total = 0
         if self.incidents.preloaded:  # a replay's log is the whole recording's: it outlives a rebuild
@@ -375,6 +384,12 @@ class TelemetryStore:
         if self.last_seq is not None and env.seq > self.last_seq + 1:
             self.counters.missed += env.seq - self.last_seq - 1
         self.last_seq = env.seq
+        if snap.run_state == RUN_FINISHED:
+            # The closing frame repeats the last update: it ends the run, it adds no row.
+            self.finished = snap
+            self.version += 1
+            return True
+        self.finished = None
         pos = self.count % self.capacity
         self._write_row(pos, *self._flat.flatten(snap))
         if self._flat.dropped:
@@ -401,12 +416,13 @@ class TelemetryStore:
         self.counters.snapshots += 1
         if backfill:
             self.counters.backfilled += 1
-        tenth = int(self.clock() * 10)
-        buckets = self._ingest_buckets
-        if buckets and buckets[-1][0] == tenth:
-            buckets[-1][1] += 1
-        else:
-            buckets.append([tenth, 1])
+        else:  # the rate is the trainer's pace: a backfill's burst says nothing about it
+            tenth = int(self.clock() * 10)
+            buckets = self._ingest_buckets
+            if buckets and buckets[-1][0] == tenth:
+                buckets[-1][1] += 1
+            else:
+                buckets.append([tenth, 1])
         self.version += 1
         return True
 
@@ -465,6 +481,7 @@ class TelemetryStore:
         if keep > self.count or keep < max(1, self.count - self.capacity + 1):
             return False
         self.count = keep
+        self.finished = None
         while self.anomalies and self.anomalies[-1].index >= keep:
             self.anomalies.pop()
             self.anomaly_total -= 1

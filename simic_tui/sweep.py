@@ -51,6 +51,7 @@ _LINK_RANK = {
     LinkState.CONNECTING: 3,
     LinkState.LIVE: 4,
     LinkState.REPLAY: 5,
+    LinkState.FINISHED: 6,  # ended cleanly: sorts after the runs still training
 }
 
 

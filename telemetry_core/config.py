@@ -419,6 +419,48 @@ class Thresholds:
         "consecutive slow updates before a rank is a straggler: one-off pauses (GC, a checkpoint) "
         "are not; 4 ranks on 2 loaded cores had single 2x rollouts in 1 of 4 updates",
     )
+    # ---- continuous (Gaussian) heads: log-std and action saturation --------------------------------
+    std_collapse_log_std: float = _t(
+        -3.5, "a continuous head whose smallest log-std is below this (std 0.03) is nearly deterministic"
+    )
+    std_collapse_log_std_critical: float = _t(
+        -5.0, "... below this (std 0.007) it is deterministic at any usual action scale: critical"
+    )
+    std_drop: float = _t(
+        1.0, "a head's mean log-std this many nats below its recent median (std x0.37): std_collapse"
+    )
+    std_drop_critical: float = _t(2.0, "... this many nats below it (std x0.14): critical")
+    std_fall_step: float = _t(
+        0.015,
+        "an update whose mean log-std is this many nats below the previous one's counts as a fall: "
+        "healthy CleanRL-continuous runs (Pendulum, InvertedPendulum; 80 Adam steps per update) made at "
+        "most 1 such fall in a row once past warm-up, a wrong-sign entropy term of -1 made 3 by the "
+        "second update",
+    )
+    std_fall_updates: int = _t(3, "falls in a row (and std_slide_drop below the median) that make a slide")
+    std_slide_drop: float = _t(
+        0.05, "a slide is a std_collapse warning once this many nats below the median (healthy: <= 0.059 "
+        "below it, never while sliding)"
+    )
+    std_explosion_log_std: float = _t(
+        2.0, "a continuous head whose largest log-std is above this (std 7.4) is mostly noise: warning"
+    )
+    std_explosion_log_std_critical: float = _t(4.0, "... above this (std 55): critical")
+    std_rise: float = _t(
+        1.0, "a head's mean log-std this many nats above its recent median (std x2.7): std_explosion"
+    )
+    std_rise_critical: float = _t(2.0, "... this many nats above it (std x7.4): critical")
+    std_baseline_window: int = _t(20, "updates in each head's rolling median of its mean log-std")
+    action_saturation_warning: float = _t(
+        0.5, "share of a head's worst dimension's actions beyond the bounds (pre-clip) for a warning"
+    )
+    action_saturation_critical: float = _t(0.9, "... for a critical action_saturation")
+    action_saturation_jump: float = _t(
+        0.25,
+        "the share must also exceed the head's recent median by this much: healthy control can ride "
+        "its bounds (bang-bang torque), a jump to them is a new condition",
+    )
+    action_saturation_baseline_window: int = _t(20, "updates in each head's rolling median of its saturation")
     # ---- ratio outliers (DEBUG) -----------------------------------------------------------------
     outlier_top_k: int = _t(8, "worst samples per head listed in the ratio-outlier diagnostic")
     # ---- per-layer gradient table and gradient conflict (DEBUG) ------------------------------------

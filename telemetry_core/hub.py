@@ -66,6 +66,7 @@ from telemetry_core.reductions.policy import PolicyReducer
 from telemetry_core.reductions.transfer import transfer
 from telemetry_core.reductions.value import ValueReducer
 from telemetry_core.schema import (
+    RUN_FINISHED,
     Ack,
     Command,
     Counters,
@@ -179,6 +180,7 @@ class TelemetryHub:
         self._error_kinds: set[str] = set()
         self._seq = 0
         self._pid = os.getpid()
+        self._last_published: Snapshot | None = None  # repeated, marked finished, by close()
         self.run_info = RunInfo(
             name=run_name,
             heads=self.heads,
@@ -291,6 +293,7 @@ class TelemetryHub:
             yield
         except Exception as exc:
             self.counters.telemetry_errors += 1
+            self.counters.last_telemetry_error = f"{where}: {type(exc).__name__}: {exc}"[:300]
             key = f"{where}:{type(exc).__name__}"
             if key not in self._error_kinds:
                 self._error_kinds.add(key)
@@ -454,6 +457,27 @@ class TelemetryHub:
             return
         with self._guard("observe_log_std"):
             self._policy.observe_log_std(head, log_std, self._level)
+
+    def observe_actions(
+        self,
+        head: str,
+        actions: torch.Tensor,
+        *,
+        low: Any = None,
+        high: Any = None,
+        squashed: bool = False,
+    ) -> None:
+        """A continuous head's sampled actions *before clipping*, ``(..., dims)`` (e.g. the rollout's,
+        once per update), against the action bounds ``low``/``high`` (numbers or per-dimension
+        values, such as the action space's): reported as the share beyond the bounds
+        (``action_saturation``) and that of the worst dimension. A tanh-squashed head passes its
+        pre-tanh values with ``squashed=True`` instead (share with ``|tanh(u)| > 0.99``). No sync."""
+        if self._level == TelemetryLevel.OFF:
+            return
+        with self._guard("observe_actions"):
+            self._policy.observe_actions(
+                head, actions, low=low, high=high, squashed=squashed, level=self._level
+            )
 
     def next_epoch(self) -> None:
         """Start a new epoch of the update for minibatches observed without ``epoch=``.
@@ -647,6 +671,7 @@ class TelemetryHub:
         return snapshot
 
     def _publish(self, snapshot: Snapshot) -> None:
+        self._last_published = snapshot
         snapshot.counters = self._counters_now()
         if self.publisher is not None:
             # The publisher thread encodes it (and hands the frame to the recorder), so the
@@ -837,10 +862,45 @@ class TelemetryHub:
             with contextlib.suppress(Exception):
                 self._profile.stop()
             self._profile = None
+        if os.getpid() == self._pid:
+            with self._guard("close"):
+                self._publish_finished()
         if self.publisher is not None:
             self.publisher.close()
         if self.recorder is not None:
             self.recorder.close()
+
+    # How long close() lets the publisher thread send the final frame (it polls every few ms), and
+    # then lets ZeroMQ's I/O thread write it out before the socket closes with linger 0.
+    FINAL_FRAME_WAIT = 0.5
+    FINAL_FRAME_SETTLE = 0.05
+
+    def _publish_finished(self) -> None:
+        """The run's last frame: the last update's statistics again, marked ``run_state="finished"``.
+
+        It travels the same way as every snapshot (stream, history, recording), so a dashboard or a
+        replay can tell a run that ended from a trainer that vanished. No anomalies or incident
+        events: they belong to the update, which was already published.
+        """
+        last = self._last_published
+        if last is None or last.run_state == RUN_FINISHED:
+            return
+        final = msgspec.structs.replace(
+            last,
+            run_state=RUN_FINISHED,
+            wall_time=time.time(),
+            anomalies=[],
+            incident_events=[],
+            debug=None,
+            profile_trace=None,
+        )
+        self._publish(final)
+        pub = self.publisher
+        if pub is not None and pub.network:
+            deadline = time.monotonic() + self.FINAL_FRAME_WAIT
+            while pub.queued and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(self.FINAL_FRAME_SETTLE)
 
     def __enter__(self) -> TelemetryHub:
         return self

@@ -86,6 +86,77 @@ _SPECS: tuple[KindSpec, ...] = (
         worse="lower",
     ),
     KindSpec(
+        name="std_collapse",
+        rule=f"{_D}.std:StdCollapseRule",
+        panel="policy",
+        title="STD COLLAPSE",
+        label="a continuous head's standard deviation is shrinking towards zero: exploration is running out",
+        action=(
+            "Check the entropy term's sign and size (loss = pg - ent_coef * entropy), any clamp or reset "
+            "of the log-std parameter (checkpoint loads, init), lower the learning rate; a state-dependent "
+            "std head may need a floor on its log-std."
+        ),
+        escalation_updates=8,
+        scope="head",
+        upstream=2,  # a log-std that jumps moves every ratio: it heads the KL and ratio alarms it causes
+        thresholds=(
+            "std_collapse_log_std",
+            "std_collapse_log_std_critical",
+            "std_drop",
+            "std_drop_critical",
+            "std_fall_step",
+            "std_fall_updates",
+            "std_slide_drop",
+            "std_baseline_window",
+            "baseline_min_updates",
+        ),
+        worse="lower",
+    ),
+    KindSpec(
+        name="std_explosion",
+        rule=f"{_D}.std:StdExplosionRule",
+        panel="policy",
+        title="STD EXPLOSION",
+        label="a continuous head's standard deviation grew far beyond its action range: actions are noise",
+        action=(
+            "Lower ent_coef (a positive entropy bonus has no ceiling for a Gaussian), check the log-std "
+            "parameter for a bad load or init, bound a state-dependent log-std (e.g. clamp to [-5, 2])."
+        ),
+        escalation_updates=5,
+        scope="head",
+        upstream=2,
+        thresholds=(
+            "std_explosion_log_std",
+            "std_explosion_log_std_critical",
+            "std_rise",
+            "std_rise_critical",
+            "std_baseline_window",
+            "baseline_min_updates",
+        ),
+    ),
+    KindSpec(
+        name="action_saturation",
+        rule=f"{_D}.saturation:ActionSaturationRule",
+        panel="policy",
+        title="ACTION SATURATION",
+        label="a continuous head's actions pile up beyond the action bounds, where clipping hides them",
+        action=(
+            "Check observation scaling and normalisation (a changed unit or a skipped normaliser pushes the "
+            "mean out), the action scaling between policy and environment; consider a tanh-squashed head "
+            "or a penalty on the mean beyond the bounds."
+        ),
+        escalation_updates=5,
+        scope="head",
+        upstream=3,  # a std that exploded spills samples past the bounds: the std alarm heads the group
+        thresholds=(
+            "action_saturation_warning",
+            "action_saturation_critical",
+            "action_saturation_jump",
+            "action_saturation_baseline_window",
+            "baseline_min_updates",
+        ),
+    ),
+    KindSpec(
         name="kl_spike",
         rule=f"{_D}.policy:KLSpikeRule",
         panel="policy",

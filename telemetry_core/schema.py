@@ -18,6 +18,7 @@ from telemetry_core.config import Thresholds
 
 __all__ = [
     "MAGIC",
+    "RUN_FINISHED",
     "SCHEMA_MAJOR",
     "SCHEMA_MINOR",
     "Ack",
@@ -51,7 +52,9 @@ __all__ = [
 
 MAGIC = "SIMIC"
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 2  # 1: incidents, incident events, DEBUG cost share; 2: environment timesteps
+# 1: incidents, incident events, DEBUG cost share; 2: environment timesteps;
+# 3: continuous-head statistics, run_state, last telemetry error
+SCHEMA_MINOR = 3
 
 NAN = math.nan
 
@@ -62,6 +65,8 @@ MAX_INT = 2**53
 MAX_STR = 65536
 Int = Annotated[int, msgspec.Meta(ge=-MAX_INT, le=MAX_INT)]
 Str = Annotated[str, msgspec.Meta(max_length=MAX_STR)]
+RunState = Annotated[str, msgspec.Meta(max_length=32)]
+RUN_FINISHED = "finished"
 
 
 class _S(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -159,6 +164,12 @@ class PolicyStats(_S):
     log_std_mean: dict[Str, float] = {}
     log_std_min: dict[Str, float] = {}
     log_std_max: dict[Str, float] = {}
+    log_std_dims: dict[Str, list[float]] = {}  # per head, each dimension's mean log-std (at most 256)
+    log_std_trend: dict[Str, float] = {}  # per head, slope of log_std_mean over recent updates, nats/update
+    entropy_differential: dict[Str, float] = {}  # per head, of the (pre-squash) Gaussian from its log-stds
+    # per head, share of action elements beyond the bounds before clipping (|tanh| > 0.99 when squashed)
+    action_saturation: dict[Str, float] = {}
+    action_saturation_max: dict[Str, float] = {}  # ... of its worst dimension
     early_stopped: bool = False  # the loop reported a target-KL early stop
     early_stop_epoch: Int | None = None
     early_stop_kl: float | None = None
@@ -460,6 +471,7 @@ class Counters(_S):
     commands_accepted: Int = 0
     commands_rejected: Int = 0
     telemetry_errors: Int = 0  # exceptions swallowed to protect training
+    last_telemetry_error: Str = ""  # where and what the latest of them was (one line)
     inputs_skipped: Int = 0  # documented skips (e.g. parameters without gradients)
 
 
@@ -489,6 +501,10 @@ class Snapshot(_S):
     run: RunInfo = msgspec.field(default_factory=RunInfo)
     counters: Counters = msgspec.field(default_factory=Counters)
     profile_trace: Str | None = None  # path of a finished torch.profiler trace
+    # "running", or "finished" on the one frame TelemetryHub.close() publishes last (a repeat of the
+    # last update's statistics): the run ended, it did not vanish. A reader treats any other word as
+    # "running", so a later minor version may add states.
+    run_state: RunState = "running"
 
 
 # --------------------------------------------------------------------------------------------

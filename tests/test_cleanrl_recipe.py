@@ -70,7 +70,7 @@ def test_snapshots_agree_with_the_loops_own_statistics(recipe: ModuleType, tmp_p
         assert 0 < p.entropy_normalized["action"] <= 1
         assert snap.counters.telemetry_errors == 0
     rec = read_recording(tmp_path / "cleanrl.simrec")
-    assert [protocol.decode_envelope(f).step for f in rec.frames] == [1, 2, 3]
+    assert [protocol.decode_envelope(f).step for f in rec.frames] == [1, 2, 3, 3]  # 3 again: the closing frame
 
 
 def test_target_kl_stop_reaches_the_hub(recipe: ModuleType) -> None:
@@ -114,4 +114,4 @@ def test_command_line(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("update    1/1  step     128")
-    assert len(read_recording(tmp_path / "r.simrec").frames) == 1
+    assert len(read_recording(tmp_path / "r.simrec").frames) == 2  # the update and the closing frame

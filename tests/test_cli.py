@@ -114,7 +114,15 @@ def test_replay_and_export_refuse_what_is_not_a_usable_recording(tmp_path: Path)
     empty.write_bytes(_header(1))
     assert_plain_error(cli("replay", str(empty)), 1, "no snapshot could be read")
     assert_plain_error(cli("export", str(future), "--format", "jsonl"), 1, "schema 99")
-    assert_plain_error(cli("export", str(FIXTURE)), 2, "--format jsonl")
+    # Without --format the export is JSON lines, the one format.
+    default, explicit = cli("export", str(FIXTURE)), cli("export", str(FIXTURE), "--format", "jsonl")
+    assert default.returncode == 0 and default.stdout == explicit.stdout and default.stdout.count("\n") > 1
+
+
+def test_no_command_prints_usage_and_exits_2() -> None:
+    proc = cli()
+    assert proc.returncode == 2 and "usage: simic-tui" in proc.stderr and "attach" in proc.stderr
+    assert proc.stdout == ""
 
 
 def test_export_jsonl_writes_one_object_per_snapshot_with_nan_as_null(tmp_path: Path) -> None:

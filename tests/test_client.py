@@ -21,6 +21,7 @@ import msgspec
 import pytest
 import zmq
 
+from simic_tui.cli import never_reached
 from simic_tui.client import LeasePhase, LinkState, TelemetryClient
 from simic_tui.store import TelemetryStore
 from simic_tui.target import AttachTarget, resolve_target
@@ -259,11 +260,16 @@ async def test_unreachable_trainer_stays_connecting_and_keeps_retrying() -> None
     async with Running(TelemetryClient(target, store)) as client:
         await wait_until(lambda: client.status.connect_retries >= 2, what="retries")
         assert client.status.state == LinkState.CONNECTING
-        assert "retrying" in client.status.detail
+        await wait_until(lambda: bool(client.status.unreachable), timeout=30, what="why")
+        assert f"nothing is listening on 127.0.0.1:{port}" in client.status.unreachable
+        assert client.status.detail == "retrying quietly"
+        # Quitting now is a failure of attach, and says where nothing answered.
+        assert never_reached(client).startswith(f"no trainer answered at 127.0.0.1:{port}: nothing is listening")
         # the trainer shows up late: the same client attaches without being restarted
         with publisher(port) as pub:
             pub.publish_snapshot(Run().snapshot(0, 1))
             await wait_until(lambda: client.status.state == LinkState.LIVE, timeout=15, what="live")
+            assert never_reached(client) == "" and client.status.unreachable == ""
 
 
 async def test_stale_then_disconnected_then_trainer_restart_resets_and_says_so() -> None:

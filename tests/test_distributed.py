@@ -698,6 +698,6 @@ def test_demo_under_torchrun_streams_and_records_from_rank_zero_only(tmp_path: P
     assert lines[-1].startswith("finished: 3 updates"), done.stdout
     bodies = [protocol.decode_body(protocol.decode_envelope(f)) for f in read_recording(rec).frames]
     snaps = [b for b in bodies if isinstance(b, Snapshot)]
-    assert [s.step for s in snaps] == [1, 2, 3]
+    assert [s.step for s in snaps] == [1, 2, 3, 3] and snaps[-1].run_state == "finished"  # the closing frame
     assert all(s.ranks is not None and s.ranks.world_size == 2 and s.run.world_size == 2 for s in snaps)
     assert sorted(p.name for p in tmp_path.glob("*.simrec")) == ["run.simrec"]

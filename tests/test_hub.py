@@ -720,6 +720,8 @@ def test_recording_holds_every_published_snapshot(tmp_path: Path) -> None:
     rec = read_recording(path)
     assert rec.session == lp.hub.session and not rec.problems
     decoded = [protocol.decode_body(protocol.decode_envelope(f)) for f in rec.frames]
+    closing = decoded.pop()  # close() records the run's end: the last update again, marked finished
+    assert closing.run_state == "finished" and closing.step == 4
     assert [d.step for d in decoded] == [1, 2, 3, 4]
     for got, want in zip(decoded, snaps):
         assert msgspec.msgpack.encode(got) == msgspec.msgpack.encode(want)
@@ -992,6 +994,46 @@ def test_without_rollout_or_marks_every_minibatch_is_epoch_zero_and_early_stop_t
         assert snap is not None and snap.policy.epochs == 1 and snap.policy.early_stop_epoch == 0
     finally:
         hub.close()
+
+
+def test_close_publishes_a_closing_frame_on_the_stream_and_in_the_recording(tmp_path: Path) -> None:
+    """The run's end travels like every snapshot: the last update again, marked finished."""
+    path = tmp_path / "run.simrec"
+    lp = Loop({"bind": "tcp://127.0.0.1:0", "record": str(path)})
+    dash = Dashboard(lp.hub)
+    try:
+        time.sleep(0.3)  # let the subscription reach the publisher
+        last = None
+        for _ in range(3):
+            last = lp.update()
+        assert last is not None and last.run_state == "running"
+        lp.close()
+        finished = None
+        deadline = time.monotonic() + 30
+        while finished is None and time.monotonic() < deadline:
+            if dash.sub.poll(100):
+                topic, data = dash.sub.recv_multipart()
+                if topic == protocol.TOPIC_SNAPSHOT:
+                    env = protocol.decode_envelope(data)
+                    snap = protocol.decode_body(env)
+                    if snap.run_state == "finished":
+                        finished = (env, snap)
+        assert finished is not None, "the closing frame reached a live subscriber"
+        env, snap = finished
+        assert env.seq == 4 and snap.step == last.step and snap.anomalies == [] and snap.incident_events == []
+        assert snap.policy == last.policy and snap.gradients == last.gradients
+        frames = [protocol.decode_body(protocol.decode_envelope(f)) for f in read_recording(path).frames]
+        assert [s.run_state for s in frames] == ["running"] * 3 + ["finished"]
+        lp.close()  # a second close publishes nothing more
+    finally:
+        dash.close()
+
+
+def test_close_without_any_update_publishes_no_closing_frame(tmp_path: Path) -> None:
+    path = tmp_path / "empty.simrec"
+    lp = Loop({"record": str(path)})
+    lp.close()
+    assert read_recording(path).frames == []
 
 
 def test_end_update_carries_the_loops_timesteps() -> None:

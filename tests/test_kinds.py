@@ -99,8 +99,8 @@ def test_upstream_order_puts_causes_before_consequences() -> None:
     chain = [
         ["numerical_instability"],
         ["gradient_exploding"],
-        ["kl_spike"],
-        ["ratio_explosion", "ratio_collapse"],
+        ["kl_spike", "std_collapse", "std_explosion"],  # a log-std that jumps moves every ratio
+        ["ratio_explosion", "ratio_collapse", "action_saturation"],  # an exploded std spills past the bounds
         ["value_collapse", "ev_low"],
         ["entropy_collapse"],
         ["lstm_unhealthy"],

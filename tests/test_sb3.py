@@ -416,7 +416,7 @@ def test_recording_and_hub_continue_across_learn_calls(tmp_path: Path) -> None:
     cb.close()  # idempotent
     rec = read_recording(tmp_path / "run.simrec")
     frames = [protocol.decode_envelope(f) for f in rec.frames]
-    assert [f.step for f in frames] == [1, 2, 3, 4, 5] and not rec.problems
+    assert [f.step for f in frames] == [1, 2, 3, 4, 5, 5] and not rec.problems  # 5 again: the closing frame
     with SimicCallback(bind=None) as again:  # after close() a new learn builds a new hub
         model.learn(128, callback=again)
         assert again.hub is not None and not again.hub.closed

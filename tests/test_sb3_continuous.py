@@ -32,12 +32,14 @@ class LogStd(BaseCallback):
     def __init__(self) -> None:
         super().__init__()
         self.log_stds: list[torch.Tensor] = []
+        self.actions: list[torch.Tensor] = []  # the rollout buffer's (pre-clip) actions, float64
 
     def _on_step(self) -> bool:
         return True
 
     def _on_rollout_end(self) -> None:
         self.log_stds.append(self.model.policy.log_std.detach().double().clone())
+        self.actions.append(torch.as_tensor(self.model.rollout_buffer.actions).double().clone())
 
 
 def run(model: Any, updates: int, level: str = "NORMAL") -> tuple[list[Any], LogStd, SimicCallback]:
@@ -81,6 +83,13 @@ def test_pendulum_frozen_policy_has_unit_ratios_and_the_gaussian_entropy() -> No
         assert p.log_std_min == {"action": float(log_std.min())} and p.log_std_max == {
             "action": float(log_std.max())
         }
+        assert math.isclose(p.entropy_differential["action"], gaussian_entropy(log_std), rel_tol=1e-12)
+    # the share of the rollout's sampled actions beyond Pendulum's torque bounds (+-2) before clipping
+    for (snap, _), actions in zip(published, ref.actions):
+        assert snap is not None and snap.policy is not None
+        share = float((actions.abs() > 2.0).double().mean())
+        assert math.isclose(snap.policy.action_saturation["action"], share, rel_tol=1e-12, abs_tol=0.0)
+        assert snap.policy.action_saturation_max["action"] == snap.policy.action_saturation["action"]
 
 
 def test_pendulum_learning_matches_sb3s_logger() -> None:

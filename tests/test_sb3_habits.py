@@ -226,4 +226,4 @@ def test_the_update_a_nan_reward_breaks_is_published_before_sb3_raises(tmp_path:
     assert "train" not in model.__dict__ and "evaluate_actions" not in model.policy.__dict__
     cb.close()
     frames = read_recording(tmp_path / "nan.simrec").frames
-    assert [protocol.decode_envelope(f).step for f in frames] == [1, 2]
+    assert [protocol.decode_envelope(f).step for f in frames] == [1, 2, 2]  # 2 again: close()'s closing frame

@@ -178,7 +178,9 @@ async def test_a_sweep_of_real_trainers_found_killed_restarted_and_commanded(tmp
             )
             assert other.client.lease.phase == LeasePhase.NONE
             assert other.store.latest is not None and other.store.latest.level.lease_until is None
-            await pilot.press("escape")
+            await pilot.press("escape")  # a lease is held: asked whether to keep it
+            await pilot.press("x")  # release it, back on the run's dashboard
+            await until(pilot, lambda: first.client.lease.phase == LeasePhase.RELEASED, 30, "released")
             await pilot.press("escape")
             await pilot.pause()
             assert app.screen is screen

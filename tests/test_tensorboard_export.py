@@ -46,6 +46,7 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Snap
         hub.close()
     rec = read_recording(path)
     snaps = [protocol.decode_body(protocol.decode_envelope(f)) for f in rec.frames]
+    assert snaps.pop().run_state == "finished"  # the closing frame: not exported (it repeats update 8)
     assert [s.step for s in snaps] == list(range(1, 9))
     return path, snaps
 
@@ -258,7 +259,8 @@ def test_damaged_and_foreign_files(recording: tuple[Path, list[Snapshot]], tmp_p
     path, snaps = recording
     data = path.read_bytes()
     cut = tmp_path / "cut.simrec"
-    cut.write_bytes(data[: len(data) - 100])  # the last record is incomplete
+    closing = read_recording(path).frames[-1]  # the closing frame, after the last update's record
+    cut.write_bytes(data[: len(data) - len(closing) - 100])  # the last update's record is incomplete
     assert export_recording(cut, tmp_path / "tb-cut") == len(snaps) - 1
     with pytest.raises(RecordingError, match="bad magic"):
         export_recording(ROOT / "pyproject.toml", tmp_path / "tb-x")

@@ -17,7 +17,7 @@ import pytest
 from simic_tui.app import SimicApp
 from simic_tui.client import LeasePhase, LinkState, TelemetryClient
 from simic_tui.keys import DASHBOARD_BINDINGS
-from simic_tui.screens.debug import DebugScreen
+from simic_tui.screens.debug import DebugScreen, KeepLeaseScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.target import resolve_target
 from simic_tui.widgets.base import Panel
@@ -42,7 +42,7 @@ def text(widget: Panel) -> str:
     return str(widget.content)
 
 
-async def until(pilot, cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+async def until(pilot, cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -72,6 +72,7 @@ class Trainer:
         self.normal_frame = self.run.find(lambda s: s.level.level == "NORMAL" and not s.anomalies)[-1]
         self.step = 0
         self.commands: list = []
+        self.lease_until: int | None = None
         self.level = "NORMAL"
         self.interval = interval
         self.stop = threading.Event()
@@ -92,13 +93,16 @@ class Trainer:
             snap = self.run.snapshot(debug if self.level == "DEBUG" else self.normal_frame, self.step + 1)
             snap.step = self.step
             snap.level.level = self.level
-            snap.level.lease_until = self.step + 50 if self.level == "DEBUG" else None
+            if self.level == "DEBUG" and self.lease_until is not None and self.step > self.lease_until:
+                self.level, self.lease_until = "NORMAL", None  # the lease ran out, as in the hub
+            snap.level.lease_until = self.lease_until if self.level == "DEBUG" else None
             self.pub.publish_snapshot(snap)
             nxt = self.step + 1
             for peer, cmd in self.pub.poll_commands():
                 self.commands.append(cmd)
                 if cmd.action in ("lease_debug", "renew"):
                     self.level = "DEBUG"
+                    self.lease_until = nxt + (cmd.updates or 50)
                     self.pub.reply(
                         peer,
                         Ack(
@@ -149,11 +153,18 @@ async def test_d_n_m_and_P_send_signed_commands_and_show_the_acknowledgements() 
                 pilot, lambda: any("DEBUG lease acknowledged at step" in m for m in notes(app)), what="toast"
             )
             await until(pilot, lambda: app.store.latest.level.level == "DEBUG", what="trainer at DEBUG")
-            title = str(app.screen.query_one("#debug-title").content)
-            assert "acknowledged at step" in title
-            await pilot.press("escape")
+            await until(  # the countdown
+                pilot,
+                lambda: "updates left (x releases)" in str(app.screen.query_one("#debug-title").content),
+                what="the lease's countdown",
+            )
+            await pilot.press("escape")  # a lease is held: asked whether to keep it
+            assert isinstance(app.screen, KeepLeaseScreen)
+            await pilot.press("k")
+            await until(pilot, lambda: app.screen is app.dashboard, what="back on the dashboard")
+            assert client.lease.phase == LeasePhase.ACTIVE
             header = str(app.dashboard.query_one("#header").content)
-            assert "DEBUG lease acknowledged at step" in header
+            assert "DEBUG lease:" in header and "updates left" in header
             await pilot.press("n")
             await until(
                 pilot,
@@ -171,6 +182,45 @@ async def test_d_n_m_and_P_send_signed_commands_and_show_the_acknowledgements() 
             await until(pilot, lambda: any(c.action == "profile" for c in trainer.commands), what="P")
             await until(pilot, lambda: "profile acknowledged" in client.profile_note, what="profile ack")
             assert trainer.pub.counters.commands_rejected == 0
+
+
+async def test_the_debug_lease_is_bounded_released_on_request_and_d_toggles() -> None:
+    with Trainer(interval=0.03) as trainer:
+        app = trainer.app()
+        client = app.client
+        assert client is not None
+        client.lease_updates = 100
+        client.lease_seconds = 0.6  # renewals every 0.2 s: several within the bound
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.store.count > 2 and not client.status.commands_note, what="ready")
+            await pilot.press("d")
+            await until(pilot, lambda: client.lease.phase == LeasePhase.ACTIVE, what="lease")
+            start = client.lease.effective_step
+            assert start is not None
+            # Renewed while attached, never past the bound: the trainer leaves DEBUG by itself.
+            await until(pilot, lambda: client.lease.phase == LeasePhase.EXPIRED, what="lease ends", timeout=60)
+            renews = [c for c in trainer.commands if c.action == "renew"]
+            assert renews, "the lease was renewed while attached"
+            # Each renewal asks for what is left of the bound as the dashboard sees it (a few updates
+            # behind the trainer), so the end is the bound plus that lag, never another full lease.
+            assert client.lease.lease_until is not None and client.lease.lease_until < start + 2 * 100
+            await until(pilot, lambda: app.store.latest.level.level != "DEBUG", what="trainer left DEBUG")
+            # d takes a lease again; Esc asks; x releases it.
+            await pilot.press("d")
+            await until(pilot, lambda: client.lease.phase == LeasePhase.ACTIVE, what="second lease")
+            await pilot.press("escape")
+            assert isinstance(app.screen, KeepLeaseScreen)
+            await pilot.press("x")
+            await until(pilot, lambda: any(c.action == "release" for c in trainer.commands), what="release")
+            assert client.lease.phase == LeasePhase.RELEASED and app.screen is app.dashboard
+            # On the dashboard d takes one, and d again releases it.
+            await pilot.press("d")
+            await until(pilot, lambda: client.lease.phase == LeasePhase.ACTIVE, what="third lease")
+            released = sum(c.action == "release" for c in trainer.commands)
+            await pilot.press("d")
+            await until(
+                pilot, lambda: sum(c.action == "release" for c in trainer.commands) > released, what="d releases"
+            )
 
 
 async def test_p_freezes_the_display_while_ingest_continues() -> None:
@@ -380,10 +430,23 @@ async def test_d_reaches_a_real_hub_whose_level_changes_and_the_acknowledgement_
             assert store.latest.level.level == "DEBUG"
             assert "operator lease" in store.latest.level.reason
             assert store.latest_debug[0] >= effective and store.latest_debug[1].layers
-            title = str(app.screen.query_one("#debug-title").content)
-            assert f"acknowledged at step {effective}" in title
-            await pilot.press("escape", "n")
+            await until(
+                pilot,
+                lambda: "updates left (x releases)" in str(app.screen.query_one("#debug-title").content),
+                timeout=30,
+                what="the lease's countdown in the DEBUG screen's title",
+            )
+            await pilot.press("escape", "k", "n")  # keep the lease, then NORMAL releases it
             await until(pilot, lambda: loop.hub.level.name == "NORMAL", timeout=30, what="hub back at NORMAL")
+
+
+async def test_an_unresolvable_host_name_is_said_as_such() -> None:
+    store = TelemetryStore()
+    app = SimicApp(store, client=TelemetryClient(resolve_target("nosuchhost.invalid:5555"), store))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: "cannot resolve" in app.client.status.unreachable, timeout=30, what="why")
+        assert "'nosuchhost.invalid'" in app.client.status.unreachable
+        assert app.client.status.state == LinkState.CONNECTING
 
 
 async def test_an_unreachable_trainer_shows_connecting_and_keeps_retrying() -> None:
@@ -396,6 +459,70 @@ async def test_an_unreachable_trainer_shows_connecting_and_keeps_retrying() -> N
     app = SimicApp(store, client=TelemetryClient(resolve_target(f"127.0.0.1:{port}"), store))
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.client.status.connect_retries >= 2, what="retries")
+        # The header names the address and why, and retries quietly (no attempt counter).
+        await until(pilot, lambda: "nothing is listening" in app.client.status.unreachable, timeout=30, what="why")
+        await pilot.pause(0.3)
         header = str(app.dashboard.query_one("#header").content)
-        assert "connecting…" in header and "retrying (attempt" in header
+        assert f"waiting for a trainer at 127.0.0.1:{port}" in header
+        assert "retrying quietly" in header and "attempt" not in header
+        banner = str(app.dashboard.query_one("#banner").content)
+        assert f"nothing is listening on 127.0.0.1:{port}; no connection file for that port in" in banner
         assert "waiting for the first snapshot" in text(app.dashboard.query_one("#policy", Panel))
+
+
+def header_text(app: SimicApp) -> str:
+    return str(app.dashboard.query_one("#header").content)
+
+
+async def test_a_run_that_ends_shows_finished_and_stays_quiet() -> None:
+    """hub.close() publishes the closing frame: the header says finished, not disconnected."""
+    pytest.importorskip("torch")
+    pytest.importorskip("telemetry_core.hub")
+    with HubLoop() as loop:
+        assert loop.hub.endpoints is not None
+        store = TelemetryStore()
+        target = resolve_target(loop.hub.endpoints[0].replace("tcp://", ""))
+        app = SimicApp(store, client=TelemetryClient(target, store))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: store.count >= 2, what="live")
+            loop.stop.set()
+            loop.thread.join(30)
+            last = loop.step - 1
+            loop.hub.close()
+            await until(pilot, lambda: app.client.status.state == LinkState.FINISHED, what="finished")
+            await until(pilot, lambda: f"■ finished at {last}/10000" in header_text(app), what="header")
+            count = store.count
+            # The publisher is gone: the link drops, and the header still says finished, quietly.
+            await pilot.pause(3.5)
+            assert app.client.status.state == LinkState.FINISHED and store.count == count
+            header = header_text(app)
+            assert "■ finished at" in header and "lost" not in header and "retrying" not in header
+            assert any("the trainer finished at step" in m for m in notes(app))
+
+
+async def test_a_trainer_that_vanishes_without_its_closing_frame_is_lost() -> None:
+    trainer = Trainer(interval=0.03)
+    with trainer:
+        app = trainer.app()
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.store.count > 3, what="frames")
+            trainer.stop.set()
+            trainer.thread.join(5)
+            trainer.pub.close()  # a Publisher alone: no closing frame, as when a trainer is killed
+            await until(pilot, lambda: "✖ trainer lost after step" in header_text(app), what="lost")
+            assert "reconnecting quietly" in header_text(app) and "finished" not in header_text(app)
+
+
+async def test_before_the_first_update_the_header_says_it_waits_for_it() -> None:
+    pub = Publisher("tcp://127.0.0.1:0", heartbeat_interval=0.1).start()
+    try:
+        assert pub.endpoints is not None
+        store = TelemetryStore()
+        target = resolve_target(pub.endpoints.pub.replace("tcp://", ""))
+        app = SimicApp(store, client=TelemetryClient(target, store))
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: store.counters.heartbeats > 0, what="a heartbeat")
+            await until(pilot, lambda: "waiting for the trainer's first update" in header_text(app), what="waiting")
+            assert "no snapshot yet" not in header_text(app)
+    finally:
+        pub.close()

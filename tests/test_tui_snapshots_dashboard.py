@@ -34,6 +34,10 @@ pytestmark = pytest.mark.usefixtures("deterministic_terminal")
         "stale",
         "disconnected",
         "incompatible",
+        "waiting",  # heartbeats, no update yet
+        "finished",  # the closing frame: '■ finished at S/N'
+        "replay_finished",
+        "lease",  # the lease countdown and the trainer's telemetry errors
     ],
 )
 def test_dashboard_state(snap_compare, state: str, size: str) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -129,6 +130,62 @@ def test_rate_uses_the_injected_clock() -> None:
     assert store.rate(window=5.0) == pytest.approx(20 / 5.0)
     now[0] += 10
     assert store.rate() == 0.0
+
+
+def test_the_rate_is_the_trainers_pace_not_a_backfills_burst() -> None:
+    now = [100.0]
+    store = TelemetryStore(clock=lambda: now[0])
+    run = Run()
+    for k in range(40):  # a re-attach's history arrives at once
+        snap = run.snapshot(k, k + 1)
+        store.ingest(envelope(snap, k + 1), snap, quiet=True, backfill=True)
+    assert store.count == 40 and store.counters.backfilled == 40 and store.rate() == 0.0
+    for k in range(40, 45):
+        now[0] += 0.5
+        snap = run.snapshot(k, k + 1)
+        store.ingest(envelope(snap, k + 1), snap)
+    assert store.rate(window=5.0) == pytest.approx(5 / 5.0)
+
+
+def test_the_closing_frame_ends_the_run_without_adding_a_row() -> None:
+    store = TelemetryStore()
+    run = Run()
+    for k in range(3):
+        snap = run.snapshot(k, k + 1)
+        store.ingest(envelope(snap, k + 1), snap)
+    last = store.latest
+    assert last is not None and store.finished is None
+    final = msgspec.structs.replace(last, run_state="finished")
+    assert store.ingest(envelope(final, 4), final)
+    assert store.count == 3 and store.latest is last and store.last_seq == 4
+    assert store.finished is not None and store.finished.step == last.step
+    assert len(store.series("policy.ratio_mean")) == 3
+    # A new session (the trainer restarted) forgets it with the history.
+    store.reset("s2")
+    assert store.finished is None
+
+
+def test_a_replay_of_a_run_that_ended_says_so_at_its_end_only(tmp_path: Path) -> None:
+    from telemetry_core.record import Recorder
+
+    run = Run()
+    snaps = [run.snapshot(k, k + 1) for k in range(5)]
+    snaps.append(msgspec.structs.replace(snaps[-1], run_state="finished"))
+    path = tmp_path / "ended.simrec"
+    recorder = Recorder(path, session="s1")
+    for seq, snap in enumerate(snaps, 1):
+        recorder.put(encode_envelope("snapshot", snap, session="s1", seq=seq, step=snap.step))
+    recorder.close()
+    loaded = load_recording(path)
+    assert len(loaded.frames) == 5 and loaded.finished is not None  # not a position of its own
+    store = TelemetryStore()
+    replay = ReplaySource(loaded, store)
+    replay.seek(replay.total)
+    assert store.finished is not None and store.count == 5
+    replay.step(-1)
+    assert store.finished is None
+    replay.step(+1)
+    assert store.finished is not None
 
 
 def test_replay_steps_back_and_forth_like_a_live_run() -> None:

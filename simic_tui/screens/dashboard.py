@@ -98,7 +98,10 @@ class DashboardScreen(Screen):
         return not (action == "unzoom" and self.zoomed is None)
 
     def action_debug(self) -> None:
-        self.simic.request_debug()
+        self.simic.toggle_debug()
+
+    def action_release_debug(self) -> None:
+        self.simic.release_debug()
 
     def action_set_level(self, level: str) -> None:
         self.simic.set_level(level)

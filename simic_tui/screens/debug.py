@@ -13,7 +13,7 @@ import numpy as np
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Static
 
 from simic_tui.fmt import fmt_count, fmt_limit, fmt_num, fmt_pct, sparkline
@@ -26,7 +26,7 @@ from simic_tui.judge import (
     judge_nonfinite_count,
     max_grad_norm_of,
 )
-from simic_tui.keys import DEBUG_BINDINGS
+from simic_tui.keys import DEBUG_BINDINGS, KEEP_LEASE_BINDINGS
 from simic_tui.widgets.base import Line
 from simic_tui.widgets.cells import rich_cell
 from simic_tui.widgets.footer import FittedFooter
@@ -249,6 +249,15 @@ class DebugScreen(Screen):
             self.sort_column, self.sort_reverse = key, key != "name"
         self.refresh_view()
 
+    def action_back(self) -> None:
+        self.simic.leave_debug()
+
+    def action_release_debug(self) -> None:
+        self.simic.release_debug()
+
+    def action_toggle_debug(self) -> None:
+        self.simic.toggle_debug()
+
     def action_sort_next(self) -> None:
         keys = [k for k, _, _ in LAYER_COLUMNS]
         self.sort_column = keys[(keys.index(self.sort_column) + 1) % len(keys)]
@@ -332,3 +341,44 @@ class DebugScreen(Screen):
             names = [r.name for r in rows]
             if selected in names:
                 table.move_cursor(row=names.index(selected), animate=False)
+
+
+class KeepLeaseScreen(ModalScreen["bool | None"]):
+    """Leaving the DEBUG screen with a lease held: keep it (k) or release it (x); Esc stays."""
+
+    BINDINGS = KEEP_LEASE_BINDINGS
+    DEFAULT_CSS = """
+    KeepLeaseScreen { align: center middle; }
+    KeepLeaseScreen > Static { width: auto; max-width: 90%; height: auto; border: round $warning; padding: 0 1; }
+    """
+
+    def __init__(self, lease: str) -> None:
+        super().__init__()
+        self.lease = lease
+
+    def compose(self) -> ComposeResult:
+        yield Static(
+            Content.assemble(
+                ("Keep the DEBUG lease?", "bold"),
+                "\n",
+                (self.lease, "$warning"),
+                "\n",
+                ("DEBUG slows every update of the trainer. ", "$text-muted"),
+                "\n",
+                ("k", "bold"),
+                " keep it until its bound   ",
+                ("x", "bold"),
+                " release it now   ",
+                ("Esc", "bold"),
+                " stay here",
+            )
+        )
+
+    def action_keep(self) -> None:
+        self.dismiss(True)
+
+    def action_release(self) -> None:
+        self.dismiss(False)
+
+    def action_stay(self) -> None:
+        self.dismiss(None)

@@ -57,6 +57,7 @@ _LINK = {
     LinkState.DISCONNECTED.value: ("✖", "$error"),
     LinkState.INCOMPATIBLE.value: ("✖", "$error"),
     LinkState.REPLAY.value: ("▶", "$accent"),
+    LinkState.FINISHED.value: ("■", ""),
 }
 Segment = tuple[int, list[tuple[str, str]]]  # (priority: dropped last-first, [(text, style)])
 _SORT_ORDER = ("incidents", "name", "step", "return", "entropy", "kl", "ev", "grad", "link", "level")

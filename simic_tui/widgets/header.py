@@ -19,6 +19,7 @@ from simic_tui.judge import Verdict
 from simic_tui.store import TelemetryStore
 from simic_tui.widgets.incidents import badge_parts
 from simic_tui.widgets.ranks import rank_flags, ranks_of
+from telemetry_core.schema import Snapshot
 
 __all__ = ["Banner", "HeaderModel", "StatusHeader", "fit_segments"]
 
@@ -67,6 +68,7 @@ _STATE = {
     LinkState.DISCONNECTED: ("✖ disconnected", "bold $error"),
     LinkState.INCOMPATIBLE: ("✖ incompatible", "bold $error"),
     LinkState.REPLAY: ("▶ replay", "bold $focus"),
+    LinkState.FINISHED: ("■ finished", "bold"),
 }
 
 
@@ -110,17 +112,26 @@ class StatusHeader(Static):
                     )
                 line1.append((2, ranks))
         else:
-            line1.append((1, [("no snapshot yet", "$text-muted")]))
+            line1.append((1, [(_waiting(status), "$text-muted")]))
 
         text, style = _STATE[status.state]
         state: list[tuple[str, str]] = [(text, style)]
+        if status.state == LinkState.DISCONNECTED and snap is not None:  # frames stopped, no closing frame
+            state = [("✖ trainer lost", "bold $error"), (f" after step {snap.step};", "$text-muted")]
         if model.replay:
             state = [(model.replay, style)]
+            if store.finished is not None:
+                state.append(("  " + _finished(store.finished), "bold"))
+        elif status.state == LinkState.FINISHED and store.finished is not None:
+            state = [(_finished(store.finished), "bold")]
         elif status.state == LinkState.INCOMPATIBLE and status.their_version:
             state.append((f" (schema {status.their_version[0]}.{status.their_version[1]})", "$error"))
         elif status.detail:
             state.append((f" {status.detail}", "$text-muted"))
         line2: list[Segment] = [(0, state)]
+        errors = snap.counters.telemetry_errors if snap is not None else 0
+        if errors:  # swallowed to protect training: the numbers on screen may be incomplete
+            line2.append((1, [("⚠ telemetry errors ", "bold $warning"), (fmt_count(errors), "bold $warning")]))
         if status.unencrypted and not model.replay:  # anyone on the path can read and rewrite it
             line2.append((0, [("⚠ unencrypted", "bold reverse $error")]))
         if not model.replay:
@@ -158,6 +169,20 @@ class StatusHeader(Static):
         if self._shown is None or not content.is_same(self._shown):  # only when text or style changed
             self._shown = content
             self.update(content, layout=False)
+
+
+def _finished(final: Snapshot) -> str:
+    planned = final.run.planned_updates
+    return f"■ finished at {final.step}/{planned}" if planned else f"■ finished at step {final.step}"
+
+
+def _waiting(status: LinkStatus) -> str:
+    """What line 1 says before the first snapshot: whom it waits for."""
+    if status.last_frame_at is None and status.state == LinkState.CONNECTING:
+        return f"waiting for a trainer at {status.endpoint.removeprefix('tcp://')}"
+    if status.state in (LinkState.CONNECTING, LinkState.LIVE, LinkState.STALE):
+        return "waiting for the trainer's first update…"
+    return "no snapshot yet"
 
 
 class Banner(Static):

@@ -22,9 +22,8 @@ class LSTMPanel(Panel):
         s = snap.lstm
         verdicts: list[Verdict] = []
         if s is None:
-            # two short rows rather than one that a narrow panel cuts mid-word
-            rows.add(Line().label("no LSTM state reported"), 1)
-            rows.add(Line().label("(no recurrent model, or level MINIMAL)"), 2)
+            # One short row (nothing to chart either): a feed-forward model has no recurrent state.
+            rows.add(Line().label("no LSTM in this run (or level MINIMAL)"), 1)
             return verdicts
 
         # Past lstm_norm_max is ▲ (a limit t lists); EXPLODED and ✖ belong to the lstm_unhealthy
@@ -73,6 +72,14 @@ class LSTMPanel(Panel):
             if s.gate_rows:
                 line.label(f"({s.gate_rows} rows)")
             rows.add(line, 2)
+        elif not s.gates_fed:  # the loop handed over the state but not the inputs gates need
+            line = Line().label("gates", L).add("not fed", "$text-muted")
+            if s.gates_not_fed:
+                line.label(f" ({s.gates_not_fed} updates)")
+            rows.add(line, 2)
+            hint = "pass lstm_inputs= to end_update"
+            if width >= L + len(hint):  # the fix, on its own row where it fits whole
+                rows.add(Line().label("", L).label(hint), 4)
 
         line = Line().label("NaN/Inf", L)
         for name, nan, inf in (("h", s.h_nan, s.h_inf), ("c", s.c_nan, s.c_inf)):
@@ -93,4 +100,6 @@ class LSTMPanel(Panel):
         return verdicts
 
     def chart_spec(self, view: View) -> ChartSpec | None:
+        if view.snap is None or view.snap.lstm is None:
+            return None  # no recurrent state: no empty chart
         return ChartSpec("‖c‖ (cell state norm)", "lstm.c_norm")

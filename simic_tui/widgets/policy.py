@@ -1,4 +1,5 @@
-"""Policy panel: per-head entropy, KL (k3) with early-stop markers, clipping, ratios, ESS."""
+"""Policy panel: per-head entropy (log-std, differential entropy and saturation for continuous heads),
+KL (k3) with early-stop markers, clipping, ratios, ESS."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class PolicyPanel(Panel):
         wide = width >= 60
 
         # entropy per head, normalised by log|A|: the collapse alarm lives here
-        heads = list(pol.entropy_normalized) or list(snap.run.heads)
+        gaussian = list(pol.log_std_mean)  # continuous heads: no normalised entropy, a log-std
+        heads = [h for h in (list(pol.entropy_normalized) or list(snap.run.heads)) if h not in gaussian]
         head_w = max((len(h) for h in heads), default=4) + 1
         # A head below its limit is ▲ (the t screen's entropy limits); its alarm (✖, COLLAPSE) is the
         # entropy_collapse incident's, which the trainer raises after its patience and keeps through
@@ -63,6 +65,8 @@ class PolicyPanel(Panel):
             col = f"policy.entropy_normalized.{head}"
             line.spark_of(store, col, width - line.width)
             rows.add(line, 1)
+        for head in gaussian:
+            verdicts += self._gaussian(rows, view, width, head, max(head_w, len(head) + 1))
 
         # KL k3: mean (judged) and max, history, early stops
         kl_v = judge_kl(thr, pol.kl_k3_mean)
@@ -176,6 +180,56 @@ class PolicyPanel(Panel):
                 line.label("  KL ").val(pol.head_kl_k3.get(head))
                 rows.add(line, 6)
         return verdicts
+
+    @staticmethod
+    def _gaussian(rows: Rows, view: View, width: int, head: str, head_w: int) -> list[Verdict]:
+        """A continuous head: its log-std (mean judged, min and max, trend, history), differential
+        entropy and the share of its actions beyond the bounds; the std and saturation alarms."""
+        snap, thr, alarms = view.snap, view.thresholds, view.alarms
+        assert snap is not None and snap.policy is not None and thr is not None
+        pol = snap.policy
+        mean, low, high = pol.log_std_mean.get(head), pol.log_std_min.get(head), pol.log_std_max.get(head)
+        collapse = judge_low(low, warn=thr.std_collapse_log_std, crit=thr.std_collapse_log_std_critical)
+        explode = judge_high(high, warn=thr.std_explosion_log_std, crit=thr.std_explosion_log_std_critical)
+        if alarms.find(("std_explosion",), head) is not None or explode > collapse:
+            kinds, word, verdict = ("std_explosion",), "EXPLOSION", explode
+            limit = thr.std_explosion_log_std_critical if explode == Verdict.CRIT else thr.std_explosion_log_std
+        else:
+            kinds, word, verdict = ("std_collapse",), "COLLAPSE", collapse
+            limit = thr.std_collapse_log_std_critical if collapse == Verdict.CRIT else thr.std_collapse_log_std
+        if alarms.find(kinds, head) is not None:  # a relative drop or rise: the word, not only the colour
+            verdict = max(verdict, Verdict.WARN)
+        mark = alarms.mark(verdict, kinds, head=head, value=mean, word=word, limit=limit)
+        line = Line().label("log-std", L).label(head.ljust(head_w)).val(mean, mark, width=6)
+        if width >= 60:
+            line.label(" [").val(low, alarms.mark(collapse, value=low)).label(", ")
+            line.val(high, alarms.mark(explode, value=high)).label("]")
+        trend = pol.log_std_trend.get(head)
+        if trend is not None and width >= 44:
+            line.label(" ").add("↘" if trend < 0 else "↗" if trend > 0 else "→", "$text-muted")
+            line.add(f"{fmt_num(trend, 2)}/u", "$text-muted")
+        line.add(" ")
+        line.spark_of(view.store, f"policy.log_std_mean.{head}", width - line.width)
+        rows.add(line, 1)
+        share, worst_dim = pol.action_saturation.get(head), pol.action_saturation_max.get(head)
+        sv = judge_high(worst_dim, warn=thr.action_saturation_warning, crit=thr.action_saturation_critical)
+        if alarms.find(("action_saturation",), head) is not None:
+            sv = max(sv, Verdict.WARN)
+        sat = alarms.mark(
+            sv,
+            ("action_saturation",),
+            head=head,
+            value=worst_dim,
+            word="SATURATION",
+            limit=thr.action_saturation_critical if sv == Verdict.CRIT else thr.action_saturation_warning,
+        )
+        # the share of the worst dimension's actions beyond the bounds (pre-clip), then every dimension's
+        line = Line().label("", L).label(head.ljust(head_w)).label("sat ").val(worst_dim, sat, fmt=fmt_pct)
+        if width >= 56 and share is not None and len(pol.log_std_dims.get(head, ())) > 1:
+            line.label(" (all ").val(share, alarms.mark(Verdict.OK, value=share), fmt=fmt_pct).label(")")
+        line.label("  H ").val(pol.entropy_differential.get(head, pol.entropy.get(head))).label(" nats")
+        rows.add(line, 2)
+        return [mark.verdict, sat.verdict]
 
     def chart_spec(self, view: View) -> ChartSpec | None:
         thr = view.thresholds

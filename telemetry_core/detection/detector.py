@@ -50,6 +50,8 @@ from telemetry_core.detection.lstm import LSTMRule
 from telemetry_core.detection.numerical import NumericalRule
 from telemetry_core.detection.performance import PerformanceRule
 from telemetry_core.detection.policy import KLSpikeRule, RatioCollapseRule, RatioExplosionRule
+from telemetry_core.detection.saturation import ActionSaturationRule
+from telemetry_core.detection.std import StdCollapseRule, StdExplosionRule
 from telemetry_core.detection.value import EVLowRule, ValueCollapseRule
 from telemetry_core.schema import Anomaly, Snapshot
 
@@ -61,6 +63,9 @@ RULES: tuple[type[Rule], ...] = tuple(
         (
             NumericalRule,
             EntropyCollapseRule,
+            StdCollapseRule,
+            StdExplosionRule,
+            ActionSaturationRule,
             KLSpikeRule,
             RatioExplosionRule,
             RatioCollapseRule,

@@ -66,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from telemetry_core.protocol import FrameError, IncompatibleVersion, decode_body, decode_envelope
 from telemetry_core.record import read_recording
-from telemetry_core.schema import SCHEMA_MAJOR, Anomaly, LayerRow, RatioOutliers, Snapshot
+from telemetry_core.schema import RUN_FINISHED, SCHEMA_MAJOR, Anomaly, LayerRow, RatioOutliers, Snapshot
 
 __all__ = ["X_AXES", "export_recording", "snapshot_scalars", "snapshot_summary"]
 
@@ -142,6 +142,8 @@ def export_recording(recording_path: str | Path, logdir: str | Path, *, x: str =
             if not isinstance(snapshot, Snapshot) or env.seq <= last_seq:
                 continue
             last_seq = env.seq
+            if snapshot.run_state == RUN_FINISHED:  # the closing frame repeats the last update
+                continue
             step = snapshot.step if x == "update" else snapshot.timesteps
             if step is None:
                 raise ValueError(

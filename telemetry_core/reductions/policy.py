@@ -51,6 +51,8 @@ Definitions (population statistics over every sample of every minibatch of the u
   20 actions reads 1.0, not log 10 / log 20); samples with one valid action have no normalised
   entropy and are left out of that mean (all of them: the head is left out).
 * ``head_*``: the same ratio, KL and clip statistics from the per-head log-probs.
+* Continuous heads' log-stds, differential entropy, log-std trend and action saturation:
+  :mod:`telemetry_core.reductions.gaussian`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ from telemetry_core.reductions.advantage import (
     check_float_tensor,
     check_same_layout,
 )
+from telemetry_core.reductions.gaussian import GaussianReducer
 from telemetry_core.reductions.transfer import to_device
 from telemetry_core.schema import PolicyStats
 
@@ -189,6 +192,7 @@ class PolicyReducer:
             float(t.ratio_collapse),
             float(t.ratio_collapse_critical),
         )
+        self._gauss = GaussianReducer(tuple(self.heads))
         self.reset()
 
     # -- protocol ----------------------------------------------------------------------------------
@@ -212,8 +216,7 @@ class PolicyReducer:
         self._mask_blocks: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         self._mask_elements = 0
         self._masked: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
-        # per continuous head: float64 [sum, count, min, max] of its log-std per call
-        self._log_std: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
+        self._gauss.reset()  # continuous heads: log-std, differential entropy, saturation
         self._loss = ScalarSeries("policy_loss")
         self._clip_range = math.nan
         self._early: tuple[int, float | torch.Tensor | None] | None = None
@@ -379,18 +382,31 @@ class PolicyReducer:
     def observe_log_std(
         self, head: str, log_std: torch.Tensor, level: TelemetryLevel = TelemetryLevel.NORMAL
     ) -> None:
-        """A continuous (diagonal Gaussian) head's log standard deviations, any shape (per dimension,
-        or per sample and dimension); pooled over calls into its mean, min and max. No sync."""
-        if head not in self.heads:
-            raise ValueError(f"observe_log_std: unknown head {head!r}; known heads: {list(self.heads)}")
+        """A continuous (diagonal Gaussian) head's log standard deviations, ``(dims,)`` or
+        ``(..., dims)`` (:class:`GaussianReducer`). No sync."""
+        self._gauss.check_head("observe_log_std", head)
         t = check_float_tensor("log_std", log_std)  # (refuses an empty tensor)
         if level <= TelemetryLevel.OFF:
             return
-        with torch.no_grad():
-            x = t.reshape(-1).to(acc_dtype(t.device))
-            lo, hi = torch.aminmax(x)
-            count = torch.full((), float(x.numel()), dtype=x.dtype, device=x.device)
-            self._log_std[head].append(torch.stack((x.sum(), count, lo, hi)))
+        self._gauss.observe_log_std(head, t)
+
+    def observe_actions(
+        self,
+        head: str,
+        actions: torch.Tensor,
+        *,
+        low: object = None,
+        high: object = None,
+        squashed: bool = False,
+        level: TelemetryLevel = TelemetryLevel.NORMAL,
+    ) -> None:
+        """A continuous head's actions before clipping (or pre-tanh values of a squashed head), for
+        its saturation (:class:`GaussianReducer`). No sync."""
+        if level <= TelemetryLevel.OFF:
+            self._gauss.check_head("observe_actions", head)
+            check_float_tensor("actions", actions)
+            return
+        self._gauss.observe_actions(head, actions, low=low, high=high, squashed=squashed)
 
     def early_stop(self, epoch: int, kl: torch.Tensor | float | None = None) -> None:
         """Record the loop's target-KL early stop (the first of the update counts). No sync: a
@@ -470,12 +486,7 @@ class PolicyReducer:
                     out[f"policy.entropy.{head}"] = (
                         sums_h[0].reshape(1) if len(sums_h) == 1 else torch.stack(sums_h).sum().reshape(1)
                     )
-            for head, parts in self._log_std.items():
-                if parts:
-                    p = torch.stack(parts)  # (calls, [sum, count, min, max])
-                    out[f"policy.log_std.{head}"] = torch.cat(
-                        (p[:, :2].sum(0), p[:, 2].amin().reshape(1), p[:, 3].amax().reshape(1))
-                    )
+            out.update(self._gauss.pending())
             self._fold_masks()
             for head, parts in self._masked.items():
                 if parts:
@@ -541,10 +552,6 @@ class PolicyReducer:
                 stats.head_ratio_min[head] = h[_H_R_MIN]
                 stats.head_ratio_above[head] = int(h[_T_ABOVE])
                 stats.head_ratio_below[head] = int(h[_T_BELOW])
-            log_std = host.get(f"policy.log_std.{head}")
-            if log_std is not None:
-                stats.log_std_mean[head] = log_std[0] / log_std[1]
-                stats.log_std_min[head], stats.log_std_max[head] = log_std[2], log_std[3]
             key = f"policy.entropy.{head}"
             if key in host:
                 ent = host[key][0] / self._entropy_counts[head]
@@ -555,6 +562,7 @@ class PolicyReducer:
                         stats.entropy_normalized[head] = masked[0] / masked[1]
                 elif self.heads[head] > 1:
                     stats.entropy_normalized[head] = ent / math.log(self.heads[head])
+        self._gauss.fill(stats, host)
         stats.policy_loss = self._loss.result(host.get("policy.loss"))[0]
         if self._early is not None:
             epoch, kl = self._early

@@ -61,7 +61,9 @@ against SB3's 64x64 MLP, where a minibatch step is itself only a few millisecond
 callback only counts episodes. A continuous (``Box``) action space is one diagonal Gaussian head
 (``action``, registered with size 1): ratios, KL, clip fractions and ESS are as for any head, its
 entropy is SB3's differential entropy (summed over dimensions, in nats, possibly negative) and it
-has no normalised entropy; gSDE (``use_sde=True``) is refused. SB3's
+has no normalised entropy; its log-std (after each update) and the share of the rollout's sampled
+actions beyond the space's bounds (SB3 clips only what it sends to the environment) feed the
+continuous-head statistics and rules; gSDE (``use_sde=True``) is refused. SB3's
 ``train/*`` logger values are what the callback's own statistics compute (read fresh at the
 boundary, not one update late as a callback reading them at ``on_rollout_end`` would get them);
 ``sb3_logged`` holds the last update's, and ``on_update`` receives them with each snapshot.

@@ -35,6 +35,8 @@ class _RolloutReader:
     _head_old: Any
     _columns: np.ndarray | None
     _gate_capture: Any
+    _continuous: bool
+    heads: dict[str, int]
 
     def _observe_rollout(self, level: TelemetryLevel) -> None:
         buf = self.model.rollout_buffer
@@ -47,6 +49,14 @@ class _RolloutReader:
             episode_returns=self._ep_returns or None,
             episode_lengths=self._ep_lengths or None,
         )
+        if self._continuous:  # SB3 keeps the sampled actions, clipping only what reaches the env
+            space = self.model.action_space
+            self.hub.observe_actions(
+                next(iter(self.heads)),
+                torch.as_tensor(buf.actions, device=device),
+                low=space.low,
+                high=space.high,
+            )
         if self._head_ratios_on:
             self._head_old = self._rollouthead_logprobs()
         if self.recurrent:  # host columns SB3's padding is applied to: head old log-probs, position

@@ -1,0 +1,223 @@
+"""``std_collapse`` and ``std_explosion``: a continuous head's log standard deviation.
+
+A Gaussian head has no normalised entropy (its differential entropy has no maximum and shifts with
+the action scale), so these rules judge the log-std itself, in nats: its level against absolute
+floors and ceilings, and its change against the head's own recent median. Both keep, per head, the
+median of its last ``std_baseline_window`` unflagged updates; a flagged update stays out of it, so a
+sustained pathology stays flagged instead of becoming the new normal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from telemetry_core.detection.base import CRITICAL, WARNING, Context, Rolling, Rule, finite, fmt
+from telemetry_core.schema import Anomaly
+
+__all__ = ["StdCollapseRule", "StdExplosionRule"]
+
+
+class _StdRule(Rule):
+    """Per-head baselines of the mean log-std (shared shape of both rules' state)."""
+
+    def reset(self) -> None:
+        self.base: dict[str, Rolling] = {}
+        self.last: dict[str, float] = {}
+        self.falls: dict[str, int] = {}
+
+    def _base(self, head: str) -> Rolling:
+        base = self.base.get(head)
+        if base is None:
+            base = self.base[head] = self.rolling("std_baseline_window")
+        return base
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "base": {h: r.dump() for h, r in self.base.items()},
+            "last": dict(self.last),
+            "falls": dict(self.falls),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        for head, values in state["base"].items():
+            self._base(str(head)).load(values)
+        self.last = {str(k): float(v) for k, v in state["last"].items()}
+        self.falls = {str(k): int(v) for k, v in state["falls"].items()}
+
+
+class StdCollapseRule(_StdRule):
+    """``std_collapse`` per continuous head, on its log-std (nats).
+
+    * Floor: the smallest log-std (any dimension) below ``std_collapse_log_std`` is a warning,
+      below ``std_collapse_log_std_critical`` critical: the head samples (almost) its mean only.
+    * Drop: the mean log-std more than ``std_drop`` below the median of its recent unflagged updates
+      (once ``baseline_min_updates`` are known) is a warning, more than ``std_drop_critical`` below
+      it critical: the head lost most of its spread in a few updates (a log-std forced down, a
+      wrong-sign entropy term that has run for a while).
+    * Slide: the mean log-std fell by more than ``std_fall_step`` in each of the last
+      ``std_fall_updates`` updates and is more than ``std_slide_drop`` below that median: a
+      sustained push on the log-std, which healthy learning makes only in noisy steps (warning).
+
+    A missing or NaN log-std holds the head's state (no verdict; NaN is numerical_instability).
+    """
+
+    KIND = "std_collapse"
+
+    def check(self, ctx: Context) -> list[Anomaly]:
+        p = ctx.snapshot.policy
+        if p is None:
+            return []
+        t = self.t
+        out: list[Anomaly] = []
+        for head in sorted(p.log_std_mean):
+            mean = finite(p.log_std_mean.get(head))
+            if mean is None:
+                continue
+            low = finite(p.log_std_min.get(head))
+            low = mean if low is None else low
+            base_roll = self._base(head)
+            base = base_roll.median()
+            last = self.last.get(head)
+            falls = self.falls.get(head, 0) + 1 if last is not None and mean < last - t.std_fall_step else 0
+            self.last[head], self.falls[head] = mean, falls
+            drop = base - mean if base is not None else None
+            found: tuple[str, float, float, str] | None = None  # severity, value, limit, words
+            if low < t.std_collapse_log_std_critical:
+                found = (
+                    CRITICAL,
+                    low,
+                    t.std_collapse_log_std_critical,
+                    f"is below {fmt(t.std_collapse_log_std_critical)}: essentially deterministic",
+                )
+            elif drop is not None and base is not None and drop > t.std_drop_critical:
+                found = (
+                    CRITICAL,
+                    mean,
+                    base - t.std_drop_critical,
+                    f"lost {fmt(drop)} nats (std x{_ratio(drop)}) against its recent median {fmt(base)}",
+                )
+            elif low < t.std_collapse_log_std:
+                found = (
+                    WARNING,
+                    low,
+                    t.std_collapse_log_std,
+                    f"is below {fmt(t.std_collapse_log_std)}: nearly deterministic",
+                )
+            elif drop is not None and base is not None and drop > t.std_drop:
+                found = (
+                    WARNING,
+                    mean,
+                    base - t.std_drop,
+                    f"lost {fmt(drop)} nats (std x{_ratio(drop)}) against its recent median {fmt(base)}",
+                )
+            elif (
+                drop is not None
+                and base is not None
+                and falls >= t.std_fall_updates
+                and drop > t.std_slide_drop
+            ):
+                found = (
+                    WARNING,
+                    mean,
+                    base - t.std_slide_drop,
+                    f"fell for {falls} updates in a row, {fmt(drop)} nats below its recent median {fmt(base)}",
+                )
+            if found is None:
+                base_roll.append(mean)
+                continue
+            severity, value, limit, words = found
+            out.append(
+                self.anomaly(
+                    severity,
+                    ctx.step,
+                    f"Head '{head}' std is collapsing: its log-std (mean {fmt(mean)}, min {fmt(low)}) {words}; "
+                    f"it is running out of exploration.",
+                    value=value,
+                    threshold=limit,
+                    head=head,
+                )
+            )
+        return out
+
+
+class StdExplosionRule(_StdRule):
+    """``std_explosion`` per continuous head, on its log-std (nats).
+
+    * Ceiling: the largest log-std above ``std_explosion_log_std`` is a warning, above
+      ``std_explosion_log_std_critical`` critical: the head's samples are noise far wider than any
+      usual action range, and the clipped actions carry no signal.
+    * Rise: the mean log-std more than ``std_rise`` above the median of its recent unflagged
+      updates is a warning, more than ``std_rise_critical`` above it critical (an entropy
+      coefficient far too large, a log-std forced up, a diverging std head).
+    """
+
+    KIND = "std_explosion"
+
+    def check(self, ctx: Context) -> list[Anomaly]:
+        p = ctx.snapshot.policy
+        if p is None:
+            return []
+        t = self.t
+        out: list[Anomaly] = []
+        for head in sorted(p.log_std_mean):
+            mean = finite(p.log_std_mean.get(head))
+            if mean is None:
+                continue
+            high = finite(p.log_std_max.get(head))
+            high = mean if high is None else high
+            base_roll = self._base(head)
+            base = base_roll.median()
+            rise = mean - base if base is not None else None
+            found: tuple[str, float, float, str] | None = None
+            if high > t.std_explosion_log_std_critical:
+                found = (
+                    CRITICAL,
+                    high,
+                    t.std_explosion_log_std_critical,
+                    f"is above {fmt(t.std_explosion_log_std_critical)}: far wider than any action range",
+                )
+            elif rise is not None and base is not None and rise > t.std_rise_critical:
+                found = (
+                    CRITICAL,
+                    mean,
+                    base + t.std_rise_critical,
+                    f"rose {fmt(rise)} nats (std x{_ratio(-rise)}) above its recent median {fmt(base)}",
+                )
+            elif high > t.std_explosion_log_std:
+                found = (
+                    WARNING,
+                    high,
+                    t.std_explosion_log_std,
+                    f"is above {fmt(t.std_explosion_log_std)}: wider than a usual action range",
+                )
+            elif rise is not None and base is not None and rise > t.std_rise:
+                found = (
+                    WARNING,
+                    mean,
+                    base + t.std_rise,
+                    f"rose {fmt(rise)} nats (std x{_ratio(-rise)}) above its recent median {fmt(base)}",
+                )
+            if found is None:
+                base_roll.append(mean)
+                continue
+            severity, value, limit, words = found
+            out.append(
+                self.anomaly(
+                    severity,
+                    ctx.step,
+                    f"Head '{head}' std is exploding: its log-std (mean {fmt(mean)}, max {fmt(high)}) {words}; "
+                    f"its actions are mostly noise.",
+                    value=value,
+                    threshold=limit,
+                    head=head,
+                )
+            )
+        return out
+
+
+def _ratio(drop: float) -> str:
+    """The std factor of a log-std change of ``-drop`` nats, e.g. ``0.14`` or ``20``."""
+    return fmt(math.exp(-drop))
