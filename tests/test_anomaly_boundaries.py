@@ -169,6 +169,25 @@ def test_entropy_spread_needs_its_falls_in_a_row() -> None:
     assert det.check(_force(step, 0.6)) == []
 
 
+@pytest.mark.parametrize(("side", "counts"), [("at", False), ("above", True)])
+def test_entropy_spread_fall_must_exceed_one_sigma(side: str, counts: bool) -> None:
+    """A fall of exactly one robust sigma of the head's changes is a dither, not a fall: after one
+    large drop it does not make a slide (a healthy demo head: 0.438 -> 0.348 -> 0.346)."""
+    det = detector(entropy_drop_fraction=0.0, entropy_fall_fraction=0.0, entropy_throttled_fall_fraction=0.0)
+    step = _noisy(det)
+    first = 0.79
+    assert det.check(_force(step, first)) == []
+    hist = [*NOISY, first][-T.entropy_baseline_window :]
+    steps = [b - a for a, b in itertools.pairwise(hist)]
+    centre = statistics.median(steps)
+    sigma = 1.4826 * statistics.median(abs(d - centre) for d in steps)
+    e = first - sigma
+    if side == "above":
+        e = below(e)
+    det.check(_force(step + 1, e))
+    assert det.rules["entropy_collapse"].down["force"] == (2 if counts else 0)
+
+
 def test_entropy_spread_slide_turns_critical_after_its_critical_falls() -> None:
     det = detector(entropy_drop_fraction=0.0, entropy_fall_fraction=0.0, entropy_throttled_fall_fraction=0.0)
     step = _noisy(det)

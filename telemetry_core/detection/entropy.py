@@ -131,16 +131,24 @@ class EntropyCollapseRule(Rule):
             hist = self.hist[head] = deque(maxlen=max(1, self.t.entropy_baseline_window))
         return hist
 
+    @staticmethod
+    def _spread(hist: deque[float]) -> tuple[float, float] | None:
+        """(median, robust sigma) of the head's update-to-update changes over its baseline."""
+        if len(hist) < 3:
+            return None
+        steps = [b - a for a, b in itertools.pairwise(hist)]
+        centre = statistics.median(steps)
+        return centre, MAD_SCALE * statistics.median(abs(d - centre) for d in steps)
+
     def _spread_slide(self, head: str, e: float, base: float, hist: deque[float]) -> float | None:
         """The entropy level the head had to fall below for the spread rule, when it did; else None."""
         t = self.t
         down = self.down.get(head, 0)
         top = self.top.get(head)
-        if down < t.entropy_spread_updates or top is None or len(hist) < 3:
+        spread = self._spread(hist)
+        if down < t.entropy_spread_updates or top is None or spread is None:
             return None
-        steps = [b - a for a, b in itertools.pairwise(hist)]
-        centre = statistics.median(steps)
-        sigma = MAD_SCALE * statistics.median(abs(d - centre) for d in steps)
+        centre, sigma = spread
         expected = top + down * min(centre, 0.0)  # a head that was already declining keeps its pace
         margin = max(t.entropy_spread_k * sigma * math.sqrt(down), t.entropy_spread_min_fraction * base)
         level = expected - margin
@@ -170,7 +178,11 @@ class EntropyCollapseRule(Rule):
             pushed = p.early_stopped and last is not None and e < (1.0 - t.entropy_throttled_fall_step) * last
             falls = self.falls.get(head, 0) + 1 if fell else 0
             throttled = self.throttled.get(head, 0) + 1 if pushed else 0
-            down = self.down.get(head, 0) + 1 if last is not None and e < last else 0
+            # a fall for the spread rule: more than one robust sigma of the head's own changes, so a
+            # dither after one large drop does not make it a slide
+            spread = self._spread(self._hist(head))
+            dropped_by = last - e if last is not None else 0.0
+            down = self.down.get(head, 0) + 1 if dropped_by > (spread[1] if spread else 0.0) else 0
             if down == 1 and last is not None:
                 self.top[head] = last
             self.down[head] = down
