@@ -1,37 +1,39 @@
 """What the telemetry costs per PPO update, call by call, next to the loop's own work.
 
-Two tables, each timed side by side in one process, interleaved and repeated (medians):
+Two tables, each timed side by side in one process with the method of ``_timing.py`` (printed in
+the header: adjacent pairs in alternating order, thread CPU time with the wall clock beside it,
+median and IQR of the paired ratios):
 
 ``hub``: a real :class:`~telemetry_core.hub.TelemetryHub` on the demo's agent, fed exactly what the
 demo feeds it, for one update of the demo's shape (a rollout of ``num_envs x num_steps`` samples,
 ``update_epochs x num_minibatches`` minibatches, the LSTM state and 8 LSTM input steps). The loop's
 own optimisation work on the same minibatches (LSTM unroll, heads, clipped PPO loss, backward,
 ``clip_grad_norm_``, Adam step) is timed in the same rounds as the reference. Per telemetry level:
-milliseconds per update in each hub call and in total, and the total as a share of the loop's
-optimisation work. The demo's whole update also runs the environments (about as long again), so
+milliseconds (thread CPU) per update in each hub call and in total, and the total as a share of the
+loop's optimisation work in the same update (a pair inside one update: median and IQR over updates,
+the wall-clock share beside it); the levels take turns in a rotating order. The demo's whole update also runs the environments (about as long again), so
 the share of a real update is smaller: ``bench_overhead.py`` measures that end to end.
 
 ``calls``: each reducer call alone, on minibatches of n samples with two heads (joint and per-head
-log-probs, entropies, normalised advantages, losses) next to a clipped-PPO-loss forward and backward
-on the same minibatch, and the per-update ``pending`` + ``transfer`` + ``build`` after 16 of them;
-then the once-per-update rollout reducers (values, returns, advantages, percentiles) by rollout size.
+log-probs, entropies, normalised advantages, losses), paired with a clipped-PPO-loss forward and
+backward on the same minibatch, and the per-update ``pending`` + ``transfer`` + ``build`` after 16 of
+them; then the once-per-update rollout reducers (values, returns, advantages, percentiles) by rollout
+size, paired with a sort of the same rollout.
 
-    python benchmarks/bench_reducers.py              # about a minute on a 2-core CPU
-    python benchmarks/bench_reducers.py --quick      # a few seconds
-    python benchmarks/bench_reducers.py --cpu-time   # thread CPU time: steadier on a loaded machine
+    python benchmarks/bench_reducers.py              # a few minutes on a 2-core CPU
+    python benchmarks/bench_reducers.py --quick      # under a minute
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from _timing import interleaved
+from _timing import PairStats, describe, paired, quartiles
 from torch import nn, optim
 
 from telemetry_core.config import TelemetryConfig, TelemetryLevel
@@ -98,7 +100,6 @@ class Trainer:
     agent: RecurrentAgent
     batch: Batch
     hub: TelemetryHub | None
-    clock: Callable[[], float]
     optimizer: optim.Optimizer = field(init=False)
     step: int = 0
 
@@ -106,15 +107,20 @@ class Trainer:
         self.optimizer = optim.Adam(self.agent.parameters(), lr=1e-4, eps=1e-5)
 
     def call(self, times: dict[str, float], name: str, *args: object, **kwargs: object) -> object:
-        start = self.clock()
+        start, wall = time.thread_time(), time.perf_counter()
         result = getattr(self.hub, name)(*args, **kwargs)
-        times[name] += self.clock() - start
+        times[name] += time.thread_time() - start
+        times["wall:hub"] += time.perf_counter() - wall
         return result
 
+    def clock(self) -> float:
+        return time.thread_time()
+
     def update(self) -> dict[str, float]:
-        """One update; returns seconds per hub call and ``loop`` (the optimisation work itself)."""
+        """One update; returns thread CPU seconds per hub call and ``loop`` (the optimisation work
+        itself), and wall seconds in the hub and in the loop (``wall:hub``, ``wall:loop``)."""
         cfg, agent, data, hub = self.cfg, self.agent, self.batch, self.hub
-        times = dict.fromkeys((*HUB_CALLS, "loop"), 0.0)
+        times = dict.fromkeys((*HUB_CALLS, "loop", "wall:hub", "wall:loop"), 0.0)
         heads = list(agent.head_sizes)
         t, b = cfg.num_steps, cfg.num_envs
         if hub is not None:
@@ -133,7 +139,7 @@ class Trainer:
             for start in range(0, b, envs_per_batch):
                 mb_envs = torch.arange(start, start + envs_per_batch)
                 mb = flat[:, mb_envs].reshape(-1)
-                begin = self.clock()
+                begin, wall = self.clock(), time.perf_counter()
                 state = (data.state[0][:, mb_envs], data.state[1][:, mb_envs])
                 unroll = agent.unroll(data.obs[mb], state, data.dones[mb])
                 out = agent.policy(unroll.hidden, actions=data.actions[mb])
@@ -145,17 +151,20 @@ class Trainer:
                 v_loss = 0.5 * ((out.value - data.returns[mb]) ** 2).mean()
                 loss = pg_loss - 0.01 * out.entropy.mean() + 0.5 * v_loss
                 times["loop"] += self.clock() - begin
+                times["wall:loop"] += time.perf_counter() - wall
                 if hub is not None:  # before backward: DEBUG differentiates the terms separately
                     self.call(times, "observe_loss_terms", policy_loss=pg_loss, value_loss=v_loss)
-                begin = self.clock()
+                begin, wall = self.clock(), time.perf_counter()
                 self.optimizer.zero_grad()
                 loss.backward()
                 times["loop"] += self.clock() - begin
+                times["wall:loop"] += time.perf_counter() - wall
                 if hub is not None:
                     self.call(times, "observe_gradients", loss)
-                begin = self.clock()
+                begin, wall = self.clock(), time.perf_counter()
                 nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
                 times["loop"] += self.clock() - begin
+                times["wall:loop"] += time.perf_counter() - wall
                 if hub is not None:
                     self.call(
                         times,
@@ -173,9 +182,10 @@ class Trainer:
                         policy_loss=pg_loss.detach(),
                         value_loss=v_loss.detach(),
                     )
-                begin = self.clock()
+                begin, wall = self.clock(), time.perf_counter()
                 self.optimizer.step()
                 times["loop"] += self.clock() - begin
+                times["wall:loop"] += time.perf_counter() - wall
         if hub is not None:
             self.step += 1
             self.call(
@@ -189,7 +199,7 @@ class Trainer:
         return times
 
 
-def hub_table(rounds: int, warmup: int, clock: Callable[[], float]) -> None:
+def hub_table(rounds: int, warmup: int) -> None:
     cfg = DemoConfig(seed=1)
     obs_dim = make_agent(cfg).encoder[0].in_features
     trainers: dict[str, Trainer] = {}
@@ -197,7 +207,7 @@ def hub_table(rounds: int, warmup: int, clock: Callable[[], float]) -> None:
         agent = make_agent(cfg)
         config = TelemetryConfig(level=L[name], auto_escalate=False)
         hub = make_hub(agent, cfg, bind=None, config=config, run_name=f"bench-{name}")
-        trainers[name] = Trainer(cfg, agent, make_batch(agent, cfg, obs_dim), hub, clock)
+        trainers[name] = Trainer(cfg, agent, make_batch(agent, cfg, obs_dim), hub)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in LEVELS}
     try:
         for r in range(warmup + rounds):
@@ -213,17 +223,23 @@ def hub_table(rounds: int, warmup: int, clock: Callable[[], float]) -> None:
     minibatches = cfg.update_epochs * cfg.num_minibatches
     print(
         f"\nhub: one demo update ({cfg.num_envs} envs x {cfg.num_steps} steps, {cfg.update_epochs} epochs x "
-        f"{cfg.num_minibatches} minibatches = {minibatches} backwards), ms per update, median of {rounds}"
+        f"{cfg.num_minibatches} minibatches = {minibatches} backwards), thread CPU ms per update, median of "
+        f"{rounds}; hub/loop: per-update ratio of the hub's calls to the loop's own work, median (IQR), wall"
     )
-    cols = ("rollout", "loss_terms", "gradients", "minibatch", "end_update", "hub total", "loop", "hub/loop")
-    print(f"{'level':8s}" + "".join(f"{c:>11s}" for c in cols))
+    cols = ("rollout", "loss_terms", "gradients", "minibatch", "end_update", "hub total", "loop")
+    print(f"{'level':8s}" + "".join(f"{c:>11s}" for c in cols) + f"{'hub/loop (IQR)':>24s}{'wall':>8s}")
     for name in LEVELS:
         rows = samples[name]
         med = {k: statistics.median(row[k] for row in rows) * 1e3 for k in (*HUB_CALLS, "loop")}
         total = statistics.median(sum(row[k] for k in HUB_CALLS) for row in rows) * 1e3
-        share = statistics.median(sum(row[k] for k in HUB_CALLS) / row["loop"] for row in rows)
+        q1, share, q3 = quartiles([sum(row[k] for k in HUB_CALLS) / row["loop"] for row in rows])
+        wall = statistics.median(row["wall:hub"] / row["wall:loop"] for row in rows)
         values = [med[k] for k in HUB_CALLS] + [total, med["loop"]]
-        print(f"{name:8s}" + "".join(f"{v:11.2f}" for v in values) + f"{share * 100:10.1f}%")
+        print(
+            f"{name:8s}"
+            + "".join(f"{v:11.2f}" for v in values)
+            + f"{share * 100:9.1f}% ({q1 * 100:.1f}-{q3 * 100:.1f}%){wall * 100:7.1f}%"
+        )
     print(
         "  per call at NORMAL: "
         + ", ".join(
@@ -238,10 +254,9 @@ def hub_table(rounds: int, warmup: int, clock: Callable[[], float]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-
-
-def minibatch_row(n: int, reps: int, clock: Callable[[], float]) -> dict[str, float]:
-    """Seconds per call for one minibatch size, and per update for the update end."""
+def minibatch_row(n: int, pairs: int) -> dict[str, object]:
+    """Paired stats per call for one minibatch size against the loop's loss, and thread CPU seconds
+    (and wall) per update for the update end."""
     heads = {"direction": 2, "force": 3}
     gen = torch.Generator().manual_seed(n)
     hn = {h: -torch.rand(n, generator=gen) * 2 for h in heads}
@@ -284,44 +299,50 @@ def minibatch_row(n: int, reps: int, clock: Callable[[], float]) -> dict[str, fl
 
         return go
 
-    def update_end() -> float:
-        """Seconds of pending + transfer + build after 4 epochs x 4 minibatches."""
+    def update_end() -> tuple[float, float]:
+        """Thread CPU and wall seconds of pending + transfer + build after 4 epochs x 4 minibatches."""
         for r in reducers:
             r.reset()
         for epoch in range(4):
             for _ in range(4):
                 observe_all(epoch)
-        start = clock()
+        start, wall = time.thread_time(), time.perf_counter()
         host = transfer(
             {**policy.pending(L.NORMAL), **advantage.pending(L.NORMAL), **value.pending(L.NORMAL)}
         )
         for r in reducers:
             r.build(host, L.NORMAL)
-        return clock() - start
+        return time.thread_time() - start, time.perf_counter() - wall
 
-    times = interleaved(
-        {"policy": reset_then(observe), "all": reset_then(observe_all), "ppo": ppo}, reps, clock
+    out: dict[str, object] = dict(
+        paired({"ppo": ppo, "policy": reset_then(observe), "all": reset_then(observe_all)}, "ppo", pairs)
     )
-    times["end"] = statistics.median(update_end() for _ in range(max(3, reps // 10)))
-    return times
+    ends = [update_end() for _ in range(max(5, pairs // 5))]
+    out["end"] = (statistics.median(c for c, _ in ends), statistics.median(w for _, w in ends))
+    return out
 
 
-def minibatch_table(sizes: list[int], reps: int, clock: Callable[[], float]) -> None:
+def minibatch_table(sizes: list[int], pairs: int) -> None:
     print(
-        f"\ncalls: a minibatch of n samples, 2 heads, us per call (median of {reps}); update end after 4 x 4"
+        f"\ncalls: a minibatch of n samples, 2 heads; per call thread CPU us and the paired ratio to the "
+        f"loop's PPO loss forward + backward on it ({pairs} pairs): median (IQR), wall; update end "
+        "(pending + transfer + build after 4 x 4): thread CPU ms, wall ms"
     )
     print(
-        f"{'n':>6s} {'policy':>8s} {'+adv+vloss':>11s} {'ppo fwd+bwd':>12s} {'ratio':>7s} {'update end':>11s}"
+        f"{'n':>6s} {'policy':>8s} {'+adv+vloss':>11s} {'ppo fwd+bwd':>12s} {'ratio (IQR)':>20s} {'wall':>6s} {'update end':>11s} {'wall':>8s}"
     )
     for n in sizes:
-        t = minibatch_row(n, reps, clock)
+        t = minibatch_row(n, pairs)
+        pol, full, end = t["policy"], t["all"], t["end"]
+        assert isinstance(pol, PairStats) and isinstance(full, PairStats) and isinstance(end, tuple)
+        q1, med, q3 = full.ratio
         print(
-            f"{n:6d} {t['policy'] * 1e6:8.0f} {t['all'] * 1e6:11.0f} {t['ppo'] * 1e6:12.0f} "
-            f"{t['all'] / t['ppo']:6.2f}x {t['end'] * 1e3:9.2f}ms"
+            f"{n:6d} {pol.seconds * 1e6:8.0f} {full.seconds * 1e6:11.0f} {full.base_seconds * 1e6:12.0f} "
+            f"{med:8.2f}x ({q1:.2f}-{q3:.2f}) {full.wall_ratio[1]:5.2f}x {end[0] * 1e3:9.2f}ms {end[1] * 1e3:6.2f}ms"
         )
 
 
-def rollout_row(n: int, reps: int, clock: Callable[[], float]) -> dict[str, float]:
+def rollout_row(n: int, pairs: int) -> dict[str, PairStats]:
     gen = torch.Generator().manual_seed(n)
     values, returns, advantages = (torch.randn(n, generator=gen) for _ in range(3))
     value, advantage = ValueReducer(), AdvantageReducer()
@@ -336,42 +357,45 @@ def rollout_row(n: int, reps: int, clock: Callable[[], float]) -> dict[str, floa
         advantage.observe_rollout(advantages, returns)
         advantage.build(transfer(advantage.pending(L.NORMAL)), L.NORMAL)
 
-    return interleaved({"value": run_value, "adv": run_adv, "sort": lambda: torch.sort(returns)}, reps, clock)
+    return paired({"sort": lambda: torch.sort(returns), "value": run_value, "adv": run_adv}, "sort", pairs)
 
 
-def rollout_table(sizes: list[int], reps: int, clock: Callable[[], float]) -> None:
+def rollout_table(sizes: list[int], pairs: int) -> None:
     print(
-        f"\ncalls: a rollout of n samples, ms for observe_rollout + pending + transfer + build (median of {reps})"
+        f"\ncalls: a rollout of n samples, observe_rollout + pending + transfer + build: thread CPU ms and "
+        f"the paired ratio to a sort of the same rollout ({pairs} pairs): median (IQR), wall"
     )
-    print(f"{'n':>9s} {'value':>8s} {'advantage':>10s} {'sort (ref)':>11s}")
+    print(
+        f"{'n':>9s} {'value':>8s} {'ratio (IQR)':>20s} {'wall':>6s} {'advantage':>10s} {'ratio (IQR)':>20s} {'wall':>6s} {'sort':>8s}"
+    )
     for n in sizes:
-        t = rollout_row(n, reps, clock)
-        print(f"{n:9d} {t['value'] * 1e3:8.2f} {t['adv'] * 1e3:10.2f} {t['sort'] * 1e3:11.2f}")
+        t = rollout_row(n, pairs)
+        cells = []
+        for key in ("value", "adv"):
+            q1, med, q3 = t[key].ratio
+            cells.append(
+                f"{t[key].seconds * 1e3:8.2f} {med:8.2f}x ({q1:.2f}-{q3:.2f}) {t[key].wall_ratio[1]:5.2f}x"
+            )
+        print(f"{n:9d} " + " ".join(cells) + f" {t['value'].base_seconds * 1e3:8.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few sizes and repeats (seconds)")
+    parser.add_argument("--quick", action="store_true", help="few sizes and pairs")
     parser.add_argument("--table", choices=("hub", "calls", "all"), default="all")
     parser.add_argument(
         "--rounds", type=int, default=None, help="hub: updates per level (default 20, quick 4)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the demo uses 1)")
-    parser.add_argument("--cpu-time", action="store_true", help="time with the thread's CPU time")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    clock = time.thread_time if args.cpu_time else time.perf_counter
-    print(
-        f"bench_reducers — {time.strftime('%Y-%m-%d %H:%M')} — {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {args.threads} thread(s), {'thread CPU time' if args.cpu_time else 'wall clock'}"
-    )
+    torch.set_num_threads(1)
+    print(describe())
     if args.table in ("hub", "all"):
         rounds = args.rounds or (4 if args.quick else 20)
-        hub_table(rounds, 1 if args.quick else 3, clock)
+        hub_table(rounds, 1 if args.quick else 3)
     if args.table in ("calls", "all"):
-        reps = 15 if args.quick else 101
-        minibatch_table([256, 1024] if args.quick else [64, 256, 1024, 4096], reps, clock)
-        rollout_table([1024, 65536] if args.quick else [1024, 65536, 1 << 20], max(5, reps // 10), clock)
+        pairs = 15 if args.quick else 61
+        minibatch_table([256, 1024] if args.quick else [64, 256, 1024, 4096], pairs)
+        rollout_table([1024, 65536] if args.quick else [1024, 65536, 1 << 20], max(5, pairs // 6))
 
 
 if __name__ == "__main__":

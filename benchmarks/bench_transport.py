@@ -26,7 +26,6 @@ import argparse
 import math
 import multiprocessing as mp
 import os
-import platform
 import random
 import statistics
 import sys
@@ -505,7 +504,8 @@ def bench_hub_publish(updates: int, spin: int) -> dict[str, object]:
     take turns update by update, in adjacent pairs whose order alternates, so machine load hits
     both alike. Per update: ``spin`` iterations of pure Python (timed: what the publisher thread's
     share of the GIL costs the training thread between calls), one backward, ``observe_gradients``
-    and ``end_update`` (whose publish step, ``hub._publish``, is timed: wall and thread CPU).
+    and ``end_update`` (whose publish step, ``hub._publish``, is timed: wall and thread CPU). The
+    publisher thread's own CPU time (it encodes the snapshots now) is read from its thread clock.
     """
     import torch
 
@@ -530,18 +530,20 @@ def bench_hub_publish(updates: int, spin: int) -> dict[str, object]:
             out["wall"].append(time.perf_counter() - w)
 
         hub._publish = timed  # type: ignore[method-assign]
-    call: dict[str, list[float]] = {"wall": [], "cpu": []}  # Publisher.publish_snapshot alone
+    call: dict[str, list[float]] = {"wall": [], "cpu": []}  # Publisher.hand_off_snapshot alone
     pub_obj = hubs["stream on"].publisher
-    inner_call = pub_obj.publish_snapshot
+    assert pub_obj is not None and pub_obj._thread is not None
+    inner_call = pub_obj.hand_off_snapshot
 
-    def timed_call(snapshot):  # type: ignore[no-untyped-def]
+    def timed_call(snapshot, on_frame=None):  # type: ignore[no-untyped-def]
         w, c = time.perf_counter(), time.thread_time()
-        out = inner_call(snapshot)
+        out = inner_call(snapshot, on_frame)
         call["cpu"].append(time.thread_time() - c)
         call["wall"].append(time.perf_counter() - w)
         return out
 
-    pub_obj.publish_snapshot = timed_call  # type: ignore[method-assign]
+    pub_obj.hand_off_snapshot = timed_call  # type: ignore[method-assign]
+    sender_clock = time.pthread_getcpuclockid(pub_obj._thread.ident)  # type: ignore[arg-type]
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     _parent, child = ctx.Pipe()
@@ -551,6 +553,7 @@ def bench_hub_publish(updates: int, spin: int) -> dict[str, object]:
     ready.wait(60)
     x = torch.randn(256, 64)
     labels = list(hubs)
+    sender_start = time.clock_gettime(sender_clock)
     for step in range(updates):
         order = labels if step % 2 == 0 else labels[::-1]
         for label in order:
@@ -564,7 +567,9 @@ def bench_hub_publish(updates: int, spin: int) -> dict[str, object]:
             loss.backward()
             hub.observe_gradients(loss)
             hub.end_update(step)
-    subscriber_saw = hubs["stream on"].publisher.counters.published
+    time.sleep(0.1)  # the last hand-off is sent
+    sender_cpu = time.clock_gettime(sender_clock) - sender_start
+    subscriber_saw = pub_obj.counters.published
     for hub in hubs.values():
         hub.close()
     proc.terminate()
@@ -574,8 +579,9 @@ def bench_hub_publish(updates: int, spin: int) -> dict[str, object]:
         kind: [a / b for a, b in zip(work["stream on"][kind], work["bind=None"][kind])]
         for kind in ("wall", "cpu")
     }
-    publish["stream on: Publisher.publish_snapshot"] = call
+    publish["stream on: Publisher.hand_off_snapshot"] = call
     return {
+        "sender_cpu_per_update": sender_cpu / updates,
         "publish": publish,
         "work": work,
         "ratios": ratios,
@@ -586,12 +592,14 @@ def bench_hub_publish(updates: int, spin: int) -> dict[str, object]:
 
 
 def report_hub_publish(updates: int, spin: int) -> None:
+    from _timing import describe
+
     res = bench_hub_publish(updates, spin)
+    print(describe())
     print(
-        "method: wall (perf_counter) and thread CPU (thread_time) of hub._publish on the training thread; "
-        f"{updates} updates per hub, adjacent pairs in alternating order; torch.set_num_threads(1); "
-        f"{spin:,} iterations of pure Python between updates; machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+        "measured: wall (perf_counter) and thread CPU (thread_time) of hub._publish on the training thread; "
+        f"{updates} updates per hub (stream on with a CURVE subscriber process / bind=None), adjacent "
+        f"pairs in alternating order; {spin:,} iterations of pure Python between updates"
     )
     for label, times in res["publish"].items():  # type: ignore[union-attr]
         print(
@@ -606,6 +614,10 @@ def report_hub_publish(updates: int, spin: int) -> None:
             f" (IQR {lo:.3f}-{hi:.3f})"
         )
     print(f"snapshots published to the subscriber: {res['published']}")
+    print(
+        "publisher thread CPU per update (encode, send, heartbeats, polling; off the training thread): "
+        f"{res['sender_cpu_per_update'] * 1e6:.1f} µs"
+    )
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tui.py            # everything (about a minute)
     python benchmarks/bench_tui.py --quick    # smaller counts
+    python benchmarks/bench_tui.py --sweep-only   # only the sweep: 16 trainers at 10 updates/s
 
 Everything is the real path: frames are encoded by telemetry_core.protocol exactly as the trainer
 publishes them; latency and cold start go through a real Publisher and real loopback sockets; the
@@ -281,12 +282,163 @@ def bench_cold_start(repeats: int) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. a sweep: 16 trainers at 10 updates/s each -> the sweep table's CPU and RSS
+# ---------------------------------------------------------------------------------------------
+
+
+def _sweep_publishers(n: int, rate: float, seconds: float, runtime: str, q: mp.Queue) -> None:  # type: ignore[type-arg]
+    """``n`` real Publishers in this process (each its own sockets, thread and connection file),
+    publishing valid snapshots of a recorded PPO run round-robin at ``rate`` updates/s each."""
+    os.environ["SIMIC_RUNTIME_DIR"] = runtime
+    from telemetry_core.transport import Publisher
+
+    run = Run()
+    snaps = [run.snapshot(k, k + 1) for k in range(120)]
+    pubs = [Publisher("tcp://127.0.0.1:0", run_name=f"sweep-{os.getpid()}-{i}").start() for i in range(n)]
+    q.put([p.endpoints.pub.replace("tcp://", "") for p in pubs])  # type: ignore[union-attr]
+    time.sleep(2.0)  # let the dashboard connect
+    start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        due = start + i / rate
+        while (now := time.perf_counter()) < due:
+            time.sleep(min(due - now, 0.005))
+        for p in pubs:
+            snap = snaps[i % len(snaps)]
+            snap.step = i
+            snap.wall_time = time.time()
+            p.publish_snapshot(snap)
+            p.poll_commands()
+    for p in pubs:
+        p.close()
+
+
+SWEEP_PROBE = textwrap.dedent(
+    """
+    import asyncio, json, os, sys, time
+    sys.path[:0] = [{root!r}]
+    from simic_tui.screens.sweep import SweepApp
+    from simic_tui.sweep import make_run
+    from simic_tui.target import resolve_target
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+
+    addresses = sys.argv[1].split(",")
+    warmup, window, windows = float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+
+    async def main():
+        app = SweepApp([make_run(resolve_target(a), a) for a in addresses])
+        out = {{"rss_start_mb": status("VmRSS"), "windows": {{}}}}
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.pause(warmup)
+            def received():
+                return sum(r.store.counters.snapshots for r in app.runs)
+            for view in ("table", "dashboard"):
+                if view == "dashboard":
+                    await pilot.press("enter")
+                    await pilot.pause(1.0)
+                rows = []
+                for _ in range(windows):
+                    c0, w0, n0 = time.process_time(), time.perf_counter(), received()
+                    await pilot.pause(window)
+                    c1, w1, n1 = time.process_time(), time.perf_counter(), received()
+                    rows.append([(c1 - c0) / (w1 - w0), (n1 - n0) / (w1 - w0)])
+                out["windows"][view] = rows
+            out["rss_mb"] = status("VmRSS")
+            out["rss_peak_mb"] = status("VmHWM")
+            out["live"] = sum(1 for r in app.runs if r.client.status.state.value == "live")
+            out["rows_per_run"] = max(r.store.size for r in app.runs)
+        print(json.dumps(out))
+
+    asyncio.run(main())
+    """
+)
+
+
+def bench_sweep(trainers: int, rate: float, warmup: float, window: float, windows: int) -> dict:
+    """The real SweepApp (headless, 160x48) attached to ``trainers`` real publishers over loopback.
+
+    CPU is the dashboard process's CPU time (every thread: Textual, the clients, libzmq's I/O)
+    over wall time, per window; publishers run in other processes and are not counted.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runtime = Path(tmp) / "runtime"
+        runtime.mkdir(mode=0o700)
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs_n = 4
+        seconds = warmup + 2 * windows * window + 20
+        procs = [
+            ctx.Process(
+                target=_sweep_publishers,
+                args=(trainers // procs_n, rate, seconds, str(runtime), q),
+                daemon=True,
+            )
+            for _ in range(procs_n)
+        ]
+        for p in procs:
+            p.start()
+        addresses = [a for _ in procs for a in q.get(timeout=120)]
+        code = SWEEP_PROBE.format(root=str(ROOT))
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", code, ",".join(addresses), str(warmup), str(window), str(windows)],
+                capture_output=True,
+                text=True,
+                timeout=seconds + 120,
+                env={**os.environ, "SIMIC_RUNTIME_DIR": str(runtime)},
+            )
+        finally:
+            for p in procs:
+                p.terminate()
+                p.join(10)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report_sweep(res: dict, trainers: int, rate: float) -> None:
+    print(
+        f"\n6. a sweep: {trainers} real publishers at {rate:g} updates/s each -> SweepApp (headless, 160x48)"
+    )
+    print(
+        "   method: the dashboard process's CPU time (all its threads) over wall time, per window; "
+        "publishers in other processes"
+    )
+    for view, rows in res["windows"].items():
+        cpu = [r[0] * 100 for r in rows]
+        rx = [r[1] for r in rows]
+        q1, med, q3 = statistics.quantiles(cpu, n=4) if len(cpu) > 1 else [cpu[0]] * 3
+        what = "the sweep table" if view == "table" else "drilled into one run's dashboard"
+        print(
+            f"   {what:34s}: CPU median {med:.1f}% of one core (IQR {q1:.1f}-{q3:.1f}%, {len(cpu)} windows), "
+            f"received {statistics.median(rx):.0f} snapshots/s of {trainers * rate:.0f}"
+            + ("   target < 25%" if view == "table" else "")
+        )
+    print(
+        f"   RSS {res['rss_start_mb']:.0f} MB at start, {res['rss_mb']:.0f} MB at the end, peak "
+        f"{res['rss_peak_mb']:.0f} MB   target < 300 MB; {res['live']}/{trainers} links live; "
+        f"{res['rows_per_run']} rows of history per run (capped at 2,000)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="only section 6 (16 trainers)")
     args = parser.parse_args()
     quick = args.quick
     print(f"simic-tui dashboard benchmark ({os.cpu_count()} CPUs visible, load {os.getloadavg()[0]:.1f})")
+    if args.sweep_only:
+        res = bench_sweep(16, 10.0, warmup=5.0, window=5.0, windows=3 if quick else 5)
+        report_sweep(res, 16, 10.0)
+        return
 
     ing = bench_ingest(5_000 if quick else 30_000)
     print("\n1. ingest into the store (decode envelope + body, flatten, ring write), sustained")
@@ -330,6 +482,9 @@ def main() -> None:
         f"   median {cold['median_s']:.2f} s (min {cold['min_s']:.2f}, max {cold['max_s']:.2f}, {cold['runs']} runs)"
         "   target <= 1 s"
     )
+
+    res = bench_sweep(16, 10.0, warmup=5.0, window=5.0, windows=3 if quick else 5)
+    report_sweep(res, 16, 10.0)
 
 
 if __name__ == "__main__":

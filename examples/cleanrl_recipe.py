@@ -263,7 +263,8 @@ def main(args: Args | None = None) -> list[dict[str, Any]]:
                     hub.early_stop(kl=approx_kl)  # simic: at the epoch the hub counted
                     break
 
-            snapshot = hub.end_update(iteration)  # simic: one host transfer, detection, publish
+            # simic: one host transfer, detection, publish; timesteps: CleanRL's TensorBoard x-axis
+            snapshot = hub.end_update(iteration, timesteps=global_step)  # simic
 
             y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
             var_y = np.var(y_true)

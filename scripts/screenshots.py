@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TZ"] = "UTC"
     time.tzset()
     os.environ.pop("NO_COLOR", None)
+    # the palette follows the terminal's depth (simic_tui.palette): draw for a 256-colour terminal
+    os.environ["TERM"] = "xterm-256color"
+    os.environ.pop("COLORTERM", None)
     OUT.mkdir(exist_ok=True)
     if args.only:
         w, h = (int(x) for x in (args.size or "120x40").split("x"))

@@ -29,6 +29,7 @@ from simic_tui.keys import (
     REPLAY_BINDINGS,
     REPLAY_ONLY,
 )
+from simic_tui.palette import role_variables
 from simic_tui.replay import ReplaySource
 from simic_tui.screens.anomaly_log import AnomalyLogScreen, IncidentDetailScreen
 from simic_tui.screens.dashboard import DashboardScreen
@@ -106,6 +107,7 @@ class SimicApp(App[None]):
             )
         self.display_paused = False
         self._paused_at_count = 0
+        self._paused_step: int | None = None
         self._last_tick = clock()
         self._pending_incidents: list[IncidentEvent] = []
         self._last_incident_toast = -1e18
@@ -115,6 +117,14 @@ class SimicApp(App[None]):
     @property
     def status(self) -> LinkStatus:
         return self.client.status if self.client is not None else self._status
+
+    def get_css_variables(self) -> dict[str, str]:
+        """The theme's variables plus the colour roles (simic_tui.palette) for this terminal's depth."""
+        variables = super().get_css_variables()
+        console = getattr(self, "console", None)
+        variables.update(role_variables(console.color_system if console is not None else None, variables))
+        self.theme_variables = variables
+        return variables
 
     def get_default_screen(self) -> Screen:
         return self.dashboard
@@ -177,6 +187,7 @@ class SimicApp(App[None]):
             profile=self.client.profile_note if self.client is not None else "",
             paused=self.display_paused,
             paused_behind=self.store.count - self._paused_at_count if self.display_paused else 0,
+            paused_step=self._paused_step,
             replay=replay,
             commands_note=self.client.status.commands_note if self.client is not None else "",
         )
@@ -292,6 +303,8 @@ class SimicApp(App[None]):
     def toggle_pause(self) -> None:
         self.display_paused = not self.display_paused
         self._paused_at_count = self.store.count
+        # the step the frozen panels were last drawn from
+        self._paused_step = self.dashboard.drawn_step if self.display_paused else None
         self.tick()
 
     def acknowledge_all(self) -> None:

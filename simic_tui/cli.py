@@ -28,8 +28,11 @@ examples:
   simic-tui demo                                  train the demo PPO and watch it
   simic-tui attach 127.0.0.1:5555                 attach to a local trainer
   simic-tui attach gpu-box:5555 --connection-file run.json
+  simic-tui attach 127.0.0.1:5555 127.0.0.1:5557  watch a sweep, one row per trainer
+  simic-tui attach --scan                         every local trainer, new ones join
   simic-tui replay runs/demo.simrec               replay a recording
   simic-tui export runs/demo.simrec --format jsonl > demo.jsonl
+  simic-tui compare a.simrec b.simrec             compare recordings side by side
 """
 
 
@@ -59,9 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
         "pass it with --connection-file. The file holds the keys of the encrypted link (CURVE): "
         "without it a trainer refuses the dashboard, unless it was started with curve=False.",
     )
-    attach.add_argument("address", metavar="HOST:PORT", help="the trainer's PUB address, e.g. 127.0.0.1:5555")
+    attach.add_argument(
+        "address",
+        metavar="HOST:PORT",
+        nargs="*",
+        help="the trainer's PUB address, e.g. 127.0.0.1:5555; several open the sweep table",
+    )
+    attach.add_argument(
+        "--scan",
+        action="store_true",
+        help="a sweep table of every trainer whose connection file is in the runtime directory; "
+        "trainers that start later join it",
+    )
     attach.add_argument(
         "--connection-file", metavar="FILE", help="the trainer's connection file (JSON, mode 0600)"
+    )
+    attach.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="a known-good recording: the live statistics over its band (b), a banner when they leave it",
     )
     attach.add_argument(
         "--allow-plaintext-commands",
@@ -81,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--play", action="store_true", help="start playing from --at (or the start)")
     replay.add_argument("--speed", type=float, default=10.0, help="playback speed, x the recorded pace (10)")
 
+    from simic_tui.compare import MAX_RUNS
+
+    compare = sub.add_parser(
+        "compare",
+        help="compare recordings side by side",
+        description=f"Compare up to {MAX_RUNS} recordings: their health statistics aligned by update (or "
+        "environment steps), a summary per run and the incidents only some runs had. Runs are compared "
+        "on the statistics they share; the screen names what was left out.",
+    )
+    compare.add_argument("files", metavar="FILE", nargs="+")
+
     export = sub.add_parser(
         "export",
         help="export a recording",
@@ -93,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
     export.add_argument(
         "--tensorboard", metavar="DIR", help="write TensorBoard scalars and histograms to DIR instead"
+    )
+    export.add_argument(
+        "--x",
+        choices=["update", "timesteps"],
+        default="update",
+        help="TensorBoard x-axis: the update step (default) or the environment timesteps the training "
+        "loop's own logger uses (SB3's, CleanRL's global_step), to overlay its curves",
     )
 
     demo = sub.add_parser(
@@ -125,15 +162,75 @@ def build_parser() -> argparse.ArgumentParser:
 def _attach(args: argparse.Namespace) -> int:
     from simic_tui.target import TargetError, resolve_target
 
+    if args.scan or len(args.address) > 1:
+        if args.baseline:
+            raise CliError("--baseline goes with one trainer (HOST:PORT), not a sweep", EXIT_USAGE)
+        return _sweep(args)
+    if not args.address:
+        raise CliError("attach needs HOST:PORT (or --scan for every local trainer)", EXIT_USAGE)
     try:
-        target = resolve_target(args.address, args.connection_file)
+        target = resolve_target(args.address[0], args.connection_file)
     except TargetError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     except PermissionError as exc:  # a runtime directory another user created or opened up
         raise CliError(str(exc)) from None
     if args.allow_plaintext_commands:
         target = replace(target, allow_plaintext=True)
+    if args.baseline:
+        return _run_baseline(target, args.baseline)
     return _run_live(target)
+
+
+def _run_baseline(target, path: str) -> int:  # type: ignore[no-untyped-def]
+    from simic_tui.baseline import load_baseline
+    from simic_tui.client import TelemetryClient
+    from simic_tui.replay import ReplayError
+    from simic_tui.screens.baseline import BaselineApp
+    from simic_tui.store import TelemetryStore
+
+    try:
+        baseline = load_baseline(path)
+    except ReplayError as exc:
+        raise CliError(f"--baseline: {exc}") from None
+    if baseline.trace.notice:
+        print(f"simic-tui: {baseline.trace.notice}", file=sys.stderr)
+    store = TelemetryStore()
+    app = BaselineApp(store, client=TelemetryClient(target, store), baseline=baseline)
+    app.run()
+    return _exit_code(app)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from simic_tui.screens.sweep import SweepApp
+    from simic_tui.sweep import make_run
+    from simic_tui.target import TargetError, resolve_target
+
+    if args.connection_file:
+        raise CliError("--connection-file names one trainer's file: attach to that one trainer", EXIT_USAGE)
+    from simic_tui.sweep import MAX_SWEEP_RUNS
+
+    if len(args.address) > MAX_SWEEP_RUNS:
+        raise CliError(
+            f"a sweep shows at most {MAX_SWEEP_RUNS} trainers; {len(args.address)} were given", EXIT_USAGE
+        )
+    runs = []
+    seen = set()
+    for address in args.address:
+        try:
+            target = resolve_target(address)
+        except TargetError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        except PermissionError as exc:
+            raise CliError(str(exc)) from None
+        if args.allow_plaintext_commands:
+            target = replace(target, allow_plaintext=True)
+        if target.pub in seen:
+            continue
+        seen.add(target.pub)
+        runs.append(make_run(target, address))
+    app = SweepApp(runs, scan=args.scan)
+    app.run()
+    return _exit_code(app)
 
 
 def _exit_code(app) -> int:  # type: ignore[no-untyped-def]
@@ -182,12 +279,31 @@ def _replay(args: argparse.Namespace) -> int:
     return _exit_code(app)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from simic_tui.compare import build_comparison, load_runs
+    from simic_tui.replay import ReplayError
+    from simic_tui.screens.compare import CompareApp
+
+    try:
+        runs = load_runs(args.files)
+    except ReplayError as exc:
+        raise CliError(str(exc)) from None
+    for run in runs:
+        if run.notice:
+            print(f"simic-tui: {run.notice}", file=sys.stderr)
+    app = CompareApp(build_comparison(runs))
+    app.run()
+    return _exit_code(app)
+
+
 def _export(args: argparse.Namespace) -> int:
     from simic_tui.export import export_jsonl
     from simic_tui.replay import ReplayError
 
     if args.tensorboard:
         return _export_tensorboard(args)
+    if args.x != "update":
+        raise CliError("--x applies to --tensorboard exports", EXIT_USAGE)
     if args.format != "jsonl":
         raise CliError("export needs --format jsonl (or --tensorboard DIR)", EXIT_USAGE)
     try:
@@ -220,7 +336,7 @@ def _export_tensorboard(args: argparse.Namespace) -> int:
             f"TensorBoard export is not available here ({exc}); install it with pip install 'simic-tui[tensorboard]'"
         ) from None
     try:
-        written = export_recording(args.file, args.tensorboard)
+        written = export_recording(args.file, args.tensorboard, x=args.x)
     except (OSError, ValueError) as exc:
         raise CliError(str(exc)) from None
     print(
@@ -318,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"attach": _attach, "replay": _replay, "export": _export, "demo": _demo}
+    handlers = {"attach": _attach, "replay": _replay, "compare": _compare, "export": _export, "demo": _demo}
     started = time.monotonic()
     try:
         return handlers[args.command](args)

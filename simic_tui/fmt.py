@@ -12,9 +12,11 @@ import time
 import numpy as np
 
 __all__ = [
+    "EMPTY",
     "MISSING",
     "SPARK_BLOCKS",
     "chart",
+    "clip_words",
     "fmt_clock",
     "fmt_count",
     "fmt_limit",
@@ -26,6 +28,7 @@ __all__ = [
 
 MISSING = "—"
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+EMPTY = "·"  # an update with nothing to measure (no episode finished), distinct from NaN "×"
 
 
 def is_finite(value: float | int | None) -> bool:
@@ -86,12 +89,15 @@ def fmt_clock(wall_time: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(wall_time))
 
 
-def sparkline(values: np.ndarray, width: int, present: np.ndarray | None = None) -> str:
+def sparkline(
+    values: np.ndarray, width: int, present: np.ndarray | None = None, empty: np.ndarray | None = None
+) -> str:
     """The last ``width`` values as block characters, scaled to their own finite min/max.
 
     A NaN or infinite value prints as "×", so a NaN gradient is visible in the history rather than
     silently skipped (as W&B does); an update that did not carry the metric at all (``present``
-    False, e.g. a MINIMAL-level snapshot) prints as a blank.
+    False, e.g. a MINIMAL-level snapshot) prints as a blank; one with nothing to measure
+    (``empty`` True: no episode finished, so no mean return) prints as "·", never as a NaN.
     """
     if width <= 0:
         return ""
@@ -99,15 +105,18 @@ def sparkline(values: np.ndarray, width: int, present: np.ndarray | None = None)
     if vals.size == 0:
         return ""
     have = np.ones(vals.size, dtype=bool) if present is None else np.asarray(present, dtype=bool)[-width:]
-    finite = np.isfinite(vals) & have
+    none = _mask(empty, vals.size)
+    finite = np.isfinite(vals) & have & ~none
     lo = float(vals[finite].min()) if finite.any() else 0.0
     hi = float(vals[finite].max()) if finite.any() else 0.0
     span = hi - lo
     out = []
     top = len(SPARK_BLOCKS) - 1
-    for v, ok, here in zip(vals.tolist(), finite.tolist(), have.tolist()):
+    for v, ok, here, nothing in zip(vals.tolist(), finite.tolist(), have.tolist(), none.tolist()):
         if not here:
             out.append(" ")
+        elif nothing:
+            out.append(EMPTY)
         elif not ok:
             out.append("×")
         elif span <= 0:
@@ -115,6 +124,14 @@ def sparkline(values: np.ndarray, width: int, present: np.ndarray | None = None)
         else:
             out.append(SPARK_BLOCKS[round((v - lo) / span * top)])
     return "".join(out)
+
+
+def _mask(empty: np.ndarray | None, size: int) -> np.ndarray:
+    """``empty`` aligned to the last ``size`` values (all False when not given)."""
+    if empty is None or size == 0:
+        return np.zeros(size, dtype=bool)
+    tail = np.asarray(empty, dtype=bool)[-size:]
+    return np.concatenate([np.zeros(size - tail.size, dtype=bool), tail])
 
 
 def fmt_limit(value: float | None) -> str:
@@ -131,16 +148,19 @@ def chart(
     height: int,
     present: np.ndarray | None = None,
     marks: dict[float, str] | None = None,
+    empty: np.ndarray | None = None,
 ) -> tuple[list[str], float, float]:
     """A ``height``-row bar chart of the last ``width`` values, top row first.
 
     Returns the rows and the (low, high) range they span. ``marks`` draws a dotted line at each
     given level (a threshold) where no bar covers it, so the eye sees how close the series runs.
-    NaN/inf columns show "×" on the bottom row; unmeasured ones stay blank.
+    NaN/inf columns show "×" on the bottom row, updates with nothing to measure (``empty``) "·";
+    unmeasured ones stay blank.
     """
     vals = np.asarray(values, dtype=np.float64)[-width:] if width > 0 else np.zeros(0)
     have = np.ones(vals.size, dtype=bool) if present is None else np.asarray(present, dtype=bool)[-width:]
-    finite = np.isfinite(vals) & have
+    none = _mask(empty, vals.size)
+    finite = np.isfinite(vals) & have & ~none
     levels = [m for m in (marks or {}) if math.isfinite(m)]
     pool = np.concatenate([vals[finite], np.asarray(levels, dtype=np.float64)])
     lo = float(min(pool.min(), 0.0)) if pool.size else 0.0
@@ -149,8 +169,13 @@ def chart(
         hi = lo + 1.0
     steps = height * 8
     grid = [[" "] * vals.size for _ in range(height)]
-    for x, (v, ok, here) in enumerate(zip(vals.tolist(), finite.tolist(), have.tolist())):
+    for x, (v, ok, here, nothing) in enumerate(
+        zip(vals.tolist(), finite.tolist(), have.tolist(), none.tolist())
+    ):
         if not here:
+            continue
+        if nothing:
+            grid[height - 1][x] = EMPTY
             continue
         if not ok:
             grid[height - 1][x] = "×"
@@ -168,3 +193,17 @@ def chart(
             if grid[row][x] == " ":
                 grid[row][x] = "┈"
     return ["".join(r) for r in grid], lo, hi
+
+
+def clip_words(text: str, width: int) -> str:
+    """Prose in at most ``width`` cells, cut after a whole word and marked `` …``.
+
+    For messages a detail view shows whole: a number or a name is never left half-printed (a cut
+    inside ``0.902`` would read as a different number)."""
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return "…"[:width]
+    head = text[: width - 1]
+    cut = head.rsplit(" ", 1)[0].rstrip(",;:") if " " in head else ""
+    return f"{cut} …" if cut else "…"

@@ -14,6 +14,7 @@ __all__ = [
     "APP_BINDINGS",
     "DASHBOARD_BINDINGS",
     "DEBUG_BINDINGS",
+    "FOOTER_ORDER",
     "INCIDENT_LOG_BINDINGS",
     "LIVE_ONLY",
     "PALETTE_TITLES",
@@ -211,6 +212,13 @@ DEBUG_BINDINGS: list[Binding] = [
     Binding("escape", "app.pop_screen", "Back", id="debug_back", tooltip="Back to the dashboard"),
     Binding("s", "sort_next", "Sort", id="debug_sort", tooltip="Sort the layer table by the next column"),
     Binding("r", "sort_reverse", "Reverse", id="debug_reverse", tooltip="Reverse the layer table's order"),
+    Binding(
+        "tab",
+        "app.focus_next",
+        "Reports",
+        id="debug_reports",
+        tooltip="Between the layer table and the reports below it (PgUp/PgDn/Home/End then scroll them)",
+    ),
 ]
 
 # Actions that only make sense with a live trainer, or only in a replay (hidden otherwise).
@@ -248,3 +256,34 @@ PALETTE_TITLES: dict[str, str] = {
     "replay_faster": "Replay faster",
     "replay_slower": "Replay slower",
 }
+
+# Which footer entries stay when the footer is short of width, most important first (actions, without
+# their arguments); the help lists them all.
+FOOTER_ORDER: tuple[str, ...] = (
+    "help",
+    "pop_screen",
+    "dismiss",
+    "quit",
+    "anomalies",
+    "thresholds",
+    "debug",
+    "play_pause",
+    "step",
+    "panel",
+    "toggle_pause",
+    "detail",
+    "acknowledge",
+    "goto",
+    "incident",
+    "set_level",
+    "acknowledge_all",
+    "filter_severity",
+    "filter_kind",
+    "sort_next",
+    "sort_reverse",
+    "focus_next",
+    "ranks",
+    "profile",
+    "speed",
+    "command_palette",
+)

@@ -223,6 +223,7 @@ class TelemetryHub:
                     group=process_group,
                 )
                 self.run_info.world_size, self.run_info.rank = self._ranks.world_size, self._ranks.rank
+                self._grads.device_totals = True  # the aggregator reads rank_sums() before the transfer
                 self._level, self._reason = self._ranks.level_now() or (self._level, self._reason)
                 if not self._ranks.leads:
                     bind = None
@@ -511,6 +512,7 @@ class TelemetryHub:
         lstm_inputs: torch.Tensor | None = None,
         lstm_input_state: tuple[torch.Tensor, torch.Tensor] | None = None,
         lstm_resets: torch.Tensor | None = None,
+        timesteps: int | None = None,
     ) -> Snapshot | None:
         """Close update ``step``: one host transfer, detection, publish; apply queued commands.
 
@@ -522,11 +524,19 @@ class TelemetryHub:
         ``is_init``): the whole rollout is replayed as the loop ran it, no sequence cutting needed.
         Without ``lstm_inputs`` the snapshot says the gates were not fed.
 
-        Returns the published :class:`Snapshot` (``None`` at OFF, or if telemetry failed).
+        ``timesteps``: the environment steps the loop's own logger shows this update at (e.g.
+        CleanRL's ``global_step``), carried in the snapshot so an export can use the same x-axis.
+
+        Returns the published :class:`Snapshot` (``None`` at OFF, or if telemetry failed). Treat it
+        as read-only: the publisher thread encodes it after this returns.
         """
         if type(step) is not int:  # a numpy step is fine; a bad one is telemetry's error, not training's
             with self._guard("end_update"):
                 step = as_int("step", step)
+        if timesteps is not None:  # a bad one is left out of the snapshot, and counted as an error
+            given, timesteps = timesteps, None
+            with self._guard("end_update"):
+                timesteps = as_int("timesteps", given, minimum=0)
         now = time.perf_counter()
         update_seconds = now - self._last_end
         rollout_at, self._rollout_at = self._rollout_at, None
@@ -539,7 +549,14 @@ class TelemetryHub:
             if level > TelemetryLevel.OFF and os.getpid() == self._pid:
                 with self._guard("end_update"):
                     snapshot = self._collect(
-                        step, level, update_seconds, lstm_state, lstm_inputs, lstm_input_state, lstm_resets
+                        step,
+                        level,
+                        update_seconds,
+                        lstm_state,
+                        lstm_inputs,
+                        lstm_input_state,
+                        lstm_resets,
+                        timesteps,
                     )
         finally:
             if self._ranks is not None and os.getpid() == self._pid:
@@ -560,6 +577,7 @@ class TelemetryHub:
         lstm_inputs: torch.Tensor | None,
         lstm_input_state: tuple[torch.Tensor, torch.Tensor] | None,
         lstm_resets: torch.Tensor | None = None,
+        timesteps: int | None = None,
     ) -> Snapshot:
         if lstm_state is not None and level >= TelemetryLevel.NORMAL:
             h, c = lstm_state
@@ -596,6 +614,7 @@ class TelemetryHub:
         snapshot = Snapshot(
             step=step,
             wall_time=time.time(),
+            timesteps=timesteps,
             phase=phase_of(step, self.total_updates, self.thresholds).value,
             update_seconds=update_seconds,
             level=self._level_info(step),
@@ -630,20 +649,22 @@ class TelemetryHub:
     def _publish(self, snapshot: Snapshot) -> None:
         snapshot.counters = self._counters_now()
         if self.publisher is not None:
-            frame = self.publisher.publish_snapshot(snapshot)
-        else:
-            self._seq += 1
-            frame = protocol.encode_envelope(
-                "snapshot", snapshot, session=self.session, seq=self._seq, step=snapshot.step
-            )
-            self.counters.snapshots_published += 1
-        if self.recorder is not None and frame is not None:
+            # The publisher thread encodes it (and hands the frame to the recorder), so the
+            # training thread pays for the hand-off only; nothing here changes the snapshot after.
+            self.publisher.hand_off_snapshot(snapshot, self.recorder.put if self.recorder is not None else None)
+            return
+        self._seq += 1
+        frame = protocol.encode_envelope(
+            "snapshot", snapshot, session=self.session, seq=self._seq, step=snapshot.step
+        )
+        self.counters.snapshots_published += 1
+        if self.recorder is not None:
             self.recorder.put(frame)
 
     def _counters_now(self) -> Counters:
         c = msgspec.structs.replace(self.counters)
         if self.publisher is not None:
-            c = self.publisher.counters.to_schema(c)
+            self.publisher.fill_counters(c)
         if self.recorder is not None:
             c.records_written = self.recorder.written
             c.records_dropped = self.recorder.dropped

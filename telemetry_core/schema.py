@@ -51,7 +51,7 @@ __all__ = [
 
 MAGIC = "SIMIC"
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1  # 1: incidents, incident events, DEBUG cost share
+SCHEMA_MINOR = 2  # 1: incidents, incident events, DEBUG cost share; 2: environment timesteps
 
 NAN = math.nan
 
@@ -467,6 +467,11 @@ class Snapshot(_S):
     step: Int
     wall_time: float
     phase: Str = "mid"
+    # Environment steps at which the training loop's own logger shows this update (CleanRL: its
+    # global_step after the update's rollout; SB3: its num_timesteps at the dump that writes the
+    # update's train/* values, one rollout later); None when the loop did not say. An x-axis that
+    # lines a recording up with the loop's own TensorBoard curves.
+    timesteps: Int | None = None
     update_seconds: float = NAN  # wall time of this update, as the hub saw it
     level: LevelInfo = msgspec.field(default_factory=LevelInfo)
     gradients: GradientStats | None = None

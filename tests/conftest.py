@@ -11,11 +11,17 @@ import pytest
 
 @pytest.fixture
 def deterministic_terminal(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """UTC clock labels, colour on, the default theme: what the committed snapshot SVGs assume."""
+    """UTC clock labels, colour on, the default theme, a 256-colour terminal: what the committed
+    snapshot SVGs assume (the palette follows the terminal's depth, see simic_tui.palette)."""
+    import textual.constants
+
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.delenv("TEXTUAL_THEME", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("COLORTERM", raising=False)
+    monkeypatch.setattr(textual.constants, "COLOR_SYSTEM", "auto")  # depth from TERM, as in a terminal
     yield
     monkeypatch.undo()
     time.tzset()

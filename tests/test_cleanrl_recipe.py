@@ -51,6 +51,7 @@ def test_snapshots_agree_with_the_loops_own_statistics(recipe: ModuleType, tmp_p
     for r in records:
         snap = r["snapshot"]
         assert snap is not None and snap.step == r["iteration"] and snap.run.name == "cleanrl-ppo"
+        assert snap.timesteps == r["global_step"] == 128 * r["iteration"]  # CleanRL's own x-axis
         p, g, v, e = snap.policy, snap.gradients, snap.value, snap.episodes
         assert p is not None and g is not None and v is not None and e is not None
         assert p.minibatches == 4 and p.epochs == 2 and p.samples == 2 * 128

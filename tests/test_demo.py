@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +393,37 @@ def test_cli_runs_without_network(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "update    1/2" in out and "update    2/2" in out
     assert re.search(r"finished: 2 updates, 2048 steps", out)
+
+
+@pytest.mark.parametrize(("delay", "signals"), [(0.0, 1), (1.5, 1), (0.6, 2)])
+def test_cli_exits_0_with_its_summary_whenever_ctrl_c_comes(tmp_path: Path, delay: float, signals: int) -> None:
+    """Ctrl-C right after the attach line, inside the first update (lazy imports, code that CPython
+    runs through PyRun_String), later, and twice (the second lands while the hub closes)."""
+    pytest.importorskip("telemetry_core.hub")
+    env = dict(os.environ, SIMIC_RUNTIME_DIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry_core.demo", "--port", "0", "--quiet", "--updates", "300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        first = proc.stdout.readline() if proc.stdout else ""
+        assert first.startswith("simic-tui attach "), (first, proc.stderr.read() if proc.stderr else "")
+        time.sleep(delay)
+        for _ in range(signals):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "interrupted after update" in out, out
+    assert "Traceback" not in err, err
+    assert not list(tmp_path.rglob("*.json")), "the connection file is removed on exit"
 
 
 def test_cli_prints_attach_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import telemetry_core.reductions.gradients as gradients_module
+import telemetry_core.reductions.gradients.categories as categories_module
+import telemetry_core.reductions.gradients.plan as plan_module
 from telemetry_core.config import TelemetryLevel, Thresholds
 from telemetry_core.reductions.gradients import (
     FOLD_EVERY,
@@ -28,13 +30,18 @@ L = TelemetryLevel
 TH = Thresholds()
 
 
-@pytest.fixture(autouse=True, params=["flat", "per-call"])
+@pytest.fixture(autouse=True, params=["flat", "per-call", "aminmax"])
 def cpu_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs both CPU paths: small buckets kept as one flat copy per call and reduced in
+    """Every test runs the three CPU paths: small buckets kept as one flat copy per call and reduced in
     the fold ("flat", the default below FLAT_MAX elements) and the per-call fused kernels used for
-    larger buckets and on CUDA ("per-call", forced here by FLAT_MAX = 0)."""
-    if request.param == "per-call":
-        monkeypatch.setattr(gradients_module, "FLAT_MAX", 0)
+    larger buckets and on CUDA ("per-call", forced here by FLAT_MAX = 0), where each tensor's max |g|
+    comes from one foreach abs + max for the tensors under BIG_TENSOR elements and from its own
+    aminmax for the larger ones ("aminmax": BIG_TENSOR = 64 as well, which splits SHAPES between
+    the two and the tests' larger models mostly to aminmax)."""
+    if request.param != "flat":
+        monkeypatch.setattr(plan_module, "FLAT_MAX", 0)
+    if request.param == "aminmax":
+        monkeypatch.setattr(plan_module, "BIG_TENSOR", 64)
     return str(request.param)
 
 
@@ -478,7 +485,8 @@ def test_levels() -> None:
     for key in ("total_norm", "total_norm_max", "total_norm_last", "clip_rate", "max_abs"):
         assert close(getattr(minimal, key), ref[key]), key
     assert minimal.param_norms == [] and minimal.hist_counts == [] and minimal.zero_fraction is None
-    assert list(reducer.pending(L.MINIMAL)) == ["grad.stats"]
+    keys = list(reducer.pending(L.MINIMAL))  # the histogram, then each fold's rows and counts
+    assert keys[0] == "grad.stats" and all(k.startswith("grad.") for k in keys)
     normal = run(reducer, calls, L.NORMAL)
     assert len(normal.param_norms) == len(named) and normal.zero_fraction is not None
 
@@ -822,8 +830,10 @@ def test_samples_are_private_copies_binned_at_the_end(layout: str) -> None:
 
 def test_observe_launches_a_fixed_small_number_of_kernels(cpu_mode: str) -> None:
     """Per backward on CPU, a small model: one flat copy of its gradients (views and a cat inside one
-    C++ call); a larger one: one fused norm, one aminmax and one strided view per tensor, one stack
-    and one cat. Nothing else until pending() (a regression guard for the per-call dispatch cost)."""
+    C++ call); a larger one: one fused norm, one strided view per tensor, one stack and one cat, and
+    for max |g| one aminmax per tensor of at least BIG_TENSOR elements (64 in "aminmax") and one
+    foreach abs and one foreach max for all the others. Nothing else until pending() (a
+    regression guard for the per-call dispatch cost)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class KernelCounter(TorchDispatchMode):
@@ -847,9 +857,16 @@ def test_observe_launches_a_fixed_small_number_of_kernels(cpu_mode: str) -> None
     if cpu_mode == "flat":  # the views come from inside the C++ flatten: one Python-level dispatch
         assert [op for op in counter.ops if op != "view"] == ["cat"]
         assert len(counter.ops) == 1 + n
+    elif cpu_mode == "per-call":  # every tensor under BIG_TENSOR: no dispatch per tensor but a view
+        ops = ["_foreach_abs", "_foreach_max", "_foreach_norm", "as_strided", "cat", "stack"]
+        assert sorted(set(counter.ops)) == ops
+        assert len(counter.ops) == 5 + n
     else:
-        assert sorted(set(counter.ops)) == ["_foreach_norm", "aminmax", "as_strided", "cat", "stack"]
-        assert len(counter.ops) == 3 + 2 * n
+        big = sum(p.numel() >= 64 for _, p in named)
+        assert 0 < big < n
+        ops = ["_foreach_abs", "_foreach_max", "_foreach_norm", "aminmax", "as_strided", "cat", "stack"]
+        assert sorted(set(counter.ops)) == ops
+        assert counter.ops.count("aminmax") == big and len(counter.ops) == 5 + n + big
     assert reducer.build(transfer(reducer.pending(L.NORMAL)), L.NORMAL).calls == 2
 
 
@@ -859,14 +876,14 @@ def test_binade_tables_categorise_exactly_like_bucketize(dtype: torch.dtype) -> 
     each boundary and its neighbours, every binade's first and last pattern, zero, subnormals, inf,
     NaNs, and random magnitudes. float16's subnormal binade holds several default edges: no tables,
     bucketize is used (and the reducer's statistics are the same either way, tested above)."""
-    int_dtype, _ = gradients_module._BITS[dtype]
+    int_dtype, _ = categories_module._BITS[dtype]
     bounds = category_boundaries(TH.grad_hist_edges, dtype)
     tables = gradients_module.category_lut(bounds, dtype)
     if dtype == torch.float16:
         assert tables is None
         return
     assert tables is not None
-    shift = gradients_module._MANTISSA[dtype]
+    shift = categories_module._MANTISSA[dtype]
     top = (1 << (int_dtype.itemsize * 8 - 1)) - 1
     patterns = {0, 1, 2, top, top - 1}
     for b in bounds:
@@ -937,7 +954,10 @@ def _nan_at_the_critic_step(agent: _Agent, poison: bool) -> None:
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(4, 3, 6, generator=gen)
     logp, v = agent(x)
-    actions = {"move": torch.randint(0, 3, (4, 3), generator=gen), "fire": torch.randint(0, 2, (4, 3), generator=gen)}
+    actions = {
+        "move": torch.randint(0, 3, (4, 3), generator=gen),
+        "fire": torch.randint(0, 2, (4, 3), generator=gen),
+    }
     joint = sum(logp[k].gather(-1, actions[k][..., None]).squeeze(-1) for k in logp)
     adv = torch.randn(4, 3, generator=gen)
     returns = v.detach().clone() if poison else torch.randn(4, 3, generator=gen)
@@ -1068,3 +1088,55 @@ def test_float32_accumulation_path_matches_the_reference() -> None:
     assert accumulation_dtype("cpu") == torch.float64
     assert_matches(stats, ref_stats(calls, 0.5, groups), rel=1e-5)
     assert stats.nonfinite_params == ["lstm.weight_hh_l0"]
+
+
+def test_device_totals_agree_with_rank_sums_and_with_the_host_path() -> None:
+    """With ``device_totals`` (set by the hub when ranks are aggregated) the totals are computed on the
+    device, and ``rank_sums`` (what the ranks all_gather) agrees with ``build`` to the bit; without it
+    ``build`` computes them on the host. Both match the float64 reference, absent gradients, a NaN and
+    an Inf included, and the present gradients changing within the update (two plans)."""
+    gen = torch.Generator().manual_seed(71)
+    named = make_params(SHAPES)
+    calls: list[list[torch.Tensor | None]] = []
+    for c in range(5):
+        grads: list[torch.Tensor | None] = [random_grad(p.shape, gen) for _, p in named]
+        if c % 2:
+            grads[2] = None
+        calls.append(grads)
+    bad_nan, bad_inf = calls[3][0], calls[4][1]
+    assert bad_nan is not None and bad_inf is not None
+    bad_nan.view(-1)[5] = math.nan
+    bad_inf.view(-1)[0] = -math.inf
+    groups = default_groups(named)
+    host_path = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups=groups)
+    device_path = GradientReducer(named, max_grad_norm=0.5, thresholds=TH, groups=groups)
+    device_path.device_totals = True
+    with pytest.raises(RuntimeError):
+        host_path.rank_sums()
+    def through_device(update: list[list[torch.Tensor | None]]) -> tuple[list[float], GradientStats]:
+        device_path.reset()
+        for grads in update:
+            for p, g in zip(device_path.params, grads):
+                p.grad = g
+            device_path.observe(L.NORMAL)
+        pending = device_path.pending(L.NORMAL)
+        sums = device_path.rank_sums().tolist()
+        return sums, device_path.build(transfer(pending), L.NORMAL)
+
+    clean = calls[:3]
+    sums, stats = through_device(clean)
+    assert sums == [stats.total_norm * 3, 0.0, 0.0]  # the same float64 sum, not a recomputation
+    assert_matches(stats, ref_stats(clean, 0.5, groups), rel=1e-5)
+    assert_matches(run(host_path, clean), ref_stats(clean, 0.5, groups), rel=1e-5)
+    on_host = run(host_path, calls)
+    sums, on_device = through_device(calls)
+    assert math.isnan(sums[0]) and (sums[1], sums[2]) == (on_device.nan_count, on_device.inf_count)
+    assert on_device.nan_params == on_host.nan_params == 1 and on_device.inf_params == on_host.inf_params == 1
+    assert on_device.nonfinite_params == on_host.nonfinite_params == [named[0][0], named[1][0]]
+    for stats in (on_host, on_device):
+        assert stats.skipped_params == 1
+        assert math.isnan(stats.total_norm) and math.isnan(stats.max_abs)
+        assert close(
+            stats.total_norm_last,
+            math.sqrt(sum(float(g.double().norm()) ** 2 for g in calls[4] if g is not None)),
+        )

@@ -1,5 +1,7 @@
 """SimicCallback inside SB3's habits: its statistics in SB3's own logger (CSV / TensorBoard at SB3's
-timesteps) and its hub state saved and restored beside ``model.save`` / ``PPO.load``."""
+timesteps), a recording exported on SB3's timesteps lining up with SB3's own TensorBoard, its hub
+state saved and restored beside ``model.save`` / ``PPO.load``, and the update a NaN breaks published
+before SB3's exception ends ``learn()``."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import csv
 import math
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 
 pytest.importorskip("stable_baselines3")
@@ -15,13 +18,14 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
+from telemetry_core import protocol
 from telemetry_core.config import TelemetryConfig, TelemetryLevel
 from telemetry_core.integrations.sb3 import SimicCallback
+from telemetry_core.record import read_recording
 from telemetry_core.schema import Snapshot
 
 # a private runtime directory and one torch thread (tiny MLPs: a second one only contends)
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("sb3_runtime")]
-
 
 
 def rows(path: Path) -> list[dict[str, float]]:
@@ -138,3 +142,88 @@ def test_hub_state_is_saved_and_restored_beside_the_model(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="saved state is for heads"):
         other.learn(32, callback=cb3)
     cb3.close()
+
+
+def test_an_export_on_timesteps_lines_up_with_sb3s_own_tensorboard(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from telemetry_core.integrations.tensorboard import export_recording
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=15)
+    model = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=2,
+        learning_rate=3e-3,
+        seed=15,
+        device="cpu",
+        tensorboard_log=str(tmp_path / "sb3"),
+    )
+    cb = SimicCallback(
+        bind=None,
+        record=tmp_path / "run.simrec",
+        config=TelemetryConfig(level=TelemetryLevel.NORMAL, auto_escalate=False),
+    )
+    model.learn(64 * 4, callback=cb, tb_log_name="ppo")
+    cb.close()
+    assert export_recording(tmp_path / "run.simrec", tmp_path / "tb", x="timesteps") == 4
+    sb3 = EventAccumulator(str(tmp_path / "sb3" / "ppo_1"), size_guidance={"scalars": 0})
+    ours = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    sb3.Reload()
+    ours.Reload()
+    exported = {e.step: e.value for e in ours.Scalars("policy/kl_k3_last_epoch")}
+    # update k trains on the rollout ending at 64 k; SB3 writes its train/* at its next dump, 64 (k + 1)
+    assert sorted(exported) == [128, 192, 256, 320]
+    live = {e.step: e.value for e in sb3.Scalars("simic/kl_k3_last_epoch")}
+    approx_kl = {e.step: e.value for e in sb3.Scalars("train/approx_kl")}
+    assert sorted(live) == sorted(approx_kl) == [128, 192, 256]  # SB3 never dumps the last update
+    for step, value in live.items():
+        assert exported[step] == value  # the same update at the same x, both float32 of one float64
+        assert math.isclose(exported[step], approx_kl[step], rel_tol=1e-3, abs_tol=1e-8)
+    clip = {e.step: e.value for e in sb3.Scalars("train/clip_fraction")}
+    ours_clip = {e.step: e.value for e in ours.Scalars("policy/clip_fraction")}
+    for step, value in clip.items():
+        assert math.isclose(ours_clip[step], value, rel_tol=1e-6, abs_tol=1e-7)
+
+
+class NanReward(gym.Wrapper):
+    """A NaN reward at one environment step (counted over the whole run)."""
+
+    def __init__(self, env: gym.Env, at: int) -> None:
+        super().__init__(env)
+        self.at, self.t = at, 0
+
+    def step(self, action):  # type: ignore[no-untyped-def]
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.t += 1
+        return obs, (math.nan if self.t == self.at else reward), terminated, truncated, info
+
+
+def test_the_update_a_nan_reward_breaks_is_published_before_sb3_raises(tmp_path: Path) -> None:
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=3, wrapper_class=NanReward, wrapper_kwargs={"at": 100})
+    model = PPO("MlpPolicy", env, n_steps=64, batch_size=32, n_epochs=2, seed=3, device="cpu")
+    published: list[Snapshot] = []
+    cb = SimicCallback(
+        bind=None,
+        record=tmp_path / "nan.simrec",
+        on_update=lambda s, _: published.append(s) if s is not None else None,
+    )
+    # the NaN reward (rollout 2) makes the first minibatch's loss and gradients NaN, the optimizer
+    # step makes the weights NaN, and the second minibatch's Categorical refuses NaN logits
+    with pytest.raises(ValueError, match="logits"):
+        model.learn(64 * 4, callback=cb)
+    assert [s.step for s in published] == [1, 2]
+    healthy, onset = published
+    assert not any(a.kind == "numerical_instability" for a in healthy.anomalies)
+    assert ("numerical_instability", "critical") in {(a.kind, a.severity) for a in onset.anomalies}
+    assert onset.gradients is not None and math.isnan(onset.gradients.total_norm)
+    assert onset.policy is not None and onset.policy.minibatches == 1  # what train() did before raising
+    assert onset.counters.telemetry_errors == 0
+    # the callback's wrappers left with learn(): SB3's own methods again
+    assert "train" not in model.__dict__ and "evaluate_actions" not in model.policy.__dict__
+    cb.close()
+    frames = read_recording(tmp_path / "nan.simrec").frames
+    assert [protocol.decode_envelope(f).step for f in frames] == [1, 2]

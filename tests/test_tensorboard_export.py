@@ -20,9 +20,9 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from telemetry_core import protocol
-from telemetry_core.integrations.tensorboard import export_recording, snapshot_summary
+from telemetry_core.integrations.tensorboard import export_recording, snapshot_scalars, snapshot_summary
 from telemetry_core.record import RecordingError, RecordWriter, read_recording
-from telemetry_core.schema import Snapshot
+from telemetry_core.schema import LayerRow, Snapshot
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -76,6 +76,25 @@ def numeric_leaves(value: Any, tag: str, out: dict[str, float]) -> None:
             numeric_leaves(v, f"{tag}/{k}", out)
 
 
+RANKED = ("norm", "norm_max", "large_frac", "small_frac", "zero_frac")
+
+
+def layer_summary(layers: list[LayerRow]) -> dict[str, float]:
+    """The DEBUG layer table's summary tags, computed here from the rows: for each ranked statistic
+    the three largest values over the layers with a gradient, NaN first; non-finite totals."""
+    out: dict[str, float] = {}
+    for field in RANKED:
+        values = np.array([getattr(r, field) for r in layers if r.calls], dtype=np.float64)
+        ordered = np.concatenate([values[np.isnan(values)], -np.sort(-values[~np.isnan(values)])])
+        for i, value in enumerate(ordered[:3]):
+            out[f"debug/layers/{field}/top{i + 1}"] = float(value)
+    out["debug/layers/nan"] = float(np.sum([r.nan for r in layers]))
+    out["debug/layers/inf"] = float(np.sum([r.inf for r in layers]))
+    out["debug/layers/nonfinite_layers"] = float(np.sum([(r.nan + r.inf) > 0 for r in layers]))
+    out["debug/layers/count"] = float(len(layers))
+    return out
+
+
 def test_every_scalar_of_every_snapshot_is_written_with_its_value(
     recording: tuple[Path, list[Snapshot]], exported: EventAccumulator
 ) -> None:
@@ -93,15 +112,15 @@ def test_every_scalar_of_every_snapshot_is_written_with_its_value(
             numeric_leaves(built["numerical"], "debug/numerical", expected)
             if built["conflict"] is not None:
                 numeric_leaves(built["conflict"], "debug/conflict", expected)
-            for row in snap.debug.layers:
-                for field in ("norm", "mean", "std", "min", "max", "zero_frac", "nan", "inf", "calls"):
-                    expected[f"debug/layers/{row.name}/{field}"] = float(getattr(row, field))
+            expected.update(layer_summary(snap.debug.layers))
         assert snap.gradients is not None and snap.policy is not None
         for name, norm in zip(snap.run.param_names, snap.gradients.param_norms):
             expected[f"gradients/param_norms/{name}"] = norm
         for key in ("kl_k3_per_epoch", "kl_k1_per_epoch", "kl_k3_max_per_epoch", "kl_k1_max_per_epoch"):
             for i, kl in enumerate(getattr(snap.policy, key)):
                 expected[f"policy/{key}/epoch{i}"] = kl
+        expected["policy/kl_k3_last_epoch"] = snap.policy.kl_k3_per_epoch[snap.policy.epochs - 1]
+        expected["policy/kl_k1_last_epoch"] = snap.policy.kl_k1_per_epoch[snap.policy.epochs - 1]
         expected["time/update_seconds"] = snap.update_seconds
         expected["telemetry/level"] = float(["OFF", "MINIMAL", "NORMAL", "DEBUG"].index(snap.level.level))
         expected["anomalies/count"] = float(len(snap.anomalies))
@@ -120,6 +139,45 @@ def test_every_scalar_of_every_snapshot_is_written_with_its_value(
     assert {f"policy/entropy_normalized/{h}" for h in heads} <= tags
     assert {f"gradients/group_norms/{g}" for g in snaps[0].run.groups} <= tags
     assert {"policy/kl_k3_mean", "value/explained_variance", "lstm/gate_saturation/forget"} <= tags
+    assert any(s.debug is not None and s.debug.layers for s in snaps)  # the DEBUG summary was checked
+
+
+def test_debug_layer_tags_are_a_fixed_set_whatever_the_number_of_layers(
+    recording: tuple[Path, list[Snapshot]],
+) -> None:
+    _, snaps = recording
+    snap = next(s for s in snaps if s.debug is not None and len(s.debug.layers) >= 3)
+    assert snap.debug is not None
+
+    def layer_tags(layers: list[LayerRow]) -> dict[str, float]:
+        assert snap.debug is not None
+        debug = msgspec.structs.replace(snap.debug, layers=layers)
+        scalars = snapshot_scalars(msgspec.structs.replace(snap, debug=debug))
+        return {k: v for k, v in scalars.items() if k.startswith("debug/layers/")}
+
+    rows = snap.debug.layers
+    # ten times the parameter tensors (renamed copies), one of them with a NaN norm
+    many = [msgspec.structs.replace(r, name=f"{r.name}.{i}") for i in range(10) for r in rows]
+    many[7] = msgspec.structs.replace(many[7], norm=math.nan, nan=5)
+    few, lots = layer_tags(rows), layer_tags(many)
+    assert set(few) == set(lots) and len(few) == 3 * len(RANKED) + 4  # 19, not 12 per tensor
+    reference = layer_summary(many)
+    assert set(reference) == set(lots)
+    assert all(lots[k] == v or (math.isnan(lots[k]) and math.isnan(v)) for k, v in reference.items())
+    assert math.isnan(lots["debug/layers/norm/top1"])  # a NaN norm ranks first
+    assert lots["debug/layers/norm/top2"] == max(r.norm for r in rows if r.calls)
+    assert lots["debug/layers/nan"] == 10 * sum(r.nan for r in rows) + 5
+    assert lots["debug/layers/count"] == 10 * len(rows)
+    summary = snapshot_summary(
+        msgspec.structs.replace(snap, debug=msgspec.structs.replace(snap.debug, layers=many))
+    )
+    text = next(v for v in summary.value if v.tag == "debug/layers").tensor.string_val[0].decode()
+    assert text.splitlines()[2].startswith(f"| norm | {many[7].name} (nan) |")  # the NaN layer is named
+    # two layers: two ranks per statistic, no padding values
+    assert {k for k in layer_tags(rows[:2]) if k.startswith("debug/layers/norm/")} == {
+        "debug/layers/norm/top1",
+        "debug/layers/norm/top2",
+    }
 
 
 def test_undefined_statistics_are_not_written_but_nan_is(recording: tuple[Path, list[Snapshot]]) -> None:
@@ -241,3 +299,30 @@ def test_cli_says_plainly_when_tensorboard_is_missing(
     assert "tensorboard package is not installed" in out.stderr
     assert "pip install 'simic-tui[tensorboard]'" in out.stderr
     assert not (tmp_path / "tb").exists()
+
+
+def test_timesteps_as_the_x_axis(recording: tuple[Path, list[Snapshot]], tmp_path: Path) -> None:
+    path, snaps = recording
+    # the demo hands its environment steps to the hub: 4 environments x 16 steps per update
+    assert [s.timesteps for s in snaps] == [64 * s.step for s in snaps]
+    out = _cli(["export", str(path), "--tensorboard", str(tmp_path / "tb"), "--x", "timesteps"])
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch": False}, out.stderr
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("policy/kl_k3_mean")
+    assert [e.step for e in events] == [64 * s.step for s in snaps]
+    assert all(f32_equal(s.policy.kl_k3_mean, e.value) for s, e in zip(snaps, events) if s.policy)
+    with pytest.raises(ValueError, match="x must be one of update, timesteps"):
+        export_recording(path, tmp_path / "tb-bad", x="epochs")
+    # a loop that does not pass end_update(timesteps=...): refused plainly, not guessed
+    bare = tmp_path / "bare.simrec"
+    with RecordWriter(bare, session="s") as writer:
+        for seq, snap in enumerate(snaps, 1):
+            snap = msgspec.structs.replace(snap, timesteps=None)
+            writer.write(protocol.encode_envelope("snapshot", snap, session="s", seq=seq, step=snap.step))
+    with pytest.raises(ValueError, match="has no environment timesteps"):
+        export_recording(bare, tmp_path / "tb-none", x="timesteps")
+    out = _cli(["export", str(bare), "--tensorboard", str(tmp_path / "tb-cli"), "--x", "timesteps"])
+    assert json.loads(out.stdout.strip().splitlines()[-1])["rc"] != 0
+    assert "has no environment timesteps" in out.stderr
+    assert export_recording(bare, tmp_path / "tb-update") == len(snaps)  # the update axis needs none

@@ -32,6 +32,7 @@ from test_transport import (  # noqa: F401 - the fixtures are used by name
     FAST,
     Dashboard,
     dashboards_fixture,
+    finishes,
     full_snapshot,
     make_fixture,
     runtime_dir_fixture,
@@ -484,6 +485,59 @@ def test_port_in_use_warns_once_and_training_continues(
     assert list((runtime_dir / "simic-tui").glob("*.json")) == []
 
 
+def test_a_taken_port_moves_to_the_next_free_pair_and_says_where(
+    make: Any, dashboards: Any, caplog: pytest.LogCaptureFixture, runtime_dir: Path
+) -> None:
+    holder, port = _occupied_port()
+    try:
+        with caplog.at_level(logging.WARNING, logger="telemetry_core.transport"):
+            pub = make(f"tcp://127.0.0.1:{port}", port_search=6)
+        assert pub.network and pub.endpoints is not None
+        moved = int(pub.endpoints.pub.rpartition(":")[2])
+        cmd = int(pub.endpoints.cmd.rpartition(":")[2])
+        assert moved in range(port + 2, port + 13, 2) and cmd == moved + 1  # pairs move by two
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert f"127.0.0.1:{port} is in use" in warning and pub.endpoints.pub in warning
+        info = protocol.read_connection_file(pub.connection_path)  # type: ignore[arg-type]
+        assert info.pub == pub.endpoints.pub and info.cmd == pub.endpoints.cmd
+        dash = dashboards(info)
+        dash.wait_heartbeat()
+        pub.publish_snapshot(full_snapshot(3))
+        assert [env.step for env, _, _ in dash.snapshots(1)] == [3]
+    finally:
+        holder.close()
+
+
+def test_two_trainers_with_the_same_default_do_not_collide(make: Any, dashboards: Any) -> None:
+    probe, port = _occupied_port()
+    probe.close()  # a port that was free a moment ago: both publishers ask for it
+    first = make(f"tcp://127.0.0.1:{port}", port_search=6)
+    second = make(f"tcp://127.0.0.1:{port}", port_search=6)
+    assert first.network and second.network
+    assert first.endpoints is not None and second.endpoints is not None
+    assert len({first.endpoints.pub, first.endpoints.cmd, second.endpoints.pub, second.endpoints.cmd}) == 4
+    for pub, step in ((first, 1), (second, 2)):
+        dash = dashboards(pub.connection_info)
+        dash.wait_heartbeat()
+        pub.publish_snapshot(full_snapshot(step))
+        ((env, _, _),) = dash.snapshots(1)
+        assert (env.session, env.step) == (pub.session, step)
+
+
+def test_only_the_default_bind_searches_unless_asked() -> None:
+    from telemetry_core.transport.net import DEFAULT_BIND, DEFAULT_PORT_SEARCH
+
+    assert Publisher()._plan.port_search == DEFAULT_PORT_SEARCH  # nothing binds before start()
+    assert Publisher(DEFAULT_BIND)._plan.port_search == DEFAULT_PORT_SEARCH
+    assert Publisher("tcp://127.0.0.1:6100")._plan.port_search == 0  # a named port is the one asked for
+    assert Publisher(DEFAULT_BIND, cmd_bind="tcp://127.0.0.1:7000")._plan.port_search == 0
+    plan = Publisher("tcp://127.0.0.1:65532", port_search=5)._plan
+    assert [(p[1], c[1]) for p, c in plan.attempts()] == [(65532, 65533), (65534, 65535)]
+    assert len(Publisher("tcp://127.0.0.1:0", port_search=5)._plan.attempts()) == 1
+    with pytest.raises(ValueError, match="port_search"):
+        Publisher(port_search=-1)
+
+
 def test_command_port_in_use_is_the_same_failure(make: Any) -> None:
     holder, port = _occupied_port()
     try:
@@ -586,7 +640,7 @@ def test_dashboard_killed_mid_stream_then_a_new_one_backfills(make: Any, dashboa
     assert [protocol.decode_envelope(f).seq for f in frames] == list(range(1, 101))
 
 
-def test_close_returns_within_a_second_with_messages_queued(make: Any) -> None:
+def test_close_never_blocks_on_stalled_subscribers_with_messages_queued(make: Any) -> None:
     pub = make(queue_size=10000, pub_hwm=1000)
     ctx = zmq.Context()
     stalled = _stalled_subscribers(ctx, pub.endpoints.pub, 10)
@@ -595,9 +649,8 @@ def test_close_returns_within_a_second_with_messages_queued(make: Any) -> None:
     for _ in range(3000):
         pub.publish_snapshot(snap)
     path = pub.connection_path
-    t0 = time.monotonic()
-    pub.close()
-    assert time.monotonic() - t0 < 1.0
+    # A close that waited on the stalled peers would never return: the bound is generous on purpose.
+    assert finishes(pub.close), "close() blocked behind subscribers that never read"
     assert not path.exists() and not pub.network
     assert pub._thread is not None and not pub._thread.is_alive()
     for sock in stalled:
@@ -606,7 +659,7 @@ def test_close_returns_within_a_second_with_messages_queued(make: Any) -> None:
 
 
 def test_trainer_process_exits_promptly_with_messages_queued(tmp_path: Path, runtime_dir: Path) -> None:
-    """The trainer forgets close(): atexit still closes within a second and removes its file."""
+    """The trainer forgets close(): atexit still closes (never blocked by the peers) and removes its file."""
     ctx = zmq.Context()
     script = textwrap.dedent(
         f"""
@@ -620,7 +673,7 @@ def test_trainer_process_exits_promptly_with_messages_queued(tmp_path: Path, run
         snap = full_snapshot(debug=True)
         for _ in range(3000):
             pub.publish_snapshot(snap)
-        print(time.time(), flush=True)
+        print("published", flush=True)
         """
     )
     proc = subprocess.Popen(
@@ -636,14 +689,13 @@ def test_trainer_process_exits_promptly_with_messages_queued(tmp_path: Path, run
         time.sleep(0.3)
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        done = float(proc.stdout.readline())
-        proc.wait(timeout=10)
-        exited = time.time()
+        assert proc.stdout.readline().strip(), "the child published"
+        # A trainer that blocked at exit on the stalled peers would never exit: a generous bound.
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0
-    assert exited - done < 1.5, f"exit took {exited - done:.2f} s after the last publish"
     assert not Path(path).exists(), "atexit removed the connection file"
     for sock in stalled:
         sock.close(linger=0)
@@ -665,9 +717,8 @@ def test_a_forked_child_never_sends(make: Any, dashboards: Any) -> None:
             pub.reply(b"peer", Nack(command_id="x", reason="child"))
             pub.start()
             commands = pub.poll_commands()
-            t0 = time.monotonic()
-            pub.close()
-            ok = results == [b""] * 50 and commands == [] and time.monotonic() - t0 < 0.5
+            pub.close()  # in a child: only marks it closed (the parent's thread is not its own)
+            ok = results == [b""] * 50 and commands == [] and pub.publish_snapshot(full_snapshot(-1)) == b""
             os.write(write_fd, b"ok" if ok else b"bad")
             code = 0
         finally:
@@ -834,16 +885,15 @@ def test_signal_safe_close_under_sigterm_handler(make: Any) -> None:
     closed = []
 
     def handler(signum: int, frame: Any) -> None:
-        t0 = time.monotonic()
         pub.close()
-        closed.append(time.monotonic() - t0)
+        closed.append(True)
 
     previous = signal.signal(signal.SIGUSR1, handler)
     try:
         for step in range(100):
             pub.publish_snapshot(full_snapshot(step))
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert wait_for(lambda: bool(closed))
+        assert wait_for(lambda: bool(closed), timeout=60), "close() in a signal handler did not return"
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    assert closed[0] < 1.0 and not pub.network
+    assert not pub.network and pub._thread is not None and not pub._thread.is_alive()

@@ -182,10 +182,18 @@ async def test_p_freezes_the_display_while_ingest_continues() -> None:
             await pilot.press("p")
             assert app.display_paused
             frozen, count = text(policy), app.store.count
+            step = app._paused_step
+            assert step is not None
             drawn = policy._drawn_key
             await until(pilot, lambda: app.store.count > count + 10, what="ingest while paused")
+            await pilot.pause(0.2)  # a tick or two of the redraw timer
             assert policy._drawn_key == drawn and text(policy) == frozen
-            assert "PAUSED" in str(app.dashboard.query_one("#header").content)
+            # the header's step is the frozen panels' step too, and it counts what arrived since
+            header = str(app.dashboard.query_one("#header").content)
+            assert f"paused at step {step} · " in header, header
+            new = int(header.split(f"paused at step {step} · ")[1].split(" new")[0])
+            assert new >= 10 and f"step {step}" in header.split("\n")[0]
+            assert app.store.latest is not None and app.store.latest.step > step
             await pilot.press("p")
             await until(pilot, lambda: policy._drawn_key != drawn, what="a redraw after resuming")
             assert app.client.status.state == LinkState.LIVE
@@ -210,7 +218,9 @@ async def test_without_a_connection_file_the_trainer_refuses_the_dashboard_and_i
             assert any("commands disabled" in m and "--connection-file" in m for m in notes(app))
             assert not any(c.action == "set_level" for c in trainer.commands)
             await pilot.press("question_mark")  # live help lists the trainer commands too
-            shown = "\n".join(str(s.content) for s in app.screen.query(".help-section"))
+            await pilot.pause()
+            # descriptions wrap in their own column
+            shown = " ".join(" ".join(str(s.content) for s in app.screen.query(".help-section")).split())
             for binding in DASHBOARD_BINDINGS:
                 assert binding.tooltip in shown, binding.id
 

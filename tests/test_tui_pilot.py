@@ -69,11 +69,20 @@ async def test_question_mark_lists_every_binding_and_closes() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        shown = "\n".join(str(s.content) for s in app.screen.query(".help-section"))
+        await pilot.pause()
+        lines = "\n".join(str(s.content) for s in app.screen.query(".help-section")).splitlines()
+        shown = " ".join(" ".join(lines).split())  # descriptions wrap in their own column
         for binding in [*APP_BINDINGS, *DASHBOARD_BINDINGS, *REPLAY_BINDINGS]:
             live_only = binding.action.split("(")[0] in LIVE_ONLY
             assert (binding.tooltip in shown) != live_only, binding.id  # a replay lists what works in it
         assert "✖" in shown and "▲" in shown  # the glyph legend
+        # the chart glyphs mean what the panels draw them for
+        assert "× in a sparkline or chart: an update whose value was NaN or inf" in shown
+        assert "· in the episode-return chart: no episode finished in that update" in shown
+        # columns: every line fits the help's body, continuation lines start in their column
+        body = app.screen.query_one("#help-body").scrollable_content_region.width
+        assert all(len(line) <= body for line in lines), max(lines, key=len)
+        assert all(not line.startswith(" ") or line.startswith("  ") for line in lines)
         await pilot.press("escape")
         assert app.screen is app.dashboard
 
@@ -88,9 +97,46 @@ async def test_t_shows_every_threshold_with_its_reason_from_the_stream() -> None
         reasons = threshold_reasons()
         assert table.row_count == len(reasons)
         row = table.get_row("kl_spike_critical")
-        assert row[1] == "0.15" and row[2] == reasons["kl_spike_critical"]
+        assert str(row[1]) == "0.15" and str(row[2]) == reasons["kl_spike_critical"]
         await pilot.press("t")
         assert app.screen is app.dashboard
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_the_thresholds_screen_scrolls_to_every_limit_and_wraps_its_reasons(
+    size: tuple[int, int],
+) -> None:
+    app = states.build("healthy")
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("t")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, ThresholdsScreen)
+        table = screen.query_one("DataTable")
+        names = [str(k.value) for k in table.rows]
+        last_lstm = max(i for i, n in enumerate(names) if n.startswith("lstm_"))
+        # every reason wraps inside the screen: nothing to scroll sideways, no word cut
+        why = next(c for c in table.columns.values() if c.key.value == "why")
+        assert sum(c.get_render_width(table) for c in table.columns.values()) <= size[0]
+        assert table.get_row_height("baseline_min_updates") > 1 or size[0] > 200
+        await pilot.press("pagedown")
+        assert table.cursor_row > 0
+        await pilot.press("end")
+        await pilot.pause()
+        assert table.cursor_row == len(names) - 1 >= last_lstm
+        assert table.scroll_y > 0  # the last rows are on screen
+        await pilot.press("home")
+        assert table.cursor_row == 0
+        # a new snapshot with the same thresholds does not rebuild the table (the cursor stays)
+        await pilot.press("pagedown")
+        where = table.cursor_row
+        assert app.replay is not None
+        before = app.store.latest
+        app.replay.seek(app.replay.position + 1)
+        app.tick()
+        await pilot.pause()
+        assert app.store.latest is not before and why.width > 0
+        assert table.cursor_row == where
 
 
 async def test_a_opens_the_incident_log_one_row_per_incident_grouped_by_cause() -> None:
@@ -195,13 +241,35 @@ async def test_number_keys_focus_then_zoom_then_restore() -> None:
         for number, panel in enumerate(("policy", "value", "advantage", "gradients", "lstm"), start=1):
             widget = app.dashboard.query_one(f"#{panel}", Panel)
             await pilot.press(str(number))
-            assert widget.has_focus and app.dashboard.maximized is None
+            assert widget.has_focus and app.dashboard.zoomed is None
             await pilot.press(str(number))
-            assert app.dashboard.maximized is widget
+            assert app.dashboard.zoomed is widget
             await pilot.pause()
-            assert widget.size.width > SIZE[0] - 10  # it really fills the screen
+            assert widget.size.width > SIZE[0] - 10  # it really fills the screen's width
+            # under the header, which still shows the step, and saying how to come back
+            header = app.dashboard.query_one("#header")
+            assert header.region.height == 2 and widget.region.y >= header.region.bottom
+            assert "step" in str(header.render()) and "Esc: back" in str(widget.border_subtitle)
+            others = [p for p in app.dashboard.query(Panel) if p is not widget]
+            assert all(p.region.height == 0 or not p.display for p in others)
             await pilot.press("escape")
-            assert app.dashboard.maximized is None
+            assert app.dashboard.zoomed is None and not widget.border_subtitle
+
+
+async def test_every_debug_report_can_be_scrolled_to_at_80x24() -> None:
+    app = states.build("debug")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("d")
+        await pilot.pause()
+        assert isinstance(app.screen, DebugScreen)
+        body, conflict = app.screen.query_one("#debug-body"), app.screen.query_one("#conflict")
+        assert conflict.region.y >= 24  # below the screen at first
+        await pilot.press("tab", "end")  # Tab: from the layer table to the reports
+        await pilot.pause()
+        assert body.scroll_y > 0 and conflict.region.bottom <= 24 - 1  # above the footer
+        # the title wraps: the sort order is never cut off
+        title = str(app.screen.query_one("#debug-title").render())
+        assert "sorted by norm (descending)" in " ".join(title.split())
 
 
 async def test_d_in_a_replay_opens_the_debug_screen_with_a_sortable_layer_table() -> None:
@@ -326,6 +394,20 @@ async def test_a_tick_without_screens_does_nothing() -> None:
         await pilot.pause()
     assert not app.screen_stack
     app.tick()
+
+
+async def test_the_policy_panel_shows_the_last_epochs_kl_beside_the_mean() -> None:
+    app = states.build("healthy")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("1", "1")  # the policy panel, zoomed: its widest layout
+        await pilot.pause()
+        widget = app.dashboard.query_one("#policy", Panel)
+        p = app.current_view().snap.policy
+        assert p is not None and len(p.kl_k3_per_epoch) > 1 and p.kl_k3_per_epoch[-1] != p.kl_k3_mean
+        shown = text(widget)
+        # SB3's approx_kl is the last epoch's k3: a TensorBoard-reading user compares with it
+        assert f"mean {fmt_num(p.kl_k3_mean)} last {fmt_num(p.kl_k3_per_epoch[-1])} max" in shown
+        assert f"mean {fmt_num(p.kl_k1_mean)} last {fmt_num(p.kl_k1_per_epoch[-1])} max" in shown
 
 
 async def test_kl_spike_and_nan_gradients_stand_out() -> None:

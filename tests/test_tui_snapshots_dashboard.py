@@ -51,3 +51,11 @@ def test_alarms_read_without_colour(snap_compare, monkeypatch: pytest.MonkeyPatc
     """NO_COLOR: the entropy collapse still reads as a COLLAPSE word with its glyph, a border and a titled alarm."""
     monkeypatch.setenv("NO_COLOR", "1")
     assert snap_compare(states.build("entropy_collapse"), press=("right",), terminal_size=(80, 24))
+
+
+@pytest.mark.parametrize("state", ["healthy", "kl_spike"])
+def test_sixteen_colours(snap_compare, monkeypatch: pytest.MonkeyPatch, state: str) -> None:  # type: ignore[no-untyped-def]
+    """TERM=xterm (16 colours): the palette's exact 16-colour entries, data cyan, alarms red and yellow
+    only (the other snapshots are drawn for a 256-colour terminal)."""
+    monkeypatch.setenv("TERM", "xterm")
+    assert snap_compare(states.build(state), press=states.STATES[state].press, terminal_size=(80, 24))

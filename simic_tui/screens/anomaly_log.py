@@ -17,14 +17,15 @@ from textual.binding import Binding
 from textual.containers import Grid, VerticalScroll
 from textual.content import Content
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
-from simic_tui.fmt import chart, fmt_num
+from simic_tui.fmt import chart, clip_words, fmt_num
 from simic_tui.incidents import IncidentRecord, scope_label
 from simic_tui.judge import kind_column, kind_title
 from simic_tui.keys import INCIDENT_LOG_BINDINGS
 from simic_tui.store import TelemetryStore
 from simic_tui.widgets.cells import rich_cell
+from simic_tui.widgets.footer import FittedFooter
 from simic_tui.widgets.incidents import kind_scope, record_state, severity_cell, severity_style, steps_text
 from telemetry_core.schema import Incident
 
@@ -44,6 +45,17 @@ def value_text(value: float | None, threshold: float | None) -> str:
 class AnomalyLogScreen(Screen):
     BINDINGS: ClassVar = INCIDENT_LOG_BINDINGS
 
+    HEADERS: ClassVar[tuple[str, ...]] = (
+        "severity",
+        "kind (scope)",
+        "count",
+        "steps",
+        "state",
+        "peak value / limit",
+        "message (Enter: whole, with what to try)",
+    )
+    KEYS: ClassVar[tuple[str, ...]] = ("severity", "kind", "count", "steps", "state", "value", "message")
+
     def __init__(self, store: TelemetryStore) -> None:
         super().__init__()
         self.store = store
@@ -54,19 +66,11 @@ class AnomalyLogScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Static(id="anomalies-title")
         yield DataTable(id="anomalies-table", cursor_type="row", zebra_stripes=True)
-        yield Footer(compact=True)
+        yield FittedFooter(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        for label, key in (
-            ("severity", "severity"),
-            ("kind (scope)", "kind"),
-            ("count", "count"),
-            ("steps", "steps"),
-            ("state", "state"),
-            ("peak value / limit", "value"),
-            ("message (Enter: whole, with what to try)", "message"),
-        ):
+        for label, key in zip(self.HEADERS, self.KEYS):
             table.add_column(label, key=key)
         self.refresh_view()
         table.focus()
@@ -86,33 +90,48 @@ class AnomalyLogScreen(Screen):
             Content.assemble(
                 (f" Incidents: {len(rows)}", "bold"),
                 (f" in {heads} groups (of {log.total} seen), newest first · ", "$text-muted"),
-                (filters, "$accent"),
+                (filters, "$series"),
             )
         )
         table = self.query_one(DataTable)
         current = self.cursor_id()
         table.clear()
         app = self.app
+        cells = []
         for row in rows:
             rec = row.record
             inc = log.view(rec)
             sev, style = severity_cell(inc.peak_severity if rec.id not in log.active_ids else inc.severity)
             state = record_state(log, rec)
             indent = "└ " if row.consequence else ""
+            fixed = (sev, indent + kind_scope(inc), str(inc.updates_active), steps_text(inc), state)
+            cells.append((rec, inc, style, (*fixed, value_text(inc.value, inc.threshold))))
+        # the message gets the width the other columns leave (each has a cell of padding either side),
+        # cut after a word: Enter shows it whole
+        widths = [len(h) for h in self.HEADERS[:6]]
+        for *_, texts in cells:
+            widths = [max(w, len(t)) for w, t in zip(widths, texts)]
+        room = max(self.size.width - sum(w + 2 for w in widths) - 4, 24)
+        for rec, inc, style, (sev, kind, count, steps, state, value) in cells:
             table.add_row(
                 rich_cell(app, sev, style),
-                rich_cell(app, indent + kind_scope(inc), style),
-                str(inc.updates_active),
-                steps_text(inc),
+                rich_cell(app, kind, style),
+                count,
+                steps,
                 rich_cell(
                     app, state, "bold" if "new" in state else ("$text-muted" if state == "ahead" else "")
                 ),
-                value_text(inc.value, inc.threshold),
-                Text(inc.message or inc.peak_message),  # trainer text: plain, never markup
+                value,
+                Text(clip_words(inc.message or inc.peak_message, room)),  # trainer text: never markup
                 key=str(rec.id),
             )
         if current is not None and str(current) in table.rows:
             table.move_cursor(row=table.get_row_index(str(current)), animate=False)
+
+    def on_resize(self) -> None:
+        self._shown = ()  # the message column follows the width
+        if self.is_mounted and self.query(DataTable):
+            self.refresh_view()
 
     def cursor_id(self) -> int | None:
         table = self.query_one(DataTable)
@@ -183,7 +202,7 @@ class IncidentDetailScreen(ModalScreen[None]):
     )
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="detail-body"):
+        with VerticalScroll(id="detail-body", classes="modal-body"):
             yield Static(id="detail-text")
             # label | value rows: a long value wraps inside its own column (a hanging indent)
             with Grid(id="detail-fields"):
@@ -191,7 +210,7 @@ class IncidentDetailScreen(ModalScreen[None]):
                     yield Static(label, id=f"detail-label-{key}", classes="detail-label")
                     yield Static(id=f"detail-{key}", classes="detail-value")
             yield Static(id="detail-chart")
-        yield Footer(compact=True)
+        yield FittedFooter(compact=True)
 
     def _field(self, key: str, value: Content | str | None) -> None:
         """Show one row (plain text: trainer text is never markup), or hide it when empty."""
@@ -292,7 +311,7 @@ class IncidentDetailScreen(ModalScreen[None]):
         out: list[tuple[str, str] | str] = [(head + "\n", "bold")]
         for i, row in enumerate(lines):
             tick = fmt_num(hi) if i == 0 else fmt_num(lo) if i == len(lines) - 1 else ""
-            out += [(tick.rjust(axis - 1) + " ", "$text-muted"), (row + "\n", "$accent")]
+            out += [(tick.rjust(axis - 1) + " ", "$text-muted"), (row + "\n", "$series")]
         first = f"step {int(steps[0])}" if len(steps) else ""
         last = f"step {int(steps[-1])}" if len(steps) else ""
         out += [

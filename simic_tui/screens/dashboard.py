@@ -8,12 +8,13 @@ from textual.app import ComposeResult
 from textual.containers import Grid
 from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from simic_tui.keys import APP_BINDINGS, DASHBOARD_BINDINGS, LIVE_ONLY, REPLAY_BINDINGS, REPLAY_ONLY
 from simic_tui.widgets.advantage import AdvantagePanel
 from simic_tui.widgets.anomalies import AnomalyPanel
 from simic_tui.widgets.base import Panel, View
+from simic_tui.widgets.footer import FittedFooter
 from simic_tui.widgets.gradients import GradientsPanel
 from simic_tui.widgets.header import Banner, HeaderModel, StatusHeader
 from simic_tui.widgets.lstm import LSTMPanel
@@ -58,16 +59,17 @@ class DashboardScreen(Screen):
             "enlarge the window or reduce the font size.\n\nData keeps arriving meanwhile. q quits.",
             id="too-small",
         )
-        yield Footer(compact=True)
+        yield FittedFooter(compact=True)
 
     _panels: list[Panel] | None = None
+    drawn_step: int | None = None  # the step of the snapshot the panels show
 
     def on_mount(self) -> None:
         self.simic.tick()
 
     def on_resize(self) -> None:
         w, h = self.size
-        self.query_one(Footer).show_command_palette = w >= 110
+        self.query_one(FittedFooter).show_command_palette = w >= 110
         self.set_class(w < MIN_SIZE[0] or h < MIN_SIZE[1], "-too-small")
 
     # -- drawing -------------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ class DashboardScreen(Screen):
             self._panels = list(self.query(Panel))
         for panel in self._panels:
             panel.refresh_from(view)
+        self.drawn_step = view.snap.step if view.snap is not None else None
 
     # -- keys ------------------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -92,7 +95,7 @@ class DashboardScreen(Screen):
             return False
         if action in REPLAY_ONLY and not replay:
             return False
-        return not (action == "unzoom" and self.maximized is None)
+        return not (action == "unzoom" and self.zoomed is None)
 
     def action_debug(self) -> None:
         self.simic.request_debug()
@@ -106,21 +109,37 @@ class DashboardScreen(Screen):
     def action_toggle_pause(self) -> None:
         self.simic.toggle_pause()
 
+    zoomed: Panel | None = None
+
+    def zoom(self, panel: Panel | None) -> None:
+        """Show ``panel`` alone in the grid (None: all of them again).
+
+        Not Textual's maximize, which covers the whole screen: the header (step, link, incidents)
+        stays, and the zoomed panel's border says how to come back."""
+        if self.zoomed is not None:
+            self.zoomed.remove_class("-zoomed")
+            self.zoomed.border_subtitle = ""
+        self.zoomed = panel
+        self.set_class(panel is not None, "-zoom")
+        if panel is not None:
+            panel.add_class("-zoomed")
+            panel.border_subtitle = "Esc: back"
+        self.refresh_bindings()
+
     def action_panel(self, number: int) -> None:
         """First press focuses the panel, the second zooms it (and a third restores)."""
         panel = self.query_one(f"#{PANEL_IDS[number - 1]}", Panel)
-        if self.maximized is panel:
-            self.minimize()
-        elif self.maximized is not None or panel.has_focus:
+        if self.zoomed is panel:
+            self.zoom(None)
+        elif self.zoomed is not None or panel.has_focus:
             panel.focus()
-            self.maximize(panel, container=False)
+            self.zoom(panel)
         else:
             panel.focus()
         self.refresh_bindings()
 
     def action_unzoom(self) -> None:
-        self.minimize()
-        self.refresh_bindings()
+        self.zoom(None)
 
     def action_acknowledge_all(self) -> None:
         self.simic.acknowledge_all()

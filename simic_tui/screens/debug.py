@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from simic_tui.fmt import fmt_count, fmt_limit, fmt_num, fmt_pct, sparkline
 from simic_tui.judge import (
@@ -29,6 +29,7 @@ from simic_tui.judge import (
 from simic_tui.keys import DEBUG_BINDINGS
 from simic_tui.widgets.base import Line
 from simic_tui.widgets.cells import rich_cell
+from simic_tui.widgets.footer import FittedFooter
 from telemetry_core.config import Thresholds
 from telemetry_core.schema import DebugReport, LayerRow, Snapshot
 
@@ -88,7 +89,7 @@ def layer_cell(row: LayerRow, attr: str, thr: Thresholds, cap: float | None) -> 
 
 def numerical_text(report: DebugReport) -> Content:
     n = report.numerical
-    lines = [Content.styled("Numerical stability", "bold $accent")]
+    lines = [Content.styled("Numerical stability", "bold $focus")]
     for label, names in (
         ("non-finite weights", n.nonfinite_weights),
         ("non-finite grads", n.nonfinite_grads),
@@ -130,7 +131,7 @@ def numerical_text(report: DebugReport) -> Content:
     lines.append(loss.build())
     if n.pre_clip_norms:
         vals = np.asarray(n.pre_clip_norms, dtype=np.float64)
-        line = Line().label(f"{'pre-clip norms':<19}").add(sparkline(vals, 24), "$accent")
+        line = Line().label(f"{'pre-clip norms':<19}").add(sparkline(vals, 24), "$series")
         line.label(f" {len(vals)}× max ").val(float(np.nanmax(vals)) if np.isfinite(vals).any() else math.nan)
         lines.append(line.build())
     skipped = getattr(report, "skipped", 0)
@@ -142,7 +143,7 @@ def numerical_text(report: DebugReport) -> Content:
 
 
 def outliers_text(report: DebugReport, limit: int = 4) -> Content:
-    lines = [Content.styled("Ratio outliers (worst samples, per head)", "bold $accent")]
+    lines = [Content.styled("Ratio outliers (worst samples, per head)", "bold $focus")]
     if not report.outliers:
         lines.append(Content.styled("none reported", "$text-muted"))
     for o in report.outliers:
@@ -176,7 +177,7 @@ def outliers_text(report: DebugReport, limit: int = 4) -> Content:
 
 
 def conflict_text(report: DebugReport, thr: Thresholds) -> Content:
-    lines = [Content.styled("Gradient conflict (cosine on shared parameters)", "bold $accent")]
+    lines = [Content.styled("Gradient conflict (cosine on shared parameters)", "bold $focus")]
     c = report.conflict
     if c is None:
         lines.append(
@@ -231,7 +232,7 @@ class DebugScreen(Screen):
                 yield Static(id="numerical", classes="debug-report")
                 yield Static(id="outliers", classes="debug-report")
                 yield Static(id="conflict", classes="debug-report")
-        yield Footer(compact=True)
+        yield FittedFooter(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

@@ -31,7 +31,7 @@ class GotoStepScreen(ModalScreen[int | None]):
         self.first, self.last = first, last
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="goto-body"):
+        with Vertical(id="goto-body", classes="modal-body"):
             yield Static(f"Go to step ({self.first}–{self.last}), Enter jumps, Esc cancels", id="goto-title")
             yield Input(placeholder=str(self.first), id="goto-input", type="integer")
             yield Static("", id="goto-error")

@@ -15,12 +15,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.content import Content
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from simic_tui.fmt import fmt_limit, fmt_num
 from simic_tui.judge import GLYPH, STYLE, Verdict
 from simic_tui.store import TelemetryStore
 from simic_tui.widgets.cells import rich_cell
+from simic_tui.widgets.footer import FittedFooter
 from simic_tui.widgets.ranks import key_label, rank_flags, ranks_of
 from telemetry_core.schema import Snapshot
 
@@ -69,7 +70,7 @@ class RanksScreen(Screen):
         yield Static(id="ranks-title")
         yield DataTable(id="ranks-table", cursor_type="row", zebra_stripes=True)
         yield Static(id="ranks-notes")
-        yield Footer(compact=True)
+        yield FittedFooter(compact=True)
 
     def on_mount(self) -> None:
         self.refresh_view()

@@ -100,11 +100,11 @@ class AdvantagePanel(Panel):
                 ret = alarms.mark(Verdict.OK, ("performance_degradation",), value=ep.return_mean)
                 line.val(ep.count).label(" done  R ").val(ep.return_mean, ret).label(" [").val(ep.return_min)
                 line.label(", ").val(ep.return_max).label("]  len ").val(ep.length_mean).add(" ")
-                line.spark_of(store, "episodes.return_mean", width - line.width)
+                line.spark_of(store, "episodes.return_mean", width - line.width, count="episodes.count")
             else:
-                line.label("none finished in this rollout")
+                line.label("none finished in this rollout" if width >= 50 else "none finished")
             rows.add(line, 2)
         return verdicts
 
     def chart_spec(self, view: View) -> ChartSpec | None:
-        return ChartSpec("episode return (mean)", "episodes.return_mean")
+        return ChartSpec("episode return (mean)", "episodes.return_mean", count="episodes.count")

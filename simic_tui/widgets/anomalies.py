@@ -8,6 +8,7 @@ shows it whole).
 
 from __future__ import annotations
 
+from simic_tui.fmt import clip_words
 from simic_tui.judge import Verdict, incident_verdict
 from simic_tui.widgets.base import Line, Panel, Rows, View
 from simic_tui.widgets.incidents import kind_scope, record_state, severity_style, steps_text
@@ -40,23 +41,41 @@ class AnomalyPanel(Panel):
         kind_w = min(max(len(kind_scope(r.record.incident)) for r in shown) + 2, 40) if wide else 0
         for i, row in enumerate(shown):
             inc = log.view(row.record)
-            glyph, style = severity_style(
-                inc.severity if row.record.id in log.active_ids else inc.peak_severity
-            )
+            active = row.record.id in log.active_ids
+            glyph, style = severity_style(inc.severity if active else inc.peak_severity)
+            if not active:  # history: alarm colours are for what is wrong now
+                style = "$text-muted"
             line = Line()
             line.add(("  └ " if wide else "└") if row.consequence else "", "$text-muted")
             line.add(f"{glyph} ", style)
             name = kind_scope(inc)
-            if wide:
-                line.add(name.ljust(max(kind_w - (4 if row.consequence else 0), len(name) + 1)), style)
-                line.label(f"×{inc.updates_active} ".rjust(6)).add(steps_text(inc).ljust(10))
-            else:  # narrow: kind, steps and state whole, single-spaced; the log has the rest
-                line.add(name + " ", style).add(steps_text(inc) + " ")
             state = record_state(log, row.record)
-            line.add(state.ljust(22) if wide else state + " ", "bold" if "new" in state else "$text-muted")
+            state_style = "bold" if "new" in state else "$text-muted"
+            if not wide:
+                # narrow: the kind whole, then the state shortened by rule until the row fits
+                # ("40 cleared at 43 · new" -> "40 cleared 43 · new" -> "40 cleared at 43" -> ... "cleared");
+                # the log has the rest
+                line.add(name + " ", style)
+                steps = steps_text(inc) + " "
+                short = state.split(" · ")[0]
+                options = (
+                    steps + state,
+                    steps + state.replace(" at ", " "),
+                    steps + short,
+                    short.replace(" at ", " "),
+                    short.split(" ")[0],
+                )
+                for option in options:
+                    if line.width + len(option) <= width:
+                        break
+                rows.add(line.add(option, state_style), 1 + i / 1000)
+                continue
+            line.add(name.ljust(max(kind_w - (4 if row.consequence else 0), len(name) + 1)), style)
+            line.label(f"×{inc.updates_active} ".rjust(6)).add(steps_text(inc).ljust(10))
+            line.add(state.ljust(22), state_style)
             message = inc.message or inc.peak_message
-            if message and wide:
-                line.add(message)
+            if message:  # prose: cut after a word, the log's detail pane has it whole
+                line.add(clip_words(message, width - line.width))
             rows.add(line, 1 + i / 1000)
         return []
 

@@ -9,6 +9,7 @@ glyph and a word, so the panel reads the same with NO_COLOR.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,6 +37,8 @@ from telemetry_core.schema import Incident, Snapshot
 __all__ = ["CLEARED_FOR", "ChartSpec", "Line", "Panel", "Row", "View", "fit_rows", "panel_title"]
 
 LABEL = "$text-muted"
+# Rows of this priority or less important are secondary: they never wrap onto a second row.
+SECONDARY = 3
 # Updates a panel says "cleared at S" after its last incident cleared (long enough to be noticed).
 CLEARED_FOR = 10
 
@@ -58,11 +61,12 @@ class View:
 class Line:
     """A one-line Content built from labelled, judged values."""
 
-    __slots__ = ("parts", "width")
+    __slots__ = ("indent", "parts", "width")
 
     def __init__(self) -> None:
         self.parts: list[str | tuple[str, str]] = []
         self.width = 0
+        self.indent = 0  # where a wrapped line's continuation starts: its label column
 
     def add(self, text: str, style: str = "") -> Line:
         self.parts.append((text, style) if style else text)
@@ -70,6 +74,8 @@ class Line:
         return self
 
     def label(self, text: str, width: int = 0) -> Line:
+        if width and not self.parts:
+            self.indent = width
         return self.add(text.ljust(width) if width else text, LABEL)
 
     def pad_to(self, column: int) -> Line:
@@ -100,20 +106,66 @@ class Line:
         return self.add(text, STYLE[verdict])
 
     def spark(
-        self, values: np.ndarray, width: int, present: np.ndarray | None = None, style: str = "$accent"
+        self, values: np.ndarray, width: int, present: np.ndarray | None = None, style: str = "$series"
     ) -> Line:
         if width > 0:
             self.add(sparkline(values, width, present), style)
         return self
 
-    def spark_of(self, store: TelemetryStore, column: str, width: int, style: str = "$accent") -> Line:
-        """A sparkline of the last ``width`` updates of a store column (only those rows are read)."""
+    def spark_of(
+        self, store: TelemetryStore, column: str, width: int, style: str = "$series", count: str = ""
+    ) -> Line:
+        """A sparkline of the last ``width`` updates of a store column (only those rows are read).
+
+        ``count``: a column whose zero means the update had nothing to measure (drawn "·")."""
         if width > 0:
-            self.add(sparkline(store.series(column, width), width, store.present(column, width)), style)
+            empty = store.series(count, width) == 0 if count else None
+            self.add(
+                sparkline(store.series(column, width), width, store.present(column, width), empty), style
+            )
         return self
 
     def build(self) -> Content:
         return Content.assemble(*self.parts)
+
+    def wrap(self, width: int) -> list[Content]:
+        """The line in rows of at most ``width`` cells, broken only between fields.
+
+        A field starts where a part begins with a space (``"  limit 0.3"``, ``" max "``) or follows
+        a part of spaces only; a label and its value are one field, so a number, a limit or an alarm
+        word is never split from its name nor cut. Continuations start at the label column. A field
+        wider than a whole row is left to the panel's last-resort cut.
+        """
+        if width <= 0 or self.width <= width:
+            return [self.build()]
+        fields: list[list[str | tuple[str, str]]] = []
+        for part in self.parts:
+            text = part if isinstance(part, str) else part[0]
+            prev = fields[-1][-1] if fields and fields[-1] else None
+            prev_text = prev if isinstance(prev, str) else prev[0] if prev else ""
+            # only a plain space breaks: a non-breaking one (U+00A0) glues a field together
+            if not fields or text.startswith(" ") or not prev_text.strip(" "):
+                fields.append([part])
+            else:
+                fields[-1].append(part)
+        indent = self.indent if self.indent < width // 2 else 2
+        rows: list[list[str | tuple[str, str]]] = [[]]
+        used = 0
+        for f in fields:
+            size = sum(len(p if isinstance(p, str) else p[0]) for p in f)
+            if rows[-1] and used + size > width:
+                first = f[0]
+                text = (first if isinstance(first, str) else first[0]).lstrip(" ")
+                if not text and len(f) == 1:
+                    continue  # spacing at a break
+                stripped = text if isinstance(first, str) else (text, first[1])
+                f = [stripped, *f[1:]]
+                size = sum(len(p if isinstance(p, str) else p[0]) for p in f)
+                rows.append([" " * indent])
+                used = indent
+            rows[-1].extend(f)
+            used += size
+        return [Content.assemble(*r) for r in rows if r]
 
 
 @dataclass(order=True)
@@ -140,16 +192,32 @@ class ChartSpec:
     title: str
     column: str  # store column
     marks: dict[float, str] = field(default_factory=dict)  # threshold level -> its name
+    count: str = ""  # a store column whose zero means "nothing to measure" in that update (drawn "·")
 
 
 class Rows:
-    """Collects rows in display order."""
+    """Collects rows in display order; a :class:`Line` wider than ``width`` wraps between fields."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 0) -> None:
         self.rows: list[Row] = []
+        self.width = width
 
     def add(self, line: Line | Content | str, priority: float = 5) -> None:
-        content = line.build() if isinstance(line, Line) else Content(line) if isinstance(line, str) else line
+        if isinstance(line, Line):
+            wrapped = line.wrap(self.width)
+            if len(wrapped) > 1 and priority >= SECONDARY:
+                # a secondary line keeps its first row, its last fields left to the zoomed panel
+                # (marked " …"), so that it never pushes a chart out
+                head = wrapped[0]
+                if self.width - head.cell_length >= 2:
+                    head = Content.assemble(head, (" …", LABEL))
+                wrapped = [head]
+            # a continuation yields to every row of its line's priority (the line's head stays, and
+            # no other line is pushed out for it); zoomed, there is room for all
+            for i, content in enumerate(wrapped):
+                self.rows.append(Row(priority + (0.5 if i else 0), len(self.rows), content))
+            return
+        content = Content(line) if isinstance(line, str) else line
         self.rows.append(Row(priority, len(self.rows), content))
 
 
@@ -182,7 +250,7 @@ class Panel(Static):
         if key == self._drawn_key:
             return
         self._drawn_key = key
-        rows = Rows()
+        rows = Rows(width)
         verdicts: list[Verdict] = []
         if view.snap is None:
             rows.add(Line().label("waiting for the first snapshot…"))
@@ -237,8 +305,14 @@ class Panel(Static):
         if len(spec.title) + len(span) + len(legend) > width:
             span = ""
         own_row = bool(legend) and len(spec.title) + len(legend) > width and spare >= 4
+        empty = store.series(spec.count, plot_w) == 0 if spec.count else None
         lines, lo, hi = chart(
-            values, plot_w, spare - (2 if own_row else 1), store.present(spec.column, plot_w), spec.marks
+            values,
+            plot_w,
+            spare - (2 if own_row else 1),
+            store.present(spec.column, plot_w),
+            spec.marks,
+            empty,
         )
         title = Line().label(spec.title + span)
         if legend and not own_row:
@@ -248,7 +322,10 @@ class Panel(Static):
             rows.add(Line().label(legend.strip()), 9)
         for i, text in enumerate(lines):
             tick = fmt_num(hi) if i == 0 else fmt_num(lo) if i == len(lines) - 1 else ""
-            rows.add(Line().label(tick.rjust(axis - 1) + " ").add(text, "$accent"), 9)
+            line = Line().label(tick.rjust(axis - 1) + " ")
+            for run in re.findall(r"┈+|[^┈]+", text):  # a limit's dotted line is context, not data
+                line.add(run, "$text-muted" if run[0] == "┈" else "$series")
+            rows.add(line, 9)
 
 
 def panel_title(

@@ -106,9 +106,11 @@ class GradientsPanel(Panel):
         if g.group_norms:
             line = Line().label("groups", L)
             for name, norm in g.group_norms.items():
-                line.label(f"{name} ")
+                # one field per group (a wrapped line breaks between groups, never inside one): the
+                # spaces inside it are non-breaking
+                line.label(f"{name}\u00a0")
                 if width >= 56:
-                    line.val(norm, alarms.mark(Verdict.OK, value=norm)).add(" ")
+                    line.val(norm, alarms.mark(Verdict.OK, value=norm)).add("\u00a0")
                 ratio = g.group_ratios.get(name)
                 if ratio is not None:
                     line.label(f"×{fmt_num(ratio, 2)}")
@@ -127,7 +129,7 @@ class GradientsPanel(Panel):
                 SPARK_BLOCKS[round(math.log1p(c) / math.log1p(top) * scale)] if c else " " for c in counts
             )
             peak = labels[counts.index(top)]
-            line = Line().label("|g| hist", L).label("0 ").add(chart, "$accent").label(f" {labels[-1]}")
+            line = Line().label("|g| hist", L).label("0 ").add(chart, "$series").label(f" {labels[-1]}")
             line.label(f" peak {peak}")
             rows.add(line, 2)
             bar_w = max(width - L - 14 - 6, 4)
@@ -135,7 +137,7 @@ class GradientsPanel(Panel):
             for i, (label, count) in enumerate(zip(labels, counts)):
                 n = count / top * bar_w
                 bar = "█" * int(n) + ("▌" if n - int(n) >= 0.5 else "")
-                line = Line().label(f"  {label}".ljust(L + 12)).add(bar.ljust(bar_w), "$accent")
+                line = Line().label(f"  {label}".ljust(L + 12)).add(bar.ljust(bar_w), "$series")
                 line.label(f" {fmt_pct(count / total)}".rjust(6))
                 rows.add(line, 7 + rank[i] / 100)  # short of rows: the fullest bins stay
 

@@ -35,6 +35,7 @@ class HeaderModel:
     profile: str = ""
     paused: bool = False
     paused_behind: int = 0  # snapshots ingested since the display froze
+    paused_step: int | None = None  # the step on screen while paused (the panels' step)
     replay: str = ""  # replay position / speed ('' when live)
     commands_note: str = ""
 
@@ -65,7 +66,7 @@ _STATE = {
     LinkState.STALE: ("○ stale", "bold $warning"),
     LinkState.DISCONNECTED: ("✖ disconnected", "bold $error"),
     LinkState.INCOMPATIBLE: ("✖ incompatible", "bold $error"),
-    LinkState.REPLAY: ("▶ replay", "bold $accent"),
+    LinkState.REPLAY: ("▶ replay", "bold $focus"),
 }
 
 
@@ -79,15 +80,17 @@ class StatusHeader(Static):
         width = max(self.size.width, 20)
         store, status = model.store, model.status
         snap = store.latest
-        line1: list[Segment] = [(0, [("simic-tui", "bold $accent")])]
+        line1: list[Segment] = [(0, [("simic-tui", "bold $focus")])]
         if snap is not None:
             line1.append((1, [(snap.run.name or "(unnamed run)", "bold")]))
             if store.session:
                 line1.append((6, [("session ", "$text-muted"), (store.session[:8], "")]))
             planned = snap.run.planned_updates
-            step = [("step ", "$text-muted"), (str(snap.step), "bold")]
+            # paused: the step the frozen panels show, not the newest one
+            shown = model.paused_step if model.paused and model.paused_step is not None else snap.step
+            step = [("step ", "$text-muted"), (str(shown), "bold")]
             if planned:
-                step += [(f"/{planned}", ""), (f" ({100 * snap.step / planned:.0f}%)", "$text-muted")]
+                step += [(f"/{planned}", ""), (f" ({100 * shown / planned:.0f}%)", "$text-muted")]
             line1.append((0, step))
             badge = badge_parts(store.incidents)
             if badge:  # the incidents asking for attention: never dropped for width
@@ -144,12 +147,13 @@ class StatusHeader(Static):
         if model.lease:
             line2.append((1, [(model.lease, "bold $warning")]))
         if model.profile:
-            line2.append((2, [(model.profile, "$accent")]))
+            line2.append((2, [(model.profile, "$focus")]))
         if model.commands_note and not model.replay:
             line2.append((7, [(model.commands_note, "$text-muted")]))
         if model.paused:
-            behind = f", {model.paused_behind} new" if model.paused_behind else ""
-            line2.insert(1, (0, [(f"‖ PAUSED (display{behind}; p resumes)", "bold reverse $warning")]))
+            at = f" at step {model.paused_step}" if model.paused_step is not None else ""
+            text = f"‖ paused{at} · {model.paused_behind} new · p resumes"
+            line2.insert(1, (0, [(text, "bold reverse $focus")]))
         content = Content("\n").join([fit_segments(line1, width), fit_segments(line2, width)])
         if self._shown is None or not content.is_same(self._shown):  # only when text or style changed
             self._shown = content

@@ -52,10 +52,12 @@ def badge_parts(log: IncidentLog) -> list[tuple[str, str]]:
         return []
     active, new, worst = badge
     glyph, style = severity_style(worst)
+    if not active:  # only history is unacknowledged: no alarm colour while nothing is wrong
+        glyph, style = "✓", "bold"
     text = f"{glyph} {active} active"
     if new:
         text += f" · {new} new"
-    return [(text, f"{style} reverse" if new else style)]
+    return [(text, f"{style} reverse" if new and active else style)]
 
 
 def record_state(log: IncidentLog, rec: IncidentRecord) -> str:

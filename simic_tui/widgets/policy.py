@@ -73,6 +73,11 @@ class PolicyPanel(Panel):
         if width >= 44:
             line.label("mean ")
         line.val(pol.kl_k3_mean, kv)
+        if width >= 64:
+            # the last epoch that ran, wherever an early stop ended the update (SB3's approx_kl): the
+            # mean over epochs understates an update whose last epochs moved the policy most
+            last = pol.kl_k3_per_epoch[-1] if pol.kl_k3_per_epoch else None
+            line.label(" last ").val(last, alarms.mark(Verdict.OK, value=last))
         line.label(" max ").val(pol.kl_k3_max, alarms.mark(Verdict.OK, value=pol.kl_k3_max))
         line.add(" ")
         spark_col = line.width
@@ -84,7 +89,7 @@ class PolicyPanel(Panel):
             marks = "".join("ˆ" if s == 1.0 else " " for s in np.nan_to_num(stops, nan=0.0))
             if "ˆ" in marks:
                 rows.add(
-                    Line().label("early stop").pad_to(spark_col).add(marks.rjust(spark_w), "$warning"), 6
+                    Line().label("early stop").pad_to(spark_col).add(marks, "$series-dim"), 6
                 )
 
         # clipping, ratios, ESS
@@ -110,14 +115,22 @@ class PolicyPanel(Panel):
         ess = alarms.mark(judge_low(pol.ess, warn=thr.ess_warning), value=pol.ess, limit=thr.ess_warning)
         verdicts += [cv.verdict, rmax.verdict, rmin.verdict, ess.verdict]
         line = Line().label("clip", L).val(pol.clip_fraction, cv, fmt=fmt_pct)
+        heads_line = Line().label("", L)
         for head, value in pol.head_clip_fraction.items():
             hv = alarms.mark(
                 judge_high(value, warn=thr.clip_fraction_warning),
                 value=value,
                 limit=thr.clip_fraction_warning,
             )
-            line.label(f"  {head} ").val(value, hv, fmt=fmt_pct)
-        rows.add(line, 2)
+            heads_line.label(f"  {head} " if heads_line.width > L else f"{head} ").val(value, hv, fmt=fmt_pct)
+        if line.width + 2 + heads_line.width - L <= width:  # the heads' shares on the same row
+            line.parts += ["  ", *heads_line.parts[1:]]
+            line.width += 2 + heads_line.width - L
+            rows.add(line, 2)
+        else:  # short of width: the heads' shares on a secondary row of their own
+            rows.add(line, 2)
+            if pol.head_clip_fraction:
+                rows.add(heads_line, 3.5)
         line = Line().label("ratio", L).val(pol.ratio_min, rmin)
         line.label(" – ").val(pol.ratio_max, rmax)
         line.label("  ESS ").val(pol.ess, ess)
@@ -127,7 +140,7 @@ class PolicyPanel(Panel):
 
         # this update's early stop
         if pol.early_stopped:
-            line = Line().label("stopped", L).add("early stop", "$warning")
+            line = Line().label("stopped", L).add("early stop")
             line.label(" at epoch ").val(pol.early_stop_epoch).label(" KL ").val(pol.early_stop_kl)
         else:
             line = Line().label("stopped", L).label(f"no early stop ({pol.epochs} epochs)")
@@ -143,9 +156,10 @@ class PolicyPanel(Panel):
         rows.add(line, 4)
 
         if wide:
-            line = (
-                Line().label("KL k1", L).label("mean ").val(pol.kl_k1_mean).label(" max ").val(pol.kl_k1_max)
-            )
+            line = Line().label("KL k1", L).label("mean ").val(pol.kl_k1_mean)
+            if pol.kl_k1_per_epoch:
+                line.label(" last ").val(pol.kl_k1_per_epoch[-1])
+            line.label(" max ").val(pol.kl_k1_max)
             if pol.kl_k3_per_epoch:
                 line.label("  k3/epoch ").add(" ".join(fmt_num(x, 2) for x in pol.kl_k3_per_epoch))
             rows.add(line, 5)

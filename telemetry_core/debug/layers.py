@@ -43,8 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from telemetry_core.reductions.advantage import to_device
-from telemetry_core.reductions.transfer import accumulation_dtype
+from telemetry_core.reductions.transfer import accumulation_dtype, to_device
 from telemetry_core.schema import LayerRow
 
 __all__ = ["AUTO_ELEMENTS", "CHUNK", "MIXED_CHUNKS", "LayerTable", "float32_norms"]

@@ -21,6 +21,7 @@ and prints, so the output contract above holds for the launcher's output::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import sys
@@ -153,12 +154,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Stop(Exception):
-    """Raised in the training thread by the SIGTERM handler."""
+class _Stop(BaseException):
+    """Raised in the main thread by the SIGINT and SIGTERM handlers: stop training now.
+
+    Not KeyboardInterrupt: CPython (3.11) remembers a KeyboardInterrupt that passes through code run
+    by ``PyRun_String`` (which extension modules use) as "unhandled" even when it is caught later,
+    and then ends the process by SIGINT after a clean shutdown (status -2 instead of 0, about one
+    Ctrl-C in eight in the first update). A BaseException, so that no ``except Exception`` on the
+    way (the hub's error guard) swallows it as a telemetry error.
+    """
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+_stop_requested: list[int] = []  # the signals received (a list: the handler must not rebind a global)
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    _stop_requested.append(signum)
     raise _Stop()
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """True for the stop itself, or for an error it caused on its way up.
+
+    Python wraps what a class body's ``__set_name__`` raises in a RuntimeError: a Ctrl-C during
+    a lazy import (torch.distributed at the start of training) arrives as one.
+    """
+    return isinstance(exc, (_Stop, KeyboardInterrupt)) or bool(_stop_requested)
+
+
+def _set_stop_handlers(handler: Any) -> dict[int, Any]:
+    """SIGINT and SIGTERM go to ``handler``; returns the previous handlers (none off the main thread)."""
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread (main() run from a thread)
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -166,6 +201,22 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # First of all: a Ctrl-C during the imports and setup below (seconds: torch, the agent, the
+    # bind) stops as cleanly as one during training.
+    previous = _set_stop_handlers(_on_stop_signal)
+    _stop_requested.clear()
+    try:
+        return _main(argv)
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) or not _interrupted(exc):
+            raise
+        print("interrupted before training started", flush=True)
+        return 0
+    finally:
+        _restore_handlers(previous)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for inj in args.inject:
@@ -213,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     out = sys.stdout if rank == 0 else None
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     records: list[Any] = []
+    stopped: str | None = "interrupted"
     try:
         if out is not None:
             _announce(hub, bind, args, out)
@@ -223,12 +274,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.quiet:
                 print(_line(record, cfg.num_updates), file=out, flush=True)
         stopped = None
-    except (KeyboardInterrupt, _Stop):
+    except BaseException as exc:  # KeyboardInterrupt: main() run where signals stay Python's
+        if not _interrupted(exc):
+            raise
         stopped = "interrupted"
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        hub.close()
-        _leave_ranks()
+        # A second Ctrl-C while closing (bounded: about a second) must not leave the connection
+        # file behind or tear the recording: it is noted and ignored until the hub is closed.
+        held = _set_stop_handlers(signal.SIG_IGN)
+        try:
+            hub.close()
+            _leave_ranks()
+        finally:
+            _restore_handlers(held)
     if out is None:
         return 0
     summary = summarize(records) if records else {}
@@ -312,6 +370,9 @@ def _announce(hub: Any, bind: str | None, args: argparse.Namespace, out: Any) ->
         print(f"simic-tui attach {socket.gethostname()}:{port}{where}", file=out, flush=True)
     else:
         print(f"simic-tui attach {host}:{port}", file=out, flush=True)
+    asked = bind.rpartition(":")[2]
+    if asked not in ("0", "*", port) and not args.quiet:  # the default port was taken: say so
+        print(f"telemetry: port {asked} is in use (another trainer?); streaming on {port}", file=out, flush=True)
     if path is not None and not args.quiet:
         print(f"telemetry: connection file {path}", file=out, flush=True)
 

@@ -491,6 +491,7 @@ def iter_train(
                         unroll.lstm_input_state[0].detach(),
                         unroll.lstm_input_state[1].detach(),
                     ),
+                    timesteps=global_step,  # this process's environment steps: the export's x-axis
                 )
 
             # ---- record ------------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 ``export_recording("runs/demo.simrec", "tb/demo")`` (or ``simic-tui export FILE --tensorboard DIR``)
 writes one TensorBoard event per snapshot at ``step = snapshot.step`` and the snapshot's own wall
-time. It uses TensorBoard's own writer (``EventFileWriter`` and its protobufs): no torch, no
+time. With ``x="timesteps"`` (``--x timesteps``) the step is the snapshot's ``timesteps`` instead:
+the environment steps at which the training loop's own logger shows that update (SB3's
+``SimicCallback`` and the CleanRL recipe fill it in), so the export lines up with the loop's own
+TensorBoard curves — with SB3's ``train/*`` and the callback's ``simic/*`` values point for point
+(SB3 writes an update's training values at its next dump, one rollout after that update's own). It uses TensorBoard's own writer (``EventFileWriter`` and its protobufs): no torch, no
 TensorFlow, so the torch-free dashboard CLI can run it. Without the ``tensorboard`` package the
 import of this module raises ``ImportError`` (install ``simic-tui[tensorboard]``).
 
@@ -15,9 +19,15 @@ rules), so they are stable across releases:
   ``gradients/group_norms/<group>``, ``lstm/gate_saturation/forget``,
   ``debug/conflict/head_cosines/<a|b>``, ``debug/numerical/max_abs_grad``,
   ``ranks/per_rank/<key>/rank<i>``; ``policy/kl_k3_per_epoch/epoch<i>`` (k1 and the per-epoch
-  maxima likewise);
-  ``gradients/param_norms/<parameter name>``; ``debug/layers/<parameter name>/<field>`` at DEBUG
-  updates. Booleans are 0/1 (``policy/early_stopped``). Undefined statistics (``None``) are not
+  maxima likewise) and ``policy/kl_k3_last_epoch`` / ``policy/kl_k1_last_epoch``, the last epoch
+  that ran whatever epoch an early stop ended at (SB3's ``train/approx_kl`` is that k3);
+  ``gradients/param_norms/<parameter name>``. At DEBUG updates the per-layer table is summarised
+  under a fixed set of tags, whatever the number of parameter tensors:
+  ``debug/layers/<statistic>/top<i>`` — the ``i``-th largest value over the layers (NaN ranks
+  first) of ``norm``, ``norm_max``, ``large_frac``, ``small_frac`` and ``zero_frac``, ``i`` = 1..3
+  (the layers' names are in the ``debug/layers`` text) — and ``debug/layers/nan``,
+  ``debug/layers/inf`` (non-finite gradient elements over every layer),
+  ``debug/layers/nonfinite_layers`` and ``debug/layers/count``. Booleans are 0/1 (``policy/early_stopped``). Undefined statistics (``None``) are not
   written; NaN and ±inf are written as they are (TensorBoard shows them as such). Also
   ``time/update_seconds``, ``telemetry/level`` (0 OFF .. 3 DEBUG), ``counters/<counter>`` and
   ``anomalies/count``, ``anomalies/critical``, ``anomalies/warning``.
@@ -33,7 +43,8 @@ rules), so they are stable across releases:
 * **Text**: ``anomalies`` — a markdown table of the update's anomalies (kind, severity, head,
   value, threshold, message, what to try); ``run`` and ``thresholds`` — written at the first
   snapshot and again whenever they change; ``debug/outliers`` — the worst ratio samples of a DEBUG
-  update; ``debug/nonfinite`` — parameters with NaN/inf weights or gradients.
+  update; ``debug/nonfinite`` — parameters with NaN/inf weights or gradients; ``debug/layers`` — the
+  layers behind each ``debug/layers/<statistic>/top<i>`` value.
 """
 
 from __future__ import annotations
@@ -55,9 +66,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from telemetry_core.protocol import FrameError, IncompatibleVersion, decode_body, decode_envelope
 from telemetry_core.record import read_recording
-from telemetry_core.schema import SCHEMA_MAJOR, Anomaly, RatioOutliers, Snapshot
+from telemetry_core.schema import SCHEMA_MAJOR, Anomaly, LayerRow, RatioOutliers, Snapshot
 
-__all__ = ["export_recording", "snapshot_scalars", "snapshot_summary"]
+__all__ = ["X_AXES", "export_recording", "snapshot_scalars", "snapshot_summary"]
 
 LEVELS = {"OFF": 0, "MINIMAL": 1, "NORMAL": 2, "DEBUG": 3}
 # Sections of a Snapshot whose numbers become scalars, in this order.
@@ -83,30 +94,28 @@ _INDEXED = {
 }
 # Lists of ids exported as their length.
 _COUNTED = {"ranks.divergent_ranks", "ranks.straggler_ranks"}
-_LAYER_FIELDS = (
-    "norm",
-    "norm_max",
-    "mean",
-    "std",
-    "min",
-    "max",
-    "zero_frac",
-    "small_frac",
-    "large_frac",
-    "nan",
-    "inf",
-    "calls",
-)
+# Per-layer statistics summarised by their largest values over the layers, and how many of them:
+# a fixed set of tags whatever the model's number of parameter tensors (the full table is the
+# dashboard's DEBUG screen and the recording's).
+_LAYER_RANKED = ("norm", "norm_max", "large_frac", "small_frac", "zero_frac")
+_LAYER_TOP = 3
+X_AXES = ("update", "timesteps")
 _TEXT_ROWS = 10  # outlier rows per head in the debug/outliers text
 
 
-def export_recording(recording_path: str | Path, logdir: str | Path) -> int:
+def export_recording(recording_path: str | Path, logdir: str | Path, *, x: str = "update") -> int:
     """Write every readable snapshot of ``recording_path`` as TensorBoard events under ``logdir``.
 
+    ``x``: the events' step — ``"update"`` (the snapshot's update step) or ``"timesteps"`` (its
+    environment timesteps, as the training loop's own logger places it).
+
     Returns the number of snapshots written. Raises ``ValueError`` when the file is not a readable
-    recording of this schema (``RecordingError`` is one), ``OSError`` when ``logdir`` cannot be
-    written. Damaged frames are skipped, as replay skips them.
+    recording of this schema (``RecordingError`` is one) or, with ``x="timesteps"``, when a snapshot
+    carries no timesteps; ``OSError`` when ``logdir`` cannot be written. Damaged frames are
+    skipped, as replay skips them.
     """
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     recording = read_recording(recording_path)
     if recording.schema_major != SCHEMA_MAJOR:
         raise ValueError(
@@ -133,10 +142,15 @@ def export_recording(recording_path: str | Path, logdir: str | Path) -> int:
             if not isinstance(snapshot, Snapshot) or env.seq <= last_seq:
                 continue
             last_seq = env.seq
+            step = snapshot.step if x == "update" else snapshot.timesteps
+            if step is None:
+                raise ValueError(
+                    f"{recording_path}: the snapshot of update {snapshot.step} has no environment "
+                    "timesteps (its training loop did not pass end_update(timesteps=...)); export it "
+                    "with the update as the x-axis"
+                )
             summary = snapshot_summary(snapshot, last_text)
-            writer.add_event(
-                event_pb2.Event(wall_time=snapshot.wall_time, step=snapshot.step, summary=summary)
-            )
+            writer.add_event(event_pb2.Event(wall_time=snapshot.wall_time, step=step, summary=summary))
             written += 1
     finally:
         writer.close()
@@ -167,10 +181,20 @@ def snapshot_scalars(snapshot: Snapshot) -> dict[str, float]:
     if g is not None and g.param_norms and len(g.param_norms) == len(snapshot.run.param_names):
         for name, norm in zip(snapshot.run.param_names, g.param_norms):
             out[f"gradients/param_norms/{name}"] = float(norm)
-    if snapshot.debug is not None:
-        for row in snapshot.debug.layers:
-            for field in _LAYER_FIELDS:
-                out[f"debug/layers/{row.name}/{field}"] = float(getattr(row, field))
+    p = snapshot.policy
+    if p is not None and p.kl_k3_per_epoch:
+        out["policy/kl_k3_last_epoch"] = float(p.kl_k3_per_epoch[-1])
+    if p is not None and p.kl_k1_per_epoch:
+        out["policy/kl_k1_last_epoch"] = float(p.kl_k1_per_epoch[-1])
+    if snapshot.debug is not None and snapshot.debug.layers:
+        layers = snapshot.debug.layers
+        for field in _LAYER_RANKED:
+            for i, (_, value) in enumerate(_top_layers(layers, field), 1):
+                out[f"debug/layers/{field}/top{i}"] = value
+        out["debug/layers/nan"] = float(sum(row.nan for row in layers))
+        out["debug/layers/inf"] = float(sum(row.inf for row in layers))
+        out["debug/layers/nonfinite_layers"] = float(sum(row.nan + row.inf > 0 for row in layers))
+        out["debug/layers/count"] = float(len(layers))
     out["time/update_seconds"] = float(snapshot.update_seconds)
     level = LEVELS.get(snapshot.level.level)
     if level is not None:
@@ -180,6 +204,14 @@ def snapshot_scalars(snapshot: Snapshot) -> dict[str, float]:
     out["anomalies/critical"] = float(sum(a.severity == "critical" for a in snapshot.anomalies))
     out["anomalies/warning"] = float(sum(a.severity == "warning" for a in snapshot.anomalies))
     return out
+
+
+def _top_layers(layers: Iterable[LayerRow], field: str) -> list[tuple[str, float]]:
+    """The ``_LAYER_TOP`` layers with the largest ``field`` (NaN first: the worst a layer can be),
+    as ``(name, value)``; layers without a gradient in the update (``calls == 0``) left out."""
+    rows = [(row.name, float(getattr(row, field))) for row in layers if row.calls]
+    rows.sort(key=lambda r: (not math.isnan(r[1]), -r[1] if not math.isnan(r[1]) else 0.0))
+    return rows[:_LAYER_TOP]
 
 
 def _walk(value: Any, tag: str, path: str, out: dict[str, float]) -> None:
@@ -293,6 +325,8 @@ def _texts(snapshot: Snapshot, last: dict[str, str]) -> list[tuple[str, str]]:
     if debug is not None:
         if debug.outliers:
             out.append(("debug/outliers", _outlier_text(debug.outliers)))
+        if debug.layers:
+            out.append(("debug/layers", _layers_text(debug.layers)))
         num = debug.numerical
         if num.nonfinite_weights or num.nonfinite_grads:
             out.append(
@@ -326,6 +360,16 @@ def _anomaly_table(anomalies: list[Anomaly]) -> str:
             )
             + " |"
         )
+    return "\n".join(rows)
+
+
+def _layers_text(layers: list[LayerRow]) -> str:
+    head = " | ".join(f"top {i}" for i in range(1, _LAYER_TOP + 1))
+    rows = [f"| statistic | {head} |", "|---" * (_LAYER_TOP + 1) + "|"]
+    for field in _LAYER_RANKED:
+        top = [f"{_cell(name)} ({_cell(value)})" for name, value in _top_layers(layers, field)]
+        top += [""] * (_LAYER_TOP - len(top))
+        rows.append(f"| {field} | " + " | ".join(top) + " |")
     return "\n".join(rows)
 
 

@@ -49,7 +49,6 @@ __all__ = [
     "moments_from_host",
     "nan_max",
     "quantiles",
-    "to_device",
 ]
 
 QUANTILE_MAX_EXACT = 1 << 20
@@ -139,16 +138,6 @@ def check_same_layout(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor
         )
     if a.device != b.device:
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-built tensor (an index, constants) on ``device`` without a blocking copy (pinned and
-    ``non_blocking`` on CUDA, where a pageable copy would synchronise)."""
-    if t.device == device:
-        return t
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def acc_dtype(device: torch.device) -> torch.dtype:

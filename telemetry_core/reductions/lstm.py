@@ -51,7 +51,8 @@ import torch
 from torch import nn
 
 from telemetry_core.config import TelemetryLevel, Thresholds
-from telemetry_core.reductions.advantage import acc_dtype, check_float_tensor, to_device
+from telemetry_core.reductions.advantage import acc_dtype, check_float_tensor
+from telemetry_core.reductions.transfer import to_device
 from telemetry_core.schema import LSTMStats
 
 __all__ = ["LSTMReducer", "replay_lstm"]

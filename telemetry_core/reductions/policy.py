@@ -71,8 +71,8 @@ from telemetry_core.reductions.advantage import (
     as_real,
     check_float_tensor,
     check_same_layout,
-    to_device,
 )
+from telemetry_core.reductions.transfer import to_device
 from telemetry_core.schema import PolicyStats
 
 __all__ = ["PolicyReducer"]

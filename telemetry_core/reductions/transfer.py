@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-__all__ = ["accumulation_dtype", "float64_disabled", "transfer"]
+__all__ = ["accumulation_dtype", "float64_disabled", "to_device", "transfer"]
 
 # Device types whose tensors cannot be float64.
 _NO_FLOAT64 = {"mps"}
@@ -43,6 +43,16 @@ def float64_disabled() -> Iterator[None]:
         yield
     finally:
         _forced_float32 = before
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor (an index, constants) on ``device`` without a blocking copy (pinned and
+    ``non_blocking`` on CUDA, where a pageable copy would synchronise)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def transfer(pending: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:

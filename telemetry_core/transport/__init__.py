@@ -6,8 +6,11 @@ a ROUTER socket (dashboards connect SUB + DEALER; frames are defined in
 
 * :mod:`.net` - addresses, endpoints and setup errors;
 * :mod:`.auth` - authentication at connect (CURVE + a ZAP handler) and the peer cap;
+* :mod:`.sockets` - where to bind, with which CURVE keys, and the PUB / ROUTER sockets;
 * :mod:`.gate` - the command gate: rate limits, signature, replay memory, refusal codes;
-* :mod:`.publisher` - the thread, its sockets, the publish queue, history and replies.
+* :mod:`.commands` - the command port on the publisher thread: read, judge, reply, serve history;
+* :mod:`.history` - the last frames sent, kept for late joiners;
+* :mod:`.publisher` - the training-thread API, the publish queue and the publisher thread's loop.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from telemetry_core.transport.gate import (
     Verdict,
 )
 from telemetry_core.transport.net import (
+    DEFAULT_BIND,
+    DEFAULT_PORT_SEARCH,
     BindError,
     Endpoints,
     InsecureBindError,
@@ -35,6 +40,8 @@ from telemetry_core.transport.publisher import Publisher, PublisherCounters
 
 __all__ = [
     "AUTH_CODES",
+    "DEFAULT_BIND",
+    "DEFAULT_PORT_SEARCH",
     "FRAME_CODES",
     "REJECT_CODES",
     "SILENT_CODES",

@@ -6,6 +6,8 @@ import ipaddress
 from typing import NamedTuple
 
 __all__ = [
+    "DEFAULT_BIND",
+    "DEFAULT_PORT_SEARCH",
     "BindError",
     "Endpoints",
     "InsecureBindError",
@@ -14,6 +16,12 @@ __all__ = [
     "parse_tcp",
     "zmq_endpoint",
 ]
+
+
+# The stream's default address; the command port is the next one.
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+# Port pairs tried after the default one when it is in use (another trainer started with defaults).
+DEFAULT_PORT_SEARCH = 20
 
 
 class TransportError(RuntimeError):

@@ -1,8 +1,11 @@
 """The publisher thread: snapshots out on PUB, authenticated commands in on ROUTER.
 
-The training thread only encodes a snapshot and appends it to a bounded queue that drops the
-oldest (and counts it): it never waits on the network, a slow dashboard or a flood of commands,
-and it does not even wake the publisher thread. A pipe write per snapshot would release the GIL
+The training thread only appends a snapshot to a bounded queue that drops the oldest (and
+counts it): it never waits on the network, a slow dashboard or a flood of commands, and it does
+not even wake the publisher thread. With :meth:`Publisher.hand_off_snapshot` (the hub's path) it
+does not encode either: the publisher thread encodes the snapshot (msgpack, tens of microseconds
+for a DEBUG one), so the caller must not change it afterwards; :meth:`Publisher.publish_snapshot`
+encodes on the calling thread and returns the frame. A pipe write per snapshot would release the GIL
 to a thread that then holds it while the training thread waits (hundreds of microseconds per
 publish with a subscriber attached); instead the thread looks at the queue every
 ``wake_interval`` seconds (20 ms by default, imperceptible on a dashboard).
@@ -49,40 +52,26 @@ import zmq
 
 from telemetry_core import protocol
 from telemetry_core.config import TelemetryLevel
-from telemetry_core.schema import Ack, Command, Counters, Heartbeat, History, Nack, Snapshot
-from telemetry_core.transport.auth import ZAP_DOMAIN, ZapHandler
-from telemetry_core.transport.gate import AUTH_CODES, FRAME_CODES, CommandGate, TokenBucket
-from telemetry_core.transport.net import (
-    BindError,
-    Endpoints,
-    InsecureBindError,
-    TransportError,
-    is_loopback,
-    parse_tcp,
-    zmq_endpoint,
+from telemetry_core.schema import Ack, Command, Counters, Heartbeat, Nack, Snapshot
+from telemetry_core.transport.auth import ZapHandler
+from telemetry_core.transport.commands import CommandPort
+from telemetry_core.transport.gate import FRAME_CODES, CommandGate, TokenBucket
+from telemetry_core.transport.history import HistoryRing
+from telemetry_core.transport.net import DEFAULT_BIND, BindError, Endpoints, TransportError, zmq_endpoint
+from telemetry_core.transport.sockets import (
+    FAILED_EVENTS,
+    MONITOR_EVENTS,
+    BindPlan,
+    describe_bind_error,
+    make_sockets,
 )
 
 __all__ = ["Publisher", "PublisherCounters"]
 
 log = logging.getLogger("telemetry_core.transport")
 
-_READ_BATCH = 256
-# Inbound messages on the PUB socket are (un)subscriptions of a few bytes and, with CURVE, the
-# handshake's commands (HELLO 200 bytes, INITIATE under 512); libzmq applies MAXMSGSIZE to both.
-_MAX_INBOUND_PUB = 1024
-_MONITOR_EVENTS = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_ACCEPTED
-    | zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_CLOSED
-)
-_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
+# A queued snapshot: (seq, its frame or the snapshot still to encode, who else wants the frame).
+_Queued = tuple[int, bytes | Snapshot, Callable[[bytes], None] | None]
 
 
 class PublisherCounters(msgspec.Struct, frozen=True, kw_only=True):
@@ -144,6 +133,8 @@ class Publisher:
     ``bind=None`` turns the network off: snapshots are still encoded (and returned, for a
     recorder) and counted as ``unsent``. With port 0 the PUB and ROUTER get ephemeral ports (see
     :attr:`endpoints`); otherwise the ROUTER binds the PUB port + 1 unless ``cmd_bind`` is given.
+    The default ports, when taken, move to the next free pair (``port_search`` pairs are tried,
+    by default for the default bind only); :attr:`endpoints` and a warning say where.
 
     ``curve=None`` (the default) encrypts and authenticates every connection with CURVE whenever
     libzmq has it, loopback included; ``curve=False`` is allowed on loopback only (then any local
@@ -152,7 +143,7 @@ class Publisher:
 
     def __init__(
         self,
-        bind: str | None = "tcp://127.0.0.1:5555",
+        bind: str | None = DEFAULT_BIND,
         *,
         session: str | None = None,
         run_name: str = "",
@@ -179,6 +170,7 @@ class Publisher:
         max_peers: int = 128,
         command_cpu_share: float = 0.02,
         wake_interval: float = 0.02,
+        port_search: int | None = None,
     ) -> None:
         for name, value, low in (
             ("history", history, 0),
@@ -216,52 +208,10 @@ class Publisher:
         self._key_hex = protocol.ConnectionInfo.new_key()
         self._key = bytes.fromhex(self._key_hex)
 
-        # -- where to bind, and whether CURVE is required ------------------------------------
+        # -- where to bind, and whether CURVE is required (checked here, before any thread) ----
         self._bind = bind
-        self._pub_addr: tuple[str, int] | None = None
-        self._cmd_addr: tuple[str, int] | None = None
-        self._curve = False
-        if bind is not None:
-            host, port = parse_tcp(bind, "bind")
-            if cmd_bind is not None:
-                cmd_host, cmd_port = parse_tcp(cmd_bind, "cmd_bind")
-            else:
-                if port == 65535:
-                    raise ValueError("bind port 65535 leaves no room for the command port; pass cmd_bind")
-                cmd_host, cmd_port = host, (port + 1 if port else 0)
-            self._pub_addr, self._cmd_addr = (host, port), (cmd_host, cmd_port)
-            local = is_loopback(host) and is_loopback(cmd_host)
-            if curve is False and not local:
-                raise InsecureBindError(
-                    f"refusing to bind {bind} without CURVE: a non-loopback bind must be encrypted and "
-                    "authenticated (leave curve=None or set curve=True)"
-                )
-            if curve is None and local and not zmq.has("curve"):
-                log.warning(
-                    "telemetry: this libzmq has no CURVE; the loopback stream is not encrypted and any "
-                    "local user can read it (commands still need the connection file's key)"
-                )
-                curve = False
-            self._curve = curve is not False
-            if self._curve and not zmq.has("curve"):
-                raise InsecureBindError(
-                    f"refusing to bind {bind}: this libzmq was built without CURVE, so the stream "
-                    "cannot be encrypted; bind 127.0.0.1 and use an SSH tunnel instead"
-                )
-        self._curve_server: tuple[bytes, bytes] | None = None  # (public, secret), z85
-        self._curve_client: tuple[bytes, bytes] | None = None
-        self._curve_allowed: set[bytes] = set()
-        if self._curve:
-            self._curve_server = zmq.curve_keypair()
-            self._curve_client = zmq.curve_keypair()
-            self._curve_allowed = {self._curve_client[0]}
-            for key in curve_allow or []:
-                raw = key.encode() if isinstance(key, str) else bytes(key)
-                if len(raw) != 40:
-                    raise ValueError(f"curve_allow keys must be 40-character z85 public keys, got {key!r}")
-                self._curve_allowed.add(raw)
-        elif curve_allow:
-            raise ValueError("curve_allow needs CURVE (leave curve=None or set curve=True)")
+        self._plan = BindPlan(bind, cmd_bind, curve, curve_allow, port_search)
+        self._curve = self._plan.curve
 
         self._connection_file_opt = connection_file
         self._connection_path: Path | None = None
@@ -269,8 +219,7 @@ class Publisher:
         self._endpoints: Endpoints | None = None
 
         # -- settings used by the thread ---------------------------------------------------
-        self._history_max = history
-        self._history_bytes_max = history_bytes
+        self._history = HistoryRing(history, history_bytes)
         self._chunk_bytes = history_chunk_bytes
         self._queue_size = queue_size
         self._pub_hwm = pub_hwm
@@ -295,7 +244,7 @@ class Publisher:
 
         # -- shared between the training thread and the publisher thread -----------------------
         self._lock = threading.Lock()
-        self._queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._queue: collections.deque[_Queued] = collections.deque()
         self._replies: collections.deque[tuple[bytes, Ack | Nack]] = collections.deque(maxlen=1024)
         self._controls: collections.deque[Callable[[], None]] = collections.deque()
         self._inbox: collections.deque[tuple[bytes, Command]] = collections.deque()
@@ -319,21 +268,25 @@ class Publisher:
         self._dropped = 0
         self._unsent = 0
         self._heartbeats = 0
-        self._history_served = 0
-        self._history_frames = 0
-        self._replies_sent = 0
-        self._replies_dropped = 0
         self._handshake_failures = 0
         self._read_pauses = 0
         self._errors = 0
 
         # -- publisher-thread state ------------------------------------------------------------
-        self._history: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._history_size = 0
         self._last_sent_seq = 0
-        self._auth_nacks: dict[str, bytes] = {}
         self._atexit: Callable[[], None] | None = None
         self._zap: ZapHandler | None = None  # owned by the publisher thread
+        self._port = CommandPort(
+            self._gate,
+            self._key,
+            self.session,
+            read_bucket=self._read_bucket,
+            cpu_bucket=self._cpu_bucket,
+            history=self._history,
+            chunk_bytes=history_chunk_bytes,
+            inbox=self._inbox,
+            header=lambda: (self._last_sent_seq, self._status[0]),
+        )
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle
@@ -370,6 +323,7 @@ class Publisher:
                 raise BindError(message)
             self._warn_once("bind", message)
             return self
+        self._warn_if_moved()
         self._write_connection_file()
         self._atexit = _make_atexit(self)
         atexit.register(self._atexit)
@@ -401,8 +355,11 @@ class Publisher:
         self._remove_connection_file()
         self._network = False
         with self._lock:
-            self._dropped += len(self._queue)
+            left = list(self._queue)
+            self._dropped += len(left)
             self._queue.clear()
+        for item in left:  # lost to the stream, not to the recorder
+            self._encode_for_sink(item)
 
     def __enter__(self) -> Publisher:
         return self.start()
@@ -418,14 +375,58 @@ class Publisher:
         """Encode ``snapshot`` with the next sequence number and queue it; return the frame bytes.
 
         Never blocks: a full queue drops its oldest frame and counts it. In a forked child this
-        returns ``b""`` and touches nothing.
+        returns ``b""`` and touches nothing. The snapshot may change after the call.
         """
         if os.getpid() != self._pid:
             return b""
         self._raise_thread_error()
         self._seq += 1  # the training thread is the only writer
         seq = self._seq
-        frame = protocol.encode_envelope(
+        frame = self._encode(seq, snapshot)
+        self._status = (snapshot.step, snapshot.level.level, snapshot.counters)
+        if not self._network or self._closed:
+            self._unsent += 1
+            return frame
+        self._enqueue((seq, frame, None))
+        return frame
+
+    def hand_off_snapshot(self, snapshot: Snapshot, on_frame: Callable[[bytes], None] | None = None) -> int:
+        """Queue ``snapshot`` to be encoded and sent by the publisher thread; return its sequence number.
+
+        The encode leaves the calling thread, so ``snapshot`` (and everything it holds) must not
+        change after this call. ``on_frame`` (a recorder's ``put``, say) gets the encoded frame, on
+        the publisher thread, in sequence order; it must not block. Whatever the stream does (off,
+        closed, the queue full and its oldest dropped) ``on_frame`` still gets every frame: then it
+        is encoded on the calling thread. Never blocks; in a forked child it returns 0 and touches
+        nothing.
+        """
+        if os.getpid() != self._pid:
+            return 0
+        self._raise_thread_error()
+        self._seq += 1
+        seq = self._seq
+        self._status = (snapshot.step, snapshot.level.level, snapshot.counters)
+        if not self._network or self._closed:
+            self._unsent += 1
+            if on_frame is not None:
+                on_frame(self._encode(seq, snapshot))
+            return seq
+        self._enqueue((seq, snapshot, on_frame))
+        return seq
+
+    def _enqueue(self, item: _Queued) -> None:
+        with self._lock:
+            queue = self._queue
+            dropped = queue.popleft() if len(queue) >= self._queue_size else None
+            if dropped is not None:
+                self._dropped += 1
+            queue.append(item)
+        # No wake-up: the thread looks every wake_interval (see the module docstring).
+        if dropped is not None:
+            self._encode_for_sink(dropped)
+
+    def _encode(self, seq: int, snapshot: Snapshot) -> bytes:
+        return protocol.encode_envelope(
             "snapshot",
             snapshot,
             session=self.session,
@@ -433,18 +434,12 @@ class Publisher:
             step=snapshot.step,
             wall_time=snapshot.wall_time,
         )
-        self._status = (snapshot.step, snapshot.level.level, snapshot.counters)
-        if not self._network or self._closed:
-            self._unsent += 1
-            return frame
-        with self._lock:
-            queue = self._queue
-            if len(queue) >= self._queue_size:
-                queue.popleft()
-                self._dropped += 1
-            queue.append((seq, frame))
-        # No wake-up: the thread looks every wake_interval (see the module docstring).
-        return frame
+
+    def _encode_for_sink(self, item: _Queued) -> None:
+        """A queued snapshot the stream lost still goes to its ``on_frame`` (encoded on this thread)."""
+        seq, payload, on_frame = item
+        if on_frame is not None:
+            on_frame(payload if isinstance(payload, bytes) else self._encode(seq, payload))
 
     def set_status(
         self, step: int, level: str | int | TelemetryLevel, counters: Counters | None = None
@@ -489,10 +484,10 @@ class Publisher:
             heartbeats=self._heartbeats,
             commands_accepted=self._gate.accepted,
             rejected=dict(self._gate.rejected),
-            history_served=self._history_served,
-            history_frames=self._history_frames,
-            replies_sent=self._replies_sent,
-            replies_dropped=self._replies_dropped,
+            history_served=(port := self._port).history_served,
+            history_frames=port.history_frames,
+            replies_sent=port.replies_sent,
+            replies_dropped=port.replies_dropped,
             handshake_failures=self._handshake_failures,
             connections_refused=dict(zap.refused) if (zap := self._zap) is not None else {},
             peers=zap.peers if zap is not None else 0,
@@ -500,6 +495,19 @@ class Publisher:
             errors=self._errors,
             network=self._network,
         )
+
+    def fill_counters(self, out: Counters) -> Counters:
+        """Write this publisher's fields of the wire :class:`Counters` into ``out``; return it.
+
+        What :meth:`PublisherCounters.to_schema` does, without copying every counter first: the hub
+        calls it once per update on the training thread.
+        """
+        gate = self._gate
+        out.snapshots_published = self._published
+        out.snapshots_dropped = self._dropped
+        out.commands_accepted = gate.accepted
+        out.commands_rejected = sum(gate.rejected.values())
+        return out
 
     @property
     def network(self) -> bool:
@@ -547,6 +555,17 @@ class Publisher:
                     os.close(fd)
         self._wake_r = self._wake_w = -1
 
+    def _warn_if_moved(self) -> None:
+        plan, endpoints = self._plan, self._endpoints
+        assert plan.pub_addr is not None and endpoints is not None
+        asked = zmq_endpoint(*plan.pub_addr)
+        if plan.pub_addr[1] and endpoints.pub != asked:
+            self._warn_once(
+                "moved",
+                f"telemetry: {asked} is in use (another trainer?); streaming on {endpoints.pub} "
+                f"(commands {endpoints.cmd}) instead",
+            )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -564,20 +583,14 @@ class Publisher:
 
     def _write_connection_file(self) -> None:
         assert self._endpoints is not None
-        info = protocol.ConnectionInfo(
-            pub=self._endpoints.pub,
-            cmd=self._endpoints.cmd,
+        info = self._plan.connection_info(
+            self._endpoints,
             session=self.session,
-            key=self._key_hex,
+            key_hex=self._key_hex,
             run_name=self.run_name,
             pid=self._pid,
             created=time.time(),
         )
-        if self._curve:
-            assert self._curve_server is not None and self._curve_client is not None
-            info.curve_server_public = self._curve_server[0].decode()
-            info.curve_client_public = self._curve_client[0].decode()
-            info.curve_client_secret = self._curve_client[1].decode()
         self._connection_info = info
         opt = self._connection_file_opt
         if opt is False:
@@ -616,15 +629,14 @@ class Publisher:
                 # The ZAP handler is bound before the sockets, so no connection is ever judged
                 # without it; it lives on this thread and is served from the loop below.
                 self._zap = ZapHandler(
-                    ctx, curve=self._curve, allowed=frozenset(self._curve_allowed), max_peers=self._max_peers
+                    ctx, curve=self._curve, allowed=frozenset(self._plan.allowed), max_peers=self._max_peers
                 )
-                pub, router = self._make_sockets(ctx, sockets)
+                pub, router, self._endpoints = make_sockets(ctx, self._plan, sockets, pub_hwm=self._pub_hwm)
                 for sock in sockets:
-                    monitors.append(sock.get_monitor_socket(_MONITOR_EVENTS))
-                self._auth_nacks = {code: self._encode_auth_nack(code) for code in AUTH_CODES}
+                    monitors.append(sock.get_monitor_socket(MONITOR_EVENTS))
                 self._network = True
             except zmq.ZMQError as exc:
-                self._bind_error = self._describe_bind_error(exc)
+                self._bind_error = describe_bind_error(self._plan, exc)
                 return
             except Exception as exc:
                 self._bind_error = f"telemetry: could not start the stream: {exc!r}"
@@ -653,60 +665,10 @@ class Publisher:
                 with contextlib.suppress(zmq.ZMQError):
                     ctx.term()
 
-    def _describe_bind_error(self, exc: zmq.ZMQError) -> str:
-        assert self._pub_addr is not None and self._cmd_addr is not None
-        pub = zmq_endpoint(*self._pub_addr)
-        cmd = zmq_endpoint(*self._cmd_addr)
-        what = "already in use" if exc.errno == zmq.EADDRINUSE else exc.strerror
-        return (
-            f"telemetry: cannot bind the stream on {pub} (commands {cmd}): {what}. Training continues "
-            "without the live stream (recording, if on, is unaffected); pick another port with "
-            "bind=..., or bind=None to turn the stream off."
-        )
-
-    def _make_sockets(self, ctx: zmq.Context, sockets: list[zmq.Socket]) -> tuple[zmq.Socket, zmq.Socket]:
-        assert self._pub_addr is not None and self._cmd_addr is not None
-        pub = ctx.socket(zmq.PUB)
-        sockets.append(pub)
-        router = ctx.socket(zmq.ROUTER)
-        sockets.append(router)
-        for sock in (pub, router):
-            sock.setsockopt(zmq.LINGER, 0)
-            # Drop peers that stopped answering ZMTP pings, so no queue waits on a dead dashboard.
-            sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-            sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
-            if self._curve:
-                assert self._curve_server is not None
-                sock.setsockopt(zmq.CURVE_SERVER, 1)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve_server[0])
-                sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_server[1])
-            # Every handshake asks the ZAP handler (peer cap; CURVE keys); without it, refuse.
-            sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
-            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-        pub.setsockopt(zmq.SNDHWM, self._pub_hwm)
-        pub.setsockopt(zmq.RCVHWM, 16)
-        # What a subscriber sends is (un)subscriptions: a few bytes each. A longer message gets the
-        # peer disconnected by libzmq before it is buffered (a 10 MB topic used to be kept).
-        pub.setsockopt(zmq.MAXMSGSIZE, _MAX_INBOUND_PUB)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.SNDHWM, 1000)
-        router.setsockopt(zmq.RCVHWM, 100)
-        # Commands are tiny: a larger frame gets the peer disconnected by libzmq before we see it.
-        router.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_COMMAND_BYTES)
-        for sock, (host, port) in ((pub, self._pub_addr), (router, self._cmd_addr)):
-            if ":" in host.strip("[]"):
-                sock.setsockopt(zmq.IPV6, 1)
-            sock.bind(zmq_endpoint(host, port))
-        self._endpoints = Endpoints(
-            pub.getsockopt_string(zmq.LAST_ENDPOINT), router.getsockopt_string(zmq.LAST_ENDPOINT)
-        )
-        return pub, router
-
     def _loop(self, pub: zmq.Socket, router: zmq.Socket, monitors: list[zmq.Socket]) -> None:
         next_hb = time.monotonic()
         was_reading = True
-        while not self._stop:
+        while True:  # leaves through the stop check after the poll, which drains the queue first
             now = time.monotonic()
             if now >= next_hb:
                 self._send_heartbeat(pub)
@@ -744,7 +706,7 @@ class Publisher:
                 while self._controls:
                     self._controls.popleft()()
                 self._drain_snapshots(pub)
-                self._drain_replies(router)
+                self._port.drain_replies(router, self._replies)
                 cpu = time.thread_time()
                 for mon in monitors:
                     if mon in events:
@@ -752,7 +714,7 @@ class Publisher:
                 if reading and zap is not None and zap in events and self._zap is not None:
                     self._zap.serve()
                 if reading and router in events:
-                    self._read_commands(router, cpu)
+                    self._port.read(router, cpu)
                 self._cpu_bucket.charge(time.monotonic(), time.thread_time() - cpu)
             except zmq.ContextTerminated:
                 raise
@@ -773,22 +735,32 @@ class Publisher:
                     return
                 batch = list(self._queue)
                 self._queue.clear()
-            for seq, frame in batch:
+            for index, (seq, payload, on_frame) in enumerate(batch):
                 if self._stop and not stopping:
+                    with self._lock:  # close() counts them (and still records them)
+                        self._queue.extendleft(reversed(batch[index:]))
                     return
+                if isinstance(payload, bytes):
+                    frame = payload
+                else:
+                    try:
+                        frame = self._encode(seq, payload)
+                    except Exception as exc:  # a snapshot that cannot be encoded is lost, counted
+                        self._errors += 1
+                        self._warn_once(
+                            "encode", f"telemetry publisher: could not encode a snapshot: {exc!r}"
+                        )
+                        continue
+                if on_frame is not None:
+                    try:
+                        on_frame(frame)
+                    except Exception as exc:
+                        self._errors += 1
+                        self._warn_once("on_frame", f"telemetry publisher: on_frame failed: {exc!r}")
                 pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame], flags=zmq.NOBLOCK)
                 self._published += 1
                 self._last_sent_seq = seq
-                self._remember(seq, frame)
-
-    def _remember(self, seq: int, frame: bytes) -> None:
-        if self._history_max == 0:
-            return
-        history = self._history
-        history.append((seq, frame))
-        self._history_size += len(frame)
-        while history and (len(history) > self._history_max or self._history_size > self._history_bytes_max):
-            self._history_size -= len(history.popleft()[1])
+                self._history.remember(seq, frame)
 
     def _send_heartbeat(self, pub: zmq.Socket) -> None:
         step, level, hub_counters = self._status
@@ -806,108 +778,6 @@ class Publisher:
         pub.send_multipart([protocol.TOPIC_HEARTBEAT, frame], flags=zmq.NOBLOCK)
         self._heartbeats += 1
 
-    def _drain_replies(self, router: zmq.Socket) -> None:
-        while self._replies:
-            peer, message = self._replies.popleft()
-            kind = "ack" if isinstance(message, Ack) else "nack"
-            self._send_signed(router, peer, kind, message)
-
-    def _send_signed(self, router: zmq.Socket, peer: bytes, kind: str, body: msgspec.Struct) -> bool:
-        frame = protocol.encode_envelope(
-            kind, body, session=self.session, seq=self._last_sent_seq, step=self._status[0]
-        )
-        return self._send_raw(router, peer, protocol.sign(self._key, frame), frame)
-
-    def _send_raw(self, router: zmq.Socket, peer: bytes, mac: bytes, frame: bytes) -> bool:
-        try:
-            router.send_multipart([peer, mac, frame], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full)
-            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            self._replies_dropped += 1
-            return False
-        self._replies_sent += 1
-        return True
-
-    def _encode_auth_nack(self, code: str) -> bytes:
-        reason = (
-            "command refused: it is not signed; dashboards sign commands with the key from the "
-            "trainer's connection file"
-            if code == "unsigned"
-            else "command refused: bad signature; the key does not match this trainer's connection "
-            "file (did the trainer restart? re-read the file)"
-        )
-        return protocol.encode_envelope(
-            "nack", Nack(command_id="", reason=reason, code=code), session="", seq=0, step=0, wall_time=0.0
-        )
-
-    # -- commands -------------------------------------------------------------------------------
-
-    def _read_commands(self, router: zmq.Socket, cpu_start: float) -> None:
-        budget = self._cpu_bucket
-        for i in range(_READ_BATCH):
-            now = time.monotonic()
-            if not self._read_bucket.take(now):
-                return
-            # Stop mid-batch once this batch alone has spent what the CPU budget still holds.
-            if i % 16 == 15 and time.thread_time() - cpu_start > budget.tokens:
-                return
-            try:
-                parts = [router.recv(zmq.NOBLOCK)]
-            except zmq.Again:
-                self._read_bucket.tokens += 1.0
-                return
-            count = 1
-            while router.getsockopt(zmq.RCVMORE):
-                part = router.recv()
-                count += 1
-                if count <= 3:  # never hold more than the routing id, mac and envelope
-                    parts.append(part)
-            self._handle_command(router, parts, count, now)
-
-    def _handle_command(self, router: zmq.Socket, parts: list[bytes], count: int, now: float) -> None:
-        verdict = self._gate.admit(parts, count, now, len(self._inbox))
-        peer = parts[0]
-        if verdict.action == "auth_nack":
-            self._send_raw(router, peer, b"", self._auth_nacks[verdict.code])
-        elif verdict.action == "nack":
-            nack = Nack(command_id=verdict.command_id, reason=verdict.reason, code=verdict.code)
-            self._send_signed(router, peer, "nack", nack)
-        elif verdict.action == "history":
-            assert verdict.command is not None
-            self._serve_history(router, peer, verdict.command)
-        elif verdict.action == "accept":
-            assert verdict.command is not None
-            self._inbox.append((peer, verdict.command))
-
-    def _serve_history(self, router: zmq.Socket, peer: bytes, command: Command) -> None:
-        since = -1 if command.since_seq is None else command.since_seq
-        limit = protocol.MAX_FRAME_BYTES - 4096
-        chunks: list[list[tuple[int, bytes]]] = [[]]
-        size = 0
-        for seq, frame in self._history:
-            if seq <= since or len(frame) > limit:
-                continue
-            if chunks[-1] and size + len(frame) > self._chunk_bytes:
-                chunks.append([])
-                size = 0
-            chunks[-1].append((seq, frame))
-            size += len(frame) + 8
-        for index, chunk in enumerate(chunks):
-            body = History(
-                frames=[frame for _, frame in chunk],
-                oldest_seq=chunk[0][0] if chunk else None,
-                newest_seq=chunk[-1][0] if chunk else None,
-                command_id=command.id,
-                chunk=index,
-                chunks=len(chunks),
-                latest_seq=self._last_sent_seq,
-            )
-            if not self._send_signed(router, peer, "history", body):
-                return
-            self._history_served += 1
-            self._history_frames += len(chunk)
-
     def _read_monitor(self, mon: zmq.Socket, budget: int = 256) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
@@ -919,7 +789,7 @@ class Publisher:
             kind = event["event"]
             if self._zap is not None:
                 self._zap.on_event(kind, event["value"])
-            if kind & _FAILED:
+            if kind & FAILED_EVENTS:
                 self._handshake_failures += 1
                 self._warn_once(
                     "handshake",
