@@ -174,6 +174,23 @@ class Thresholds:
         "while flagged: a wrong-sign ent_coef stayed a warning for 9+ updates at normalised entropy "
         "0.035; the demo's (seed 1) is at 0.15 of its median 4 updates after onset",
     )
+    entropy_spread_k: float = _t(
+        6.0,
+        "a head that fell in each of the last entropy_spread_updates updates is collapsing (warning) when "
+        "the fall, less its recent trend, exceeds this many robust sigmas (1.4826 x MAD) of its own "
+        "update-to-update changes (over its rolling baseline) x sqrt(updates): a feed-forward Acrobot "
+        "head's wrong-sign ent_coef fell 9-11 sigmas in two updates, the same head learning fast fell 1.2",
+    )
+    entropy_spread_updates: int = _t(
+        2,
+        "... consecutive falls the spread rule needs; a slide that keeps beating the spread for "
+        "entropy_slide_critical_updates falls is critical (a wrong-sign ent_coef, before it bottoms out)",
+    )
+    entropy_spread_min_fraction: float = _t(
+        0.1,
+        "... and the fall must also exceed this fraction of the head's recent median (a head whose "
+        "entropy hardly moved for ten updates has a spread near 0)",
+    )
     entropy_baseline_window: int = _t(10, "updates in each head's rolling entropy baseline (median)")
     # ---- policy: KL, ratios, clipping ----------------------------------------------------------
     kl_target: float = _t(0.01, "typical PPO KL target per update (Schulman; SB3 and Spinning Up defaults)")
@@ -219,10 +236,13 @@ class Thresholds:
         "16k in a healthy demo run reached 0.0073: probabilities can shrink without bound)",
     )
     ratio_tail_share: float = _t(
-        0.002,
+        0.01,
         "ratio_explosion / ratio_collapse fire when more than this share of the update's samples lies "
         "beyond the limit (critical: beyond the critical limit): the single extreme of ~16k samples is "
-        "noise (a healthy recurrent agent's min ratio reached 2.1e-4)",
+        "noise (a healthy recurrent agent's min ratio reached 2.1e-4), and a converged policy's rare "
+        "actions lose probability in bursts (the healthy demo after convergence: 0.2-0.9 % of an "
+        "early-stopped update's samples below 0.02, eleven times in 1,900 updates, once 2.7 %); "
+        "the injected failures put 9-100 % there",
     )
     ratio_tail_share_critical: float = _t(
         0.05,
@@ -350,7 +370,16 @@ class Thresholds:
     )
     lstm_gate_eps: float = _t(0.01, "a gate within this of 0 or 1 counts as saturated")
     lstm_gate_saturation_warning: float = _t(
-        0.5, "more than this fraction of gates saturated is shown yellow"
+        0.5,
+        "more than this fraction of gates saturated is shown yellow, and is lstm_unhealthy (warning) when "
+        "it also jumped lstm_gate_saturation_jump above the run's own recent level",
+    )
+    lstm_gate_saturation_jump: float = _t(
+        0.2,
+        "... the jump: the share of saturated gates above the median of its last lstm_baseline_window "
+        "unflagged updates. A converging LSTM saturates its gates slowly (the healthy demo: 0.45 -> 0.71 "
+        "over 1,900 updates, never more than 0.12 above that median, but above 0.5 on and off from update "
+        "514 on: nine flapping warnings and one lasting 1,300 updates); a broken one jumps",
     )
     lstm_gate_saturation_critical: float = _t(
         0.9, "more than this fraction of gates saturated: lstm_unhealthy (gradients cannot flow)"

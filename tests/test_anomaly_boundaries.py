@@ -127,6 +127,96 @@ def test_a_slide_must_fall_within_its_window_to_be_critical(flagged_before: int,
     assert severity(found, "entropy_collapse", "direction") == (CRITICAL if critical else WARNING)
 
 
+# The spread rule on a head with a known, noisy history: its update-to-update changes have a robust
+# sigma the rule measures itself; the boundary is computed with the rule's arithmetic.
+NOISY = [0.80, 0.83, 0.79, 0.82, 0.81, 0.84, 0.80, 0.82, 0.81, 0.83]  # ends rising
+
+
+def _spread_level(hist: list[float], top: float, falls: int) -> float:
+    steps = [b - a for a, b in itertools.pairwise(hist)]
+    centre = statistics.median(steps)
+    sigma = 1.4826 * statistics.median(abs(d - centre) for d in steps)
+    margin = max(T.entropy_spread_k * sigma * math.sqrt(falls), T.entropy_spread_min_fraction * statistics.median(hist))
+    return top + falls * min(centre, 0.0) - margin
+
+
+def _noisy(det: AnomalyDetector) -> int:
+    for i, e in enumerate(NOISY):
+        assert det.check(_force(200 + i, e)) == []
+    return 200 + len(NOISY)
+
+
+@pytest.mark.parametrize("side", ["at", "below"])
+def test_entropy_spread_slide_limit(side: str) -> None:
+    """Two falls in a row (the first small enough to enter the history), the second landing at or
+    just below the spread rule's level: k robust sigmas x sqrt(2) (here above the minimum fraction)."""
+    det = detector(entropy_drop_fraction=0.0, entropy_fall_fraction=0.0, entropy_throttled_fall_fraction=0.0)
+    step = _noisy(det)
+    first = 0.79
+    assert det.check(_force(step, first)) == []  # one fall: not yet a slide
+    hist = [*NOISY, first][-T.entropy_baseline_window :]
+    level = _spread_level(hist, NOISY[-1], T.entropy_spread_updates)
+    assert NOISY[-1] - level > T.entropy_spread_min_fraction * statistics.median(hist)  # sigma decides
+    e = level if side == "at" else below(level)
+    found = det.check(_force(step + 1, e))
+    assert (severity(found, "entropy_collapse", "force") == WARNING) is (side == "below")
+
+
+def test_entropy_spread_needs_its_falls_in_a_row() -> None:
+    """One large fall is not a slide for this rule (the drop rules judge levels)."""
+    det = detector(entropy_drop_fraction=0.0, entropy_fall_fraction=0.0, entropy_throttled_fall_fraction=0.0)
+    step = _noisy(det)
+    assert det.check(_force(step, 0.6)) == []
+
+
+@pytest.mark.parametrize(("side", "counts"), [("at", False), ("above", True)])
+def test_entropy_spread_fall_must_exceed_one_sigma(side: str, counts: bool) -> None:
+    """A fall of exactly one robust sigma of the head's changes is a dither, not a fall: after one
+    large drop it does not make a slide (a healthy demo head: 0.438 -> 0.348 -> 0.346)."""
+    det = detector(entropy_drop_fraction=0.0, entropy_fall_fraction=0.0, entropy_throttled_fall_fraction=0.0)
+    step = _noisy(det)
+    first = 0.79
+    assert det.check(_force(step, first)) == []
+    hist = [*NOISY, first][-T.entropy_baseline_window :]
+    steps = [b - a for a, b in itertools.pairwise(hist)]
+    centre = statistics.median(steps)
+    sigma = 1.4826 * statistics.median(abs(d - centre) for d in steps)
+    e = first - sigma
+    if side == "above":
+        e = below(e)
+    det.check(_force(step + 1, e))
+    assert det.rules["entropy_collapse"].down["force"] == (2 if counts else 0)
+
+
+def test_entropy_spread_slide_turns_critical_after_its_critical_falls() -> None:
+    det = detector(entropy_drop_fraction=0.0, entropy_fall_fraction=0.0, entropy_throttled_fall_fraction=0.0)
+    step = _noisy(det)
+    path = [0.79, 0.35, 0.3, 0.2]
+    sev = [severity(det.check(_force(step + i, e)), "entropy_collapse", "force") for i, e in enumerate(path)]
+    # falls in a row: 1, 2 (warning), 3 (critical: entropy_slide_critical_updates), and it stays so
+    assert sev == [None, WARNING, CRITICAL, CRITICAL]
+    assert T.entropy_slide_critical_updates == 3
+
+
+@pytest.mark.parametrize(("fraction_side", "fires"), [("at", False), ("below", True)])
+def test_entropy_spread_min_fraction_limit(fraction_side: str, fires: bool) -> None:
+    """A flat history has no spread: the minimum fraction of the median is the limit."""
+    det = detector(
+        entropy_drop_fraction=0.0,
+        entropy_fall_fraction=0.0,
+        entropy_throttled_fall_fraction=0.0,
+        entropy_fall_step=1.0,
+        entropy_throttled_fall_step=1.0,
+    )
+    step = warm(det, 12)  # force 0.82 throughout: sigma 0
+    first = 0.81
+    assert det.check(_force(step, first)) == []
+    hist = ([0.82] * 12 + [first])[-T.entropy_baseline_window :]
+    level = 0.82 - T.entropy_spread_min_fraction * statistics.median(hist)
+    e = level if fraction_side == "at" else below(level)
+    assert (severity(det.check(_force(step + 1, e)), "entropy_collapse", "force") == WARNING) is fires
+
+
 def _force(step: int, force: float, stopped: bool = False) -> Snapshot:
     return healthy(step, policy={"entropy_normalized": {"direction": 0.62, "force": force}, "early_stopped": stopped})
 
@@ -136,7 +226,7 @@ def _force(step: int, force: float, stopped: bool = False) -> Snapshot:
 def test_entropy_slide_fraction_limits(stopped: bool, fraction: float, side: str) -> None:
     """Three falls from a median of 0.82, the third landing at (or just below) the fraction of it;
     without early stops the fast-fall rule, with them the pushed-down rule."""
-    det = detector()
+    det = detector(entropy_spread_updates=1000)  # a flat history has no spread: this rule alone
     step = warm(det, 12)  # force entropy 0.82: the median
     limit = fraction * 0.82
     path = [0.7, 0.6] if not stopped else [0.77, 0.72]
@@ -151,7 +241,7 @@ def test_entropy_slide_fraction_limits(stopped: bool, fraction: float, side: str
 @pytest.mark.parametrize("side", ["at", "below"])
 def test_entropy_fall_step_limits(stopped: bool, fall: float, side: str) -> None:
     """The third update falls by exactly the fall step (not a fall: the slide ends) or just more."""
-    det = detector()
+    det = detector(entropy_spread_updates=1000)  # a flat history has no spread: this rule alone
     step = warm(det, 12)
     path = [0.65, 0.55] if not stopped else [0.72, 0.68]
     for i, e in enumerate(path):
@@ -465,6 +555,40 @@ def test_lstm_gate_saturation_limits(share: float, want: str | None) -> None:
     sat = {"input": share}  # one gate type: the share is exactly this value
     found = detector().check(healthy(1, lstm={"gate_saturation": sat}))
     assert severity(found, "lstm_unhealthy") == want
+
+
+def _gates(det: AnomalyDetector, step: int, share: float) -> str | None:
+    return severity(det.check(healthy(step, lstm={"gate_saturation": {"input": share}})), "lstm_unhealthy")
+
+
+LEVELS = [0.55, 0.62, 0.58, 0.6, 0.57, 0.61, 0.59]  # a converged LSTM's gates, above the warning limit
+
+
+def test_lstm_gate_saturation_is_judged_against_its_own_level_once_known() -> None:
+    """The first updates learn the level (flagged or not); then a steady share above the warning
+    limit is the run's own level, not an alarm."""
+    det = detector()
+    sev = [_gates(det, 1 + i, share) for i, share in enumerate(LEVELS)]
+    assert sev == [WARNING] * T.baseline_min_updates + [None] * (len(LEVELS) - T.baseline_min_updates)
+
+
+@pytest.mark.parametrize(("delta", "fires"), [(0.0, False), (-1.0, False), (1.0, True)])
+def test_lstm_gate_saturation_jump_limit(delta: float, fires: bool) -> None:
+    """At, just under and just over the median of the recent shares + lstm_gate_saturation_jump."""
+    det = detector()
+    for i, share in enumerate(LEVELS):
+        _gates(det, 1 + i, share)
+    limit = statistics.median(LEVELS) + T.lstm_gate_saturation_jump
+    share = limit if delta == 0 else (above(limit) if delta > 0 else below(limit))
+    assert _gates(det, 20, share) == (WARNING if fires else None)
+
+
+def test_lstm_gate_saturation_jump_stays_out_of_the_level() -> None:
+    det = detector()
+    for i, share in enumerate(LEVELS):
+        _gates(det, 1 + i, share)
+    jumped = statistics.median(LEVELS) + T.lstm_gate_saturation_jump + 0.01
+    assert [_gates(det, 20 + i, jumped) for i in range(8)] == [WARNING] * 8  # it does not become the norm
 
 
 @pytest.mark.parametrize(("h", "fires"), sides(T.lstm_norm_min, high=False))

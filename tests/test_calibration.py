@@ -2,8 +2,10 @@
 are in BENCHMARKS.md): real PPO training on Acrobot-v1 by the feed-forward calibration agent, a
 detector that was not tuned on it, under a real recording ``TelemetryHub``.
 
-Two injections (a one-update learning-rate spike; one NaN observation) must each be
-flagged as their own kind within ``WINDOW`` (2) updates of the update at which the mechanism acted,
+Three injections (a one-update learning-rate spike; one NaN observation; stored old log-probs that
+do not belong to the acting policy, on the two-head agent while its heads are still near uniform -
+where a merely mismatched behaviour policy cannot move a ratio past 5) must each be flagged as
+their own kind within ``WINDOW`` (2) updates of the update at which the mechanism acted,
 and a short healthy run must raise no critical incident. The recordings are then re-judged offline
 (the harness's ``rejudge`` path, which is how the limits get calibrated) and must give the very
 judgements the live hub made.
@@ -48,6 +50,8 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Job(AGENT, seed=2, updates=30, injection="kl-spike", onset=ONSET, stop=ONSET + WINDOW, out=str(out)),
             Job(AGENT, seed=3, updates=30, injection="nan-gradients", onset=ONSET, stop=ONSET + WINDOW,
                 out=str(out)),
+            Job("mlp-acrobot-factored", seed=4, updates=30, injection="ratio-explosion", onset=ONSET,
+                stop=ONSET + WINDOW, out=str(out)),
         ):
             meta = run_job(job)
             assert meta["crashed"] is None
@@ -59,7 +63,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_injections_flagged_as_their_kind_within_the_window(recorded: Path) -> None:
     runs = [r for r in load_runs(recorded, rejudge=False) if r.job.injection]
-    assert sorted(r.job.injection for r in runs) == ["kl-spike", "nan-gradients"]
+    assert sorted(r.job.injection for r in runs) == ["kl-spike", "nan-gradients", "ratio-explosion"]
     for run in runs:
         verdict = judge_injected(run)
         assert verdict.onset == ONSET, "the mechanism acted at the planned update (trainer's own record)"
@@ -89,7 +93,7 @@ def test_healthy_run_raises_no_critical_incident(recorded: Path) -> None:
 def test_rejudge_reproduces_the_live_judgements(recorded: Path) -> None:
     live = {r.meta["label"]: r for r in load_runs(recorded, rejudge=False)}
     again = {r.meta["label"]: r for r in load_runs(recorded, rejudge=True)}
-    assert live.keys() == again.keys() and len(live) == 3
+    assert live.keys() == again.keys() and len(live) == 4
     for label, run in live.items():
         rows = again[label].rows
         assert [r.step for r in rows] == [r.step for r in run.rows]

@@ -248,19 +248,22 @@ def test_kl_spike(clean: list[UpdateRecord]) -> None:
     assert spiked.early_stop  # the loop's own target-KL stop fired
 
 
-def test_ratio_explosion_reverses_the_learners_actions(clean: list[UpdateRecord]) -> None:
-    cfg = dataclasses.replace(FAST, num_updates=AT)
-    agent = make_agent(cfg)
-    hidden = torch.randn(16, cfg.lstm_hidden)
-    before = {h: torch.softmax(head(hidden), -1).detach() for h, head in agent.heads.items()}
-    injector = Injector.build([f"ratio-explosion@{AT}"], cfg.num_updates, cfg.num_steps)
-    assert injector.after_rollout(AT - 1, agent) == []
-    assert injector.after_rollout(AT, agent) == ["ratio-explosion"]
-    for h, head in agent.heads.items():  # pi_new(a) = pi_old(mirror of a)
-        torch.testing.assert_close(torch.softmax(head(hidden), -1).detach(), before[h].flip(-1))
+def test_ratio_explosion_stores_old_logprobs_that_do_not_belong_to_the_acting_policy(
+    clean: list[UpdateRecord],
+) -> None:
+    injector = Injector.build([f"ratio-explosion@{AT}"], FAST.num_updates, FAST.num_steps)
+    heads = torch.log(torch.tensor([[0.5, 0.2], [0.9, 0.3]]))
+    joint = heads.sum(-1)
+    assert injector.old_logprobs(AT - 1, joint, heads) == (joint, heads, [])  # other updates untouched
+    j, h, fired = injector.old_logprobs(AT, joint, heads)
+    assert fired == ["ratio-explosion"]
+    torch.testing.assert_close(j, 8 * joint)  # pi_new / pi_old = pi_old^-7 before any step
+    torch.testing.assert_close(h, 8 * heads)
     records, _ = _inject("ratio-explosion")
-    assert records[AT - 1].ratio_max > clean[AT - 1].ratio_max
-    assert records[AT - 1].max_kl > 2 * clean[AT - 1].max_kl
+    assert records[AT - 1].ratio_max > 10 and records[AT - 1].ratio_max > 5 * clean[AT - 1].ratio_max
+    assert records[AT - 1].max_kl > 10 * clean[AT - 1].max_kl
+    assert records[AT - 1].early_stop  # the first minibatch's KL already stops the loop
+    assert records[AT].max_kl < records[AT - 1].max_kl
 
 
 def test_value_collapse(clean: list[UpdateRecord]) -> None:

@@ -13,7 +13,8 @@ injection              mechanism (at update ``onset``; one-shot unless said)
 =====================  ======================================================================
 entropy-collapse       ``model.ent_coef`` = -0.5 from onset on (read by ``train()``)
 kl-spike               ``model.lr_schedule`` returns 40x for that update's ``train()``
-ratio-explosion        ``policy.action_net`` rows reversed between rollout and ``train()``
+ratio-explosion        the rollout buffer's stored ``log_probs`` x 8 between rollout and ``train()``
+                       (the demo's mechanism: old log-probs that do not belong to the acting policy)
 value-collapse         ``policy.value_net`` zeroed before the rollout
 nan-gradients          one environment's *reward* becomes NaN half-way through the rollout
 exploding-gradients    ``policy.value_net`` weights x100 before the rollout
@@ -35,6 +36,8 @@ from typing import Any
 
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
+
+from telemetry_core.demo.inject import RatioExplosion
 
 __all__ = ["SB3_INJECTIONS", "SB3Injection", "run_sb3"]
 
@@ -100,10 +103,8 @@ class SB3Injection(BaseCallback):
             self._lr_factor = 40.0
             self.fired.append(self.update)
         elif self.kind == "ratio-explosion":
-            net = self.model.policy.action_net
-            with torch.no_grad():
-                net.weight.copy_(net.weight.flip(0))
-                net.bias.copy_(net.bias.flip(0))
+            # read by train() through the buffer's get(); the weights are untouched
+            self.model.rollout_buffer.log_probs *= RatioExplosion.repeat
             self.fired.append(self.update)
 
 

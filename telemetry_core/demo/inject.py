@@ -15,11 +15,13 @@ kl-spike               learning rate x 40 for one   the first minibatch's step m
                        update                       far outside the trust region: the next
                                                     minibatches' KL is large (the loop's target-KL
                                                     early stop then fires)
-ratio-explosion        each head's action order     the learner rates each stored action by the
-                       reversed between rollout     probability the actor gave its mirror image
-                       and optimisation (an         (pi_new/pi_old = p_old(mirror)/p_old(a)):
-                       actor/learner label          rare actions' ratios explode on the first
-                       mismatch)                    minibatch, common ones collapse, KL jumps
+ratio-explosion        the rollout's stored old     every stored pi_old(a) is raised to the 8th
+                       log-probs x 8 (an actor      power: ratio = pi_old(a)^-7 on every sample
+                       that sums an action's        (above 10x wherever pi_old(a) < 0.72), on a
+                       log-prob over the 8 frames   near-uniform policy or a decided one; KL
+                       an action repeat holds it)   jumps. Only old log-probs that do not belong
+                                                    to the acting policy put a large share of
+                                                    ratios past 10x (see RatioExplosion)
 value-collapse         critic head re-initialised   the critic predicts one constant for every
                        to zero before the rollout   state (a checkpoint loaded without its value
                                                     head): std(values) = 0, value loss jumps
@@ -93,6 +95,10 @@ class Pathology:
         """Change weights between the rollout and the optimisation epochs. Return True if it acted."""
         return False
 
+    def old_logprobs(self, update: int, logprobs: torch.Tensor) -> torch.Tensor | None:
+        """Return corrupted stored old log-probs (joint or per head, any shape), or None."""
+        return None
+
     def learning_rate(self, update: int, lr: float) -> float:
         return lr
 
@@ -131,27 +137,28 @@ class KLSpike(Pathology):
 
 
 class RatioExplosion(Pathology):
-    """Actor/learner action-order mismatch: the heads' outputs are reversed after the rollout.
+    """Old log-probs that do not belong to the policy that acted: each stored log-prob is 8x too large.
 
-    Between collecting the rollout and optimising on it, each head's output rows (weights and bias)
-    are put in reverse order, as when the learner maps action indices differently from the actor
-    (left/right swapped by a refactor, a checkpoint from an environment with another action order).
-    The learner then rates every stored action by the probability the actor gave to its mirror
-    image, so pi_new/pi_old = p_old(mirror)/p_old(action): actions that were rare become likely and
-    their ratios explode (common ones collapse), and so does the KL. Weights stay reversed (the
-    actor is the learner here): the next rollouts act on the swapped policy until PPO relearns.
+    The actor repeats each action for 8 frames and adds its log-prob once per frame, so the rollout
+    stores ``8 log pi_old(a)`` for a decision the learner rates once: ``pi_new/pi_old`` starts at
+    ``pi_old(a)^-7`` on every sample of the first minibatch (above 10 wherever ``pi_old(a) < 0.72``,
+    above 20 below 0.65), whatever the policy. Acts on one rollout's stored log-probs (joint and
+    per head) only; the weights are untouched.
+
+    Why not a behaviour policy that merely differs from the learner's (a mirrored action order,
+    stale weights, an actor at another temperature): when the stored log-probs are those of the
+    policy that sampled the actions, ``E[ratio] = 1`` under that policy, so at most ``1/c`` of the
+    samples can have a ratio above ``c`` (Markov's inequality) and none can where it gives every
+    action more than ``1/c`` of the new probability: on the near-uniform policies of early training
+    (3 actions at normalised entropy 0.97, every probability above 0.25) such a mismatch moves the
+    KL, never a ratio past 5. A large ratio tail needs stored log-probs that are wrong.
     """
 
     kind = "ratio-explosion"
+    repeat = 8
 
-    def after_rollout(self, update: int, agent: RecurrentAgent) -> bool:
-        if not self.active(update):
-            return False
-        with torch.no_grad():
-            for head in agent.heads.values():
-                head.weight.copy_(head.weight.flip(0))
-                head.bias.copy_(head.bias.flip(0))
-        return True
+    def old_logprobs(self, update: int, logprobs: torch.Tensor) -> torch.Tensor | None:
+        return logprobs * self.repeat if self.active(update) else None
 
 
 class ValueCollapse(Pathology):
@@ -272,6 +279,18 @@ class Injector:
 
     def after_rollout(self, update: int, agent: RecurrentAgent) -> list[str]:
         return [p.kind for p in self.pathologies if p.after_rollout(update, agent)]
+
+    def old_logprobs(
+        self, update: int, logprobs: torch.Tensor, head_logprobs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The rollout's stored log-probs (joint and per head), corrupted by any armed pathology."""
+        fired: list[str] = []
+        for p in self.pathologies:
+            joint, per_head = p.old_logprobs(update, logprobs), p.old_logprobs(update, head_logprobs)
+            if joint is not None and per_head is not None:
+                logprobs, head_logprobs = joint, per_head
+                fired.append(p.kind)
+        return logprobs, head_logprobs, fired
 
     def learning_rate(self, update: int, lr: float) -> tuple[float, list[str]]:
         fired: list[str] = []

@@ -344,6 +344,8 @@ def iter_train(
                     advantages[t] = lastgaelam
                 returns = advantages + values
             injected += injector.after_rollout(update, agent)
+            logprobs, head_logprobs, fired = injector.old_logprobs(update, logprobs, head_logprobs)
+            injected += fired
 
             b_obs = obs.reshape(-1, obs_dim)
             b_logprobs = logprobs.reshape(-1)

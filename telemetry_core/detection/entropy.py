@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -12,6 +13,8 @@ from telemetry_core.detection.base import CRITICAL, WARNING, Context, Rule, fini
 from telemetry_core.schema import Anomaly, PolicyStats
 
 __all__ = ["EntropyCollapseRule", "head_entropies"]
+
+MAD_SCALE = 1.4826  # MAD x this estimates the standard deviation of normally distributed values
 
 
 def head_entropies(p: PolicyStats, n_actions: Mapping[str, int]) -> dict[str, float | None]:
@@ -48,14 +51,23 @@ class EntropyCollapseRule(Rule):
       ``entropy_fall_updates`` updates, the loop's target-KL early stop cut every one of them
       short, and it is below ``entropy_throttled_fall_fraction`` x that median - the optimiser
       spends the whole trust region on sharpening the policy, update after update;
-    * dropped: it is below ``entropy_drop_fraction`` x that median, however it got there.
+    * dropped: it is below ``entropy_drop_fraction`` x that median, however it got there;
+    * sliding against its own spread: it fell in each of the last ``entropy_spread_updates`` (or
+      more) updates, and the fall since the slide began, less the head's recent trend (the median
+      of its update-to-update changes, when falling), exceeds both ``entropy_spread_k`` robust
+      sigmas of those changes x sqrt(updates) and ``entropy_spread_min_fraction`` of that median.
+      A head that learns smoothly (a feed-forward agent's) has a small spread, so a wrong-sign
+      coefficient stands out within two updates; a head that learns in noisy bursts (the demo's)
+      has a large one, so its bursts do not.
 
     A fast, sustained slide is critical before it bottoms out: a head flagged (collapsing or
     collapsed) for at least ``entropy_slide_critical_updates`` and at most
     ``entropy_slide_critical_window`` updates in a row that is below
     ``entropy_slide_critical_fraction`` x that median (the median of the updates before the slide,
     since flagged updates stay out of it) lost most of its entropy within a few updates and kept
-    losing it - a wrong-sign entropy coefficient. It stays critical until the head's alarm ends. A
+    losing it - a wrong-sign entropy coefficient; so is a head still sliding against its own spread
+    after ``entropy_slide_critical_updates`` falls in a row. It stays critical until the head's
+    alarm ends. A
     head that decides slowly (a converged feed-forward agent's head below the limit for hundreds of
     updates, drifting from 0.1 to 0.06) never loses that much within the window.
 
@@ -81,6 +93,8 @@ class EntropyCollapseRule(Rule):
         self.throttled: dict[str, int] = {}
         self.flagged: dict[str, int] = {}  # consecutive updates with an alarm, per head
         self.slid: dict[str, bool] = {}  # the current alarm became a fast slide (critical)
+        self.down: dict[str, int] = {}  # consecutive updates whose entropy fell, per head
+        self.top: dict[str, float] = {}  # the entropy before the first of those falls
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +106,8 @@ class EntropyCollapseRule(Rule):
             "throttled": dict(self.throttled),
             "flagged": dict(self.flagged),
             "slid": dict(self.slid),
+            "down": dict(self.down),
+            "top": dict(self.top),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -105,12 +121,38 @@ class EntropyCollapseRule(Rule):
         self.throttled = {str(k): int(v) for k, v in state["throttled"].items()}
         self.flagged = {str(k): int(v) for k, v in state["flagged"].items()}
         self.slid = {str(k): bool(v) for k, v in state["slid"].items()}
+        # absent in a state saved before the spread rule: no slide in progress
+        self.down = {str(k): int(v) for k, v in state.get("down", {}).items()}
+        self.top = {str(k): float(v) for k, v in state.get("top", {}).items()}
 
     def _hist(self, head: str) -> deque[float]:
         hist = self.hist.get(head)
         if hist is None:
             hist = self.hist[head] = deque(maxlen=max(1, self.t.entropy_baseline_window))
         return hist
+
+    @staticmethod
+    def _spread(hist: deque[float]) -> tuple[float, float] | None:
+        """(median, robust sigma) of the head's update-to-update changes over its baseline."""
+        if len(hist) < 3:
+            return None
+        steps = [b - a for a, b in itertools.pairwise(hist)]
+        centre = statistics.median(steps)
+        return centre, MAD_SCALE * statistics.median(abs(d - centre) for d in steps)
+
+    def _spread_slide(self, head: str, e: float, base: float, hist: deque[float]) -> float | None:
+        """The entropy level the head had to fall below for the spread rule, when it did; else None."""
+        t = self.t
+        down = self.down.get(head, 0)
+        top = self.top.get(head)
+        spread = self._spread(hist)
+        if down < t.entropy_spread_updates or top is None or spread is None:
+            return None
+        centre, sigma = spread
+        expected = top + down * min(centre, 0.0)  # a head that was already declining keeps its pace
+        margin = max(t.entropy_spread_k * sigma * math.sqrt(down), t.entropy_spread_min_fraction * base)
+        level = expected - margin
+        return level if e < level else None
 
     def check(self, ctx: Context) -> list[Anomaly]:
         p = ctx.snapshot.policy
@@ -136,23 +178,39 @@ class EntropyCollapseRule(Rule):
             pushed = p.early_stopped and last is not None and e < (1.0 - t.entropy_throttled_fall_step) * last
             falls = self.falls.get(head, 0) + 1 if fell else 0
             throttled = self.throttled.get(head, 0) + 1 if pushed else 0
+            # a fall for the spread rule: more than one robust sigma of the head's own changes, so a
+            # dither after one large drop does not make it a slide
+            spread = self._spread(self._hist(head))
+            dropped_by = last - e if last is not None else 0.0
+            down = self.down.get(head, 0) + 1 if dropped_by > (spread[1] if spread else 0.0) else 0
+            if down == 1 and last is not None:
+                self.top[head] = last
+            self.down[head] = down
             self.last[head] = e
             self.falls[head] = falls
             self.throttled[head] = throttled
             hist = self._hist(head)
             base = statistics.median(hist) if len(hist) >= max(1, t.baseline_min_updates) else None
-            slide: tuple[float, str] | None = None  # (limit as a fraction of the median, words)
+            slide: tuple[float, str] | None = None  # (the entropy level it fell below, words)
+            spread_level: float | None = None
             if base is not None and base > 0:
+                spread_level = self._spread_slide(head, e, base, hist)
                 if falls >= t.entropy_fall_updates and e < t.entropy_fall_fraction * base:
-                    slide = (t.entropy_fall_fraction, f" after falling for {falls} updates in a row")
+                    slide = (t.entropy_fall_fraction * base, f" after falling for {falls} updates in a row")
                 elif throttled >= t.entropy_fall_updates and e < t.entropy_throttled_fall_fraction * base:
                     slide = (
-                        t.entropy_throttled_fall_fraction,
+                        t.entropy_throttled_fall_fraction * base,
                         f" after falling for {throttled} updates in a row, each cut short by the "
                         f"target-KL early stop",
                     )
                 elif e < t.entropy_drop_fraction * base:
-                    slide = (t.entropy_drop_fraction, "")
+                    slide = (t.entropy_drop_fraction * base, "")
+                elif spread_level is not None:
+                    slide = (
+                        spread_level,
+                        f" after falling for {self.down[head]} updates in a row, far beyond its own "
+                        f"update-to-update spread",
+                    )
             flagged = self.flagged.get(head, 0) + 1 if collapsed or slide is not None else 0
             self.flagged[head] = flagged
             sustained = flagged > 0 and (
@@ -162,6 +220,7 @@ class EntropyCollapseRule(Rule):
                     and t.entropy_slide_critical_updates <= flagged <= t.entropy_slide_critical_window
                     and e < t.entropy_slide_critical_fraction * base
                 )
+                or (spread_level is not None and self.down[head] >= t.entropy_slide_critical_updates)
             )
             self.slid[head] = sustained
             slid = (
@@ -169,6 +228,12 @@ class EntropyCollapseRule(Rule):
                 f"{flagged} updates in a row"
                 if sustained and base is not None
                 else ""
+            )
+            # the level a critical slide is judged against: the spread rule's, else the fraction's
+            critical_level = (
+                spread_level
+                if spread_level is not None and self.down[head] >= t.entropy_slide_critical_updates
+                else (t.entropy_slide_critical_fraction * base if base is not None else None)
             )
             if collapsed:
                 critical = e < t.entropy_critical_fraction * limit
@@ -179,8 +244,8 @@ class EntropyCollapseRule(Rule):
                 )
                 if critical:
                     limit_now = t.entropy_critical_fraction * limit
-                elif sustained and base is not None:
-                    limit_now = t.entropy_slide_critical_fraction * base
+                elif sustained and critical_level is not None:
+                    limit_now = critical_level
                 else:
                     limit_now = limit
                 out.append(
@@ -195,7 +260,7 @@ class EntropyCollapseRule(Rule):
                     )
                 )
             elif slide is not None and base is not None:
-                fraction, how = slide
+                level, how = slide
                 out.append(
                     self.anomaly(
                         CRITICAL if sustained else WARNING,
@@ -204,7 +269,7 @@ class EntropyCollapseRule(Rule):
                         f"{e / base:.0%} of its recent median {fmt(base)}{how}"
                         + (f", flagged for {flagged} updates in a row." if sustained else "."),
                         value=e,
-                        threshold=(t.entropy_slide_critical_fraction if sustained else fraction) * base,
+                        threshold=critical_level if sustained and critical_level is not None else level,
                         head=head,
                     )
                 )

@@ -32,8 +32,11 @@ class LSTMRule(Rule):
     so only a jump that is large both in absolute terms and for this run counts. Before the
     baseline is known (``baseline_min_updates``) the absolute limits alone give a warning. Critical
     too when the share of all input/forget/output gates within ``lstm_gate_eps`` of 0 or 1 exceeds
-    ``lstm_gate_saturation_critical``; warning when it exceeds ``lstm_gate_saturation_warning`` (a
-    saturated gate passes no gradient). Warning when h's norm falls below ``lstm_norm_min`` (the
+    ``lstm_gate_saturation_critical`` (a saturated gate passes no gradient); warning when it exceeds
+    ``lstm_gate_saturation_warning`` *and* lies more than ``lstm_gate_saturation_jump`` above the
+    median of its last ``lstm_baseline_window`` unflagged updates (the warning limit alone before
+    ``baseline_min_updates`` are known): a converging LSTM saturates its gates slowly and stays
+    there, which is its own level, not an alarm. Warning when h's norm falls below ``lstm_norm_min`` (the
     state carries nothing). NaN/inf states are numerical_instability. Norms flagged against a known
     baseline stay out of it.
     """
@@ -43,14 +46,20 @@ class LSTMRule(Rule):
     def reset(self) -> None:
         # log-norms of h and c (0 norms are held as log of the smallest float: no verdict is lost)
         self.base = {"h": self.rolling("lstm_baseline_window"), "c": self.rolling("lstm_baseline_window")}
+        self.gates = self.rolling("lstm_baseline_window")  # share of saturated gates
 
     def state_dict(self) -> dict[str, Any]:
-        return {"h_log_norm": self.base["h"].dump(), "c_log_norm": self.base["c"].dump()}
+        return {
+            "h_log_norm": self.base["h"].dump(),
+            "c_log_norm": self.base["c"].dump(),
+            "gate_share": self.gates.dump(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.base["h"].load(state["h_log_norm"])
         self.base["c"].load(state["c_log_norm"])
+        self.gates.load(state.get("gate_share", ()))  # absent in a state saved before it was kept
 
     def _jump(self, name: str, log_norm: float) -> tuple[bool, float | None, float | None]:
         """(jumped far, the recent level's norm, the limit on the norm) of one state.
@@ -107,10 +116,17 @@ class LSTMRule(Rule):
             share = sum(sat) / len(sat)
             worst = max(s.gate_saturation, key=lambda k: finite(s.gate_saturation[k]) or -1.0)
             words = f"{share:.0%} of gates saturated (worst: {worst} {finite(s.gate_saturation[worst]):.0%})"
+            level = self.gates.median()
+            warn = t.lstm_gate_saturation_warning
+            if level is not None:
+                warn = max(warn, level + t.lstm_gate_saturation_jump)
+                words += f", {share - level:+.0%} against its recent median {level:.0%}"
             if share > t.lstm_gate_saturation_critical:
                 found.append((CRITICAL, words, share, t.lstm_gate_saturation_critical))
-            elif share > t.lstm_gate_saturation_warning:
-                found.append((WARNING, words, share, t.lstm_gate_saturation_warning))
+            elif share > warn:
+                found.append((WARNING, words, share, warn))
+            if level is None or not share > warn:  # the first updates learn the level, flagged or not
+                self.gates.append(share)
         if not found:
             return []
         found.sort(key=lambda f: f[0] != CRITICAL)
