@@ -126,15 +126,10 @@ def run(out: Path, envs: list[str], seeds: list[int], injections: list[str], upd
 
 
 def snapshots(path: Path) -> list[Any]:
-    from telemetry_core.protocol import decode_body, decode_envelope
-    from telemetry_core.record import read_recording
+    """One snapshot per update (the trainer's closing frame is not an update)."""
+    from telemetry_core.record import read_updates
 
-    out = []
-    for frame in read_recording(path).frames:
-        env = decode_envelope(frame)
-        if env.kind == "snapshot":
-            out.append(decode_body(env))
-    return out
+    return list(read_updates(path))
 
 
 def judge(outs: list[Path], verbose: bool) -> int:

@@ -169,8 +169,7 @@ def rejudge(record_dir: Path) -> list[RunResult]:
     """
     from telemetry_core.anomaly import AnomalyDetector
     from telemetry_core.config import Thresholds
-    from telemetry_core.protocol import decode_body, decode_envelope
-    from telemetry_core.record import read_recording
+    from telemetry_core.record import read_updates
 
     results = []
     for sidecar in sorted(record_dir.glob("*.json")):
@@ -178,11 +177,7 @@ def rejudge(record_dir: Path) -> list[RunResult]:
         job = Job(**meta["job"])
         res = RunResult(job=job, onset=meta["onset"], seconds=0.0, updates_run=0)
         det = None
-        for frame in read_recording(sidecar.with_suffix(".simrec")).frames:
-            env = decode_envelope(frame)
-            if env.kind != "snapshot":
-                continue
-            snap = decode_body(env)
+        for snap in read_updates(sidecar.with_suffix(".simrec")):  # the closing frame is no update
             if det is None:
                 det = AnomalyDetector(Thresholds(), total_updates=job.updates, heads=snap.run.heads)
             found = det.check(snap)

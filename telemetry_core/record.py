@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from telemetry_core.schema import SCHEMA_MAJOR
+from telemetry_core.schema import RUN_FINISHED, SCHEMA_MAJOR, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ __all__ = [
     "RecordingError",
     "iter_records",
     "read_recording",
+    "read_updates",
 ]
 
 FILE_MAGIC = b"SIMICREC"
@@ -204,6 +205,26 @@ def read_recording(path: str | Path) -> Recording:
     rec.frames = list(iter_records(data, start, rec))
     return rec
 
+
+def read_updates(path: str | Path) -> list[Snapshot]:
+    """The recording's snapshots, one per update, in order.
+
+    Frames that are not snapshots (replies, acks) are skipped, and so is the trainer's closing
+    frame: it repeats the last update's statistics to say the run finished, so counting it would
+    add an update that never ran. A frame that does not decode raises ``FrameError``: the callers
+    (calibration and matrix tools) must not judge a run with updates silently missing.
+    """
+    from telemetry_core.protocol import decode_body, decode_envelope
+
+    out: list[Snapshot] = []
+    for frame in read_recording(path).frames:
+        env = decode_envelope(frame)
+        if env.kind != "snapshot":
+            continue
+        snap = decode_body(env)
+        if snap.run_state != RUN_FINISHED:
+            out.append(snap)
+    return out
 
 class Recorder:
     """Writes frames from its own thread; :meth:`put` never blocks (drops the oldest and counts)."""

@@ -81,7 +81,7 @@ def test_snapshots_agree_with_the_loops_own_statistics(recipe: ModuleType, tmp_p
     assert "action" not in records[0]["snapshot"].policy.log_std_trend  # one update: no slope yet
     assert math.isfinite(records[2]["snapshot"].policy.log_std_trend["action"])
     rec = read_recording(tmp_path / "continuous.simrec")
-    assert [protocol.decode_envelope(f).step for f in rec.frames] == [1, 2, 3]
+    assert [protocol.decode_envelope(f).step for f in rec.frames] == [1, 2, 3, 3]  # 3 again: the closing frame
 
 
 def test_command_line(tmp_path: Path) -> None:
@@ -110,4 +110,4 @@ def test_command_line(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("update    1/1  step     128")
-    assert len(read_recording(tmp_path / "r.simrec").frames) == 1
+    assert len(read_recording(tmp_path / "r.simrec").frames) == 2  # the update and the closing frame
