@@ -74,6 +74,8 @@ from telemetry_core.transport.sockets import (
 __all__ = ["Publisher", "PublisherCounters"]
 
 log = logging.getLogger("telemetry_core.transport")
+# How long the publisher thread lets libzmq write the frames queued at close (the closing frame).
+CLOSE_LINGER_MS = 200
 
 # A queued snapshot: (seq, its frame or the snapshot still to encode, who else wants the frame).
 _Queued = tuple[int, bytes | Snapshot, Callable[[bytes], None] | None]
@@ -692,7 +694,7 @@ class Publisher:
                 with contextlib.suppress(zmq.ZMQError):
                     sock.disable_monitor()
                 with contextlib.suppress(zmq.ZMQError):
-                    sock.close(linger=0)
+                    sock.close()  # each socket's LINGER: 0, or the short closing linger set above
             if self._zap is not None:
                 with contextlib.suppress(zmq.ZMQError):
                     self._zap.close()
@@ -739,6 +741,11 @@ class Publisher:
                 # so the last update of a run is not counted lost because the poll had not come yet.
                 with contextlib.suppress(zmq.ZMQError):
                     self._drain_snapshots(pub, stopping=True)
+                    # The last frames (the run's closing frame among them) may still sit in the
+                    # socket's queue: a short, bounded linger lets the I/O thread write them, so a
+                    # dashboard sees "finished" instead of "trainer lost". A stalled peer costs at
+                    # most this long, well inside close()'s timeout.
+                    pub.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
                 break
             try:
                 while self._controls:
