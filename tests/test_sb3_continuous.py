@@ -106,6 +106,8 @@ def test_pendulum_learning_matches_sb3s_logger() -> None:
         assert snap.policy.log_std_min["action"] == float(after.min())
         logged_std = sb3_log_values(snap)
         assert logged_std["simic/log_std_mean/action"] == snap.policy.log_std_mean["action"]
+        assert logged_std["simic/action_saturation/action"] == snap.policy.action_saturation["action"]
+        assert logged_std["simic/action_saturation_max/action"] == snap.policy.action_saturation_max["action"]
     for snap, logged in published:
         assert snap is not None and snap.policy is not None and snap.value is not None
         p = snap.policy

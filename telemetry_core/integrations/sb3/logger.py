@@ -21,7 +21,8 @@ def sb3_log_values(snapshot: Snapshot) -> dict[str, float]:
     """The key health statistics of one update as ``simic/...`` logger values: KL (k3 mean over the
     update, and k3 / k1 of the last epoch that ran — SB3's ``train/approx_kl`` is that epoch's k3,
     whatever epoch ``target_kl`` stopped at), clip fraction, ratio extremes, ESS, entropy and
-    normalised entropy per head, a Gaussian head's log-std mean / min / max, the pre-clip gradient norm and its clip rate, explained variance,
+    normalised entropy per head, a Gaussian head's log-std mean / min / max and
+    its pre-clip action saturation (share of samples, and of its worst dimension), the pre-clip gradient norm and its clip rate, explained variance,
     and the number of warning / critical anomalies. Undefined values are left out."""
     out: dict[str, float] = {}
     p, g, v = snapshot.policy, snapshot.gradients, snapshot.value
@@ -42,6 +43,9 @@ def sb3_log_values(snapshot: Snapshot) -> dict[str, float]:
             out[f"simic/log_std_mean/{head}"] = value
             out[f"simic/log_std_min/{head}"] = p.log_std_min.get(head, math.nan)
             out[f"simic/log_std_max/{head}"] = p.log_std_max.get(head, math.nan)
+        for head, value in p.action_saturation.items():
+            out[f"simic/action_saturation/{head}"] = value
+            out[f"simic/action_saturation_max/{head}"] = p.action_saturation_max.get(head, math.nan)
     if g is not None:
         out["simic/grad_norm_preclip"] = g.total_norm
         out["simic/grad_clip_rate"] = g.clip_rate
