@@ -54,6 +54,7 @@ class Baseline:
         self.trace = trace
         self.half_width = half_width
         self.margin = margin
+        self._by_column = {column: name for name, column in trace.columns.items()}
 
     @property
     def path(self) -> Path:
@@ -62,6 +63,10 @@ class Baseline:
     @property
     def names(self) -> list[str]:
         return list(self.trace.series)
+
+    def name_of(self, column: str) -> str | None:
+        """The statistic the baseline compares in the live store's ``column`` (None: not covered)."""
+        return self._by_column.get(column)
 
     def band(self, name: str, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The band of series ``name`` at each of ``steps`` (NaN where there is none)."""

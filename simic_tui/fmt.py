@@ -16,6 +16,7 @@ __all__ = [
     "MISSING",
     "SPARK_BLOCKS",
     "chart",
+    "chart_row",
     "clip_words",
     "fmt_clock",
     "fmt_count",
@@ -90,9 +91,14 @@ def fmt_clock(wall_time: float | None) -> str:
 
 
 def sparkline(
-    values: np.ndarray, width: int, present: np.ndarray | None = None, empty: np.ndarray | None = None
+    values: np.ndarray,
+    width: int,
+    present: np.ndarray | None = None,
+    empty: np.ndarray | None = None,
+    scale: tuple[float, float] | None = None,
 ) -> str:
-    """The last ``width`` values as block characters, scaled to their own finite min/max.
+    """The last ``width`` values as block characters, scaled to their own finite min/max (or to
+    ``scale``, widened to take them in: a baseline's band drawn behind shares the axis).
 
     A NaN or infinite value prints as "×", so a NaN gradient is visible in the history rather than
     silently skipped (as W&B does); an update that did not carry the metric at all (``present``
@@ -107,8 +113,12 @@ def sparkline(
     have = np.ones(vals.size, dtype=bool) if present is None else np.asarray(present, dtype=bool)[-width:]
     none = _mask(empty, vals.size)
     finite = np.isfinite(vals) & have & ~none
-    lo = float(vals[finite].min()) if finite.any() else 0.0
-    hi = float(vals[finite].max()) if finite.any() else 0.0
+    lo = float(vals[finite].min()) if finite.any() else math.inf
+    hi = float(vals[finite].max()) if finite.any() else -math.inf
+    if scale is not None and math.isfinite(scale[0]) and math.isfinite(scale[1]):
+        lo, hi = min(lo, scale[0]), max(hi, scale[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo = hi = 0.0
     span = hi - lo
     out = []
     top = len(SPARK_BLOCKS) - 1
@@ -149,20 +159,22 @@ def chart(
     present: np.ndarray | None = None,
     marks: dict[float, str] | None = None,
     empty: np.ndarray | None = None,
+    extra: np.ndarray | None = None,
 ) -> tuple[list[str], float, float]:
     """A ``height``-row bar chart of the last ``width`` values, top row first.
 
     Returns the rows and the (low, high) range they span. ``marks`` draws a dotted line at each
     given level (a threshold) where no bar covers it, so the eye sees how close the series runs.
     NaN/inf columns show "×" on the bottom row, updates with nothing to measure (``empty``) "·";
-    unmeasured ones stay blank.
+    unmeasured ones stay blank. ``extra``: levels the range must take in (a baseline's band).
     """
     vals = np.asarray(values, dtype=np.float64)[-width:] if width > 0 else np.zeros(0)
     have = np.ones(vals.size, dtype=bool) if present is None else np.asarray(present, dtype=bool)[-width:]
     none = _mask(empty, vals.size)
     finite = np.isfinite(vals) & have & ~none
     levels = [m for m in (marks or {}) if math.isfinite(m)]
-    pool = np.concatenate([vals[finite], np.asarray(levels, dtype=np.float64)])
+    more = np.zeros(0) if extra is None else np.asarray(extra, dtype=np.float64).ravel()
+    pool = np.concatenate([vals[finite], np.asarray(levels, dtype=np.float64), more[np.isfinite(more)]])
     lo = float(min(pool.min(), 0.0)) if pool.size else 0.0
     hi = float(pool.max()) if pool.size else 1.0
     if hi <= lo:
@@ -193,6 +205,13 @@ def chart(
             if grid[row][x] == " ":
                 grid[row][x] = "┈"
     return ["".join(r) for r in grid], lo, hi
+
+
+def chart_row(level: float, lo: float, hi: float, height: int) -> int:
+    """The row (top first) of a :func:`chart` spanning ``lo..hi`` in ``height`` rows that holds ``level``."""
+    if hi <= lo:
+        return height - 1
+    return height - 1 - max(0, min(int((level - lo) / (hi - lo) * height), height - 1))
 
 
 def clip_words(text: str, width: int) -> str:

@@ -13,13 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from textual.content import Content
 
+from simic_tui.app import SimicApp
 from simic_tui.baseline import BAND_HALF_WIDTH, BAND_MARGIN, load_baseline
 from simic_tui.client import TelemetryClient
+from simic_tui.judge import GLYPH
 from simic_tui.replay import ReplayError, load_recording
 from simic_tui.screens.baseline import BaselineApp, BaselineScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.target import resolve_target
+from simic_tui.widgets.base import BAND_STYLE, OFF_BASELINE, Line, Panel
+from simic_tui.widgets.policy import PolicyPanel
 from telemetry_core.transport import Publisher
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -93,23 +98,98 @@ def test_the_baseline_must_be_a_readable_recording(tmp_path: Path) -> None:
         load_baseline(bad)
 
 
-async def test_b_opens_the_overlay_and_the_banner_names_what_left_the_band() -> None:
+def test_the_sparkline_draws_the_band_behind_and_marks_each_excursion() -> None:
+    """Cell by cell, against the float64 reference band: tinted where the baseline has a band at
+    that update, underlined where the live value left it, the off-baseline mark after it when the
+    latest update did; the mark is never an alarm glyph or colour."""
+    b = load_baseline(GOOD)
+    frames = [s for _, s in load_recording(LIVE).frames[:25]]
+    for n, width in ((18, 30), (25, 30), (25, 12)):
+        store = fed_store(n)
+        for name, column, value_of in (
+            ("KL k3", "policy.kl_k3_mean", lambda s: s.policy.kl_k3_mean),
+            ("value loss", "value.value_loss", lambda s: s.value.value_loss),
+        ):
+            content = Line().spark_of(store, column, width, baseline=b).build()
+            cells = width - 2
+            shown = frames[:n][-cells:]
+            assert content.cell_length == len(shown) + 2
+            styles: list[list[str]] = [[] for _ in range(content.cell_length)]
+            for span in content.spans:
+                for i in range(span.start, span.end):
+                    styles[i].append(str(span.style))
+            for i, snap in enumerate(shown):
+                ref = reference_band(name, snap.step)
+                value = value_of(snap)
+                outside = ref is not None and (not np.isfinite(value) or not ref[0] <= value <= ref[1])
+                assert (BAND_STYLE in " ".join(styles[i])) == (ref is not None), (name, snap.step)
+                assert ("underline" in " ".join(styles[i])) == outside, (name, snap.step, value, ref)
+                assert "$error" not in " ".join(styles[i]) and "$warning" not in " ".join(styles[i])
+            ref = reference_band(name, shown[-1].step)
+            last = value_of(shown[-1])
+            latest_out = ref is not None and not ref[0] <= last <= ref[1]
+            assert content.plain[-1] == (OFF_BASELINE if latest_out else " ")
+            assert OFF_BASELINE not in GLYPH.values()
+    # a column the baseline does not cover keeps the plain full-width sparkline
+    assert "policy.early_stopped" not in b.trace.columns.values()
+    plain = Line().spark_of(fed_store(20), "policy.early_stopped", 20, baseline=b).build()
+    assert plain.cell_length == 20 and not any(BAND_STYLE in str(span.style) for span in plain.spans)
+
+
+def panel_texts(app: SimicApp) -> dict[str, tuple[str, str, object]]:
+    return {
+        type(p).__name__: (str(p.render()), str(p.border_title), p.state) for p in app.dashboard.query(Panel)
+    }
+
+
+async def test_the_panels_draw_the_band_behind_their_own_sparklines() -> None:
+    """The dashboard itself (not only b): excursions are marked in the panels, the borders, states,
+    limits and banner are those of the same run without a baseline, and b still opens the overlay."""
     b = load_baseline(GOOD)
     store = fed_store(20)
+    plain = SimicApp(fed_store(20), clock=lambda: FROZEN)
+    async with plain.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        without = panel_texts(plain)
+        plain_banners = plain.banners()
     app = BaselineApp(store, baseline=b, clock=lambda: FROZEN)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()
         expected = b.outside_now(store)
-        assert expected, "the kl-spike run leaves the healthy band somewhere at update 19"
-        banner = " ".join(app.banners())
-        for name in expected:
-            assert name in banner
+        assert "KL k3" not in expected and "value loss" in expected
+        with_band = panel_texts(app)
+        assert app.banners() == plain_banners  # a difference from the baseline is no alarm
+        for panel, (_text, title, state) in with_band.items():
+            assert (title, state) == without[panel][1:], panel
+        value_text = with_band["ValuePanel"][0]
+        loss_row = next(r for r in value_text.splitlines() if r.startswith("loss"))
+        assert loss_row.endswith(OFF_BASELINE)
+        policy_text = with_band["PolicyPanel"][0]
+        kl_row = next(r for r in policy_text.splitlines() if r.startswith("KL k3"))
+        assert not kl_row.rstrip().endswith(OFF_BASELINE)
+        policy = app.dashboard.query_one(PolicyPanel)
+        rendered = policy.render()
+        assert isinstance(rendered, Content)
+        assert any(BAND_STYLE in str(span.style) for span in rendered.spans)
+        assert not any(
+            "underline" in str(span.style) and ("$error" in str(span.style) or "$warning" in str(span.style))
+            for span in rendered.spans
+        )
+        # zoomed, the panel's chart draws the band on its rows and marks the excursions under it
+        await pilot.press("1", "1")
+        await pilot.pause()
+        assert policy.has_class("-zoomed")
+        zoomed = str(policy.render())
+        assert f"{OFF_BASELINE} off baseline" in zoomed and "outside " in zoomed
+        assert any(BAND_STYLE in str(span.style) for span in policy.render().spans)  # type: ignore[union-attr]
+        await pilot.press("escape")
+        await pilot.pause()
         await pilot.press("b")
         await pilot.pause()
         screen = app.screen
         assert isinstance(screen, BaselineScreen)
         text = str(screen.query_one("#baseline-charts").render())
-        assert "░" in text and "●" in text and "▲" in text
+        assert "░" in text and "●" in text and OFF_BASELINE in text
         for name in b.names:
             if b.live(store, name, 1) is not None:
                 assert name in text
@@ -156,7 +236,7 @@ async def test_live_over_a_real_publisher(tmp_path: Path, monkeypatch: pytest.Mo
             lb = app.baseline.live(store, "KL k3", 100)
             assert lb is not None and lb.outside.any()
             text = str(app.screen.query_one("#baseline-charts").render())
-            assert "KL k3" in text and "▲" in text
+            assert "KL k3" in text and "◇" in text
     finally:
         stop.set()
         if thread.is_alive():
@@ -169,3 +249,12 @@ async def test_live_over_a_real_publisher(tmp_path: Path, monkeypatch: pytest.Mo
 def test_baseline_overlay_snapshot(snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
     app = BaselineApp(fed_store(20), baseline=load_baseline(GOOD), clock=lambda: FROZEN)
     assert snap_compare(app, press=["b"], terminal_size=size)
+
+
+@pytest.mark.usefixtures("deterministic_terminal")
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_baseline_dashboard_snapshot(snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+    """The dashboard's panels with the healthy run's band behind their sparklines (and charts, where
+    160x48 leaves them rows)."""
+    app = BaselineApp(fed_store(20), baseline=load_baseline(GOOD), clock=lambda: FROZEN)
+    assert snap_compare(app, terminal_size=size)

@@ -1,10 +1,12 @@
 """The live run over a known-good baseline: each statistic's recent updates drawn on the baseline's band.
 
-``simic-tui attach HOST:PORT --baseline good.simrec`` opens the usual dashboard; ``b`` opens this
-screen, and the banner names the statistics whose latest value left the band. Per statistic: three
+``simic-tui attach HOST:PORT --baseline good.simrec`` opens the usual dashboard, its panels' sparklines
+and charts drawn over the band (:mod:`simic_tui.widgets.base`); ``b`` opens this screen, whose title
+counts the statistics whose latest value left the band. Per statistic: three
 rows of chart, one column per update, the baseline's band shaded behind (``░``) and the live value
-in front (``●``, in the error colour when outside the band), then a row of ``▲`` markers under the
-updates where the live run left the band. Band, markers and words read the same without colour.
+in front (``●``, bold when outside the band), then a row of ``◇`` marks under the updates where the
+live run left the band: the dashboard's off-baseline mark, never an alarm colour or glyph (a
+difference from the baseline is not an incident). Band, markers and words read the same without colour.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from textual.widgets import Footer, Static
 from simic_tui.app import SimicApp
 from simic_tui.baseline import Baseline, LiveBand, fmt_band
 from simic_tui.fmt import fmt_num
-from simic_tui.widgets.base import Line
+from simic_tui.widgets.base import OFF_BASELINE, OFF_STYLE, Line, View
 
 __all__ = ["BaselineApp", "BaselineScreen", "band_chart"]
 
 LABEL = "$text-muted"
 BAND = "$primary 50%"
-OUT = "bold $error"
+OUT = OFF_STYLE
 LIVE = "bold $series"  # a data series (simic_tui.palette)
 _CHART_ROWS = 4
 
@@ -65,7 +67,7 @@ def band_chart(lb: LiveBand, height: int = _CHART_ROWS) -> list[Content]:
         else:
             grid[height - 1][x] = ("×", style)
     rows = [Content.assemble(*cells) for cells in grid]
-    marks = Content.assemble(*[("▲", OUT) if o else (" ", "") for o in lb.outside.tolist()])
+    marks = Content.assemble(*[(OFF_BASELINE, OUT) if o else (" ", "") for o in lb.outside.tolist()])
     return [*rows, marks]
 
 
@@ -79,7 +81,7 @@ def block(lb: LiveBand, width: int) -> list[Content]:
     n_out = int(lb.outside.sum())
     if n_out:
         where = np.flatnonzero(lb.outside)
-        line.add(f"  ▲ outside {n_out}×, last at {lb.steps[where[-1]]}", OUT)
+        line.add(f"  {OFF_BASELINE} outside {n_out}×, last at {lb.steps[where[-1]]}", OUT)
     else:
         line.label("  inside the band")
     return [line.build().truncate(width, ellipsis=True), *band_chart(lb)]
@@ -146,14 +148,21 @@ class BaselineScreen(Screen):
             ("Baseline ", "bold"),
             (f"{b.trace.name} ({b.path.name}, {b.trace.updates} updates)", ""),
             (f"  band: its range over ±{b.half_width} updates, +{b.margin:.0%}", LABEL),
-            (f"  ▲ {n_out} outside now" if n_out else "  all inside now", OUT if n_out else LABEL),
+            (
+                f"  {OFF_BASELINE} {n_out} outside now" if n_out else "  all inside now",
+                OUT if n_out else LABEL,
+            ),
         )
         title_widget.update(title)
         charts_widget.update(Content("\n").join(lines))
 
 
 class BaselineApp(SimicApp):
-    """The live dashboard with a baseline: ``b`` shows the overlay; the banner names excursions."""
+    """The live dashboard with a baseline: the panels draw its band behind their sparklines and charts
+    and mark where the live run leaves it; ``b`` shows every statistic it covers.
+
+    Leaving the band is a difference from a known-good run, not an alarm: it never reaches the banner
+    (alarm-coloured) nor a panel's border, which stay the trainer's incidents."""
 
     BINDINGS: ClassVar = [
         *SimicApp.BINDINGS,
@@ -164,7 +173,10 @@ class BaselineApp(SimicApp):
     def __init__(self, *args: object, baseline: Baseline, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.baseline = baseline
-        self._outside: tuple[int, list[str]] = (-1, [])
+
+    def current_view(self) -> View:
+        # the panels draw the baseline's band behind their own sparklines and charts
+        return View.of(self.store, self.baseline)
 
     def action_baseline(self) -> None:
         if not isinstance(self.screen, BaselineScreen):
@@ -175,15 +187,3 @@ class BaselineApp(SimicApp):
         screen = self.screen if self.screen_stack else None
         if isinstance(screen, BaselineScreen) and screen.is_mounted and not self.display_paused:
             screen.refresh_view()
-
-    def banners(self) -> list[str]:
-        out = super().banners()
-        if self._outside[0] != self.store.version:
-            self._outside = (self.store.version, self.baseline.outside_now(self.store))
-        names = self._outside[1]
-        if names and self.store.latest is not None:
-            out.append(
-                f"Baseline {self.baseline.path.name}: {', '.join(names)} outside its band at update "
-                f"{self.store.latest.step} (b shows the overlay)"
-            )
-        return out

@@ -12,6 +12,7 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from simic_tui.baseline import BAND_HALF_WIDTH, BAND_MARGIN
 from simic_tui.keys import (
     APP_BINDINGS,
     DASHBOARD_BINDINGS,
@@ -21,6 +22,7 @@ from simic_tui.keys import (
     PALETTE_TITLES,
     REPLAY_BINDINGS,
 )
+from simic_tui.widgets.base import BAND_STYLE, OFF_BASELINE, OFF_STYLE
 
 __all__ = ["GLYPHS", "HelpScreen", "key_name", "key_table", "legend"]
 
@@ -92,6 +94,20 @@ GLYPHS: list[tuple[str, str, str]] = [
     ("blank", "$text-muted", "in a sparkline or chart: not measured in that update"),
     ("ˆ", "$series-dim", "under the KL sparkline: a target-KL early stop"),
     ("┈", "$text-muted", "in a chart: a limit, named in the chart's legend"),
+    (
+        "▃▅▆ tinted",
+        f"$series {BAND_STYLE}",
+        "with --baseline: behind a sparkline or chart, the known-good run's band at that update (its "
+        f"range over ±{BAND_HALF_WIDTH} updates, +{BAND_MARGIN:.0%}); context, not a limit",
+    ),
+    ("▅ underlined", "underline $series", "with --baseline: that update's value left the baseline's band"),
+    (
+        OFF_BASELINE,
+        OFF_STYLE,
+        "with --baseline: after a sparkline, its latest value differs from the baseline (outside the "
+        "band); under a chart, each update that did. A difference, not an alarm: limits (t) and "
+        "incidents are unchanged",
+    ),
 ]
 NOTES = (
     "Colours have one meaning each: data in one hue, yellow/amber for warnings and red for critical "

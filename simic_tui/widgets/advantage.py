@@ -100,7 +100,13 @@ class AdvantagePanel(Panel):
                 ret = alarms.mark(Verdict.OK, ("performance_degradation",), value=ep.return_mean)
                 line.val(ep.count).label(" done  R ").val(ep.return_mean, ret).label(" [").val(ep.return_min)
                 line.label(", ").val(ep.return_max).label("]  len ").val(ep.length_mean).add(" ")
-                line.spark_of(store, "episodes.return_mean", width - line.width, count="episodes.count")
+                line.spark_of(
+                    store,
+                    "episodes.return_mean",
+                    width - line.width,
+                    count="episodes.count",
+                    baseline=view.baseline,
+                )
             else:
                 line.label("none finished in this rollout" if width >= 50 else "none finished")
             rows.add(line, 2)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from textual.content import Content
 from textual.widgets import Static
 
-from simic_tui.fmt import chart, fmt_limit, fmt_num, sparkline
+from simic_tui.fmt import chart, chart_row, fmt_limit, fmt_num, sparkline
 from simic_tui.incidents import scope_label
 from simic_tui.judge import (
     GLYPH,
@@ -34,13 +34,35 @@ from simic_tui.store import TelemetryStore
 from telemetry_core.config import Thresholds
 from telemetry_core.schema import Incident, Snapshot
 
-__all__ = ["CLEARED_FOR", "ChartSpec", "Line", "Panel", "Row", "View", "fit_rows", "panel_title"]
+if TYPE_CHECKING:
+    from simic_tui.baseline import Baseline, LiveBand
+
+__all__ = [
+    "BAND_STYLE",
+    "CLEARED_FOR",
+    "OFF_BASELINE",
+    "OFF_STYLE",
+    "ChartSpec",
+    "Line",
+    "Panel",
+    "Row",
+    "View",
+    "fit_rows",
+    "panel_title",
+]
 
 LABEL = "$text-muted"
 # Rows of this priority or less important are secondary: they never wrap onto a second row.
 SECONDARY = 3
 # Updates a panel says "cleared at S" after its last incident cleared (long enough to be noticed).
 CLEARED_FOR = 10
+# A known-good baseline's band behind a series: context (a dim tint of the series role), never an
+# alarm colour; leaving it is a difference from that run, not a judgement of health.
+BAND_STYLE = "on $series-dim 40%"
+# The mark of an update whose live value left the baseline's band: underlined in the sparkline, this
+# glyph after it (and under a chart's column) while the latest update is outside. Not an alarm glyph.
+OFF_BASELINE = "◇"
+OFF_STYLE = "bold $foreground"
 
 
 @dataclass
@@ -51,11 +73,12 @@ class View:
     snap: Snapshot | None
     thresholds: Thresholds | None
     alarms: Alarms = field(default_factory=Alarms)
+    baseline: Baseline | None = None  # a known-good run whose band the sparklines draw behind them
 
     @classmethod
-    def of(cls, store: TelemetryStore) -> View:
+    def of(cls, store: TelemetryStore, baseline: Baseline | None = None) -> View:
         snap = store.latest
-        return cls(store, snap, snap.thresholds if snap is not None else None, Alarms.of(snap))
+        return cls(store, snap, snap.thresholds if snap is not None else None, Alarms.of(snap), baseline)
 
 
 class Line:
@@ -113,17 +136,43 @@ class Line:
         return self
 
     def spark_of(
-        self, store: TelemetryStore, column: str, width: int, style: str = "$series", count: str = ""
+        self,
+        store: TelemetryStore,
+        column: str,
+        width: int,
+        style: str = "$series",
+        count: str = "",
+        baseline: Baseline | None = None,
     ) -> Line:
         """A sparkline of the last ``width`` updates of a store column (only those rows are read).
 
-        ``count``: a column whose zero means the update had nothing to measure (drawn "·")."""
+        ``count``: a column whose zero means the update had nothing to measure (drawn "·").
+        ``baseline``: where it covers the column, its band is drawn behind (see :func:`spark_cells`)."""
+        band = _live_band(baseline, store, column, spark_cells(baseline, column, width))
+        if band is not None:
+            return self._banded_spark(store, column, band, style, count)
         if width > 0:
             empty = store.series(count, width) == 0 if count else None
             self.add(
                 sparkline(store.series(column, width), width, store.present(column, width), empty), style
             )
         return self
+
+    def _banded_spark(
+        self, store: TelemetryStore, column: str, band: LiveBand, style: str, count: str
+    ) -> Line:
+        """The sparkline on the band's scale, each update with a band tinted behind, each that left it
+        underlined, then the off-baseline mark (or a blank) for the latest update."""
+        n = band.values.size
+        empty = store.series(count, n) == 0 if count else None
+        have = np.isfinite(band.lo) & np.isfinite(band.hi)
+        scale = (float(band.lo[have].min()), float(band.hi[have].max())) if have.any() else None
+        text = sparkline(store.series(column, n), n, store.present(column, n), empty, scale)
+        for i, (here, out) in enumerate(zip(have.tolist(), band.outside.tolist())):
+            cell = style + (" underline" if out else "") + (f" {BAND_STYLE}" if here else "")
+            self.add(text[i], cell)
+        self.add(" ")
+        return self.add(OFF_BASELINE if band.latest_outside else " ", OFF_STYLE)
 
     def build(self) -> Content:
         return Content.assemble(*self.parts)
@@ -166,6 +215,21 @@ class Line:
             rows[-1].extend(f)
             used += size
         return [Content.assemble(*r) for r in rows if r]
+
+
+def spark_cells(baseline: Baseline | None, column: str, width: int) -> int:
+    """The updates a sparkline of ``width`` cells shows: two fewer where a baseline covers the column
+    (a space and the off-baseline mark follow it), so a row aligned under it can match."""
+    if baseline is not None and baseline.name_of(column) is not None:
+        return max(width - 2, 0)
+    return width
+
+
+def _live_band(baseline: Baseline | None, store: TelemetryStore, column: str, n: int) -> LiveBand | None:
+    if baseline is None or n <= 0:
+        return None
+    name = baseline.name_of(column)
+    return None if name is None else baseline.live(store, name, n)
 
 
 @dataclass(order=True)
@@ -296,23 +360,32 @@ class Panel(Static):
         store = view.store
         axis = 8
         plot_w = max(width - axis, 1)
+        band = _live_band(view.baseline, store, spec.column, plot_w)
+        marks_row = band is not None and bool(band.outside.any())
         values = store.series(spec.column, plot_w)
         shown = min(len(values), plot_w)
         # the limits' names and numbers are never cut: the span ("last N updates") goes first, then
         # the legend takes a row of its own
         legend = "".join(f"  ┈ {name} {fmt_limit(level)}" for level, name in spec.marks.items())
+        # the band's legend only where it fits whole (the marks' row is labelled anyway): a limit's
+        # name and number never give way to it
+        band_legend = f"  {OFF_BASELINE} off baseline" if band is not None else ""
+        if band_legend and len(spec.title) + len(legend) + len(band_legend) <= width:
+            legend += band_legend
         span = f", last {shown} updates"
         if len(spec.title) + len(span) + len(legend) > width:
             span = ""
         own_row = bool(legend) and len(spec.title) + len(legend) > width and spare >= 4
         empty = store.series(spec.count, plot_w) == 0 if spec.count else None
+        height = spare - (2 if own_row else 1) - (1 if marks_row else 0)
         lines, lo, hi = chart(
             values,
             plot_w,
-            spare - (2 if own_row else 1),
+            height,
             store.present(spec.column, plot_w),
             spec.marks,
             empty,
+            None if band is None else np.concatenate([band.lo, band.hi]),
         )
         title = Line().label(spec.title + span)
         if legend and not own_row:
@@ -320,12 +393,32 @@ class Panel(Static):
         rows.add(title, 9)
         if own_row:
             rows.add(Line().label(legend.strip()), 9)
+        tinted = _band_cells(band, lo, hi, len(lines)) if band is not None else None
         for i, text in enumerate(lines):
             tick = fmt_num(hi) if i == 0 else fmt_num(lo) if i == len(lines) - 1 else ""
             line = Line().label(tick.rjust(axis - 1) + " ")
-            for run in re.findall(r"┈+|[^┈]+", text):  # a limit's dotted line is context, not data
-                line.add(run, "$text-muted" if run[0] == "┈" else "$series")
+            if tinted is None:
+                for run in re.findall(r"┈+|[^┈]+", text):  # a limit's dotted line is context, not data
+                    line.add(run, "$text-muted" if run[0] == "┈" else "$series")
+            else:
+                for x, ch in enumerate(text):
+                    cell = "$text-muted" if ch == "┈" else "$series"
+                    line.add(ch, f"{cell} {BAND_STYLE}" if tinted[i][x] else cell)
             rows.add(line, 9)
+        if band is not None and marks_row:
+            line = Line().label("outside".rjust(axis - 1) + " ")
+            line.add("".join(OFF_BASELINE if o else " " for o in band.outside.tolist()), OFF_STYLE)
+            rows.add(line, 9)
+
+
+def _band_cells(band: LiveBand, lo: float, hi: float, height: int) -> list[list[bool]]:
+    """Which cells of a chart spanning ``lo..hi`` in ``height`` rows lie on the band (top row first)."""
+    cells = [[False] * band.lo.size for _ in range(height)]
+    for x, (b_lo, b_hi) in enumerate(zip(band.lo.tolist(), band.hi.tolist())):
+        if np.isfinite(b_lo) and np.isfinite(b_hi):
+            for r in range(chart_row(b_hi, lo, hi, height), chart_row(b_lo, lo, hi, height) + 1):
+                cells[r][x] = True
+    return cells
 
 
 def panel_title(

@@ -66,7 +66,7 @@ class GradientsPanel(Panel):
                 g.total_norm_max, alarms.mark(grad_total(thr, snap, g.total_norm_max), value=g.total_norm_max)
             )
         line.add(" ")
-        line.spark_of(store, "gradients.total_norm", width - line.width)
+        line.spark_of(store, "gradients.total_norm", width - line.width, baseline=view.baseline)
         rows.add(line, 1)
 
         nonfinite = ("numerical_instability",)

@@ -46,14 +46,14 @@ class LSTMPanel(Panel):
         line = Line().label("h", 2).label("‖h‖ ").val(s.h_norm, hm)
         line.label(" rms ").val(s.h_rms, plain(s.h_rms)).label(" max ").val(s.h_max_abs, plain(s.h_max_abs))
         line.add(" ")
-        line.spark_of(store, "lstm.h_norm", width - line.width)
+        line.spark_of(store, "lstm.h_norm", width - line.width, baseline=view.baseline)
         rows.add(line, 1)
         line = Line().label("c", 2).label("‖c‖ ").val(s.c_norm, cm)
         line.label(" rms ").val(s.c_rms, plain(s.c_rms)).label(" max ").val(s.c_max_abs, cmax)
         if width >= 56:
             line.label(" mean ").val(s.c_mean, plain(s.c_mean))
         line.add(" ")
-        line.spark_of(store, "lstm.c_norm", width - line.width)
+        line.spark_of(store, "lstm.c_norm", width - line.width, baseline=view.baseline)
         rows.add(line, 1)
 
         if s.gate_saturation:

@@ -15,7 +15,7 @@ from simic_tui.judge import (
     judge_ratio_max,
     judge_ratio_min,
 )
-from simic_tui.widgets.base import ChartSpec, Line, Panel, Rows, View
+from simic_tui.widgets.base import ChartSpec, Line, Panel, Rows, View, spark_cells
 
 __all__ = ["PolicyPanel"]
 
@@ -63,7 +63,7 @@ class PolicyPanel(Panel):
                 line.add(f" {fmt_num(nats)} nats", "$text-muted")
             line.add(" ")
             col = f"policy.entropy_normalized.{head}"
-            line.spark_of(store, col, width - line.width)
+            line.spark_of(store, col, width - line.width, baseline=view.baseline)
             rows.add(line, 1)
         for head in gaussian:
             verdicts += self._gaussian(rows, view, width, head, max(head_w, len(head) + 1))
@@ -86,15 +86,15 @@ class PolicyPanel(Panel):
         line.add(" ")
         spark_col = line.width
         spark_w = max(width - spark_col, 0)
-        line.spark_of(store, "policy.kl_k3_mean", spark_w)
+        line.spark_of(store, "policy.kl_k3_mean", spark_w, baseline=view.baseline)
         rows.add(line, 1)
-        if spark_w > 0:
-            stops = store.series("policy.early_stopped", spark_w)
+        # the early stops line up under the sparkline's updates (fewer with a baseline's mark after it)
+        stop_w = spark_cells(view.baseline, "policy.kl_k3_mean", spark_w)
+        if stop_w > 0:
+            stops = store.series("policy.early_stopped", stop_w)
             marks = "".join("ˆ" if s == 1.0 else " " for s in np.nan_to_num(stops, nan=0.0))
             if "ˆ" in marks:
-                rows.add(
-                    Line().label("early stop").pad_to(spark_col).add(marks, "$series-dim"), 6
-                )
+                rows.add(Line().label("early stop").pad_to(spark_col).add(marks, "$series-dim"), 6)
 
         # clipping, ratios, ESS
         cv = alarms.mark(
@@ -193,10 +193,14 @@ class PolicyPanel(Panel):
         explode = judge_high(high, warn=thr.std_explosion_log_std, crit=thr.std_explosion_log_std_critical)
         if alarms.find(("std_explosion",), head) is not None or explode > collapse:
             kinds, word, verdict = ("std_explosion",), "EXPLOSION", explode
-            limit = thr.std_explosion_log_std_critical if explode == Verdict.CRIT else thr.std_explosion_log_std
+            limit = (
+                thr.std_explosion_log_std_critical if explode == Verdict.CRIT else thr.std_explosion_log_std
+            )
         else:
             kinds, word, verdict = ("std_collapse",), "COLLAPSE", collapse
-            limit = thr.std_collapse_log_std_critical if collapse == Verdict.CRIT else thr.std_collapse_log_std
+            limit = (
+                thr.std_collapse_log_std_critical if collapse == Verdict.CRIT else thr.std_collapse_log_std
+            )
         if alarms.find(kinds, head) is not None:  # a relative drop or rise: the word, not only the colour
             verdict = max(verdict, Verdict.WARN)
         mark = alarms.mark(verdict, kinds, head=head, value=mean, word=word, limit=limit)
@@ -209,7 +213,7 @@ class PolicyPanel(Panel):
             line.label(" ").add("↘" if trend < 0 else "↗" if trend > 0 else "→", "$text-muted")
             line.add(f"{fmt_num(trend, 2)}/u", "$text-muted")
         line.add(" ")
-        line.spark_of(view.store, f"policy.log_std_mean.{head}", width - line.width)
+        line.spark_of(view.store, f"policy.log_std_mean.{head}", width - line.width, baseline=view.baseline)
         rows.add(line, 1)
         share, worst_dim = pol.action_saturation.get(head), pol.action_saturation_max.get(head)
         sv = judge_high(worst_dim, warn=thr.action_saturation_warning, crit=thr.action_saturation_critical)

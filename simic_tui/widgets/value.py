@@ -42,7 +42,7 @@ class ValuePanel(Panel):
             if width < 50
             else f"  limit {fmt_limit(limit)} ({phase.value}) "
         )
-        line.spark_of(store, "value.explained_variance", width - line.width)
+        line.spark_of(store, "value.explained_variance", width - line.width, baseline=view.baseline)
         rows.add(line, 1)
 
         lv = alarms.mark(Verdict.OK, ("value_collapse",), value=val.value_loss)
@@ -55,7 +55,7 @@ class ValuePanel(Panel):
             .val(val.value_loss_max, alarms.mark(Verdict.OK, value=val.value_loss_max))
         )
         line.add(" ")
-        line.spark_of(store, "value.value_loss", width - line.width)
+        line.spark_of(store, "value.value_loss", width - line.width, baseline=view.baseline)
         rows.add(line, 1)
 
         # critic spread vs returns: the value_collapse check's own ratio
