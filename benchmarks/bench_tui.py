@@ -318,7 +318,7 @@ SWEEP_PROBE = textwrap.dedent(
     import asyncio, json, os, sys, time
     sys.path[:0] = [{root!r}]
     from simic_tui.screens.sweep import SweepApp
-    from simic_tui.sweep import make_run
+    from simic_tui.sweep import PANEL_INTERVAL, make_run
     from simic_tui.target import resolve_target
 
     def status(key):
@@ -332,22 +332,34 @@ SWEEP_PROBE = textwrap.dedent(
 
     async def main():
         app = SweepApp([make_run(resolve_target(a), a) for a in addresses])
+        app.panel_interval = PANEL_INTERVAL  # as the CLI sets it
         out = {{"rss_start_mb": status("VmRSS"), "windows": {{}}}}
         async with app.run_test(size=(160, 48)) as pilot:
             await pilot.pause(warmup)
             def received():
                 return sum(r.store.counters.snapshots for r in app.runs)
-            for view in ("table", "dashboard"):
-                if view == "dashboard":
-                    await pilot.press("enter")
-                    await pilot.pause(1.0)
-                rows = []
-                for _ in range(windows):
-                    c0, w0, n0 = time.process_time(), time.perf_counter(), received()
-                    await pilot.pause(window)
-                    c1, w1, n1 = time.process_time(), time.perf_counter(), received()
-                    rows.append([(c1 - c0) / (w1 - w0), (n1 - n0) / (w1 - w0)])
-                out["windows"][view] = rows
+            async def measure():
+                c0, w0, n0 = time.process_time(), time.perf_counter(), received()
+                await pilot.pause(window)
+                c1, w1, n1 = time.process_time(), time.perf_counter(), received()
+                return [(c1 - c0) / (w1 - w0), (n1 - n0) / (w1 - w0)]
+
+            out["windows"]["table"] = [await measure() for _ in range(windows)]
+            await pilot.press("enter")
+            await pilot.pause(1.0)
+            # drilled in: windows with the panels' redraw interval (as shipped) and without it (a
+            # redraw per new snapshot) as adjacent pairs in alternating order, so a load change
+            # from the machine's other jobs hits both alike
+            capped, every = [], []
+            for k in range(windows):
+                for interval in ((PANEL_INTERVAL, 0.0) if k % 2 == 0 else (0.0, PANEL_INTERVAL)):
+                    app.panel_interval = interval
+                    await pilot.pause(0.5)
+                    (capped if interval else every).append(await measure())
+            app.panel_interval = PANEL_INTERVAL
+            out["windows"]["dashboard"] = capped
+            out["windows"]["dashboard, every snapshot redrawn"] = every
+            out["interval"] = PANEL_INTERVAL
             out["rss_mb"] = status("VmRSS")
             out["rss_peak_mb"] = status("VmHWM")
             out["live"] = sum(1 for r in app.runs if r.client.status.state.value == "live")
@@ -373,7 +385,7 @@ def bench_sweep(trainers: int, rate: float, warmup: float, window: float, window
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         procs_n = 4
-        seconds = warmup + 2 * windows * window + 20
+        seconds = warmup + 3 * windows * (window + 0.5) + 20
         procs = [
             ctx.Process(
                 target=_sweep_publishers,
@@ -415,11 +427,23 @@ def report_sweep(res: dict, trainers: int, rate: float) -> None:
         cpu = [r[0] * 100 for r in rows]
         rx = [r[1] for r in rows]
         q1, med, q3 = statistics.quantiles(cpu, n=4) if len(cpu) > 1 else [cpu[0]] * 3
-        what = "the sweep table" if view == "table" else "drilled into one run's dashboard"
+        what = {
+            "table": "the sweep table",
+            "dashboard": f"drilled in, panels <= {1 / res.get('interval', 1):.0f}/s",
+        }.get(view, f"drilled in, {view.split(', ')[-1]}")
         print(
             f"   {what:34s}: CPU median {med:.1f}% of one core (IQR {q1:.1f}-{q3:.1f}%, {len(cpu)} windows), "
             f"received {statistics.median(rx):.0f} snapshots/s of {trainers * rate:.0f}"
             + ("   target < 25%" if view == "table" else "")
+        )
+    windows = res["windows"]
+    pairs = list(zip(windows.get("dashboard", []), windows.get("dashboard, every snapshot redrawn", [])))
+    if pairs:
+        ratios = [c[0] / e[0] for c, e in pairs if e[0] > 0]
+        q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        print(
+            f"   drilled-in CPU, capped / every snapshot redrawn: median {med:.2f}x of the adjacent "
+            f"window (IQR {q1:.2f}-{q3:.2f}x, {len(ratios)} pairs in alternating order)"
         )
     print(
         f"   RSS {res['rss_start_mb']:.0f} MB at start, {res['rss_mb']:.0f} MB at the end, peak "

@@ -112,6 +112,11 @@ class SimicApp(App[None]):
         self._pending_incidents: list[IncidentEvent] = []
         self._last_incident_toast = -1e18
         self.dashboard = DashboardScreen(id="dashboard")
+        # Seconds between redraws of a panel (and of the header) while snapshots arrive faster: 0
+        # draws each new snapshot at the next tick. A sweep sets it (simic_tui.sweep.PANEL_INTERVAL):
+        # there, the other trainers' clients share the core with the drawn run.
+        self.panel_interval = 0.0
+        self._header_at = -1e18
 
     # -- lifecycle ------------------------------------------------------------------------------------
     @property
@@ -156,7 +161,10 @@ class SimicApp(App[None]):
         self._notify_events()
         self._notify_telemetry_error()
         screen = self.screen
-        self.dashboard.show_header(self.header_model(), self.banners())
+        wall = time.monotonic()
+        if self.panel_interval <= 0 or wall - self._header_at >= self.panel_interval:
+            self._header_at = wall
+            self.dashboard.show_header(self.header_model(), self.banners())
         if self.display_paused:
             return
         under_modal = (
@@ -165,7 +173,7 @@ class SimicApp(App[None]):
             and self.screen_stack[-2] is self.dashboard
         )
         if screen is self.dashboard or under_modal:
-            self.dashboard.show_panels(self.current_view())
+            self.dashboard.show_panels(self.current_view(), self.panel_interval)
         elif (
             isinstance(
                 screen, (DebugScreen, ThresholdsScreen, AnomalyLogScreen, IncidentDetailScreen, RanksScreen)

@@ -211,7 +211,7 @@ def _run_baseline(target, path: str) -> int:  # type: ignore[no-untyped-def]
 
 def _sweep(args: argparse.Namespace) -> int:
     from simic_tui.screens.sweep import SweepApp
-    from simic_tui.sweep import make_run
+    from simic_tui.sweep import PANEL_INTERVAL, make_run
     from simic_tui.target import TargetError, resolve_target
 
     if args.connection_file:
@@ -238,6 +238,7 @@ def _sweep(args: argparse.Namespace) -> int:
         seen.add(target.pub)
         runs.append(make_run(target, address))
     app = SweepApp(runs, scan=args.scan)
+    app.panel_interval = PANEL_INTERVAL
     app.run()
     return _exit_code(app)
 

@@ -29,6 +29,7 @@ from telemetry_core.protocol import connection_dir, read_connection_file
 
 __all__ = [
     "MAX_SWEEP_RUNS",
+    "PANEL_INTERVAL",
     "SORT_KEYS",
     "SWEEP_CAPACITY",
     "SweepRow",
@@ -43,6 +44,12 @@ __all__ = [
 SWEEP_CAPACITY = 2_000
 # Trainers one sweep holds (a client and a store each: about 7 MB apiece with a full history).
 MAX_SWEEP_RUNS = 64
+# Seconds between redraws of a drilled-in run's panels and header while its snapshots arrive faster
+# (SimicApp.panel_interval): a full panel rebuild costs tens of ms, and at 10 updates/s a rebuild on
+# every tick is most of a core once the other trainers' clients take their share (BENCHMARKS.md:
+# 3 redraws/s cost 38 % of a core, 1/s 30 %). Two a second keeps a panel at most half a second
+# behind its store.
+PANEL_INTERVAL = 0.5
 _SEVERITY_RANK = {"": 0, "warning": 1, "critical": 2}
 _LINK_RANK = {
     LinkState.INCOMPATIBLE: 0,

@@ -81,11 +81,12 @@ class DashboardScreen(Screen):
         header.show(model)
         banner.show(banners)
 
-    def show_panels(self, view: View) -> None:
+    def show_panels(self, view: View, min_interval: float = 0.0) -> None:
+        """``min_interval``: see :meth:`Panel.refresh_from` (0: every new snapshot at the next tick)."""
         if self._panels is None:
             self._panels = list(self.query(Panel))
         for panel in self._panels:
-            panel.refresh_from(view)
+            panel.refresh_from(view, min_interval)
         self.drawn_step = view.snap.step if view.snap is not None else None
 
     # -- keys ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ glyph and a word, so the panel reads the same with NO_COLOR.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -297,6 +298,7 @@ class Panel(Static):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
         self._drawn_key: tuple[object, int, int] | None = None
+        self._drawn_at = -1e18  # time.monotonic() of the last rebuild
         self.state = Verdict.NA
         self.border_title = f"{self.NUMBER} {self.TITLE}" if self.NUMBER else self.TITLE
 
@@ -307,13 +309,26 @@ class Panel(Static):
         if view is not None:
             self.refresh_from(view())
 
-    def refresh_from(self, view: View) -> None:
-        """Rebuild when the store or the size changed since the last draw."""
+    def refresh_from(self, view: View, min_interval: float = 0.0) -> None:
+        """Rebuild when the store or the size changed since the last draw.
+
+        ``min_interval`` (seconds, > 0): new data is drawn at most that often. When snapshots arrive
+        faster, the ticks between skip the rebuild and the next one due draws the latest: a panel
+        never shows data older than ``min_interval`` behind the store. A new size draws at once."""
         width, height = self.content_region.width, self.content_region.height
         key = (self.data_key(view), width, height)
         if key == self._drawn_key:
             return
+        now = time.monotonic()
+        if (
+            min_interval > 0
+            and self._drawn_key is not None
+            and self._drawn_key[1:] == key[1:]
+            and now - self._drawn_at < min_interval
+        ):
+            return
         self._drawn_key = key
+        self._drawn_at = now
         rows = Rows(width)
         verdicts: list[Verdict] = []
         if view.snap is None:
