@@ -687,12 +687,19 @@ class Publisher:
             log.exception("telemetry publisher thread stopped: %r", exc)
         finally:
             self._network = False
-            for sock in monitors:
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.close(linger=0)
+            # Monitors stop while their reading ends are still open and emptied: libzmq's I/O
+            # thread writes monitor events with a blocking send while holding the socket's monitor
+            # lock, so an event sent to a closed (or full) monitor pipe would block it for good,
+            # and disable_monitor/close would then wait on that lock forever.
+            for mon in monitors:
+                _drain(mon)
             for sock in sockets:
                 with contextlib.suppress(zmq.ZMQError):
                     sock.disable_monitor()
+            for mon in monitors:
+                with contextlib.suppress(zmq.ZMQError):
+                    mon.close(linger=0)
+            for sock in sockets:
                 with contextlib.suppress(zmq.ZMQError):
                     sock.close()  # each socket's LINGER: 0, or the short closing linger set above
             if self._zap is not None:
@@ -847,3 +854,13 @@ class Publisher:
 def _make_atexit(pub: Publisher) -> Callable[[], None]:
     ref = weakref.ref(pub)
     return lambda: _close_at_exit(ref)
+
+
+def _drain(sock: zmq.Socket) -> None:
+    """Read whatever is queued on a socket without waiting (bounded: a monitor queue holds at
+    most its high-water mark of events)."""
+    for _ in range(100_000):
+        try:
+            sock.recv(zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return
