@@ -34,6 +34,7 @@ from simic_tui.replay import ReplaySource
 from simic_tui.screens.anomaly_log import AnomalyLogScreen, IncidentDetailScreen
 from simic_tui.screens.dashboard import DashboardScreen
 from simic_tui.screens.debug import DebugScreen, KeepLeaseScreen
+from simic_tui.screens.errors import TelemetryErrorsScreen
 from simic_tui.screens.goto import GotoStepScreen
 from simic_tui.screens.help import HelpScreen, key_name
 from simic_tui.screens.ranks import RanksScreen
@@ -176,7 +177,15 @@ class SimicApp(App[None]):
             self.dashboard.show_panels(self.current_view(), self.panel_interval)
         elif (
             isinstance(
-                screen, (DebugScreen, ThresholdsScreen, AnomalyLogScreen, IncidentDetailScreen, RanksScreen)
+                screen,
+                (
+                    DebugScreen,
+                    ThresholdsScreen,
+                    AnomalyLogScreen,
+                    IncidentDetailScreen,
+                    RanksScreen,
+                    TelemetryErrorsScreen,
+                ),
             )
             and screen.is_mounted
         ):
@@ -273,16 +282,26 @@ class SimicApp(App[None]):
             self.notify(message, severity=severity, timeout=self.NOTIFICATION_TIMEOUT, markup=False)  # type: ignore[arg-type]
 
     _last_error_shown = ""
+    _errors_offered = False
+
+    def has_telemetry_errors(self) -> bool:
+        snap = self.store.latest
+        return snap is not None and bool(snap.counters.telemetry_errors or snap.counters.last_telemetry_error)
 
     def _notify_telemetry_error(self) -> None:
-        """The header counts the trainer's swallowed telemetry errors; the latest one is told once."""
+        """The header counts the trainer's swallowed telemetry errors; the latest one is told once,
+        and the footer offers ``e`` (their messages whole) while there are any."""
+        offered = self.has_telemetry_errors()
+        if offered != self._errors_offered:
+            self._errors_offered = offered
+            self.dashboard.refresh_bindings()
         snap = self.store.latest
         message = snap.counters.last_telemetry_error if snap is not None else ""
         if message and message != self._last_error_shown:
             self._last_error_shown = message
             n = snap.counters.telemetry_errors if snap is not None else 0
             self.notify(
-                f"telemetry error on the trainer ({n} so far, training continues): {message}",
+                f"telemetry error on the trainer ({n} so far, training continues; e shows them): {message}",
                 severity="warning",
                 timeout=self.NOTIFICATION_TIMEOUT,
             )
@@ -410,6 +429,10 @@ class SimicApp(App[None]):
     def open_ranks(self) -> None:
         self.push_screen(RanksScreen(self.store))
 
+    def open_telemetry_errors(self) -> None:
+        if not isinstance(self.screen, TelemetryErrorsScreen):
+            self.push_screen(TelemetryErrorsScreen(self.store))
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(replay=self.replay is not None))
@@ -447,6 +470,7 @@ class SimicApp(App[None]):
                 (action in LIVE_ONLY and replay)
                 or (action in REPLAY_ONLY and not replay)
                 or action == "unzoom"
+                or (action == "telemetry_errors" and not self.has_telemetry_errors())
             ):
                 continue
             key = key_name(binding)

@@ -105,6 +105,14 @@ DASHBOARD_BINDINGS: list[Binding] = [
         "t", "thresholds", "Limits", id="thresholds", tooltip="The trainer's thresholds (limits) and why"
     ),
     Binding(
+        "e",
+        "telemetry_errors",
+        "Errors",
+        id="telemetry_errors",
+        tooltip="The trainer's latest telemetry errors in full (swallowed so training goes on; offered "
+        "while there are any)",
+    ),
+    Binding(
         "r",
         "ranks",
         "Ranks",
@@ -251,6 +259,7 @@ PALETTE_TITLES: dict[str, str] = {
     "incident_filter_kind": "Filter kind",
     "thresholds": "Thresholds",
     "ranks": "Ranks",
+    "telemetry_errors": "Telemetry errors",
     "panel_policy": "Focus/zoom Policy",
     "panel_value": "Focus/zoom Value",
     "panel_advantage": "Focus/zoom Advantage",
@@ -274,9 +283,13 @@ FOOTER_ORDER: tuple[str, ...] = (
     "pop_screen",
     "dismiss",
     "quit",
+    "open",  # the sweep table's Enter
     "anomalies",
+    "telemetry_errors",  # offered only while the trainer reports some
     "thresholds",
     "debug",
+    "filter",  # the sweep table
+    "toggle_axis",  # the compare screen
     "play_pause",
     "step",
     "panel",
@@ -290,7 +303,9 @@ FOOTER_ORDER: tuple[str, ...] = (
     "filter_severity",
     "filter_kind",
     "sort_next",
+    "sort",
     "sort_reverse",
+    "reverse",
     "focus_next",
     "ranks",
     "profile",

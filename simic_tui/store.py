@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -41,9 +41,11 @@ from telemetry_core.schema import (
 __all__ = [
     "DEFAULT_CAPACITY",
     "DEFAULT_MAX_COLUMNS",
+    "TELEMETRY_ERROR_NOTES",
     "AnomalyEntry",
     "FrameCounters",
     "StoreEvent",
+    "TelemetryErrorNote",
     "TelemetryStore",
     "decode_checked",
     "flatten_snapshot",
@@ -54,6 +56,7 @@ DEFAULT_CAPACITY = 10_000
 # uses a few hundred; a hostile one inventing keys in every frame gets its extras counted and
 # dropped instead of growing the dashboard without bound.
 DEFAULT_MAX_COLUMNS = 1024
+TELEMETRY_ERROR_NOTES = 8  # distinct telemetry error messages kept for the ``e`` screen
 _INITIAL_COLUMNS = 160
 _SECTIONS = ("policy", "value", "gradients", "lstm", "episodes")
 
@@ -66,6 +69,15 @@ class AnomalyEntry:
     seq: int
     wall_time: float  # the trainer's wall time of that snapshot
     anomaly: Anomaly
+
+
+class TelemetryErrorNote(NamedTuple):
+    """One telemetry error message as the trainer reported it: the update it arrived with and how
+    many errors the trainer had swallowed by then."""
+
+    step: int
+    count: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -312,6 +324,11 @@ class TelemetryStore:
         else:
             self.incidents.clear()
         self.profile_traces: list[tuple[int, str]] = []
+        # (step, errors so far, message) each time the trainer's latest swallowed telemetry error
+        # changed: a snapshot carries only the latest, the ``e`` screen shows the last few whole
+        self.telemetry_errors: collections.deque[TelemetryErrorNote] = collections.deque(
+            maxlen=TELEMETRY_ERROR_NOTES
+        )
         self._flat = _Flattener(self.max_columns)
         self._cols = self._flat.columns
         self._data = np.full((self.capacity, _INITIAL_COLUMNS), np.nan)
@@ -411,6 +428,7 @@ class TelemetryStore:
                 self.events.append(
                     StoreEvent("profile", f"profile trace written to {snap.profile_trace}", "information")
                 )
+        self._note_telemetry_error(snap)
         self._log_anomalies(env, snap)
         self._log_incidents(snap, quiet)
         self.counters.snapshots += 1
@@ -425,6 +443,25 @@ class TelemetryStore:
                 buckets.append([tenth, 1])
         self.version += 1
         return True
+
+    def _note_telemetry_error(self, snap: Snapshot) -> None:
+        message = snap.counters.last_telemetry_error
+        if message and (not self.telemetry_errors or self.telemetry_errors[-1].message != message):
+            self.telemetry_errors.append(
+                TelemetryErrorNote(snap.step, snap.counters.telemetry_errors, message)
+            )
+
+    def telemetry_error_notes(self) -> list[TelemetryErrorNote]:
+        """The latest telemetry errors the trainer reported, newest first (the latest snapshot's
+        own message always among them)."""
+        notes = list(self.telemetry_errors)
+        snap = self.latest
+        if snap is not None and snap.counters.last_telemetry_error and (
+            not notes or notes[-1].message != snap.counters.last_telemetry_error
+        ):
+            c = snap.counters
+            notes.append(TelemetryErrorNote(snap.step, c.telemetry_errors, c.last_telemetry_error))
+        return notes[::-1]
 
     def _write_row(self, pos: int, idx: list[int], vals: list[float]) -> None:
         if len(self._cols) > self._data.shape[1]:

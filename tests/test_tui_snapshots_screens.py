@@ -1,5 +1,5 @@
 """SVG snapshots of the dashboard's other screens (DEBUG, help, thresholds, the grouped incident log and
-an incident's detail pane, zoom) and of
+an incident's detail pane, zoom, the telemetry errors) and of
 the too-small notice and the connecting state, fed from the committed recording. See
 test_tui_snapshots_dashboard.py for how determinism is ensured and how to regenerate.
 """
@@ -22,7 +22,17 @@ pytestmark = pytest.mark.usefixtures("deterministic_terminal")
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize(
-    "state", ["debug_screen", "help", "thresholds", "anomaly_log", "incident_detail", "zoom", "connecting"]
+    "state",
+    [
+        "debug_screen",
+        "help",
+        "thresholds",
+        "anomaly_log",
+        "incident_detail",
+        "zoom",
+        "connecting",
+        "telemetry_errors",
+    ],
 )
 def test_screen(snap_compare, state: str, size: str) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(states.build(state), press=states.STATES[state].press, terminal_size=SIZES[size])

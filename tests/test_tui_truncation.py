@@ -13,20 +13,27 @@ import io
 import re
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from rich.console import Console
+from textual.app import App
 from textual.screen import ModalScreen
+from textual.widgets import Footer
+from textual.widgets._footer import FooterKey
 
 from simic_tui.app import SimicApp
+from simic_tui.compare import build_comparison, load_runs
 from simic_tui.incidents import scope_label
 from simic_tui.judge import kind_title
 from simic_tui.replay import ReplaySource, load_recording
+from simic_tui.screens.compare import CompareApp
 from simic_tui.store import TelemetryStore
 from telemetry_core.kinds import SPECS
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import states
+import sweep_states
 
 pytestmark = [pytest.mark.usefixtures("deterministic_terminal"), pytest.mark.timeout(300)]
 
@@ -77,8 +84,9 @@ def protected_tokens() -> set[str]:
     return {t for t in tokens if len(t) >= 3}
 
 
-def screen_text(app: SimicApp) -> str:
-    """The active screen as text; of a modal screen, its body only (what it covers is not its text)."""
+def screen_text(app: App[None], whole: bool = False) -> str:
+    """The active screen as text; of a modal screen, its body only (what it covers is not its text)
+    unless ``whole``."""
     width, height = app.size
     console = Console(
         width=width, height=height, file=io.StringIO(), force_terminal=True, record=True, legacy_windows=False
@@ -87,7 +95,7 @@ def screen_text(app: SimicApp) -> str:
         app.screen._compositor.render_update(full=True, screen_stack=app._background_screens, simplify=True)
     )
     lines = console.export_text(styles=False).splitlines()
-    if isinstance(app.screen, ModalScreen):
+    if isinstance(app.screen, ModalScreen) and not whole:
         body = app.screen.query_one(".modal-body").region
         lines = [line[body.x : body.right] for line in lines[body.y : body.bottom]]
     return "\n".join(lines)
@@ -148,6 +156,7 @@ async def test_nothing_protected_is_cut(screen: str, size: tuple[int, int]) -> N
         await pilot.pause()
         await pilot.pause()
         text = screen_text(app)
+        footer = footer_cuts(app)
         advice = ""
         if screen == "incident detail":
             from simic_tui.screens.anomaly_log import IncidentDetailScreen
@@ -158,7 +167,7 @@ async def test_nothing_protected_is_cut(screen: str, size: tuple[int, int]) -> N
             assert rec is not None
             inc = log.view(rec)
             advice = " ".join(inc.action.split())
-    problems = cuts(text, protected_tokens())
+    problems = cuts(text, protected_tokens()) + footer
     assert not problems, f"{screen} at {size}:\n" + "\n".join(problems) + "\n\n" + text
     if advice:  # the advice is shown whole, wrapped
         flat = " ".join(re.sub(rf"[{BORDERS}]", " ", text).split())
@@ -182,3 +191,84 @@ def test_the_audit_finds_the_cuts_it_is_meant_to_find() -> None:
         "│ ▲ ev_low 35 cleared  The critic explains too little of the …",
     ):
         assert not cuts(fine, protected), fine
+
+
+def footer_cuts(app: App[None]) -> list[str]:
+    """Every footer entry of the active screen that is not on screen whole: ``key description``
+    inside the terminal's width, on the footer's line, in full."""
+    found: list[str] = []
+    width = app.size.width
+    lines = screen_text(app, whole=True).splitlines()
+    for footer in app.screen.query(Footer):
+        line = lines[footer.region.y] if footer.region.y < len(lines) else ""
+        keys = list(footer.query(FooterKey))
+        if not keys:
+            found.append("the footer shows no key at all")
+        for key in keys:
+            entry = f"{key.key_display} {key.description}".strip()
+            if key.region.right > width or key.region.width < len(entry):
+                found.append(f"footer entry {entry!r} cut (at {key.region}, width {width})")
+            elif entry not in line:
+                found.append(f"footer entry {entry!r} not whole on its line {line!r}")
+    return found
+
+
+COMPARE = {
+    "two runs": ["cmp_healthy.simrec", "cmp_klspike.simrec"],
+    "four runs": ["cmp_healthy.simrec", "cmp_klspike.simrec", "cmp_entropy.simrec", "cmp_nangrad.simrec"],
+}
+FOOTER_SIZES = [(80, 24), (160, 48)]
+
+
+@pytest.mark.parametrize("size", FOOTER_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("runs", COMPARE)
+async def test_the_compare_screen_cuts_nothing_protected_and_no_footer_entry(
+    runs: str, size: tuple[int, int]
+) -> None:
+    fixtures = Path(__file__).parent / "fixtures"
+    app = CompareApp(build_comparison(load_runs([fixtures / name for name in COMPARE[runs]])))
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause()
+        await pilot.pause()
+        text = screen_text(app)
+        problems = cuts(text, protected_tokens()) + footer_cuts(app)
+        assert "Updates/env steps" in text.splitlines()[-1]  # the screen's own key stays at 80 columns
+    assert not problems, f"compare {runs} at {size}:\n" + "\n".join(problems) + "\n\n" + text
+
+
+@pytest.mark.parametrize("size", FOOTER_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("keys", [(), ("enter",)], ids=["table", "a run's dashboard"])
+async def test_the_sweep_screens_cut_nothing_protected_and_no_footer_entry(keys: tuple[str, ...], size: tuple[int, int]) -> None:
+    app = sweep_states.build()
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause()
+        await pilot.press(*keys)
+        await pilot.pause()
+        await pilot.pause()
+        text = screen_text(app)
+        footer = text.splitlines()[-1]
+        problems = footer_cuts(app)
+        if not keys:
+            assert "Open" in footer and "? Help" in footer
+        else:  # a run's dashboard, from another recording than the fixture's
+            problems += cuts(text, protected_tokens())
+    assert not problems, f"sweep {keys} at {size}:\n" + "\n".join(problems) + "\n\n" + text
+
+
+async def test_the_footer_audit_finds_a_cut_entry() -> None:
+    """Textual's own Footer at 80 columns, given more keys than fit, runs them off the edge and under
+    its palette entry; the audit must say so."""
+    from textual.binding import Binding
+    from textual.widgets import Static
+
+    class Crowded(App[None]):
+        BINDINGS: ClassVar = [Binding(k, f"notify('{k}')", f"Description{k}") for k in "abcdefghij"]
+
+        def compose(self):  # type: ignore[no-untyped-def]
+            yield Static("body")
+            yield Footer(compact=True)
+
+    app = Crowded()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert footer_cuts(app)

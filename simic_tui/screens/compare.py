@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from simic_tui.compare import (
     RUN_COLOURS,
@@ -36,6 +36,7 @@ from simic_tui.judge import GLYPH, Verdict, kind_title
 from simic_tui.sanitize import clean_text
 from simic_tui.widgets.base import Line
 from simic_tui.widgets.cells import rich_cell
+from simic_tui.widgets.footer import FittedFooter
 
 __all__ = ["CompareApp", "CompareScreen", "chart_lines", "diff_lines", "notes_lines"]
 
@@ -225,7 +226,7 @@ class CompareScreen(Screen):
             yield Static(id="compare-diff", classes="compare-text")
             yield Static(id="compare-charts", classes="compare-text")
             yield Static(id="compare-notes", classes="compare-text")
-        yield Footer(compact=True)
+        yield FittedFooter(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

@@ -96,6 +96,8 @@ class DashboardScreen(Screen):
             return False
         if action in REPLAY_ONLY and not replay:
             return False
+        if action == "telemetry_errors":  # offered while the trainer reports some
+            return self.simic.has_telemetry_errors()
         return not (action == "unzoom" and self.zoomed is None)
 
     def action_debug(self) -> None:
@@ -162,6 +164,9 @@ class DashboardScreen(Screen):
 
     def action_ranks(self) -> None:
         self.simic.open_ranks()
+
+    def action_telemetry_errors(self) -> None:
+        self.simic.open_telemetry_errors()
 
     def action_play_pause(self) -> None:
         self.simic.replay_toggle()

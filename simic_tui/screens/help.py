@@ -82,6 +82,11 @@ GLYPHS: list[tuple[str, str, str]] = [
         "bold reverse $error",
         "header: incidents active now, and those not yet acknowledged (X)",
     ),
+    (
+        "⚠ telemetry errors 3",
+        "bold $warning",
+        "header: errors the trainer's telemetry swallowed so training goes on (e shows their messages)",
+    ),
     ("—", "$text-muted", "undefined (e.g. explained variance of constant returns)"),
     (
         "NaN✖",

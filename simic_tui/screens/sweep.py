@@ -26,7 +26,7 @@ from textual.events import Click
 from textual.geometry import Region
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Input, Static
 
 from simic_tui.app import SimicApp
 from simic_tui.client import LinkState
@@ -45,6 +45,7 @@ from simic_tui.sweep import (
     scan_targets,
     sort_rows,
 )
+from simic_tui.widgets.footer import FittedFooter
 from simic_tui.widgets.header import fit_segments
 from simic_tui.widgets.incidents import severity_style
 
@@ -245,7 +246,7 @@ class SweepScreen(Screen):
         with ScrollableContainer(id="sweep-body"):
             yield SweepTable(id="sweep-table")
         yield Static(id="sweep-note")
-        yield Footer(compact=True)
+        yield FittedFooter(compact=True)
 
     def on_mount(self) -> None:
         self.query_one(SweepTable).focus()

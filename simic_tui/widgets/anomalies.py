@@ -65,10 +65,10 @@ class AnomalyPanel(Panel):
                     short.replace(" at ", " "),
                     short.split(" ")[0],
                 )
-                for option in options:
-                    if line.width + len(option) <= width:
-                        break
-                rows.add(line.add(option, state_style), 1 + i / 1000)
+                # none fits beside a long kind and scope: no state rather than a word cut mid-way
+                # (the glyph's colour still tells active from history)
+                fits = next((o for o in options if line.width + len(o) <= width), "")
+                rows.add(line.add(fits, state_style), 1 + i / 1000)
                 continue
             line.add(name.ljust(max(kind_w - (4 if row.consequence else 0), len(name) + 1)), style)
             line.label(f"×{inc.updates_active} ".rjust(6)).add(steps_text(inc).ljust(10))
