@@ -36,7 +36,20 @@ MAIN = (
     "incompatible",
     "help",
 )
-MORE = ("thresholds", "anomaly_log", "incident_detail", "kl_spike_after", "disconnected", "connecting", "zoom")
+MORE = (
+    "thresholds",
+    "anomaly_log",
+    "incident_detail",
+    "kl_spike_after",
+    "disconnected",
+    "connecting",
+    "zoom",
+    "waiting",
+    "finished",
+    "replay_finished",
+    "lease",
+    "telemetry_errors",
+)
 COMPACT = ("healthy", "entropy_collapse", "debug_screen")
 
 
