@@ -381,6 +381,10 @@ class SimicApp(App[None]):
             self._command(lambda: "")
 
     def toggle_pause(self) -> None:
+        if not self.display_paused and self.dashboard.drawn_step is None:
+            # Frames arrived but no tick has drawn them yet: draw the latest now, so the frozen
+            # screen and the header's "paused at step S" name the same step.
+            self.tick()
         self.display_paused = not self.display_paused
         self._paused_at_count = self.store.count
         # the step the frozen panels were last drawn from
