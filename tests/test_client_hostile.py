@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import zmq
 
-from simic_tui import client as client_module
+from simic_tui import client_commands
 from simic_tui.app import SimicApp
 from simic_tui.client import LeasePhase, LinkState, TelemetryClient
 from simic_tui.sanitize import MAX_CHARS
@@ -131,7 +131,7 @@ async def test_forged_and_wrong_key_replies_are_refused_and_switching_the_check_
     """Without the reply-signature check, a forged Ack would take the lease: the ``off`` case shows
     that the ``on`` case's assertions can fail."""
     if check == "off":
-        monkeypatch.setattr(client_module, "verify", lambda key, mac, data: True)
+        monkeypatch.setattr(client_commands, "verify", lambda key, mac, data: True)
     fake = FakeTrainer(tmp_path)
     try:
         client, task, peer, lease = await _attached_with_a_pending_lease(fake)
