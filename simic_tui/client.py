@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import zmq
@@ -75,6 +75,10 @@ class TelemetryClient(CommandSide):
         self.profile_updates = profile_updates
         self.rescan_interval = rescan_interval
         self.client_name = client_name or f"simic-tui-{uuid.uuid4().hex[:8]}"
+        # Seconds between drains of the sockets (0: woken by each frame as it arrives). A sweep sets
+        # it for the runs not on screen: nothing is skipped (frames wait in the socket's queue, then
+        # in the kernel's and the trainer's send queue, each bounded); they are taken in batches.
+        self.receive_interval = 0.0
         self.status = LinkStatus(endpoint=target.pub, since=clock())
         self.lease = DebugLease()
         self.profile_note = ""
@@ -149,7 +153,15 @@ class TelemetryClient(CommandSide):
                 self._update_commands_note()
                 self._ask_history()
             while not self._stopping:
-                events = dict(await poller.poll(timeout=100))
+                events: Collection[object]
+                if self.receive_interval > 0:
+                    # Batched: no poller (its futures and reader registrations cost more than a
+                    # frame's decode); every socket is drained without blocking once per interval,
+                    # and the frames that arrived meanwhile wait in its queue.
+                    await asyncio.sleep(self.receive_interval)
+                    events = (self._sub, self._dealer, self._monitor)
+                else:
+                    events = dict(await poller.poll(timeout=100))
                 if self._sub is not None and self._sub in events:
                     await self._drain_sub()
                 if self._dealer is not None and self._dealer in events:

@@ -28,6 +28,7 @@ from simic_tui.target import AttachTarget, TargetError, endpoint_port, resolve_t
 from telemetry_core.protocol import connection_dir, read_connection_file
 
 __all__ = [
+    "BACKGROUND_RECEIVE_INTERVAL",
     "MAX_SWEEP_RUNS",
     "PANEL_INTERVAL",
     "SORT_KEYS",
@@ -50,6 +51,11 @@ MAX_SWEEP_RUNS = 64
 # 3 redraws/s cost 38 % of a core, 1/s 30 %). Two a second keeps a panel at most half a second
 # behind its store.
 PANEL_INTERVAL = 0.5
+# Seconds between drains of the sockets of a run not on screen (TelemetryClient.receive_interval):
+# every frame is still taken, in batches, without a poller woken per frame. Sixteen trainers at ten
+# updates a second cost about half as much CPU this way (BENCHMARKS.md); the table, redrawn once a
+# second, is at most this much later. The run drilled into is woken by each frame.
+BACKGROUND_RECEIVE_INTERVAL = 0.25
 _SEVERITY_RANK = {"": 0, "warning": 1, "critical": 2}
 _LINK_RANK = {
     LinkState.INCOMPATIBLE: 0,
@@ -84,6 +90,7 @@ def make_run(
     kwargs = {"clock": clock} if clock is not None else {}
     store = TelemetryStore(capacity, **kwargs)  # type: ignore[arg-type]
     client = TelemetryClient(target, store, **kwargs)  # type: ignore[arg-type]
+    client.receive_interval = BACKGROUND_RECEIVE_INTERVAL  # until it is drilled into
     return SweepRun(label or f"{target.host}:{target.port}", target, store, client, key=target.pub)
 
 

@@ -35,6 +35,7 @@ from simic_tui.keys import APP_BINDINGS
 from simic_tui.screens.dashboard import DashboardScreen
 from simic_tui.store import TelemetryStore
 from simic_tui.sweep import (
+    BACKGROUND_RECEIVE_INTERVAL,
     MAX_SWEEP_RUNS,
     SORT_KEYS,
     SweepRow,
@@ -544,6 +545,8 @@ class SweepApp(SimicApp):
         if run is None:
             return
         run.store.drain_events()  # what happened while the table showed it is in its log already
+        self._to_background(self.selected)
+        run.client.receive_interval = 0.0  # on screen: each frame as it arrives
         self.selected = run
         self.store = run.store
         self.client = run.client
@@ -555,7 +558,13 @@ class SweepApp(SimicApp):
     def back_to_sweep(self) -> None:
         while len(self.screen_stack) > 1 and self.screen is not self.sweep:
             self.pop_screen()
+        self._to_background(self.selected)
         self.sweep.refresh_view()
+
+    @staticmethod
+    def _to_background(run: SweepRun | None) -> None:
+        if run is not None:
+            run.client.receive_interval = BACKGROUND_RECEIVE_INTERVAL
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The palette's dashboard commands only inside a run's dashboard: on the table they would
