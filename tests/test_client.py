@@ -428,6 +428,35 @@ async def test_heartbeats_keep_the_link_live_between_snapshots() -> None:
             assert isinstance(store.last_heartbeat, Heartbeat)
 
 
+async def test_a_batched_client_takes_every_frame_in_order_and_switches_back_to_per_frame() -> None:
+    """A sweep's runs not on screen drain their sockets every ``receive_interval`` seconds: bursts
+    faster than that arrive whole, in order, none missed; set to 0 it is woken per frame again."""
+    run = Run()
+    with publisher() as pub:
+        pub.publish_snapshot(run.snapshot(0, published=1))
+        store = TelemetryStore()
+        client = TelemetryClient(target_of(pub), store)
+        client.receive_interval = 0.25
+        async with Running(client):
+            await wait_until(lambda: store.count == 1, what="the first snapshot")
+            seen: list[int] = []
+            for k in range(1, 121):  # 120 updates at ~100/s: about 25 per drain
+                pub.publish_snapshot(run.snapshot(k, published=k + 1))
+                if k % 10 == 0:
+                    seen.append(store.count)
+                await asyncio.sleep(0.01)
+            await wait_until(lambda: store.count == 121, what="121 snapshots")
+            assert len(set(seen)) < len(seen), "frames were taken in batches, not one by one"
+            client.receive_interval = 0.0
+            await asyncio.sleep(0.3)  # the last batched sleep ends
+            pub.publish_snapshot(run.snapshot(121, published=122))
+            t0 = time.monotonic()
+            await wait_until(lambda: store.count == 122, what="the next snapshot")
+            assert time.monotonic() - t0 < 0.2  # woken by the frame, not by a timer
+            assert list(store.steps()) == [run.snapshot(k).step for k in range(122)]
+            assert store.counters.missed == 0 and store.counters.bad_frames == 0
+
+
 async def test_a_command_to_an_unreachable_command_port_fails_at_once_and_says_why() -> None:
     port, dead = free_port(), free_port()
     target = AttachTarget(

@@ -18,7 +18,14 @@ import pytest
 from textual.widgets import Input
 
 from simic_tui.screens.sweep import SweepDashboard, SweepScreen, SweepTable
-from simic_tui.sweep import SORT_KEYS, filter_rows, row_of, scan_targets, sort_rows
+from simic_tui.sweep import (
+    BACKGROUND_RECEIVE_INTERVAL,
+    SORT_KEYS,
+    filter_rows,
+    row_of,
+    scan_targets,
+    sort_rows,
+)
 from telemetry_core.transport import Publisher
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
@@ -204,6 +211,11 @@ async def test_enter_opens_the_runs_dashboard_and_esc_returns() -> None:
             assert isinstance(app.screen, SweepDashboard)
             run = app.run_by_key(key)
             assert run is not None and app.store is run.store and app.client is run.client
+            # the run on screen is woken by each frame; the others drain in batches
+            assert run.client.receive_interval == 0.0
+            assert all(
+                r.client.receive_interval == BACKGROUND_RECEIVE_INTERVAL for r in app.runs if r is not run
+            )
             header = str(app.screen.query_one("#header").render())
             assert run.store.latest is not None and run.store.latest.run.name in header
             # Esc with a zoomed panel unzooms first; the next one goes back to the table
@@ -217,6 +229,7 @@ async def test_enter_opens_the_runs_dashboard_and_esc_returns() -> None:
             await pilot.pause()
             assert app.screen is screen
             assert table.cursor_row == i  # the cursor stays on the run
+            assert all(r.client.receive_interval == BACKGROUND_RECEIVE_INTERVAL for r in app.runs)
 
 
 async def test_the_palette_offers_dashboard_commands_only_inside_a_run() -> None:
