@@ -335,6 +335,10 @@ class TelemetryStore:
         self._present = np.zeros((self.capacity, _INITIAL_COLUMNS), dtype=np.bool_)
         self._steps = np.zeros(self.capacity, dtype=np.int64)
         self._seqs = np.zeros(self.capacity, dtype=np.int64)
+        # The last row's column indices, as given, as an array and as a mask of the row's width.
+        self._row_idx: list[int] | None = None
+        self._row_cols = np.zeros(0, dtype=np.intp)
+        self._row_mask = np.zeros(0, dtype=np.bool_)
         self.version += 1
 
     def reset(self, session: str | None = None) -> None:
@@ -466,12 +470,15 @@ class TelemetryStore:
     def _write_row(self, pos: int, idx: list[int], vals: list[float]) -> None:
         if len(self._cols) > self._data.shape[1]:
             self._grow(len(self._cols))
+        if idx != self._row_idx:  # compared in C: a run sends the same columns update after update
+            self._row_idx = idx
+            self._row_cols = np.asarray(idx, dtype=np.intp)
+            self._row_mask = np.zeros(self._present.shape[1], dtype=np.bool_)
+            self._row_mask[self._row_cols] = True
         row = self._data[pos]
         row.fill(np.nan)
-        row[idx] = vals
-        present = self._present[pos]
-        present.fill(False)
-        present[idx] = True
+        row[self._row_cols] = vals
+        self._present[pos] = self._row_mask
 
     def _grow(self, needed: int) -> None:
         width = self._data.shape[1]
@@ -482,6 +489,7 @@ class TelemetryStore:
         mask = np.zeros((self.capacity, new_width), dtype=np.bool_)
         mask[:, :width] = self._present
         self._present = mask
+        self._row_idx = None  # the cached row mask has the old width
 
     def _log_anomalies(self, env: Envelope, snap: Snapshot) -> None:
         """The detector's per-update judgements, kept for export and the DEBUG view (no toasts: the

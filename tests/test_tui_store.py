@@ -226,6 +226,35 @@ def test_flatten_covers_every_section_and_per_head_metrics() -> None:
         assert name in cols, name
 
 
+def test_every_row_holds_its_own_snapshots_columns_as_they_change_and_grow() -> None:
+    """Rows whose column sets change (sections missing, per-head keys appearing, the ring widening
+    past its initial columns) each hold exactly their snapshot's values: checked cell by cell
+    against ``flatten_snapshot`` in float64."""
+    run = Run()
+    store = TelemetryStore(capacity=16)
+    expected: list[dict[str, float]] = []
+    for k in range(12):
+        snap = run.snapshot(k, k + 1)
+        if k % 3 == 1:
+            snap = Snapshot(step=snap.step, wall_time=1.0)  # no sections at all
+        elif k >= 6:  # new per-head keys each update: 40 more columns each, past the initial width
+            assert snap.policy is not None
+            snap.policy.entropy = {**snap.policy.entropy, **{f"h{k}_{i}": i / 7 for i in range(40)}}
+        store.ingest(envelope(snap, k + 1), snap)
+        expected.append(dict(flatten_snapshot(snap)))
+    assert len(store.columns) > 160
+    for name in store.columns:
+        values, present = store.series(name), store.present(name)
+        for row, cols in enumerate(expected):
+            assert bool(present[row]) == (name in cols), (name, row)
+            if name in cols:
+                assert np.float64(values[row]) == np.float64(cols[name]) or (
+                    math.isnan(values[row]) and math.isnan(cols[name])
+                ), (name, row)
+            else:
+                assert math.isnan(values[row]), (name, row)
+
+
 def test_formatting_is_honest() -> None:
     assert fmt_num(None) == "—"
     assert fmt_num(math.nan) == "NaN"
