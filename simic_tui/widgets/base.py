@@ -297,6 +297,9 @@ class Panel(Static):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
+        # No links in a panel (trainer text is never markup): skip Textual's per-line link styling,
+        # a fifth of the cost of drawing a panel.
+        self.set_reactive(Panel.auto_links, False)
         self._drawn_key: tuple[object, int, int] | None = None
         self._drawn_at = -1e18  # time.monotonic() of the last rebuild
         self.state = Verdict.NA
