@@ -17,6 +17,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -342,7 +343,7 @@ SWEEP_PROBE = textwrap.dedent(
                 c0, w0, n0 = time.process_time(), time.perf_counter(), received()
                 await pilot.pause(window)
                 c1, w1, n1 = time.process_time(), time.perf_counter(), received()
-                return [(c1 - c0) / (w1 - w0), (n1 - n0) / (w1 - w0)]
+                return [(c1 - c0) / (w1 - w0), (n1 - n0) / (w1 - w0), os.getloadavg()[0]]
 
             out["windows"]["table"] = [await measure() for _ in range(windows)]
             await pilot.press("enter")
@@ -415,17 +416,37 @@ def bench_sweep(trainers: int, rate: float, warmup: float, window: float, window
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def machine() -> str:
+    """UTC time, CPU model and count, RAM and the load average (the machine may be shared)."""
+    cpu, mem = platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            mem = f", {int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    load = os.getloadavg()
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {cpu}, {os.cpu_count()} CPUs{mem} | "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | python {platform.python_version()}"
+    )
+
+
 def report_sweep(res: dict, trainers: int, rate: float) -> None:
     print(
         f"\n6. a sweep: {trainers} real publishers at {rate:g} updates/s each -> SweepApp (headless, 160x48)"
     )
+    print(f"   {machine()}")
     print(
-        "   method: the dashboard process's CPU time (all its threads) over wall time, per window; "
-        "publishers in other processes"
+        "   method: the dashboard process's CPU time (all its threads, time.process_time) over wall time, "
+        "per window; median and IQR (25th-75th percentile) of the windows; publishers in other processes; "
+        "the load average (1 min) at the end of each window beside it"
     )
     for view, rows in res["windows"].items():
         cpu = [r[0] * 100 for r in rows]
         rx = [r[1] for r in rows]
+        loads = [r[2] for r in rows]
         q1, med, q3 = statistics.quantiles(cpu, n=4) if len(cpu) > 1 else [cpu[0]] * 3
         what = {
             "table": "the sweep table",
@@ -433,9 +454,11 @@ def report_sweep(res: dict, trainers: int, rate: float) -> None:
         }.get(view, f"drilled in, {view.split(', ')[-1]}")
         print(
             f"   {what:34s}: CPU median {med:.1f}% of one core (IQR {q1:.1f}-{q3:.1f}%, {len(cpu)} windows), "
-            f"received {statistics.median(rx):.0f} snapshots/s of {trainers * rate:.0f}"
-            + ("   target < 25%" if view == "table" else "")
+            f"received {statistics.median(rx):.0f} snapshots/s of {trainers * rate:.0f}, "
+            f"load {min(loads):.1f}-{max(loads):.1f}"
+            + ("   target < 25%" if view in ("table", "dashboard") else "")
         )
+        print(f"   {'':34s}  windows in order: {', '.join(f'{c:.1f}%' for c in cpu)}")
     windows = res["windows"]
     pairs = list(zip(windows.get("dashboard", []), windows.get("dashboard, every snapshot redrawn", [])))
     if pairs:

@@ -53,9 +53,11 @@ MAX_SWEEP_RUNS = 64
 PANEL_INTERVAL = 0.5
 # Seconds between drains of the sockets of a run not on screen (TelemetryClient.receive_interval):
 # every frame is still taken, in batches, without a poller woken per frame. Sixteen trainers at ten
-# updates a second cost about half as much CPU this way (BENCHMARKS.md); the table, redrawn once a
-# second, is at most this much later. The run drilled into is woken by each frame.
-BACKGROUND_RECEIVE_INTERVAL = 0.25
+# updates a second cost about a third as much CPU this way (BENCHMARKS.md); the table, redrawn once
+# a second, is at most this much later. A batch of five updates stays inside the socket's receive
+# queue; a longer stall backs up into the kernel's buffers and the trainer's send queue, and no
+# frame is lost until that queue is full. The run drilled into is woken by each frame.
+BACKGROUND_RECEIVE_INTERVAL = 0.5
 _SEVERITY_RANK = {"": 0, "warning": 1, "critical": 2}
 _LINK_RANK = {
     LinkState.INCOMPATIBLE: 0,
