@@ -364,6 +364,8 @@ SWEEP_PROBE = textwrap.dedent(
             out["rss_mb"] = status("VmRSS")
             out["rss_peak_mb"] = status("VmHWM")
             out["live"] = sum(1 for r in app.runs if r.client.status.state.value == "live")
+            out["missed"] = sum(r.store.counters.missed for r in app.runs)
+            out["bad"] = sum(r.store.counters.bad_frames for r in app.runs)
             out["rows_per_run"] = max(r.store.size for r in app.runs)
         print(json.dumps(out))
 
@@ -470,7 +472,8 @@ def report_sweep(res: dict, trainers: int, rate: float) -> None:
         )
     print(
         f"   RSS {res['rss_start_mb']:.0f} MB at start, {res['rss_mb']:.0f} MB at the end, peak "
-        f"{res['rss_peak_mb']:.0f} MB   target < 300 MB; {res['live']}/{trainers} links live; "
+        f"{res['rss_peak_mb']:.0f} MB   target < 300 MB; {res['live']}/{trainers} links live, "
+        f"{res.get('missed', '?')} snapshots missed, {res.get('bad', '?')} bad frames; "
         f"{res['rows_per_run']} rows of history per run (capped at 2,000)"
     )
 

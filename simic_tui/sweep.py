@@ -48,12 +48,12 @@ MAX_SWEEP_RUNS = 64
 # Seconds between redraws of a drilled-in run's panels and header while its snapshots arrive faster
 # (SimicApp.panel_interval): a full panel rebuild costs tens of ms, and at 10 updates/s a rebuild on
 # every tick is most of a core once the other trainers' clients take their share (BENCHMARKS.md:
-# 3 redraws/s cost 38 % of a core, 1/s 30 %). Two a second keeps a panel at most half a second
-# behind its store.
+# about three times the CPU of two redraws a second). Two a second keeps a panel at most half a
+# second behind its store.
 PANEL_INTERVAL = 0.5
 # Seconds between drains of the sockets of a run not on screen (TelemetryClient.receive_interval):
 # every frame is still taken, in batches, without a poller woken per frame. Sixteen trainers at ten
-# updates a second cost about a third as much CPU this way (BENCHMARKS.md); the table, redrawn once
+# updates a second cost less than half as much CPU this way (BENCHMARKS.md); the table, redrawn once
 # a second, is at most this much later. A batch of five updates stays inside the socket's receive
 # queue; a longer stall backs up into the kernel's buffers and the trainer's send queue, and no
 # frame is lost until that queue is full. The run drilled into is woken by each frame.
