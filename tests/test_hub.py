@@ -248,7 +248,7 @@ def test_a_whole_cuda_update_syncs_only_in_its_one_transfer(
 ) -> None:
     """Every hub call of a CUDA update runs under torch.cuda.set_sync_debug_mode("error"), except
     the update's one transfer, which is counted."""
-    import telemetry_core.hub as hub_module
+    import telemetry_core.hub.core as hub_module
 
     transfers = []
     real_transfer = hub_module.transfer
