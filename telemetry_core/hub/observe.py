@@ -124,6 +124,7 @@ class Observations:
         policy_loss: torch.Tensor | None = None,
         value_loss: torch.Tensor | None = None,
         action_masks: Mapping[str, torch.Tensor] | None = None,
+        entropy_coef: float | None = None,
     ) -> None:
         """After each minibatch: log-probs (joint and per head), entropies, advantages, losses.
 
@@ -143,6 +144,9 @@ class Observations:
             action_masks: head -> bool ``(n, actions)`` tensor (True = valid) of a masked policy:
                 that head's normalised entropy divides by log(valid actions) per sample instead
                 of log(number of actions), so heavy masking does not read as entropy collapse.
+            entropy_coef: the coefficient of the entropy term in the loss (``loss = pg -
+                entropy_coef x entropy``; a Python or numpy number): a negative one rewards
+                determinism and is told at once (``entropy_collapse``).
         """
         level = self._level
         if level == TelemetryLevel.OFF:
@@ -167,6 +171,7 @@ class Observations:
                 head_entropies=head_entropies,
                 policy_loss=policy_loss,
                 level=level,
+                entropy_coef=entropy_coef,
             )
             self._epochs.last = epoch
             if action_masks:
