@@ -250,10 +250,10 @@ def test_a_whole_cuda_update_syncs_only_in_its_one_transfer(
 ) -> None:
     """Every hub call of a CUDA update runs under torch.cuda.set_sync_debug_mode("error"), except
     the update's one transfer, which is counted."""
-    import telemetry_core.hub as hub_module
+    import telemetry_core.hub.collect as collect_module  # where the update's transfer is called
 
     transfers = []
-    real_transfer = hub_module.transfer
+    real_transfer = collect_module.transfer
 
     def counted_transfer(pending: Any) -> Any:
         transfers.append(sorted({t.device.type for t in pending.values()}))
@@ -263,7 +263,7 @@ def test_a_whole_cuda_update_syncs_only_in_its_one_transfer(
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    monkeypatch.setattr(hub_module, "transfer", counted_transfer)
+    monkeypatch.setattr(collect_module, "transfer", counted_transfer)
     lp = Loop({"config": TelemetryConfig(level=TelemetryLevel[level], auto_escalate=False)}, device="cuda")
     try:
         lp.update()  # warm-up update (first-call paths, plans, cached index tensors)
