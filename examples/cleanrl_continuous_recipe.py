@@ -221,7 +221,8 @@ def main(args: Args | None = None, before_update: BeforeUpdate | None = None) ->
                     # fmt: off
                     hub.observe_minibatch(new_logprob=newlogprob.detach(), old_logprob=b_logprobs[mb_inds],  # simic
                                           advantages=mb_advantages, entropy=entropy.detach(),  # simic
-                                          policy_loss=mb.pg_loss.detach(), value_loss=mb.v_loss.detach())  # simic
+                                          policy_loss=mb.pg_loss.detach(), value_loss=mb.v_loss.detach(),  # simic
+                                          entropy_coef=args.ent_coef)  # simic: a negative one is told at once
                     # fmt: on
 
                 if args.target_kl is not None and mb.approx_kl > args.target_kl:
