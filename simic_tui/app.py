@@ -163,7 +163,10 @@ class SimicApp(App[None]):
         self._notify_telemetry_error()
         screen = self.screen
         wall = time.monotonic()
-        if self.panel_interval <= 0 or wall - self._header_at >= self.panel_interval:
+        # The header and every panel with news are drawn in the same tick: one compositor pass for
+        # all of them instead of one per panel whose own interval ran out on another tick.
+        due = self.panel_interval <= 0 or wall - self._header_at >= self.panel_interval
+        if due:
             self._header_at = wall
             self.dashboard.show_header(self.header_model(), self.banners())
         if self.display_paused:
@@ -173,8 +176,8 @@ class SimicApp(App[None]):
             and len(self.screen_stack) > 1
             and self.screen_stack[-2] is self.dashboard
         )
-        if screen is self.dashboard or under_modal:
-            self.dashboard.show_panels(self.current_view(), self.panel_interval)
+        if (screen is self.dashboard or under_modal) and (due or self.dashboard.drawn_step is None):
+            self.dashboard.show_panels(self.current_view())
         elif (
             isinstance(
                 screen,

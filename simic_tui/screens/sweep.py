@@ -553,6 +553,7 @@ class SweepApp(SimicApp):
         self.display_paused = False
         self._pending_incidents = []
         self.dashboard = SweepDashboard(id=f"dashboard-{self.runs.index(run)}")
+        self._header_at = -1e18  # the new dashboard draws at its first tick
         self.push_screen(self.dashboard)
 
     def back_to_sweep(self) -> None:
