@@ -183,12 +183,18 @@ def attacks(info: protocol.ConnectionInfo) -> dict[str, Callable[[zmq.Context, t
             socks = [_sock(ctx, zmq.DEALER, info if keyed else None, info.cmd) for _ in range(peers)]
             cmd = protocol.new_command("release", session=info.session)
             env = protocol.encode_envelope("command", cmd, session=info.session, seq=0, step=0)
-            for i in range(50_000):
-                if stop.is_set():
-                    break
-                _send_all(socks[i % peers], [b"", env], stop)
-                if i % 1000 == 999:
-                    time.sleep(0.02)  # ~2,500 commands/s, the rate of the measured attack
+            i = 0
+            while i < 50_000 and not stop.is_set():
+                for sock in socks:  # an identity the trainer refused (or not yet admitted) is skipped
+                    try:
+                        sock.send_multipart([b"", env], flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        continue
+                    i += 1
+                    if i % 1000 == 999:
+                        time.sleep(0.02)  # ~2,500 commands/s, the rate of the measured attack
+                if i == 0:
+                    time.sleep(0.01)
             stop.wait()
             for sock in socks:
                 sock.close(linger=0)

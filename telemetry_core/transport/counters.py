@@ -28,8 +28,9 @@ class PublisherCounters(msgspec.Struct, frozen=True, kw_only=True):
     replies_sent: int = 0
     replies_dropped: int = 0  # peer gone or its queue full (ROUTER_MANDATORY + NOBLOCK)
     handshake_failures: int = 0  # CURVE / ZMTP handshakes refused (unknown key, no CURVE, ...)
-    connections_refused: dict[str, int] = msgspec.field(default_factory=dict)  # by the ZAP handler, by reason
-    peers: int = 0  # open connections now (both ports; the cap is max_peers)
+    # Handshakes the ZAP handler refused, by reason (unknown key, too many connections, handshake rate)
+    connections_refused: dict[str, int] = msgspec.field(default_factory=dict)
+    peers: int = 0  # authenticated connections open now (both ports; the cap is max_peers)
     read_pauses: int = 0  # times the command CPU budget ran out and reading stopped
     errors: int = 0  # unexpected exceptions in the publisher thread (logged)
     network: bool = False  # the sockets are bound and the thread runs

@@ -24,13 +24,14 @@ Why it is built this way:
   connection file, loopback included, so a peer without the file never completes a handshake and
   none of its bytes are buffered. On top, every command is signed (:mod:`.gate`).
 * What an authenticated peer can cost is capped too: ``MAXMSGSIZE`` on both sockets (a subscription
-  is a message to the PUB socket: 10 MB topics are refused by libzmq), a cap on connected peers,
-  a per-peer token bucket, a global read rate and a CPU-time budget for everything the thread does
-  with what peers send (``command_cpu_share`` of one core: monitor events, the ZAP handler,
-  reading, refusing and answering): when it is spent the thread stops reading, libzmq's
-  receive queue fills and TCP pushes back on the sender. libzmq delivers a multipart message only
-  once all of its parts arrived and has no limit on their number, so the part count cannot be
-  bounded before buffering; the peer must have passed the handshake to try.
+  is a message to the PUB socket: 10 MB topics are refused by libzmq), a cap on authenticated
+  peers and a handshake rate, a per-peer token bucket, a global read rate and a CPU-time budget
+  for everything the thread does besides its own work (``command_cpu_share`` of one core: polling,
+  monitor events, the ZAP handler, reading, refusing and answering): when it is spent the thread
+  stops reading the command port, libzmq's receive queue fills and TCP pushes back on the sender.
+  libzmq delivers a multipart message only once all of its parts arrived and has no limit on their
+  number, so the part count cannot be bounded before buffering; the peer must have passed the
+  handshake to try.
 * The thread runs ``thread_nice`` steps below the thread that started it (Linux), and so do the
   libzmq I/O threads it starts: handshakes, CURVE and the GIL-free parts of a flood wait for a
   free core instead of taking one from training.
@@ -105,6 +106,11 @@ class Publisher(PublisherThread):
     ``curve=None`` (the default) encrypts and authenticates every connection with CURVE whenever
     libzmq has it, loopback included; ``curve=False`` is allowed on loopback only (then any local
     user can read the stream, though not command it) and ``curve=True`` insists.
+
+    ``max_peers`` caps the authenticated connections (both ports; a dashboard holds two), and the
+    ZAP handler grants at most ``handshake_rate`` handshakes a second (``handshake_burst`` at
+    once); beyond either a handshake is refused at once and counted in
+    ``counters.connections_refused``.
     """
 
     def __init__(
@@ -133,7 +139,9 @@ class Publisher(PublisherThread):
         max_clock_skew: float = 30.0,
         inbox_size: int = 256,
         replay_memory: int = 16384,
-        max_peers: int = 128,
+        max_peers: int = 32,
+        handshake_rate: float = 20.0,
+        handshake_burst: int = 40,
         command_cpu_share: float = 0.02,
         wake_interval: float = 0.02,
         port_search: int | None = None,
@@ -150,6 +158,7 @@ class Publisher(PublisherThread):
             ("inbox_size", inbox_size, 1),
             ("replay_memory", replay_memory, 1),
             ("max_peers", max_peers, 2),
+            ("handshake_burst", handshake_burst, 1),
             ("thread_nice", thread_nice, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -162,6 +171,7 @@ class Publisher(PublisherThread):
             ("max_command_age", max_command_age),
             ("max_clock_skew", max_clock_skew),
             ("command_cpu_share", command_cpu_share),
+            ("handshake_rate", handshake_rate),
             ("wake_interval", wake_interval),
         ):
             if not isinstance(fvalue, (int, float)) or not math.isfinite(fvalue) or fvalue <= 0:
@@ -196,6 +206,8 @@ class Publisher(PublisherThread):
         # CPU seconds per second the thread may spend on incoming messages, with a short burst.
         self._cpu_bucket = TokenBucket(command_cpu_share, max(0.005, 2.5 * command_cpu_share))
         self._max_peers = max_peers
+        self._handshake_rate = float(handshake_rate)
+        self._handshake_burst = handshake_burst
         self._wake_interval = float(wake_interval)
         self._thread_nice = thread_nice
         self._gate = CommandGate(

@@ -64,7 +64,12 @@ class PublisherThread:
                 # The ZAP handler is bound before the sockets, so no connection is ever judged
                 # without it; it lives on this thread and is served from the loop below.
                 self._zap = ZapHandler(
-                    ctx, curve=self._curve, allowed=frozenset(self._plan.allowed), max_peers=self._max_peers
+                    ctx,
+                    curve=self._curve,
+                    allowed=frozenset(self._plan.allowed),
+                    max_peers=self._max_peers,
+                    handshake_rate=self._handshake_rate,
+                    handshake_burst=self._handshake_burst,
                 )
                 pub, router, self._endpoints = make_sockets(ctx, self._plan, sockets, pub_hwm=self._pub_hwm)
                 for sock in sockets:
@@ -111,25 +116,45 @@ class PublisherThread:
         next_hb = time.monotonic()
         was_reading = True
         zap = self._zap.socket if self._zap is not None else None
-        # Built once: one poller while reading, one without the ROUTER and ZAP sockets while the
-        # budget is spent (rebuilding them each time round cost more than the poll itself).
-        # The PUB socket is in both: it never has a message for us, but polling it makes libzmq
-        # take in the subscriptions waiting in its pipe as they come, so that a subscriber cannot
-        # fill it (RCVHWM) between two sends and have its input stopped.
+        budget = self._cpu_bucket
+        # Built once: one poller while reading, one with only the wake-up pipe and the PUB socket
+        # while the budget is spent (rebuilding them each time round cost more than the poll
+        # itself). Paused, the thread still reads the monitors and answers the ZAP requests, but
+        # once per wake-up (every ``wake_interval`` at most) and in batches, not per event: a
+        # flood of connections then costs a read per event instead of a turn of the loop, and no
+        # handshake waits long for its answer (one waiting holds its connection's buffers in
+        # libzmq: a flood of identities waiting out a pause held tens of MB). The PUB socket is
+        # in both: it never has a message for us, but polling it makes libzmq take in the
+        # subscriptions waiting in its pipe as they come, so that a subscriber cannot fill it
+        # (RCVHWM) between two sends and have its input stopped.
         paused = zmq.Poller()
-        for sock in (self._wake_r, pub, *monitors):
+        for sock in (self._wake_r, pub):
             paused.register(sock, zmq.POLLIN)
+        peer_sockets = (*monitors, *((zap,) if zap is not None else ()))
+        peers_ready = zmq.Poller()  # looked at without waiting, once per turn while paused
+        for sock in peer_sockets:
+            peers_ready.register(sock, zmq.POLLIN)
         reading_poller = zmq.Poller()
-        for sock in (self._wake_r, pub, *monitors, router, *((zap,) if zap is not None else ())):
+        for sock in (self._wake_r, pub, *peer_sockets, router):
             reading_poller.register(sock, zmq.POLLIN)
+        # The CPU budget is charged with everything this thread spends except its own work
+        # (snapshots, heartbeats, the training thread's requests): polling and waking included, so a
+        # flood that only keeps the loop turning is paid for too. ``mark`` is where the current
+        # charge began, ``own`` the thread's own work since then.
+        mark, own = time.thread_time(), 0.0
+        resume = budget.burst / 2
         while True:  # leaves through the stop check after the poll, which drains the queue first
             now = time.monotonic()
             if now >= next_hb:
+                t = time.thread_time()
                 self._send_heartbeat(pub)
+                own += time.thread_time() - t
                 next_hb = now + self._hb_interval
-            # Stop reading the ROUTER and the ZAP requests while the read rate or the CPU budget is
-            # spent: libzmq's queues fill and TCP pushes back on the flooding peer instead.
-            wait = max(self._read_bucket.wait_time(now), self._cpu_bucket.wait_time(now, 0.0))
+            # Stop reading the ROUTER while the read rate or the CPU budget is spent: libzmq's
+            # queue fills and TCP pushes back on the flooding peer instead. Reading resumes once
+            # the budget holds half its burst again: resuming at zero, the paused loop's own
+            # turns (charged too) kept it just below zero for good.
+            wait = max(self._read_bucket.wait_time(now), budget.wait_time(now, 0.0 if was_reading else resume))
             reading = wait == 0.0
             if was_reading and not reading:
                 self._read_pauses += 1
@@ -138,6 +163,10 @@ class PublisherThread:
             if not reading:
                 timeout = min(timeout, wait)
             events = dict((reading_poller if reading else paused).poll(timeout * 1000.0))
+            if not events or (len(events) == 1 and self._wake_r in events):
+                # Woken by the clock or the training thread: this turn so far (the poll's own CPU
+                # included, ~0.1 ms) is the thread's cadence, not something a peer made it do.
+                own = time.thread_time() - mark
             if self._wake_r in events:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
@@ -153,22 +182,24 @@ class PublisherThread:
                     pub.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
                 break
             try:
+                t = time.thread_time()
                 while self._controls:
                     self._controls.popleft()()
                 self._drain_snapshots(pub)
+                own += time.thread_time() - t
                 self._port.drain_replies(router, self._replies)
-                cpu = time.thread_time()
-                for mon in monitors:
+                if not reading:
+                    events.update(peers_ready.poll(0))
+                for index, mon in enumerate(monitors):
                     if mon in events:
-                        self._read_monitor(mon)
-                if reading and zap is not None and zap in events and self._zap is not None:
-                    self._zap.serve()
-                if reading and router in events and self._port.read(router, cpu):
+                        self._read_monitor(index, mon)
+                if zap is not None and zap in events and self._zap is not None:
+                    self._zap.serve(64 if reading else 16)
+                if reading and router in events and self._port.read(router, mark + own):
                     # Counted here: on a busy machine the budget may refill before the next round
                     # looks, though reading did stop because it ran out.
                     self._read_pauses += 1
                     was_reading = False
-                self._cpu_bucket.charge(time.monotonic(), time.thread_time() - cpu)
             except zmq.ContextTerminated:
                 raise
             except Exception as exc:  # one bad message must not stop the stream
@@ -178,6 +209,11 @@ class PublisherThread:
                 self._warn_once("loop", f"telemetry publisher: unexpected error (counted): {exc!r}")
                 log.debug("publisher error", exc_info=True)
                 time.sleep(0.01)  # a persistent error must not turn into a busy loop
+            end = time.thread_time()
+            # The debt is bounded: after a flood that kept the budget spent (monitor events and
+            # handshakes are answered even then), commands are read again within seconds.
+            budget.charge(time.monotonic(), end - mark - own, floor=-budget.burst)
+            mark, own = end, 0.0
 
     # -- snapshots, heartbeats, replies --------------------------------------------------------
 
@@ -228,26 +264,31 @@ class PublisherThread:
         pub.send_multipart([protocol.TOPIC_HEARTBEAT, frame], flags=zmq.NOBLOCK)
         self._heartbeats += 1
 
-    def _read_monitor(self, mon: zmq.Socket, budget: int = 256) -> None:
-        from zmq.utils.monitor import recv_monitor_message
+    def _read_monitor(self, index: int, mon: zmq.Socket, budget: int = 256) -> None:
+        """Read up to ``budget`` events of the monitor of socket ``index`` (never waits).
 
+        Parsed by hand (the event number is the first two bytes of the first frame): under a flood
+        of connections these are most of what the thread reads, and the generic parser costs
+        several times more per event.
+        """
+        zap = self._zap
         for _ in range(budget):
             try:
-                event = recv_monitor_message(mon, zmq.NOBLOCK)
+                head = mon.recv(zmq.NOBLOCK)
+                endpoint = mon.recv(zmq.NOBLOCK) if mon.getsockopt(zmq.RCVMORE) else b""
             except zmq.Again:
                 return
-            kind = event["event"]
-            if self._zap is not None:
-                self._zap.on_event(kind, event["value"])
+            kind = int.from_bytes(head[:2], sys.byteorder)
+            if zap is not None:
+                zap.on_event(index, kind)
             if kind & FAILED_EVENTS:
                 self._handshake_failures += 1
                 self._warn_once(
                     "handshake",
-                    f"telemetry: refused a connection at {event['endpoint']!r} (handshake failed: "
-                    "no or unknown CURVE key, not a simic dashboard, or too many connections); further "
-                    "refusals are counted",
+                    f"telemetry: refused a connection at {endpoint!r} (handshake failed: "
+                    "no or unknown CURVE key, not a simic dashboard, too many connections or "
+                    "handshakes); further refusals are counted",
                 )
-
 
 
 def _drain(sock: zmq.Socket) -> None:
