@@ -29,7 +29,7 @@ Injections (from the onset update on, through the recipe's ``before_update`` hoo
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import math
 import platform
@@ -56,15 +56,12 @@ NEW_KINDS = ("std_collapse", "std_explosion", "action_saturation")
 
 
 def recipe() -> ModuleType:
-    name = "cleanrl_continuous_recipe"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
+    """``examples/cleanrl_continuous_recipe.py`` as a module (examples/ goes on the path: the recipe
+    imports ``cleanrl_common`` from beside it)."""
+    examples = str(ROOT / "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    return importlib.import_module("cleanrl_continuous_recipe")
 
 
 def injection(kind: str, onset: int) -> Callable[[int, Any, Any], None]:

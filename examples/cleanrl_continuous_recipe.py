@@ -19,13 +19,14 @@ actions with the action space's bounds (``observe_actions``, for the saturation 
 ``main(args, before_update=...)`` calls ``before_update(iteration, agent, args)`` at the start of
 each iteration: experiments (the calibration of the continuous-head rules) change the loop there,
 e.g. the entropy coefficient or the log-std, without another copy of the loop.
+
+What this loop shares with CleanRL's ppo.py and telemetry never touches (the hyperparameters, GAE,
+the minibatch loss, the per-update line, the command line) is in ``cleanrl_common.py`` beside this
+file, shared with ``cleanrl_recipe.py``; the loop, with every ``# simic`` line, is here.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from cleanrl_common import PPOArgs, gae, layer_init, parse_args, ppo_loss, report, seed
 from torch import nn, optim
 from torch.distributions.normal import Normal
 
@@ -41,40 +43,17 @@ from telemetry_core import TelemetryHub  # simic
 
 
 @dataclass
-class Args:
-    seed: int = 1
+class Args(PPOArgs):
+    """CleanRL ppo_continuous_action.py's defaults where they differ from ppo.py's (the rest:
+    cleanrl_common.PPOArgs)."""
+
     env_id: str = "Pendulum-v1"
-    total_timesteps: int = 200_000
     learning_rate: float = 3e-4
     num_envs: int = 1
     num_steps: int = 2048  # rollout length per environment
-    anneal_lr: bool = True
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
     num_minibatches: int = 32
     update_epochs: int = 10
-    norm_adv: bool = True
-    clip_coef: float = 0.2
-    clip_vloss: bool = True
     ent_coef: float = 0.0
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    target_kl: float | None = None
-    torch_threads: int | None = 1  # tiny networks run fastest on one thread
-    bind: str | None = "tcp://127.0.0.1:5555"  # simic: where `simic-tui attach` connects (None: no network)
-    record: str | None = None  # simic: a recording file for replay / export
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs * self.num_steps
-
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
-    def num_iterations(self) -> int:
-        return self.total_timesteps // self.batch_size
 
 
 def make_env(env_id: str, gamma: float) -> Callable[[], gym.Env]:
@@ -99,12 +78,6 @@ def make_envs(args: Args) -> gym.vector.VectorEnv:
         [make_env(args.env_id, args.gamma) for _ in range(args.num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
-
-
-def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
 
 
 class Agent(nn.Module):
@@ -148,12 +121,7 @@ BeforeUpdate = Callable[[int, Agent, Args], None]
 def main(args: Args | None = None, before_update: BeforeUpdate | None = None) -> list[dict[str, Any]]:
     """Train; return one record per update (the loop's own CleanRL statistics and the snapshot)."""
     args = args or Args()
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cpu")
+    device = seed(args)
 
     envs = make_envs(args)
     assert isinstance(envs.single_action_space, gym.spaces.Box), "only continuous action space is supported"
@@ -212,19 +180,7 @@ def main(args: Args | None = None, before_update: BeforeUpdate | None = None) ->
             # bootstrap value if not done
             with torch.no_grad():
                 next_value = agent.get_value(next_obs).reshape(1, -1)
-                advantages = torch.zeros_like(rewards)
-                lastgaelam = torch.zeros(args.num_envs, device=device)
-                for t in reversed(range(args.num_steps)):
-                    if t == args.num_steps - 1:
-                        nextnonterminal = 1.0 - next_done
-                        nextvalues = next_value
-                    else:
-                        nextnonterminal = 1.0 - dones[t + 1]
-                        nextvalues = values[t + 1]
-                    delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
-                    lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
-                    advantages[t] = lastgaelam
-                returns = advantages + values
+            advantages, returns = gae(args, rewards, values, dones, next_value, next_done)
 
             b_obs = obs.reshape((-1, *envs.single_observation_space.shape))
             b_logprobs = logprobs.reshape(-1)
@@ -249,87 +205,43 @@ def main(args: Args | None = None, before_update: BeforeUpdate | None = None) ->
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                         b_obs[mb_inds], b_actions[mb_inds]
                     )
-                    logratio = newlogprob - b_logprobs[mb_inds]
-                    ratio = logratio.exp()
-
-                    with torch.no_grad():
-                        # calculate approx_kl http://joschu.net/blog/kl-approx.html
-                        old_approx_kl = (-logratio).mean()
-                        approx_kl = ((ratio - 1) - logratio).mean()
-                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-
                     mb_advantages = b_advantages[mb_inds]
                     if args.norm_adv:
                         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-                    # Policy loss
-                    pg_loss1 = -mb_advantages * ratio
-                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                    # Value loss
-                    newvalue = newvalue.view(-1)
-                    if args.clip_vloss:
-                        v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                        v_clipped = b_values[mb_inds] + torch.clamp(
-                            newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
-                        )
-                        v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                    else:
-                        v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-
-                    entropy_loss = entropy.mean()
-                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                    # CleanRL's clipped objective, clipped value loss and entropy bonus
+                    mb = ppo_loss(args, newlogprob, b_logprobs[mb_inds], mb_advantages, newvalue,
+                                  b_returns[mb_inds], b_values[mb_inds], entropy)
+                    clipfracs.append(mb.clipfrac)
 
                     optimizer.zero_grad()
-                    loss.backward()
-                    hub.observe_gradients(loss)  # simic: after backward, before clipping
+                    mb.loss.backward()
+                    hub.observe_gradients(mb.loss)  # simic: after backward, before clipping
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                     optimizer.step()
                     # fmt: off
                     hub.observe_minibatch(new_logprob=newlogprob.detach(), old_logprob=b_logprobs[mb_inds],  # simic
                                           advantages=mb_advantages, entropy=entropy.detach(),  # simic
-                                          policy_loss=pg_loss.detach(), value_loss=v_loss.detach())  # simic
+                                          policy_loss=mb.pg_loss.detach(), value_loss=mb.v_loss.detach(),  # simic
+                                          entropy_coef=args.ent_coef)  # simic: a negative one is told at once
                     # fmt: on
 
-                if args.target_kl is not None and approx_kl > args.target_kl:
-                    hub.early_stop(kl=approx_kl)  # simic: at the epoch the hub counted
+                if args.target_kl is not None and mb.approx_kl > args.target_kl:
+                    hub.early_stop(kl=mb.approx_kl)  # simic: at the epoch the hub counted
                     break
 
             hub.observe_log_std("action", agent.actor_logstd.detach())  # simic: what the next rollout uses
             # simic: one host transfer, detection, publish; timesteps: CleanRL's TensorBoard x-axis
             snapshot = hub.end_update(iteration, timesteps=global_step)  # simic
 
-            y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-            var_y = np.var(y_true)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-            record = {
-                "iteration": iteration,
-                "global_step": global_step,
-                "learning_rate": optimizer.param_groups[0]["lr"],
-                "value_loss": v_loss.item(),
-                "policy_loss": pg_loss.item(),
-                "entropy": entropy_loss.item(),
-                "old_approx_kl": old_approx_kl.item(),
-                "approx_kl": approx_kl.item(),
-                "clipfrac": float(np.mean(clipfracs)),
-                "explained_variance": float(explained_var),
-                "episodic_returns": episodic_returns,
-                "episodic_lengths": episodic_lengths,
-                "log_std": agent.actor_logstd.detach().double().clone(),
-                "actions": b_actions.detach().double().clone(),
-                "sps": int(global_step / (time.time() - start_time)),
-                "snapshot": snapshot,
-            }
-            records.append(record)
-            mean_return = f"{np.mean(episodic_returns):8.1f}" if episodic_returns else "       -"
-            alarms = ", ".join(a.kind for a in snapshot.anomalies) if snapshot is not None else ""
-            print(
-                f"update {iteration:4d}/{args.num_iterations}  step {global_step:7d}  return {mean_return}  "
-                f"kl {approx_kl.item():.4f}  clipfrac {record['clipfrac']:.3f}  EV {explained_var:5.2f}  "
-                f"log-std {agent.actor_logstd.mean().item():6.3f}  "
-                f"SPS {record['sps']}" + (f"  [{alarms}]" if alarms else "")
+            records.append(
+                report(args, iteration=iteration, global_step=global_step, start_time=start_time,
+                       learning_rate=optimizer.param_groups[0]["lr"], last=mb, clipfracs=clipfracs,
+                       b_values=b_values, b_returns=b_returns, episodic_returns=episodic_returns,
+                       episodic_lengths=episodic_lengths, snapshot=snapshot, return_width=8,
+                       # the Gaussian head's own: what the continuous-head tests check
+                       extra={"log_std": agent.actor_logstd.detach().double().clone(),
+                              "actions": b_actions.detach().double().clone()},
+                       extra_text=f"log-std {agent.actor_logstd.mean().item():6.3f}  ")
             )
     finally:
         hub.close()  # simic
@@ -337,25 +249,5 @@ def main(args: Args | None = None, before_update: BeforeUpdate | None = None) ->
     return records
 
 
-def parse_args(argv: list[str] | None = None) -> Args:
-    """``--field-name value`` for every field of :class:`Args` (``none`` for an optional one)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = Args()
-    for field in dataclasses.fields(Args):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-            continue
-        kind = {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]]
-        optional = "None" in str(field.type)
-
-        def convert(text: str, kind: Any = kind, optional: bool = optional) -> Any:
-            return None if optional and text.lower() == "none" else kind(text)
-
-        parser.add_argument(flag, type=convert, default=default, help=f"default: {default}")
-    return Args(**vars(parser.parse_args(argv)))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_args(Args, __doc__.splitlines()[0]))

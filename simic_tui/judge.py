@@ -203,6 +203,10 @@ KIND_COLUMNS: dict[str, tuple[str, str]] = {
 }
 
 
+# Kinds judged per head whose whole-run incidents are about another statistic.
+RUN_COLUMNS: dict[str, tuple[str, str]] = {"entropy_collapse": ("policy.entropy_coef", "entropy coefficient")}
+
+
 def kind_column(incident: Incident) -> tuple[str, str] | None:
     """(store column, title) of the statistic an incident is about, or None."""
     spec = KIND_COLUMNS.get(incident.kind)
@@ -211,7 +215,8 @@ def kind_column(incident: Incident) -> tuple[str, str] | None:
     column, title = spec
     if "{head}" in column:
         if not incident.scope.startswith("head:"):
-            return None
+            # the whole run's entropy_collapse is the loss's own sign: the coefficient the loop reported
+            return RUN_COLUMNS.get(incident.kind)
         head = incident.scope[5:]
         column, title = column.format(head=head), title.format(head=head)
     return column, title

@@ -187,11 +187,43 @@ class Thresholds:
         "entropy_slide_critical_updates falls is critical (a wrong-sign ent_coef, before it bottoms out)",
     )
     entropy_spread_min_fraction: float = _t(
-        0.1,
+        0.2,
         "... and the fall must also exceed this fraction of the head's recent median (a head whose "
-        "entropy hardly moved for ten updates has a spread near 0)",
+        "entropy hardly moved for ten updates has a spread near 0: feed-forward Acrobot heads' first "
+        "learning slides from the near-uniform start lost 13-18% of it in two to five updates)",
+    )
+    entropy_sharpen_fraction: float = _t(
+        0.05,
+        "a head whose normalised entropy fell by more than this fraction from the update's first epoch "
+        "to its last (the same rollout, so what the update itself did) is sharpening (warning) when it "
+        "is also beyond its own usual change (entropy_sharpen_k): healthy heads of four agents changed "
+        "by -4.3% to +3% within an update, a wrong-sign ent_coef took -7% to -10% every update",
+    )
+    entropy_sharpen_k: float = _t(
+        4.0,
+        "... and that change lies more than this many robust sigmas (1.4826 x MAD) below the median of "
+        "its changes over the rolling baseline",
+    )
+    entropy_sharpen_updates: int = _t(
+        2,
+        "... for this many updates in a row before it is flagged: a healthy head that starts to learn "
+        "sharpens once or twice beyond its quiet history, a wrong-sign ent_coef every update",
+    )
+    entropy_sharpen_window: int = _t(
+        20, "updates of within-update changes (unflagged) whose median and spread the rule judges against"
+    )
+    entropy_sharpen_critical_updates: int = _t(
+        5,
+        "a head sharpening this many updates in a row is critical: the update keeps trading its "
+        "exploration for nothing the returns show (a wrong-sign ent_coef), before it bottoms out; a "
+        "healthy recurrent Acrobot head that had not learnt yet sharpened 4 updates in a row once",
     )
     entropy_baseline_window: int = _t(10, "updates in each head's rolling entropy baseline (median)")
+    entropy_coef_min: float = _t(
+        0.0,
+        "an entropy coefficient the loop reports below this is entropy_collapse (critical) at once: the "
+        "loss rewards determinism (loss = pg - ent_coef x entropy)",
+    )
     # ---- policy: KL, ratios, clipping ----------------------------------------------------------
     kl_target: float = _t(0.01, "typical PPO KL target per update (Schulman; SB3 and Spinning Up defaults)")
     kl_spike_warning: float = _t(
@@ -299,6 +331,12 @@ class Thresholds:
         "of std(returns): a feed-forward Acrobot agent that learnt nothing (return -500 throughout) "
         "held a critic spread of 0.05-1.1 against a return std of 3.6 (median ratio 0.13) and was "
         "judged collapsed; healthy critics of the demo and the two-head Acrobot agent hold 0.4-0.9",
+    )
+    value_std_constant_fraction: float = _t(
+        1e-3,
+        "value_collapse without the tracking condition: std(values) at or below this fraction of its "
+        "recent median is a critic whose output is one constant (zeroed head, dead units); a critic "
+        "that learnt little still spreads its predictions within ~10x of its median from update to update",
     )
     ev_return_cv_min: float = _t(
         0.05,

@@ -54,7 +54,7 @@ MAGIC = "SIMIC"
 SCHEMA_MAJOR = 1
 # 1: incidents, incident events, DEBUG cost share; 2: environment timesteps;
 # 3: continuous-head statistics, run_state, last telemetry error
-SCHEMA_MINOR = 3
+SCHEMA_MINOR = 4
 
 NAN = math.nan
 
@@ -160,6 +160,9 @@ class PolicyStats(_S):
     head_kl_k3: dict[Str, float] = {}
     entropy: dict[Str, float] = {}  # per head, nats, mean over minibatches
     entropy_normalized: dict[Str, float] = {}  # per head, / log(number of actions); 1-action heads absent
+    # per head, the normalised entropy of each epoch, in order (two or more epochs): every epoch sees
+    # the same rollout, so the change from the first to the last is what the update did to the head
+    entropy_normalized_per_epoch: dict[Str, list[float]] = {}
     # continuous (diagonal Gaussian) heads: their log standard deviations over dimensions (and samples)
     log_std_mean: dict[Str, float] = {}
     log_std_min: dict[Str, float] = {}
@@ -170,6 +173,7 @@ class PolicyStats(_S):
     # per head, share of action elements beyond the bounds before clipping (|tanh| > 0.99 when squashed)
     action_saturation: dict[Str, float] = {}
     action_saturation_max: dict[Str, float] = {}  # ... of its worst dimension
+    entropy_coef: float | None = None  # the entropy coefficient the loop reported for this update
     early_stopped: bool = False  # the loop reported a target-KL early stop
     early_stop_epoch: Int | None = None
     early_stop_kl: float | None = None

@@ -188,14 +188,108 @@ def test_entropy_spread_fall_must_exceed_one_sigma(side: str, counts: bool) -> N
     assert det.rules["entropy_collapse"].down["force"] == (2 if counts else 0)
 
 
-def test_entropy_spread_slide_turns_critical_after_its_critical_falls() -> None:
+def test_entropy_spread_slide_alone_stays_a_warning() -> None:
+    """Falls beyond the head's own spread are a warning however many in a row (a feed-forward head's
+    first learning slide from 0.98 looks like that); critical comes from the level: flagged for
+    entropy_slide_critical_updates and below entropy_slide_critical_fraction of the median (0.82)."""
     det = detector(entropy_drop_fraction=0.0, entropy_fall_fraction=0.0, entropy_throttled_fall_fraction=0.0)
     step = _noisy(det)
-    path = [0.79, 0.35, 0.3, 0.2]
+    path = [0.79, 0.35, 0.3, 0.25, 0.15]
     sev = [severity(det.check(_force(step + i, e)), "entropy_collapse", "force") for i, e in enumerate(path)]
-    # falls in a row: 1, 2 (warning), 3 (critical: entropy_slide_critical_updates), and it stays so
-    assert sev == [None, WARNING, CRITICAL, CRITICAL]
-    assert T.entropy_slide_critical_updates == 3
+    assert T.entropy_slide_critical_fraction * 0.82 < 0.25 and T.entropy_slide_critical_fraction * 0.82 > 0.15
+    assert sev == [None, WARNING, WARNING, WARNING, CRITICAL]
+
+
+# The within-update rule: each update's normalised entropy per epoch (first and last decide).
+def _epochs(step: int, first: float, last: float, coef: float | None = None) -> Snapshot:
+    mean = (first + last) / 2
+    return healthy(
+        step,
+        policy={
+            "entropy_normalized": {"direction": 0.62, "force": mean},
+            "entropy_normalized_per_epoch": {"force": [first, (first + last) / 2, last]},
+            "entropy_coef": coef,
+        },
+    )
+
+
+SHARP_HIST = [-0.01, 0.005, -0.02, 0.0, -0.015, 0.01, -0.005, -0.01, 0.0, -0.02]  # within-update changes
+
+
+def _sharp_warm(det: AnomalyDetector) -> tuple[int, float]:
+    """Feed the history; return the next step and the rule's allowed change (its own arithmetic)."""
+    for i, d in enumerate(SHARP_HIST):
+        assert det.check(_epochs(300 + i, 0.8, 0.8 * (1 + d))) == []
+    centre = statistics.median(SHARP_HIST)
+    sigma = 1.4826 * statistics.median(abs(d - centre) for d in SHARP_HIST)
+    return 300 + len(SHARP_HIST), min(-T.entropy_sharpen_fraction, centre - T.entropy_sharpen_k * sigma)
+
+
+def _no_level_rules() -> dict[str, float]:
+    return {"entropy_drop_fraction": 0.0, "entropy_fall_fraction": 0.0, "entropy_throttled_fall_fraction": 0.0}
+
+
+@pytest.mark.parametrize("side", ["at", "below", "above"])
+def test_entropy_sharpening_within_the_update_limit(side: str) -> None:
+    """entropy_sharpen_updates updates in a row whose last epoch is below first x (1 + allowed)
+    warn; at the limit (or above) they are not sharpening. The value is the last epoch's entropy,
+    the limit the level it had to fall below."""
+    det = detector(**_no_level_rules())
+    step, allowed = _sharp_warm(det)
+    first = 0.8
+    level = first * (1 + allowed)
+    last = {"at": level, "below": below(level), "above": above(level)}[side]
+    sev = [
+        severity(det.check(_epochs(step + i, first, last)), "entropy_collapse", "force")
+        for i in range(T.entropy_sharpen_updates)
+    ]
+    fires = side == "below"
+    assert sev == [None] * (T.entropy_sharpen_updates - 1) + [WARNING if fires else None]
+    if fires:
+        (a,) = [a for a in det.check(_epochs(step + 9, first, last)) if a.kind == "entropy_collapse"]
+        assert a.value == last and a.threshold == pytest.approx(level)
+        assert "within the update" in a.message and "first epoch" in a.message
+
+
+def test_entropy_sharpening_turns_critical_after_its_critical_updates() -> None:
+    det = detector(**_no_level_rules())
+    step, allowed = _sharp_warm(det)
+    last = 0.8 * (1 + allowed) * 0.99
+    n = T.entropy_sharpen_critical_updates
+    sev = [severity(det.check(_epochs(step + i, 0.8, last)), "entropy_collapse", "force") for i in range(n + 1)]
+    w = T.entropy_sharpen_updates
+    assert sev == [None] * (w - 1) + [WARNING] * (n - w) + [CRITICAL, CRITICAL]
+
+
+def test_entropy_sharpening_needs_two_epochs_and_a_history() -> None:
+    det = detector(**_no_level_rules())
+    for i in range(T.entropy_sharpen_updates + 1):  # no history yet: no verdict, however steep
+        assert severity(det.check(_epochs(300 + i, 0.8, 0.4)), "entropy_collapse", "force") is None
+    det = detector(**_no_level_rules())
+    step, _ = _sharp_warm(det)
+    one = healthy(step, policy={"entropy_normalized_per_epoch": {"force": [0.4]}})
+    assert severity(det.check(one), "entropy_collapse", "force") is None
+
+
+@pytest.mark.parametrize(("coef", "fires"), sides(T.entropy_coef_min, high=False))
+def test_entropy_coefficient_limit(coef: float, fires: bool) -> None:
+    """A reported entropy coefficient below entropy_coef_min is critical for the run at once; at the
+    limit (0: no bonus) it is not. While it is, a head's collapsing warning is critical."""
+    det = detector()
+    found = det.check(_epochs(150, 0.8, 0.8, coef))
+    assert (severity(found, "entropy_collapse") == CRITICAL) is fires
+    assert severity(det.check(_epochs(151, 0.8, 0.8, None)), "entropy_collapse") is None  # not reported
+
+
+def test_a_wrong_sign_coefficient_makes_a_head_alarm_critical() -> None:
+    det = detector(**_no_level_rules())
+    step, allowed = _sharp_warm(det)
+    last = 0.8 * (1 + allowed) * 0.99
+    sev = [
+        severity(det.check(_epochs(step + i, 0.8, last, -0.5)), "entropy_collapse", "force")
+        for i in range(T.entropy_sharpen_updates)
+    ]
+    assert sev == [None] * (T.entropy_sharpen_updates - 1) + [CRITICAL]
 
 
 @pytest.mark.parametrize(("fraction_side", "fires"), [("at", False), ("below", True)])
@@ -348,14 +442,31 @@ def test_ratio_tail_of_other_limits_falls_back_to_a_warning_on_the_extreme() -> 
 # ------------------------------------------------------------------------------------------------
 def test_value_collapse_tracking_limit() -> None:
     """The critic's recent spread must have been at least value_std_tracking_min x the return std:
-    a median of 0.5 against a return std of 2.0 is exactly the limit."""
+    a median of 0.5 against a return std of 2.0 is exactly the limit. The collapsed spread (0.05)
+    is flat against the returns and the median but not a constant output."""
     assert T.value_std_tracking_min * 2.0 == 0.5
+    assert T.value_std_constant_fraction * 0.5 < 0.05
     for median, fires in ((0.5, True), (below(0.5), False), (above(0.5), True)):
         det = detector()
         for step in range(100, 110):
             det.check(healthy(step, value={"value_std": median, "return_std": 2.0}))
-        found = det.check(healthy(110, value={"value_std": 0.0, "return_std": 2.0}))
+        found = det.check(healthy(110, value={"value_std": 0.05, "return_std": 2.0}))
         assert (severity(found, "value_collapse") == CRITICAL) is fires, median
+
+
+def test_value_collapse_constant_output_limit() -> None:
+    """A critic that never tracked the returns (median 0.25 against a return std of 2.0, half the
+    tracking limit) is still judged collapsed when its output becomes a constant: std(values) at
+    value_std_constant_fraction x its median fires, just above does not."""
+    median = 0.25
+    assert median < T.value_std_tracking_min * 2.0
+    at = T.value_std_constant_fraction * median
+    for vstd, fires in ((at, True), (below(at), True), (above(at), False), (0.0, True)):
+        det = detector()
+        for step in range(100, 110):
+            det.check(healthy(step, value={"value_std": median, "return_std": 2.0}))
+        found = det.check(healthy(110, value={"value_std": vstd, "return_std": 2.0}))
+        assert (severity(found, "value_collapse") == CRITICAL) is fires, vstd
 
 
 def test_value_collapse_std_ratio_limit() -> None:

@@ -2,82 +2,40 @@
 loop (``examples/cleanrl_continuous_recipe.py``) on gymnasium's Pendulum-v1 under the real hub, with
 one failure injected through the recipe's ``before_update`` hook. Each new kind must be flagged as
 itself within one update of the onset, with no critical alarm before it; a healthy run of the same
-loop raises none of these kinds. (The calibration across tasks and seeds, with latencies and false
-alarm rates: ``benchmarks/continuous_calibration.py``.)
+loop raises none of these kinds. The injections are the calibration's
+(``benchmarks/continuous_calibration.py``, which measures latencies and false alarm rates across
+tasks and seeds).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-import torch
 
 from telemetry_core.anomaly import CRITICAL
 from telemetry_core.schema import Snapshot
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from continuous_calibration import EXPECTED, NEW_KINDS, injection, recipe  # noqa: E402
+
 pytestmark = pytest.mark.timeout(600)
 
-ROOT = Path(__file__).resolve().parents[1]
 ONSET = 7  # after baseline_min_updates known updates: the relative limits are live
-NEW_KINDS = ("std_collapse", "std_explosion", "action_saturation")
-
-
-def _recipe() -> ModuleType:
-    name = "cleanrl_continuous_recipe"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-def _at(onset: int, act: Callable[[Any], None]) -> Callable[[int, Any, Any], None]:
-    def hook(iteration: int, agent: Any, args: Any) -> None:
-        if iteration == onset:
-            with torch.no_grad():
-                act(agent)
-
-    return hook
-
-
-def _logstd(delta: float) -> Callable[[Any], None]:
-    def act(agent: Any) -> None:
-        agent.actor_logstd += delta
-
-    return act
-
-
-def _shift_mean(agent: Any) -> None:
-    agent.actor_mean[-1].bias += 4.0  # twice Pendulum's torque bound of 2
-
-
-@dataclass(frozen=True)
-class Case:
-    act: Callable[[Any], None]
-    why: str
-
-
-CASES: dict[str, Case] = {
-    "std_collapse": Case(_logstd(-2.5), "the log-std parameter is lowered by 2.5 nats (std x0.08)"),
-    "std_explosion": Case(_logstd(3.0), "the log-std parameter is raised by 3 nats (std x20)"),
-    "action_saturation": Case(
-        _shift_mean, "the actor's output bias moves the mean by twice the action bound (a scaling slip)"
-    ),
-}
+# The calibration's injections that act at once, one per kind (see continuous_calibration's docstring):
+# the log-std lowered by 2.5 nats (std x0.08) or raised by 3 (std x20), the actor's output bias moving
+# the mean by twice the action bound (a scaling slip).
+CASES = {"std_collapse": "logstd_down", "std_explosion": "logstd_up", "action_saturation": "mean_shift"}
 
 
 def run(hook: Callable[[int, Any, Any], None] | None, updates: int, seed: int = 1) -> dict[int, Snapshot]:
-    r = _recipe()
+    r = recipe()
     args = r.Args(
         env_id="Pendulum-v1",
         seed=seed,
@@ -92,9 +50,10 @@ def run(hook: Callable[[int, Any, Any], None] | None, updates: int, seed: int = 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_each_continuous_injection_is_flagged_as_its_kind(kind: str) -> None:
-    snaps = run(_at(ONSET, CASES[kind].act), ONSET + 1)
+    assert EXPECTED[CASES[kind]] == kind
+    snaps = run(injection(CASES[kind], ONSET), ONSET + 1)
     fired = {s: {a.kind: a.severity for a in snap.anomalies} for s, snap in snaps.items()}
-    assert kind in fired[ONSET] or kind in fired[ONSET + 1], (CASES[kind].why, fired)
+    assert kind in fired[ONSET] or kind in fired[ONSET + 1], (CASES[kind], fired)
     before = [(s, k) for s in range(1, ONSET) for k, sev in fired[s].items() if sev == CRITICAL or k == kind]
     assert not before, before
 

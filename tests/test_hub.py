@@ -93,6 +93,7 @@ class Loop:
         )
         self.step = 0
         self.nan_grad = False
+        self.ent_coef = 0.01
 
     def update(self, epochs: int = 2, minibatches: int = 3) -> Snapshot | None:
         hub, agent = self.hub, self.agent
@@ -137,7 +138,7 @@ class Loop:
                 ratio = (new_lp - old_lp).exp()
                 pg = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
                 vl = 0.5 * (new_values - returns[:, chunk]).pow(2).mean()
-                loss = pg + 0.5 * vl - 0.01 * sum(e.mean() for e in ent.values())
+                loss = pg + 0.5 * vl - self.ent_coef * sum(e.mean() for e in ent.values())
                 hub.observe_loss_terms(policy_loss=pg, value_loss=vl)
                 self.opt.zero_grad()
                 loss.backward()
@@ -159,6 +160,7 @@ class Loop:
                     actions=torch.stack([actions[k][:, chunk].reshape(-1) for k in HEADS], 1),
                     policy_loss=pg.detach(),
                     value_loss=vl.detach(),
+                    entropy_coef=self.ent_coef,
                 )
         return hub.end_update(
             self.step,
@@ -248,10 +250,10 @@ def test_a_whole_cuda_update_syncs_only_in_its_one_transfer(
 ) -> None:
     """Every hub call of a CUDA update runs under torch.cuda.set_sync_debug_mode("error"), except
     the update's one transfer, which is counted."""
-    import telemetry_core.hub as hub_module
+    import telemetry_core.hub.collect as collect_module  # where the update's transfer is called
 
     transfers = []
-    real_transfer = hub_module.transfer
+    real_transfer = collect_module.transfer
 
     def counted_transfer(pending: Any) -> Any:
         transfers.append(sorted({t.device.type for t in pending.values()}))
@@ -261,7 +263,7 @@ def test_a_whole_cuda_update_syncs_only_in_its_one_transfer(
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    monkeypatch.setattr(hub_module, "transfer", counted_transfer)
+    monkeypatch.setattr(collect_module, "transfer", counted_transfer)
     lp = Loop({"config": TelemetryConfig(level=TelemetryLevel[level], auto_escalate=False)}, device="cuda")
     try:
         lp.update()  # warm-up update (first-call paths, plans, cached index tensors)
@@ -328,6 +330,28 @@ def test_normal_snapshot_holds_every_section_with_sane_values(loop: Loop) -> Non
     frame = protocol.encode_envelope("snapshot", snap, session="s", seq=1, step=1)
     decoded = protocol.decode_body(protocol.decode_envelope(frame))
     assert msgspec.msgpack.encode(decoded) == msgspec.msgpack.encode(snap)
+
+
+def test_entropy_per_epoch_and_a_wrong_sign_coefficient_reach_the_snapshot_and_the_detector() -> None:
+    """Each epoch's normalised entropy (equal epochs: their mean is the update's), the coefficient
+    the loop reported, and a negative one judged critical for the run on the same update."""
+    lp = Loop()
+    try:
+        snap = lp.update(epochs=3)
+        assert snap is not None and snap.policy is not None
+        assert snap.policy.entropy_coef == 0.01
+        assert not [a for a in snap.anomalies if a.kind == "entropy_collapse"]
+        for head, per_epoch in snap.policy.entropy_normalized_per_epoch.items():
+            assert len(per_epoch) == 3
+            assert sum(per_epoch) / 3 == pytest.approx(snap.policy.entropy_normalized[head], rel=1e-9)
+        assert set(snap.policy.entropy_normalized_per_epoch) == {h for h, n in HEADS.items() if n > 1}
+        lp.ent_coef = -0.5
+        snap = lp.update()
+        assert snap is not None and snap.policy is not None and snap.policy.entropy_coef == -0.5
+        (a,) = [a for a in snap.anomalies if a.kind == "entropy_collapse" and a.head is None]
+        assert a.severity == "critical" and a.value == -0.5 and "rewards determinism" in a.message
+    finally:
+        lp.close()
 
 
 def test_minimal_leaves_out_the_distributions_and_debug_has_its_report() -> None:

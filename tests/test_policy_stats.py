@@ -117,6 +117,16 @@ def reference(minibatches: list[dict], eps: float) -> dict:
         ref["entropy"][h] = e.mean()
         if HEADS[h] > 1:
             ref["entropy_normalized"][h] = e.mean() / np.log(HEADS[h])
+    ref["entropy_normalized_per_epoch"] = {}
+    if len(epochs) > 1:
+        for h in ref["entropy_normalized"]:
+            ref["entropy_normalized_per_epoch"][h] = [
+                np.concatenate(
+                    [f64(mb["ent"][h]) for mb in minibatches if mb["epoch"] == e and h in mb.get("ent", {})]
+                ).mean()
+                / np.log(HEADS[h])
+                for e in epochs
+            ]
     losses = [float(mb["loss"]) for mb in minibatches if "loss" in mb]
     ref["policy_loss"] = float(np.mean(losses)) if losses else math.nan
     return ref
@@ -196,6 +206,10 @@ def assert_matches(stats, ref, rtol=1e-10, atol=1e-13) -> None:
         assert set(got) == set(ref[key]), key
         for h in got:
             assert got[h] == pytest.approx(ref[key][h], rel=rtol, abs=atol, nan_ok=True), (key, h)
+    got = stats.entropy_normalized_per_epoch
+    assert set(got) == set(ref["entropy_normalized_per_epoch"])
+    for h in got:
+        np.testing.assert_allclose(got[h], ref["entropy_normalized_per_epoch"][h], rtol=rtol, atol=atol)
     assert stats.policy_loss == pytest.approx(ref["policy_loss"], rel=1e-6, nan_ok=True)
 
 

@@ -149,6 +149,8 @@ def test_ppo_cartpole_streams_minibatch_statistics_equal_to_sb3_and_the_buffer()
         assert p.epochs == 3 and p.minibatches == 12 and p.samples == 3 * 128 and p.clip_range == 0.2
         assert len(p.kl_k3_per_epoch) == 3 and p.kl_k3_per_epoch[0] > 0  # the policy moved in epoch 0
         assert 0 < p.entropy_normalized["action"] <= 1
+        assert len(p.entropy_normalized_per_epoch["action"]) == 3
+        assert p.entropy_coef == model.ent_coef == 0.0  # SB3's default, read from the model
         g = snap.gradients
         assert g is not None and g.calls == 12 and math.isfinite(g.total_norm) and g.total_norm > 0
         assert snap.run.heads == {"action": 2} and snap.run.name == "sb3-PPO"

@@ -318,3 +318,21 @@ async def test_incident_toasts_are_rate_limited_and_a_burst_becomes_one_summary(
         app.tick()
         await pilot.pause()
         assert len(app._notifications) == before + 2  # nothing new: nothing shown
+
+
+def test_detail_column_of_an_incident_follows_its_scope() -> None:
+    """A head's entropy alarm charts that head's normalised entropy; the whole run's (the loop's
+    entropy coefficient below its limit) charts the coefficient; a run-scoped kind its own column."""
+    from simic_tui.judge import kind_column
+    from telemetry_core.schema import Incident
+
+    assert kind_column(Incident(id=1, kind="entropy_collapse", scope="head:force")) == (
+        "policy.entropy_normalized.force",
+        "normalised entropy (force)",
+    )
+    assert kind_column(Incident(id=2, kind="entropy_collapse", scope="")) == (
+        "policy.entropy_coef",
+        "entropy coefficient",
+    )
+    assert kind_column(Incident(id=3, kind="std_collapse", scope="")) is None
+    assert kind_column(Incident(id=4, kind="kl_spike")) == ("policy.kl_k3_mean", "KL k3 mean")

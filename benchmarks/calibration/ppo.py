@@ -319,6 +319,7 @@ def iter_train(
                             old_logprob=b_logprobs[mb_inds],
                             advantages=mb_adv.detach(),
                             clip_range=cfg.clip_coef,
+                            entropy_coef=ent_coef,
                             epoch=epoch,
                             head_new_logprobs={h: lp.detach() for h, lp in out.head_logprobs.items()},
                             head_old_logprobs=mb_head_old,

@@ -18,6 +18,7 @@ __all__ = [
     "CRITICAL",
     "WARNING",
     "Context",
+    "HeadBaselineRule",
     "Rolling",
     "Rule",
     "count",
@@ -162,3 +163,28 @@ class Rule:
             threshold=threshold,
             head=head,
         )
+
+
+class HeadBaselineRule(Rule):
+    """A rule that keeps, per action head, a rolling baseline of one statistic (the median of its
+    last ``BASELINE_WINDOW`` unflagged updates): a flagged update stays out of it, so a sustained
+    pathology stays flagged instead of becoming the new normal."""
+
+    BASELINE_WINDOW: ClassVar[str] = ""  # the Thresholds field holding the window length
+
+    def reset(self) -> None:
+        self.base: dict[str, Rolling] = {}
+
+    def _base(self, head: str) -> Rolling:
+        base = self.base.get(head)
+        if base is None:
+            base = self.base[head] = self.rolling(self.BASELINE_WINDOW)
+        return base
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": {h: r.dump() for h, r in self.base.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        for head, values in state["base"].items():
+            self._base(str(head)).load(values)

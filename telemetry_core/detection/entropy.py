@@ -60,14 +60,30 @@ class EntropyCollapseRule(Rule):
       coefficient stands out within two updates; a head that learns in noisy bursts (the demo's)
       has a large one, so its bursts do not.
 
+    * sharpened within the update: from the update's first epoch to its last (every epoch sees the
+      same rollout, so the change is what the update itself did, free of the rollout's noise) the
+      head lost more than ``entropy_sharpen_fraction`` of its entropy, and that change lies more than
+      ``entropy_sharpen_k`` robust sigmas below the median of its changes over the rolling baseline.
+      A wrong-sign entropy coefficient makes every update sharpen the policy as far as the optimiser
+      allows (-7% to -10% per update on feed-forward Acrobot heads whose update-to-update entropy
+      moves +-5% while they learn, where the slide rules need four updates or more); healthy heads
+      change by a few percent within an update. Needs two or more epochs per update.
+
+    The loss's own sign: a loop that reports its entropy coefficient (``PolicyStats.entropy_coef``)
+    below ``entropy_coef_min`` is told at once, critical, for the whole run - the loss rewards
+    determinism, and near the uniform policy the entropy's gradient vanishes, so the heads may not
+    move measurably for two or three updates (Acrobot, feed-forward, no target KL); while it is,
+    every head alarm above is critical.
+
     A fast, sustained slide is critical before it bottoms out: a head flagged (collapsing or
     collapsed) for at least ``entropy_slide_critical_updates`` and at most
     ``entropy_slide_critical_window`` updates in a row that is below
     ``entropy_slide_critical_fraction`` x that median (the median of the updates before the slide,
     since flagged updates stay out of it) lost most of its entropy within a few updates and kept
-    losing it - a wrong-sign entropy coefficient; so is a head still sliding against its own spread
-    after ``entropy_slide_critical_updates`` falls in a row. It stays critical until the head's
-    alarm ends. A
+    losing it - a wrong-sign entropy coefficient; so is a head sharpening within the update
+    ``entropy_sharpen_critical_updates`` updates in a row. It stays critical until the head's alarm
+    ends. (A head sliding against its own spread alone stays a warning: a feed-forward head's first
+    learning slide from 0.98 falls beyond its quiet warm-up spread five updates in a row.) A
     head that decides slowly (a converged feed-forward agent's head below the limit for hundreds of
     updates, drifting from 0.1 to 0.06) never loses that much within the window.
 
@@ -95,6 +111,8 @@ class EntropyCollapseRule(Rule):
         self.slid: dict[str, bool] = {}  # the current alarm became a fast slide (critical)
         self.down: dict[str, int] = {}  # consecutive updates whose entropy fell, per head
         self.top: dict[str, float] = {}  # the entropy before the first of those falls
+        self.sharp_hist: dict[str, deque[float]] = {}  # within-update relative changes, unflagged updates
+        self.sharp: dict[str, int] = {}  # consecutive updates sharpening, per head
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +126,8 @@ class EntropyCollapseRule(Rule):
             "slid": dict(self.slid),
             "down": dict(self.down),
             "top": dict(self.top),
+            "sharp_hist": {h: list(d) for h, d in self.sharp_hist.items()},
+            "sharp": dict(self.sharp),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -124,12 +144,42 @@ class EntropyCollapseRule(Rule):
         # absent in a state saved before the spread rule: no slide in progress
         self.down = {str(k): int(v) for k, v in state.get("down", {}).items()}
         self.top = {str(k): float(v) for k, v in state.get("top", {}).items()}
+        # absent in a state saved before the within-update rule: nothing sharpened yet
+        for head, values in state.get("sharp_hist", {}).items():
+            self._sharp_hist(str(head)).extend(float(v) for v in values)
+        self.sharp = {str(k): int(v) for k, v in state.get("sharp", {}).items()}
 
     def _hist(self, head: str) -> deque[float]:
         hist = self.hist.get(head)
         if hist is None:
             hist = self.hist[head] = deque(maxlen=max(1, self.t.entropy_baseline_window))
         return hist
+
+    def _sharp_hist(self, head: str) -> deque[float]:
+        hist = self.sharp_hist.get(head)
+        if hist is None:
+            hist = self.sharp_hist[head] = deque(maxlen=max(1, self.t.entropy_sharpen_window))
+        return hist
+
+    def _sharpened(self, head: str, epochs: list[float] | None) -> tuple[float, float, float, float] | None:
+        """(relative change, allowed change, first epoch's entropy, last epoch's) when the head
+        sharpened within this update beyond both limits; else None. Records an unflagged change."""
+        if not epochs or len(epochs) < 2:
+            return None
+        first, last = finite(epochs[0]), finite(epochs[-1])
+        if first is None or last is None or first <= 0:
+            return None
+        t = self.t
+        change = (last - first) / first
+        hist = self._sharp_hist(head)
+        if len(hist) >= max(3, t.baseline_min_updates):
+            centre = statistics.median(hist)
+            sigma = MAD_SCALE * statistics.median(abs(d - centre) for d in hist)
+            allowed = min(-t.entropy_sharpen_fraction, centre - t.entropy_sharpen_k * sigma)
+            if change < allowed:
+                return change, allowed, first, last
+        hist.append(change)
+        return None
 
     @staticmethod
     def _spread(hist: deque[float]) -> tuple[float, float] | None:
@@ -161,6 +211,19 @@ class EntropyCollapseRule(Rule):
         t = self.t
         step = ctx.step
         out: list[Anomaly] = []
+        coef = finite(p.entropy_coef) if p.entropy_coef is not None else None
+        wrong_sign = coef is not None and coef < t.entropy_coef_min
+        if wrong_sign and coef is not None:
+            out.append(
+                self.anomaly(
+                    CRITICAL,
+                    step,
+                    f"The entropy coefficient is {fmt(coef)}, below {fmt(t.entropy_coef_min)}: the loss rewards "
+                    f"determinism, so every update will sharpen the policy until it stops exploring.",
+                    value=coef,
+                    threshold=t.entropy_coef_min,
+                )
+            )
         for head, e in head_entropies(p, ctx.heads).items():
             if e is None:
                 continue
@@ -193,6 +256,9 @@ class EntropyCollapseRule(Rule):
             base = statistics.median(hist) if len(hist) >= max(1, t.baseline_min_updates) else None
             slide: tuple[float, str] | None = None  # (the entropy level it fell below, words)
             spread_level: float | None = None
+            sharpened = self._sharpened(head, p.entropy_normalized_per_epoch.get(head))
+            sharp = self.sharp.get(head, 0) + 1 if sharpened is not None else 0
+            self.sharp[head] = sharp
             if base is not None and base > 0:
                 spread_level = self._spread_slide(head, e, base, hist)
                 if falls >= t.entropy_fall_updates and e < t.entropy_fall_fraction * base:
@@ -211,6 +277,20 @@ class EntropyCollapseRule(Rule):
                         f" after falling for {self.down[head]} updates in a row, far beyond its own "
                         f"update-to-update spread",
                     )
+            shown = e  # the value a collapsing alarm reports: the update's entropy, or its last epoch's
+            sharp_level: float | None = None  # the last epoch's entropy had to fall below this
+            by_sharpening = False  # the within-update rule alone flagged this update
+            if sharpened is not None and sharp >= t.entropy_sharpen_updates:
+                change, allowed, first, last = sharpened
+                sharp_level = first * (1.0 + allowed)
+                if slide is None:
+                    shown, by_sharpening = last, True
+                    slide = (
+                        sharp_level,
+                        f"; within the update it went from {fmt(first)} in the first epoch to {fmt(last)} in "
+                        f"the last ({change:+.1%}, beyond its usual change {allowed:+.1%})"
+                        + (f", {sharp} updates in a row" if sharp > 1 else ""),
+                    )
             flagged = self.flagged.get(head, 0) + 1 if collapsed or slide is not None else 0
             self.flagged[head] = flagged
             sustained = flagged > 0 and (
@@ -220,7 +300,8 @@ class EntropyCollapseRule(Rule):
                     and t.entropy_slide_critical_updates <= flagged <= t.entropy_slide_critical_window
                     and e < t.entropy_slide_critical_fraction * base
                 )
-                or (spread_level is not None and self.down[head] >= t.entropy_slide_critical_updates)
+                or sharp >= t.entropy_sharpen_critical_updates
+                or wrong_sign
             )
             self.slid[head] = sustained
             slid = (
@@ -230,11 +311,12 @@ class EntropyCollapseRule(Rule):
                 else ""
             )
             # the level a critical slide is judged against: the spread rule's, else the fraction's
-            critical_level = (
-                spread_level
-                if spread_level is not None and self.down[head] >= t.entropy_slide_critical_updates
-                else (t.entropy_slide_critical_fraction * base if base is not None else None)
-            )
+            if by_sharpening and sharp >= t.entropy_sharpen_critical_updates:
+                critical_level = sharp_level
+            elif wrong_sign and slide is not None:
+                critical_level = slide[0]
+            else:
+                critical_level = t.entropy_slide_critical_fraction * base if base is not None else None
             if collapsed:
                 critical = e < t.entropy_critical_fraction * limit
                 since = (
@@ -268,7 +350,7 @@ class EntropyCollapseRule(Rule):
                         f"Head '{head}' is collapsing: normalised entropy fell to {fmt(e)}, "
                         f"{e / base:.0%} of its recent median {fmt(base)}{how}"
                         + (f", flagged for {flagged} updates in a row." if sustained else "."),
-                        value=e,
+                        value=shown,
                         threshold=critical_level if sustained and critical_level is not None else level,
                         head=head,
                     )

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from telemetry_core.detection.base import CRITICAL, WARNING, Context, Rolling, Rule, finite, fmt
+from telemetry_core.detection.base import CRITICAL, WARNING, Context, HeadBaselineRule, finite, fmt
 from telemetry_core.schema import Anomaly
 
 __all__ = ["ActionSaturationRule"]
 
 
-class ActionSaturationRule(Rule):
+class ActionSaturationRule(HeadBaselineRule):
     """``action_saturation`` per continuous head, on the share of its worst dimension's actions that
     lie beyond the action bounds before clipping (``|tanh| > 0.99`` for a squashed head).
 
@@ -25,23 +22,7 @@ class ActionSaturationRule(Rule):
     """
 
     KIND = "action_saturation"
-
-    def reset(self) -> None:
-        self.base: dict[str, Rolling] = {}
-
-    def _base(self, head: str) -> Rolling:
-        base = self.base.get(head)
-        if base is None:
-            base = self.base[head] = self.rolling("action_saturation_baseline_window")
-        return base
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base": {h: r.dump() for h, r in self.base.items()}}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        for head, values in state["base"].items():
-            self._base(str(head)).load(values)
+    BASELINE_WINDOW = "action_saturation_baseline_window"
 
     def check(self, ctx: Context) -> list[Anomaly]:
         p = ctx.snapshot.policy

@@ -13,39 +13,55 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from telemetry_core.detection.base import CRITICAL, WARNING, Context, Rolling, Rule, finite, fmt
+from telemetry_core.detection.base import CRITICAL, WARNING, Context, HeadBaselineRule, finite, fmt
 from telemetry_core.schema import Anomaly
 
 __all__ = ["StdCollapseRule", "StdExplosionRule"]
 
+Found = tuple[str, float, float, str]  # severity, value, limit, words
 
-class _StdRule(Rule):
-    """Per-head baselines of the mean log-std (shared shape of both rules' state)."""
+
+class _StdRule(HeadBaselineRule):
+    """Per-head baselines of the mean log-std, and the tiers both rules judge in the same order:
+    the extreme dimension beyond the critical level, the mean beyond the critical change against
+    the baseline, then the same two at warning level. ``sign`` is -1 for a fall (collapse), +1 for
+    a rise (explosion); every limit is a positive distance in that direction."""
+
+    BASELINE_WINDOW = "std_baseline_window"
 
     def reset(self) -> None:
-        self.base: dict[str, Rolling] = {}
+        super().reset()
         self.last: dict[str, float] = {}
         self.falls: dict[str, int] = {}
 
-    def _base(self, head: str) -> Rolling:
-        base = self.base.get(head)
-        if base is None:
-            base = self.base[head] = self.rolling("std_baseline_window")
-        return base
-
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "base": {h: r.dump() for h, r in self.base.items()},
-            "last": dict(self.last),
-            "falls": dict(self.falls),
-        }
+        return {**super().state_dict(), "last": dict(self.last), "falls": dict(self.falls)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        for head, values in state["base"].items():
-            self._base(str(head)).load(values)
         self.last = {str(k): float(v) for k, v in state["last"].items()}
         self.falls = {str(k): int(v) for k, v in state["falls"].items()}
+
+    @staticmethod
+    def _tiers(
+        sign: int,
+        extreme: float,
+        mean: float,
+        base: float | None,
+        levels: tuple[float, float],  # (warning, critical) log-std the extreme must not pass
+        changes: tuple[float, float],  # (warning, critical) change of the mean against the baseline
+        words: tuple[str, str],  # (warning, critical) words for the level
+        moved: str,  # "lost" / "rose"
+        against: str,  # "against" / "above"
+    ) -> Found | None:
+        change = sign * (mean - base) if base is not None else None
+        shift = f"{moved} {{}} nats (std x{{}}) {against} its recent median {fmt(base) if base is not None else ''}"
+        for i, severity in ((1, CRITICAL), (0, WARNING)):
+            if sign * (extreme - levels[i]) > 0:
+                return severity, extreme, levels[i], f"is {'below' if sign < 0 else 'above'} {fmt(levels[i])}: {words[i]}"
+            if change is not None and base is not None and change > changes[i]:
+                return severity, mean, base + sign * changes[i], shift.format(fmt(change), _ratio(-sign * change))
+        return None
 
 
 class StdCollapseRule(_StdRule):
@@ -84,37 +100,20 @@ class StdCollapseRule(_StdRule):
             falls = self.falls.get(head, 0) + 1 if last is not None and mean < last - t.std_fall_step else 0
             self.last[head], self.falls[head] = mean, falls
             drop = base - mean if base is not None else None
-            found: tuple[str, float, float, str] | None = None  # severity, value, limit, words
-            if low < t.std_collapse_log_std_critical:
-                found = (
-                    CRITICAL,
-                    low,
-                    t.std_collapse_log_std_critical,
-                    f"is below {fmt(t.std_collapse_log_std_critical)}: essentially deterministic",
-                )
-            elif drop is not None and base is not None and drop > t.std_drop_critical:
-                found = (
-                    CRITICAL,
-                    mean,
-                    base - t.std_drop_critical,
-                    f"lost {fmt(drop)} nats (std x{_ratio(drop)}) against its recent median {fmt(base)}",
-                )
-            elif low < t.std_collapse_log_std:
-                found = (
-                    WARNING,
-                    low,
-                    t.std_collapse_log_std,
-                    f"is below {fmt(t.std_collapse_log_std)}: nearly deterministic",
-                )
-            elif drop is not None and base is not None and drop > t.std_drop:
-                found = (
-                    WARNING,
-                    mean,
-                    base - t.std_drop,
-                    f"lost {fmt(drop)} nats (std x{_ratio(drop)}) against its recent median {fmt(base)}",
-                )
-            elif (
-                drop is not None
+            found = self._tiers(
+                -1,
+                low,
+                mean,
+                base,
+                (t.std_collapse_log_std, t.std_collapse_log_std_critical),
+                (t.std_drop, t.std_drop_critical),
+                ("nearly deterministic", "essentially deterministic"),
+                "lost",
+                "against",
+            )
+            if (
+                found is None
+                and drop is not None
                 and base is not None
                 and falls >= t.std_fall_updates
                 and drop > t.std_slide_drop
@@ -170,36 +169,17 @@ class StdExplosionRule(_StdRule):
             high = mean if high is None else high
             base_roll = self._base(head)
             base = base_roll.median()
-            rise = mean - base if base is not None else None
-            found: tuple[str, float, float, str] | None = None
-            if high > t.std_explosion_log_std_critical:
-                found = (
-                    CRITICAL,
-                    high,
-                    t.std_explosion_log_std_critical,
-                    f"is above {fmt(t.std_explosion_log_std_critical)}: far wider than any action range",
-                )
-            elif rise is not None and base is not None and rise > t.std_rise_critical:
-                found = (
-                    CRITICAL,
-                    mean,
-                    base + t.std_rise_critical,
-                    f"rose {fmt(rise)} nats (std x{_ratio(-rise)}) above its recent median {fmt(base)}",
-                )
-            elif high > t.std_explosion_log_std:
-                found = (
-                    WARNING,
-                    high,
-                    t.std_explosion_log_std,
-                    f"is above {fmt(t.std_explosion_log_std)}: wider than a usual action range",
-                )
-            elif rise is not None and base is not None and rise > t.std_rise:
-                found = (
-                    WARNING,
-                    mean,
-                    base + t.std_rise,
-                    f"rose {fmt(rise)} nats (std x{_ratio(-rise)}) above its recent median {fmt(base)}",
-                )
+            found = self._tiers(
+                1,
+                high,
+                mean,
+                base,
+                (t.std_explosion_log_std, t.std_explosion_log_std_critical),
+                (t.std_rise, t.std_rise_critical),
+                ("wider than a usual action range", "far wider than any action range"),
+                "rose",
+                "above",
+            )
             if found is None:
                 base_roll.append(mean)
                 continue

@@ -26,9 +26,12 @@ class ValueCollapseRule(Rule):
     matters: once a task is solved nearly every return is the same, rare failures inflate
     std(returns), and a critic that rightly predicts one value would otherwise look collapsed.
     The tracking condition too: a critic that never spread its predictions (an agent that has
-    learnt nothing, every episode alike) has nothing to collapse from. Without a baseline there
-    is no verdict (a fresh critic is flat; a critic zeroed before a restore shows as ev_low), and
-    none in warm-up. Return std comes from ``ValueStats.return_std``, else from the advantage
+    learnt nothing, every episode alike) has nothing to collapse from - unless its output became
+    one constant: std(values) at or below ``value_std_constant_fraction`` x that median (a zeroed
+    output layer gives exactly 0) is critical whatever the median was, since even a critic that
+    learnt little moves its spread by a few times at most from update to update. Without a
+    baseline there is no verdict (a fresh critic is flat; a critic zeroed before a restore shows as
+    ev_low), and none in warm-up. Return std comes from ``ValueStats.return_std``, else from the advantage
     section's returns.
 
     Blown critic (warning): the value loss exceeds ``value_loss_relative_factor`` x its median
@@ -72,7 +75,7 @@ class ValueCollapseRule(Rule):
                 and rstd > t.value_returns_std_min
                 and vstd / rstd < t.value_std_collapse_ratio
                 and vstd < t.value_std_drop_fraction * base
-                and base >= t.value_std_tracking_min * rstd
+                and (base >= t.value_std_tracking_min * rstd or vstd <= t.value_std_constant_fraction * base)
             )
             if flat and rstd is not None and base is not None:
                 ratio = vstd / rstd

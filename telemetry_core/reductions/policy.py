@@ -208,8 +208,11 @@ class PolicyReducer:
         self._row_epochs: list[int] = []  # epoch of every folded joint row, in row order
         self._head_rows: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
         self._head_sizes: dict[str, int] = dict.fromkeys(self.heads, 0)
+        # per head: 1-D tensors of per-minibatch entropy sums, the epoch of each of their elements,
+        # and the samples per epoch - summed per epoch in pending()
         self._entropy: dict[str, list[torch.Tensor]] = {h: [] for h in self.heads}
-        self._entropy_counts: dict[str, int] = dict.fromkeys(self.heads, 0)
+        self._entropy_epochs: dict[str, list[int]] = {h: [] for h in self.heads}
+        self._entropy_counts: dict[str, dict[int, int]] = {h: {} for h in self.heads}
         # Masked heads: per call a (2 x heads, n) block of each head's entropies and valid-action
         # counts, by (heads, device, dtype), folded into float64 [sum of entropy / log(valid
         # actions), samples with > 1 valid] per head in pending() (or early, past FOLD_ELEMENTS).
@@ -220,6 +223,7 @@ class PolicyReducer:
         self._loss = ScalarSeries("policy_loss")
         self._clip_range = math.nan
         self._early: tuple[int, float | torch.Tensor | None] | None = None
+        self._entropy_coef: float | None = None
 
     def observe(
         self,
@@ -233,6 +237,7 @@ class PolicyReducer:
         head_entropies: Mapping[str, torch.Tensor] | None = None,
         policy_loss: torch.Tensor | float | None = None,
         level: TelemetryLevel = TelemetryLevel.NORMAL,
+        entropy_coef: float | None = None,
     ) -> None:
         """One minibatch. Joint log-probs are required; per-head ones are optional (both or neither,
         same heads, each shaped like ``new_logprob``). Inputs are checked even at OFF.
@@ -277,8 +282,11 @@ class PolicyReducer:
                     apart[h] = check_float_tensor(f"head_entropies[{h!r}]", t)
             inline = tuple(h for h in self.heads if h in head_entropies and h not in apart)
         loss = None if policy_loss is None else self._loss.check(policy_loss)
+        coef = None if entropy_coef is None else as_real("entropy_coef", entropy_coef)
         if level <= TelemetryLevel.OFF:
             return
+        if coef is not None:
+            self._entropy_coef = coef  # a constant of the update: the last one reported stands
         if loss is not None:
             self._loss.add_checked(loss)
         n = new.numel()
@@ -301,8 +309,10 @@ class PolicyReducer:
         if new.dim() != 1:
             block = block.reshape(len(cols), n)
         for head, ent in apart.items():
-            self._entropy[head].append(ent.sum(dtype=acc_dtype(ent.device)))
-            self._entropy_counts[head] += ent.numel()
+            self._entropy[head].append(ent.sum(dtype=acc_dtype(ent.device)).reshape(1))
+            self._entropy_epochs[head].append(int(epoch))
+            counts = self._entropy_counts[head]
+            counts[int(epoch)] = counts.get(int(epoch), 0) + ent.numel()
         self._stored.setdefault((n, names, inline, eps, device), []).append((block, int(epoch)))
         self._stored_elements += block.numel()
         self._sizes.append(n)
@@ -310,7 +320,8 @@ class PolicyReducer:
         for head in names:
             self._head_sizes[head] += n
         for head in inline:
-            self._entropy_counts[head] += n
+            counts = self._entropy_counts[head]
+            counts[int(epoch)] = counts.get(int(epoch), 0) + n
         self._clip_range = eps
         if self._stored_elements > FOLD_ELEMENTS:
             self._fold()
@@ -482,10 +493,19 @@ class PolicyReducer:
                     maxes = torch.where(member.unsqueeze(2), kl_mb.unsqueeze(0), -math.inf).amax(1)
                     out["policy.epoch_kl"] = torch.cat((sums, maxes), 1).reshape(-1)
             for head, sums_h in self._entropy.items():
-                if sums_h:
-                    out[f"policy.entropy.{head}"] = (
-                        sums_h[0].reshape(1) if len(sums_h) == 1 else torch.stack(sums_h).sum().reshape(1)
-                    )
+                if sums_h:  # one sum per epoch, in epoch order
+                    h_sums = sums_h[0] if len(sums_h) == 1 else torch.cat(sums_h)
+                    h_epochs = sorted(self._entropy_counts[head])
+                    if len(h_epochs) == 1:
+                        out[f"policy.entropy.{head}"] = h_sums.sum().reshape(1)
+                    else:
+                        slot = {e: i for i, e in enumerate(h_epochs)}
+                        index = to_device(
+                            torch.tensor([slot[e] for e in self._entropy_epochs[head]]), h_sums.device
+                        )
+                        out[f"policy.entropy.{head}"] = torch.zeros(
+                            len(h_epochs), dtype=h_sums.dtype, device=h_sums.device
+                        ).index_add_(0, index, h_sums)
             out.update(self._gauss.pending())
             self._fold_masks()
             for head, parts in self._masked.items():
@@ -554,16 +574,28 @@ class PolicyReducer:
                 stats.head_ratio_below[head] = int(h[_T_BELOW])
             key = f"policy.entropy.{head}"
             if key in host:
-                ent = host[key][0] / self._entropy_counts[head]
+                counts = self._entropy_counts[head]
+                per_epoch = host[key]
+                ent = math.fsum(per_epoch) / sum(counts.values())
                 stats.entropy[head] = ent
+                scale: float | None = None  # raw entropy -> normalised
                 masked = host.get(f"policy.masked_entropy.{head}")
                 if masked is not None:  # per sample, by the log of its valid actions
                     if masked[1] > 0:
                         stats.entropy_normalized[head] = masked[0] / masked[1]
+                        # per epoch: the update's own ratio of normalised to raw (an approximation:
+                        # the epochs see the same samples, so the same valid-action counts)
+                        scale = stats.entropy_normalized[head] / ent if ent > 0 else None
                 elif self.heads[head] > 1:
-                    stats.entropy_normalized[head] = ent / math.log(self.heads[head])
+                    scale = 1.0 / math.log(self.heads[head])
+                    stats.entropy_normalized[head] = ent * scale
+                if scale is not None and len(per_epoch) > 1:
+                    stats.entropy_normalized_per_epoch[head] = [
+                        s / c * scale for s, c in zip(per_epoch, (counts[e] for e in sorted(counts)))
+                    ]
         self._gauss.fill(stats, host)
         stats.policy_loss = self._loss.result(host.get("policy.loss"))[0]
+        stats.entropy_coef = self._entropy_coef
         if self._early is not None:
             epoch, kl = self._early
             stats.early_stopped = True
@@ -601,6 +633,8 @@ class PolicyReducer:
             for j, head in enumerate(names, start=1):
                 self._head_rows[head].append(rows[:, j])
             if inline:
-                ent = x[:, 2 * r :].sum((0, 2))
+                ent = x[:, 2 * r :].sum(2)  # (M, inline heads): per minibatch, summed per epoch later
+                epochs = [epoch for _, epoch in items]
                 for j, head in enumerate(inline):
-                    self._entropy[head].append(ent[j])
+                    self._entropy[head].append(ent[:, j])
+                    self._entropy_epochs[head].extend(epochs)

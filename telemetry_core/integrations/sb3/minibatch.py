@@ -97,6 +97,8 @@ class _MinibatchReader:
             indices=positions if level >= TelemetryLevel.DEBUG else None,
             policy_loss=policy_loss,
             value_loss=value_loss,
+            # SB3's loss is pg + ent_coef x (-entropy) + vf_coef x value loss: the same sign convention
+            entropy_coef=ent_coef if isinstance(ent_coef := model.ent_coef, (int, float)) else None,
             # MaskablePPO: the normalised entropy divides by log(valid actions) per sample
             action_masks=action_masks or None,
         )
