@@ -40,9 +40,9 @@ class ZapHandler:
     descriptor), but every connection ends its handshake with exactly one success or failure event
     and closes with one ``DISCONNECTED``, in order on its socket's monitor (a failure's close comes
     right after it): so per socket the open authenticated connections are ``succeeded`` minus the
-    closes that did not follow a failure. Handshakes granted here
-    whose success event has not come back yet count too (for at most ``HANDSHAKE_IVL``), so a
-    burst of grants cannot overshoot the cap.
+    closes that did not follow a failure. Handshakes granted here whose success event has not come
+    back yet count too (for at most ``HANDSHAKE_IVL``), so a burst of grants cannot overshoot the
+    cap.
 
     Beyond ``handshake_rate`` requests a second (a token bucket with ``handshake_burst``) the
     handler refuses at once, without looking at the key. libzmq mostly does not reconnect a peer
