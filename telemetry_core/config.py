@@ -339,6 +339,12 @@ class Thresholds:
         "recent median is a critic whose output is one constant (zeroed head, dead units); a critic "
         "that learnt little still spreads its predictions within ~10x of its median from update to update",
     )
+    value_collapse_critical_updates: int = _t(
+        2,
+        "a flat critic (not a constant output) is critical once flat this many updates in a row: a "
+        "healthy feed-forward Acrobot critic on unnormalised returns dipped to 0.02x the return std for "
+        "one update, twice in 30 updates, and recovered; a zeroed critic stays flat for 5+ updates",
+    )
     ev_return_cv_min: float = _t(
         0.05,
         "ev_low is not judged when the returns' spread (std, or the inter-decile range / 2.563 when "

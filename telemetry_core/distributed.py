@@ -649,7 +649,7 @@ class RankAggregator:
             entry(None, nan)
             entry(None, 0.0)
             entry(None, 0.0)
-        # Mirrors PolicyReducer.build: k3 sum / samples; entropy sum / count per head.
+        # Mirrors PolicyReducer.build: k3 sum / samples; entropy sum (over its per-epoch sums) / count per head.
         s = pending.get("policy.summary")
         samples = float(sum(getattr(policy, "_sizes", ())))
         if s is not None and samples:
@@ -661,8 +661,9 @@ class RankAggregator:
             if key.startswith("entropy."):
                 head = key.removeprefix("entropy.")
                 e = pending.get(f"policy.entropy.{head}")
-                if e is not None and counts.get(head):
-                    entry(e.reshape(-1)[0], 0.0, float(counts[head]))
+                n = sum(counts.get(head, {}).values())
+                if e is not None and n:
+                    entry(e.reshape(-1)[0] if e.numel() == 1 else e.sum(), 0.0, float(n))
                 else:
                     entry(None, nan)
         # Mirrors ScalarSeries.result: (host sum + device sum) / count.

@@ -254,6 +254,7 @@ _SPECS: tuple[KindSpec, ...] = (
             "value_std_drop_fraction",
             "value_std_tracking_min",
             "value_std_constant_fraction",
+            "value_collapse_critical_updates",
             "value_loss_relative_factor",
             "value_baseline_window",
             "baseline_min_updates",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -178,7 +179,7 @@ def test_an_authenticated_peer_cannot_make_the_trainer_hold_a_huge_subscription(
     assert heard(fine)
 
 
-def test_connections_beyond_max_peers_are_refused_and_counted(make: Any, ctx: Any) -> None:
+def test_authenticated_connections_beyond_max_peers_are_refused_and_counted(make: Any, ctx: Any) -> None:
     pub = make(max_peers=4)
     info = pub.connection_info
     subs = []
@@ -187,11 +188,123 @@ def test_connections_beyond_max_peers_are_refused_and_counted(make: Any, ctx: An
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(info.pub)
         subs.append(sub)
-        time.sleep(0.1)  # one at a time: the count of open connections is what the cap reads
     served = sum(heard(s, 1.5) for s in subs)
-    assert 1 <= served <= 4, served
-    assert pub.counters.connections_refused.get("too many connections", 0) >= 3 - (4 - served)
-    assert pub.counters.peers <= 5
+    assert served == 4, served
+    # At least once each (libzmq sometimes reconnects a refused peer, which is refused again).
+    assert pub.counters.connections_refused.get("too many connections", 0) >= 3
+    assert pub.counters.peers == 4
+    # The count follows peers that leave: their places are free again.
+    for sub in subs:
+        sub.close(linger=0)
+    assert wait_for(lambda: pub.counters.peers == 0), pub.counters.peers
+    late = authenticated(ctx, zmq.SUB, info)
+    late.setsockopt(zmq.SUBSCRIBE, b"")
+    late.connect(info.pub)
+    assert heard(late)
+    assert wait_for(lambda: pub.counters.peers == 1)
+
+
+def test_connections_that_never_authenticate_do_not_use_up_the_peer_cap(make: Any, ctx: Any) -> None:
+    """Idle TCP connections (a slow handshake) and plaintext peers hold no place: a dashboard with
+    the file still gets in while dozens of them are open."""
+    pub = make(max_peers=2)
+    info = pub.connection_info
+    host, port = info.pub.removeprefix("tcp://").rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port))) for _ in range(20)]
+    plain = []
+    for _ in range(20):
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(info.cmd)
+        plain.append(dealer)
+    assert wait_for(lambda: pub.counters.handshake_failures >= 20)
+    sub = authenticated(ctx, zmq.SUB, info)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(info.pub)
+    assert heard(sub)
+    assert pub.counters.peers == 1 and "too many connections" not in pub.counters.connections_refused
+    for conn in idle:
+        conn.close()
+
+
+def test_handshakes_beyond_the_rate_are_refused_at_once_and_counted(make: Any, ctx: Any) -> None:
+    pub = make(handshake_rate=1.0, handshake_burst=3)
+    info = pub.connection_info
+    t0 = time.monotonic()
+    subs = []
+    for _ in range(8):
+        sub = authenticated(ctx, zmq.SUB, info)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(info.pub)
+        subs.append(sub)
+    assert wait_for(lambda: pub.counters.connections_refused.get("handshake rate", 0) >= 3)
+    # 3 at once, then one a second (a refused peer is sometimes reconnected by libzmq, and then
+    # granted once the bucket holds a token again).
+    assert wait_for(lambda: pub.counters.peers >= 3)  # their success events may come a little later
+    assert pub.counters.peers <= 3 + (time.monotonic() - t0) + 1
+    assert "too many connections" not in pub.counters.connections_refused
+
+
+KEYED_FLOOD = """
+import os, sys, time, zmq
+cmd, server, public, secret, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+ctx = zmq.Context()
+socks = []
+for _ in range(n):  # identities of a peer that holds the connection file
+    d = ctx.socket(zmq.DEALER)
+    d.curve_serverkey, d.curve_publickey, d.curve_secretkey = server.encode(), public.encode(), secret.encode()
+    d.setsockopt(zmq.SNDHWM, 0)
+    d.connect(cmd)
+    socks.append(d)
+deadline = time.monotonic() + 2.5
+while time.monotonic() < deadline:  # unsigned commands from every identity that got in
+    for d in socks:
+        try:
+            d.send_multipart([b"", os.urandom(200)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+    time.sleep(0.005)
+print("done", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_key_holder_flooding_from_many_identities_is_capped_and_leaves_little(make: Any) -> None:
+    """300 identities with the file's keys: beyond the cap and the handshake rate each is refused at
+    once (libzmq does not retry a refused handshake), nothing waits holding buffers, and the peer
+    count and memory come back when the attacker leaves."""
+    pub = make(max_peers=8)
+    info = pub.connection_info
+    thread = pub._thread
+    assert thread is not None
+    before = rss_bytes()
+    cpu0, t0 = thread_cpu(thread), time.monotonic()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KEYED_FLOOD,
+            info.cmd,
+            info.curve_server_public or "",
+            info.curve_client_public or "",
+            info.curve_client_secret or "",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    spent, elapsed = thread_cpu(thread) - cpu0, time.monotonic() - t0
+    counters = pub.counters
+    refused = counters.connections_refused
+    assert refused.get("too many connections", 0) + refused.get("handshake rate", 0) >= 250, refused
+    assert counters.commands_rejected > 0  # the admitted identities were read, and refused
+    assert wait_for(lambda: pub.counters.peers == 0, 15.0), pub.counters.peers
+    assert rss_bytes() - before < 16 * 2**20
+    # Handshakes, monitor events and the refused commands all count against the 2 % budget; the
+    # thread's own cadence (heartbeats twenty a second here) comes on top. Generous: 15 %.
+    assert spent <= 0.15 * elapsed + 0.05, (spent, elapsed)
 
 
 def test_a_signed_in_flood_costs_the_publisher_thread_at_most_its_cpu_budget(make: Any, ctx: Any) -> None:
@@ -227,10 +340,10 @@ def test_a_signed_in_flood_costs_the_publisher_thread_at_most_its_cpu_budget(mak
     spent = thread_cpu(thread) - cpu0
     refused = pub.counters.rejected.get("unsigned", 0)
     assert refused < sent, "the flood was read in full"
-    # The budget and its burst, plus what the budget does not cover: heartbeats (twenty a second
-    # here), the loop's own polling and sending queued replies (measured at 4-6 % of a core under
-    # this flood on the 2-core machine; allowed 10 %).
-    assert spent <= share * elapsed + 2.5 * share + 0.10 * elapsed, (spent, elapsed, refused)
+    # The budget and its burst, plus only what is the thread's own work: heartbeats (twenty a
+    # second here) and the turns the clock wakes it for (0.5-1 % of a core measured). Polling,
+    # reading, refusing and answering the flood are all charged to the budget.
+    assert spent <= share * elapsed + 2.5 * share + 0.03 * elapsed, (spent, elapsed, refused)
     assert pub.counters.read_pauses >= 1
     live.recv_multipart()  # the stream kept flowing meanwhile
     assert heard(live)

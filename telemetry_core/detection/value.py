@@ -32,7 +32,10 @@ class ValueCollapseRule(Rule):
     learnt little moves its spread by a few times at most from update to update. Without a
     baseline there is no verdict (a fresh critic is flat; a critic zeroed before a restore shows as
     ev_low), and none in warm-up. Return std comes from ``ValueStats.return_std``, else from the advantage
-    section's returns.
+    section's returns. A constant output is critical at once; a flat critic that still spreads its
+    predictions a little is a warning, critical once it stays flat ``value_collapse_critical_updates``
+    updates in a row (a healthy feed-forward critic on unnormalised returns dipped to 0.02x the
+    return std for one update and recovered).
 
     Blown critic (warning): the value loss exceeds ``value_loss_relative_factor`` x its median
     over the last ``value_baseline_window`` updates and, when the return std is known, the
@@ -46,14 +49,16 @@ class ValueCollapseRule(Rule):
     def reset(self) -> None:
         self.loss_base = self.rolling("value_baseline_window")
         self.std_base = self.rolling("value_baseline_window")
+        self.flat = 0  # consecutive updates judged flat
 
     def state_dict(self) -> dict[str, Any]:
-        return {"value_loss": self.loss_base.dump(), "value_std": self.std_base.dump()}
+        return {"value_loss": self.loss_base.dump(), "value_std": self.std_base.dump(), "flat": self.flat}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.loss_base.load(state["value_loss"])
         self.std_base.load(state["value_std"])
+        self.flat = int(state.get("flat", 0))  # absent in a state saved before the patience
 
     def check(self, ctx: Context) -> list[Anomaly]:
         t = self.t
@@ -77,10 +82,12 @@ class ValueCollapseRule(Rule):
                 and vstd < t.value_std_drop_fraction * base
                 and (base >= t.value_std_tracking_min * rstd or vstd <= t.value_std_constant_fraction * base)
             )
+            self.flat = self.flat + 1 if flat else 0
             if flat and rstd is not None and base is not None:
                 ratio = vstd / rstd
+                constant = vstd <= t.value_std_constant_fraction * base
                 found = self.anomaly(
-                    CRITICAL,
+                    CRITICAL if constant or self.flat >= t.value_collapse_critical_updates else WARNING,
                     step,
                     f"The critic predicts almost a constant: value std {fmt(vstd)} (recent median "
                     f"{fmt(base)}) is {fmt(ratio)}x the return std {fmt(rstd)}, so advantages are raw returns.",

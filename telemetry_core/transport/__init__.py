@@ -10,7 +10,9 @@ a ROUTER socket (dashboards connect SUB + DEALER; frames are defined in
 * :mod:`.gate` - the command gate: rate limits, signature, replay memory, refusal codes;
 * :mod:`.commands` - the command port on the publisher thread: read, judge, reply, serve history;
 * :mod:`.history` - the last frames sent, kept for late joiners;
-* :mod:`.publisher` - the training-thread API, the publish queue and the publisher thread's loop.
+* :mod:`.publisher` - the training-thread API, the publish queue and the lifecycle;
+* :mod:`.thread` - the publisher thread: sockets, its loop, heartbeats and monitor events;
+* :mod:`.counters` - what the publisher sent, dropped and refused.
 """
 
 from __future__ import annotations

@@ -111,9 +111,10 @@ class TokenBucket:
             return True
         return False
 
-    def charge(self, now: float, cost: float) -> None:
+    def charge(self, now: float, cost: float, floor: float = -math.inf) -> None:
+        """Take ``cost`` after the fact; the debt never goes below ``floor``."""
         self._refill(now)
-        self.tokens -= cost
+        self.tokens = max(floor, self.tokens - cost)
 
     def wait_time(self, now: float, cost: float = 1.0) -> float:
         """Seconds until ``cost`` tokens are available."""

@@ -1,4 +1,4 @@
-"""The publisher thread: snapshots out on PUB, authenticated commands in on ROUTER.
+"""The publisher: snapshots out on PUB, authenticated commands in on ROUTER, one thread owns both.
 
 The training thread only appends a snapshot to a bounded queue that drops the oldest (and
 counts it): it never waits on the network, a slow dashboard or a flood of commands, and it does
@@ -24,16 +24,20 @@ Why it is built this way:
   connection file, loopback included, so a peer without the file never completes a handshake and
   none of its bytes are buffered. On top, every command is signed (:mod:`.gate`).
 * What an authenticated peer can cost is capped too: ``MAXMSGSIZE`` on both sockets (a subscription
-  is a message to the PUB socket: 10 MB topics are refused by libzmq), a cap on connected peers,
-  a per-peer token bucket, a global read rate and a CPU-time budget for everything the thread does
-  with what peers send (``command_cpu_share`` of one core: monitor events, the ZAP handler,
-  reading, refusing and answering): when it is spent the thread stops reading, libzmq's
-  receive queue fills and TCP pushes back on the sender. libzmq delivers a multipart message only
-  once all of its parts arrived and has no limit on their number, so the part count cannot be
-  bounded before buffering; the peer must have passed the handshake to try.
+  is a message to the PUB socket: 10 MB topics are refused by libzmq), a cap on authenticated
+  peers and a handshake rate, a per-peer token bucket, a global read rate and a CPU-time budget
+  for everything the thread does besides its own work (``command_cpu_share`` of one core: polling,
+  monitor events, the ZAP handler, reading, refusing and answering): when it is spent the thread
+  stops reading the command port, libzmq's receive queue fills and TCP pushes back on the sender.
+  libzmq delivers a multipart message only once all of its parts arrived and has no limit on their
+  number, so the part count cannot be bounded before buffering; the peer must have passed the
+  handshake to try.
 * The thread runs ``thread_nice`` steps below the thread that started it (Linux), and so do the
   libzmq I/O threads it starts: handshakes, CURVE and the GIL-free parts of a flood wait for a
   free core instead of taking one from training.
+
+This module holds the training-thread half (the API, the queue, the lifecycle); the loop the
+thread runs is :class:`~.thread.PublisherThread`.
 """
 
 from __future__ import annotations
@@ -45,83 +49,30 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
-import zmq
-
 from telemetry_core import protocol
 from telemetry_core.config import TelemetryLevel
-from telemetry_core.schema import Ack, Command, Counters, Heartbeat, Nack, Snapshot
+from telemetry_core.schema import Ack, Command, Counters, Nack, Snapshot
 from telemetry_core.transport.auth import ZapHandler
 from telemetry_core.transport.commands import CommandPort
-from telemetry_core.transport.gate import FRAME_CODES, CommandGate, TokenBucket
+from telemetry_core.transport.counters import PublisherCounters
+from telemetry_core.transport.gate import CommandGate, TokenBucket
 from telemetry_core.transport.history import HistoryRing
 from telemetry_core.transport.net import DEFAULT_BIND, BindError, Endpoints, TransportError, zmq_endpoint
-from telemetry_core.transport.sockets import (
-    FAILED_EVENTS,
-    MONITOR_EVENTS,
-    BindPlan,
-    describe_bind_error,
-    make_sockets,
-)
+from telemetry_core.transport.sockets import BindPlan
+from telemetry_core.transport.thread import CLOSE_LINGER_MS, PublisherThread
 
-__all__ = ["Publisher", "PublisherCounters"]
+__all__ = ["CLOSE_LINGER_MS", "Publisher", "PublisherCounters"]
 
 log = logging.getLogger("telemetry_core.transport")
-# How long the publisher thread lets libzmq write the frames queued at close (the closing frame).
-CLOSE_LINGER_MS = 200
 
 # A queued snapshot: (seq, its frame or the snapshot still to encode, who else wants the frame).
 _Queued = tuple[int, bytes | Snapshot, Callable[[bytes], None] | None]
-
-
-class PublisherCounters(msgspec.Struct, frozen=True, kw_only=True):
-    """A consistent copy of what the publisher sent, dropped and refused so far.
-
-    A msgspec Struct: the hub builds one per update on the training thread, and a frozen dataclass
-    of this size costs tens of microseconds to construct.
-    """
-
-    published: int = 0  # snapshot frames handed to the PUB socket
-    dropped: int = 0  # snapshots dropped from the full publish queue (oldest first)
-    unsent: int = 0  # snapshots encoded while the stream is off (bind=None, bind failed, closed)
-    heartbeats: int = 0
-    commands_accepted: int = 0  # passed every check (queued for the hub, or history served)
-    rejected: dict[str, int] = msgspec.field(default_factory=dict)  # refusals by stable code
-    history_served: int = 0  # history replies (chunks) sent
-    history_frames: int = 0  # snapshot frames sent in history replies
-    replies_sent: int = 0
-    replies_dropped: int = 0  # peer gone or its queue full (ROUTER_MANDATORY + NOBLOCK)
-    handshake_failures: int = 0  # CURVE / ZMTP handshakes refused (unknown key, no CURVE, ...)
-    connections_refused: dict[str, int] = msgspec.field(default_factory=dict)  # by the ZAP handler, by reason
-    peers: int = 0  # open connections now (both ports; the cap is max_peers)
-    read_pauses: int = 0  # times the command CPU budget ran out and reading stopped
-    errors: int = 0  # unexpected exceptions in the publisher thread (logged)
-    network: bool = False  # the sockets are bound and the thread runs
-
-    @property
-    def commands_rejected(self) -> int:
-        return sum(self.rejected.values())
-
-    @property
-    def bad_frames(self) -> int:
-        """Refusals before a well-formed, authenticated command was decoded."""
-        return sum(n for code, n in self.rejected.items() if code in FRAME_CODES)
-
-    def to_schema(self, base: Counters | None = None) -> Counters:
-        """The wire :class:`Counters` with this publisher's fields filled in (others from ``base``)."""
-        out = msgspec.structs.replace(base) if base is not None else Counters()
-        out.snapshots_published = self.published
-        out.snapshots_dropped = self.dropped
-        out.commands_accepted = self.commands_accepted
-        out.commands_rejected = self.commands_rejected
-        return out
 
 
 def _take_all(queue: collections.deque[_Queued]) -> list[_Queued]:
@@ -139,7 +90,7 @@ def _close_at_exit(ref: weakref.ref[Publisher]) -> None:
         pub.close()
 
 
-class Publisher:
+class Publisher(PublisherThread):
     """Snapshots out on PUB, authenticated commands in on ROUTER, owned by one background thread.
 
     The training thread calls :meth:`publish_snapshot` (never blocks), :meth:`set_status`,
@@ -155,6 +106,11 @@ class Publisher:
     ``curve=None`` (the default) encrypts and authenticates every connection with CURVE whenever
     libzmq has it, loopback included; ``curve=False`` is allowed on loopback only (then any local
     user can read the stream, though not command it) and ``curve=True`` insists.
+
+    ``max_peers`` caps the authenticated connections (both ports; a dashboard holds two), and the
+    ZAP handler grants at most ``handshake_rate`` handshakes a second (``handshake_burst`` at
+    once); beyond either a handshake is refused at once and counted in
+    ``counters.connections_refused``.
     """
 
     def __init__(
@@ -183,7 +139,9 @@ class Publisher:
         max_clock_skew: float = 30.0,
         inbox_size: int = 256,
         replay_memory: int = 16384,
-        max_peers: int = 128,
+        max_peers: int = 32,
+        handshake_rate: float = 20.0,
+        handshake_burst: int = 40,
         command_cpu_share: float = 0.02,
         wake_interval: float = 0.02,
         port_search: int | None = None,
@@ -200,6 +158,7 @@ class Publisher:
             ("inbox_size", inbox_size, 1),
             ("replay_memory", replay_memory, 1),
             ("max_peers", max_peers, 2),
+            ("handshake_burst", handshake_burst, 1),
             ("thread_nice", thread_nice, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -212,6 +171,7 @@ class Publisher:
             ("max_command_age", max_command_age),
             ("max_clock_skew", max_clock_skew),
             ("command_cpu_share", command_cpu_share),
+            ("handshake_rate", handshake_rate),
             ("wake_interval", wake_interval),
         ):
             if not isinstance(fvalue, (int, float)) or not math.isfinite(fvalue) or fvalue <= 0:
@@ -246,6 +206,8 @@ class Publisher:
         # CPU seconds per second the thread may spend on incoming messages, with a short burst.
         self._cpu_bucket = TokenBucket(command_cpu_share, max(0.005, 2.5 * command_cpu_share))
         self._max_peers = max_peers
+        self._handshake_rate = float(handshake_rate)
+        self._handshake_burst = handshake_burst
         self._wake_interval = float(wake_interval)
         self._thread_nice = thread_nice
         self._gate = CommandGate(
@@ -574,21 +536,6 @@ class Publisher:
                     os.close(fd)
         self._wake_r = self._wake_w = -1
 
-    def _lower_priority(self) -> None:
-        """Run this thread (and the libzmq threads it starts) ``thread_nice`` steps below its creator.
-
-        Linux only (where a thread's nice value is its own); unprivileged, and never fatal.
-        """
-        if self._thread_nice == 0 or not sys.platform.startswith("linux"):
-            return
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(
-                os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._thread_nice)
-            )
-        except OSError as exc:  # a sandbox that forbids it: the CPU budget still bounds the thread
-            log.debug("telemetry publisher: could not lower the thread priority: %r", exc)
-
     def _warn_if_moved(self) -> None:
         plan, endpoints = self._plan, self._endpoints
         assert plan.pub_addr is not None and endpoints is not None
@@ -649,218 +596,9 @@ class Publisher:
         except (OSError, ValueError):
             pass
 
-    # ------------------------------------------------------------------------------------------
-    # The publisher thread
-    # ------------------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        ctx: zmq.Context | None = None
-        sockets: list[zmq.Socket] = []
-        monitors: list[zmq.Socket] = []
-        try:
-            try:
-                # Before the context: libzmq's I/O and reaper threads start from this thread and
-                # inherit its lower priority, so handshakes and TLS-like CURVE work yield to training.
-                self._lower_priority()
-                ctx = zmq.Context()
-                # The ZAP handler is bound before the sockets, so no connection is ever judged
-                # without it; it lives on this thread and is served from the loop below.
-                self._zap = ZapHandler(
-                    ctx, curve=self._curve, allowed=frozenset(self._plan.allowed), max_peers=self._max_peers
-                )
-                pub, router, self._endpoints = make_sockets(ctx, self._plan, sockets, pub_hwm=self._pub_hwm)
-                for sock in sockets:
-                    monitors.append(sock.get_monitor_socket(MONITOR_EVENTS))
-                self._network = True
-            except zmq.ZMQError as exc:
-                self._bind_error = describe_bind_error(self._plan, exc)
-                return
-            except Exception as exc:
-                self._bind_error = f"telemetry: could not start the stream: {exc!r}"
-                return
-            finally:
-                self._ready.set()
-            self._loop(pub, router, monitors)
-        except BaseException as exc:  # never let the thread die silently
-            self._errors += 1
-            self._thread_error = exc
-            log.exception("telemetry publisher thread stopped: %r", exc)
-        finally:
-            self._network = False
-            # Monitors stop while their reading ends are still open and emptied: libzmq's I/O
-            # thread writes monitor events with a blocking send while holding the socket's monitor
-            # lock, so an event sent to a closed (or full) monitor pipe would block it for good,
-            # and disable_monitor/close would then wait on that lock forever.
-            for mon in monitors:
-                _drain(mon)
-            for sock in sockets:
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.disable_monitor()
-            for mon in monitors:
-                with contextlib.suppress(zmq.ZMQError):
-                    mon.close(linger=0)
-            for sock in sockets:
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.close()  # each socket's LINGER: 0, or the short closing linger set above
-            if self._zap is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    self._zap.close()
-            if ctx is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    ctx.term()
-
-    def _loop(self, pub: zmq.Socket, router: zmq.Socket, monitors: list[zmq.Socket]) -> None:
-        next_hb = time.monotonic()
-        was_reading = True
-        zap = self._zap.socket if self._zap is not None else None
-        # Built once: one poller while reading, one without the ROUTER and ZAP sockets while the
-        # budget is spent (rebuilding them each time round cost more than the poll itself).
-        # The PUB socket is in both: it never has a message for us, but polling it makes libzmq
-        # take in the subscriptions waiting in its pipe as they come, so that a subscriber cannot
-        # fill it (RCVHWM) between two sends and have its input stopped.
-        paused = zmq.Poller()
-        for sock in (self._wake_r, pub, *monitors):
-            paused.register(sock, zmq.POLLIN)
-        reading_poller = zmq.Poller()
-        for sock in (self._wake_r, pub, *monitors, router, *((zap,) if zap is not None else ())):
-            reading_poller.register(sock, zmq.POLLIN)
-        while True:  # leaves through the stop check after the poll, which drains the queue first
-            now = time.monotonic()
-            if now >= next_hb:
-                self._send_heartbeat(pub)
-                next_hb = now + self._hb_interval
-            # Stop reading the ROUTER and the ZAP requests while the read rate or the CPU budget is
-            # spent: libzmq's queues fill and TCP pushes back on the flooding peer instead.
-            wait = max(self._read_bucket.wait_time(now), self._cpu_bucket.wait_time(now, 0.0))
-            reading = wait == 0.0
-            if was_reading and not reading:
-                self._read_pauses += 1
-            was_reading = reading
-            timeout = min(max(0.0, next_hb - now), self._wake_interval)
-            if not reading:
-                timeout = min(timeout, wait)
-            events = dict((reading_poller if reading else paused).poll(timeout * 1000.0))
-            if self._wake_r in events:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    os.read(self._wake_r, 4096)
-            if self._stop:
-                # What the training thread queued before close() goes out (NOBLOCK: never waits),
-                # so the last update of a run is not counted lost because the poll had not come yet.
-                with contextlib.suppress(zmq.ZMQError):
-                    self._drain_snapshots(pub, stopping=True)
-                    # The last frames (the run's closing frame among them) may still sit in the
-                    # socket's queue: a short, bounded linger lets the I/O thread write them, so a
-                    # dashboard sees "finished" instead of "trainer lost". A stalled peer costs at
-                    # most this long, well inside close()'s timeout.
-                    pub.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
-                break
-            try:
-                while self._controls:
-                    self._controls.popleft()()
-                self._drain_snapshots(pub)
-                self._port.drain_replies(router, self._replies)
-                cpu = time.thread_time()
-                for mon in monitors:
-                    if mon in events:
-                        self._read_monitor(mon)
-                if reading and zap is not None and zap in events and self._zap is not None:
-                    self._zap.serve()
-                if reading and router in events and self._port.read(router, cpu):
-                    # Counted here: on a busy machine the budget may refill before the next round
-                    # looks, though reading did stop because it ran out.
-                    self._read_pauses += 1
-                    was_reading = False
-                self._cpu_bucket.charge(time.monotonic(), time.thread_time() - cpu)
-            except zmq.ContextTerminated:
-                raise
-            except Exception as exc:  # one bad message must not stop the stream
-                self._errors += 1
-                if self.strict:
-                    self._thread_error = exc
-                self._warn_once("loop", f"telemetry publisher: unexpected error (counted): {exc!r}")
-                log.debug("publisher error", exc_info=True)
-                time.sleep(0.01)  # a persistent error must not turn into a busy loop
-
-    # -- snapshots, heartbeats, replies --------------------------------------------------------
-
-    def _drain_snapshots(self, pub: zmq.Socket, *, stopping: bool = False) -> None:
-        queue = self._queue
-        while True:
-            try:
-                item = queue.popleft()
-            except IndexError:
-                return
-            seq, payload, on_frame = item
-            if self._stop and not stopping:
-                queue.appendleft(item)  # close() counts it (and still records it)
-                return
-            if isinstance(payload, bytes):
-                frame = payload
-            else:
-                try:
-                    frame = self._encode(seq, payload)
-                except Exception as exc:  # a snapshot that cannot be encoded is lost, counted
-                    self._errors += 1
-                    self._warn_once("encode", f"telemetry publisher: could not encode a snapshot: {exc!r}")
-                    continue
-            if on_frame is not None:
-                try:
-                    on_frame(frame)
-                except Exception as exc:
-                    self._errors += 1
-                    self._warn_once("on_frame", f"telemetry publisher: on_frame failed: {exc!r}")
-            pub.send_multipart([protocol.TOPIC_SNAPSHOT, frame], flags=zmq.NOBLOCK)
-            self._published += 1
-            self._last_sent_seq = seq
-            self._history.remember(seq, frame)
-
-    def _send_heartbeat(self, pub: zmq.Socket) -> None:
-        step, level, hub_counters = self._status
-        body = Heartbeat(
-            step=step,
-            level=level,
-            uptime=time.monotonic() - self._start_time,
-            counters=self.counters.to_schema(hub_counters),
-            run_name=self.run_name,
-        )
-        # seq = the newest snapshot sent, so a subscriber can tell it missed one.
-        frame = protocol.encode_envelope(
-            "heartbeat", body, session=self.session, seq=self._last_sent_seq, step=step
-        )
-        pub.send_multipart([protocol.TOPIC_HEARTBEAT, frame], flags=zmq.NOBLOCK)
-        self._heartbeats += 1
-
-    def _read_monitor(self, mon: zmq.Socket, budget: int = 256) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        for _ in range(budget):
-            try:
-                event = recv_monitor_message(mon, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind = event["event"]
-            if self._zap is not None:
-                self._zap.on_event(kind, event["value"])
-            if kind & FAILED_EVENTS:
-                self._handshake_failures += 1
-                self._warn_once(
-                    "handshake",
-                    f"telemetry: refused a connection at {event['endpoint']!r} (handshake failed: "
-                    "no or unknown CURVE key, not a simic dashboard, or too many connections); further "
-                    "refusals are counted",
-                )
-
 
 def _make_atexit(pub: Publisher) -> Callable[[], None]:
     ref = weakref.ref(pub)
     return lambda: _close_at_exit(ref)
 
 
-def _drain(sock: zmq.Socket) -> None:
-    """Read whatever is queued on a socket without waiting (bounded: a monitor queue holds at
-    most its high-water mark of events)."""
-    for _ in range(100_000):
-        try:
-            sock.recv(zmq.NOBLOCK)
-        except zmq.ZMQError:
-            return
