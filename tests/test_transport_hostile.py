@@ -300,7 +300,8 @@ def test_a_key_holder_flooding_from_many_identities_is_capped_and_leaves_little(
     refused = counters.connections_refused
     assert refused.get("too many connections", 0) + refused.get("handshake rate", 0) >= 250, refused
     assert counters.commands_rejected > 0  # the admitted identities were read, and refused
-    assert wait_for(lambda: pub.counters.peers == 0, 15.0), pub.counters.peers
+    # the departed peers' backlog is read within the budget before libzmq sees them go: generous
+    assert wait_for(lambda: pub.counters.peers == 0, 45.0), pub.counters.peers
     assert rss_bytes() - before < 16 * 2**20
     # Handshakes, monitor events and the refused commands all count against the 2 % budget; the
     # thread's own cadence (heartbeats twenty a second here) comes on top. Generous: 15 %.

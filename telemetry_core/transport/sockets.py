@@ -226,6 +226,10 @@ def _configured(ctx: zmq.Context, plan: BindPlan, pub_hwm: int) -> tuple[zmq.Soc
     # A dashboard sends a command now and then; a flooding peer's backlog (read, refused and
     # answered within the CPU budget, even after it left) stays short. Full: TCP pushes back.
     router.setsockopt(zmq.RCVHWM, 16)
+    # And a small kernel buffer per connection: what a flooding peer left in it must be read (within
+    # the budget) before libzmq sees the peer has gone, so the default ~128 KB+ of tiny refused
+    # commands kept a departed flooder counted as a peer for tens of seconds on a loaded machine.
+    router.setsockopt(zmq.RCVBUF, 32 * 1024)
     # Commands are tiny: a larger frame gets the peer disconnected by libzmq before we see it.
     router.setsockopt(zmq.MAXMSGSIZE, 2 * protocol.MAX_COMMAND_BYTES)
     return pub, router
