@@ -197,6 +197,10 @@ CHILD = textwrap.dedent(
     mode = sys.argv[1]
     if mode == "stubborn":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        # as the real demo child does (it installs its own handlers): a disposition inherited from
+        # the process that started it (SIGINT ignored there) must not make it deaf to Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     print("trainer up", flush=True)
     try:
         while True:

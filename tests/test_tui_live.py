@@ -190,7 +190,10 @@ async def test_the_debug_lease_is_bounded_released_on_request_and_d_toggles() ->
         client = app.client
         assert client is not None
         client.lease_updates = 100
-        client.lease_seconds = 0.6  # renewals every 0.2 s: several within the bound
+        # renewals every ~0.7 s: several within the bound (100 updates at 0.03 s), and a lease that
+        # outlives a renewal delayed by a loaded machine (at 0.6 s one expired between "lease active"
+        # and the x that releases it, which then had nothing to release)
+        client.lease_seconds = 2.0
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.store.count > 2 and not client.status.commands_note, what="ready")
             await pilot.press("d")
