@@ -213,6 +213,10 @@ async def test_the_debug_lease_is_bounded_released_on_request_and_d_toggles() ->
             await until(pilot, lambda: client.lease.phase == LeasePhase.ACTIVE, what="second lease")
             await pilot.press("escape")
             assert isinstance(app.screen, KeepLeaseScreen)
+            # the question must be on screen (mounted, bindings live) before it is answered: pushed is
+            # not yet shown, and a key sent in between reaches no binding
+            await until(pilot, lambda: app.screen.is_mounted, what="the question shown")
+            await pilot.pause()
             await pilot.press("x")
             await until(pilot, lambda: any(c.action == "release" for c in trainer.commands), what="release")
             assert client.lease.phase == LeasePhase.RELEASED and app.screen is app.dashboard
