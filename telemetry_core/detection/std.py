@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from telemetry_core.detection.base import CRITICAL, WARNING, Context, HeadBaselineRule, finite, fmt
 from telemetry_core.schema import Anomaly
@@ -41,6 +41,45 @@ class _StdRule(HeadBaselineRule):
         super().load_state_dict(state)
         self.last = {str(k): float(v) for k, v in state["last"].items()}
         self.falls = {str(k): int(v) for k, v in state["falls"].items()}
+
+    EXTREME: ClassVar[str] = ""  # the PolicyStats field of the dimension judged against the levels
+    WORDS: ClassVar[tuple[str, str]] = ("", "")  # "std is <0>: its log-std (mean, <extreme>) ...; <1>"
+
+    def _judge(self, head: str, mean: float, extreme: float, base: float | None) -> Found | None:
+        raise NotImplementedError
+
+    def check(self, ctx: Context) -> list[Anomaly]:
+        p = ctx.snapshot.policy
+        if p is None:
+            return []
+        out: list[Anomaly] = []
+        extremes = getattr(p, self.EXTREME)
+        for head in sorted(p.log_std_mean):
+            mean = finite(p.log_std_mean.get(head))
+            if mean is None:
+                continue
+            extreme = finite(extremes.get(head))
+            extreme = mean if extreme is None else extreme
+            base_roll = self._base(head)
+            found = self._judge(head, mean, extreme, base_roll.median())
+            if found is None:
+                base_roll.append(mean)
+                continue
+            severity, value, limit, words = found
+            state, tail = self.WORDS
+            side = self.EXTREME.removeprefix("log_std_")
+            out.append(
+                self.anomaly(
+                    severity,
+                    ctx.step,
+                    f"Head '{head}' std is {state}: its log-std (mean {fmt(mean)}, {side} {fmt(extreme)}) "
+                    f"{words}; {tail}",
+                    value=value,
+                    threshold=limit,
+                    head=head,
+                )
+            )
+        return out
 
     @staticmethod
     def _tiers(
@@ -81,65 +120,33 @@ class StdCollapseRule(_StdRule):
     """
 
     KIND = "std_collapse"
+    EXTREME = "log_std_min"
+    WORDS = ("collapsing", "it is running out of exploration.")
 
-    def check(self, ctx: Context) -> list[Anomaly]:
-        p = ctx.snapshot.policy
-        if p is None:
-            return []
+    def _judge(self, head: str, mean: float, extreme: float, base: float | None) -> Found | None:
         t = self.t
-        out: list[Anomaly] = []
-        for head in sorted(p.log_std_mean):
-            mean = finite(p.log_std_mean.get(head))
-            if mean is None:
-                continue
-            low = finite(p.log_std_min.get(head))
-            low = mean if low is None else low
-            base_roll = self._base(head)
-            base = base_roll.median()
-            last = self.last.get(head)
-            falls = self.falls.get(head, 0) + 1 if last is not None and mean < last - t.std_fall_step else 0
-            self.last[head], self.falls[head] = mean, falls
-            drop = base - mean if base is not None else None
-            found = self._tiers(
-                -1,
-                low,
+        last = self.last.get(head)
+        falls = self.falls.get(head, 0) + 1 if last is not None and mean < last - t.std_fall_step else 0
+        self.last[head], self.falls[head] = mean, falls
+        found = self._tiers(
+            -1,
+            extreme,
+            mean,
+            base,
+            (t.std_collapse_log_std, t.std_collapse_log_std_critical),
+            (t.std_drop, t.std_drop_critical),
+            ("nearly deterministic", "essentially deterministic"),
+            "lost",
+            "against",
+        )
+        if found is None and base is not None and falls >= t.std_fall_updates and base - mean > t.std_slide_drop:
+            found = (
+                WARNING,
                 mean,
-                base,
-                (t.std_collapse_log_std, t.std_collapse_log_std_critical),
-                (t.std_drop, t.std_drop_critical),
-                ("nearly deterministic", "essentially deterministic"),
-                "lost",
-                "against",
+                base - t.std_slide_drop,
+                f"fell for {falls} updates in a row, {fmt(base - mean)} nats below its recent median {fmt(base)}",
             )
-            if (
-                found is None
-                and drop is not None
-                and base is not None
-                and falls >= t.std_fall_updates
-                and drop > t.std_slide_drop
-            ):
-                found = (
-                    WARNING,
-                    mean,
-                    base - t.std_slide_drop,
-                    f"fell for {falls} updates in a row, {fmt(drop)} nats below its recent median {fmt(base)}",
-                )
-            if found is None:
-                base_roll.append(mean)
-                continue
-            severity, value, limit, words = found
-            out.append(
-                self.anomaly(
-                    severity,
-                    ctx.step,
-                    f"Head '{head}' std is collapsing: its log-std (mean {fmt(mean)}, min {fmt(low)}) {words}; "
-                    f"it is running out of exploration.",
-                    value=value,
-                    threshold=limit,
-                    head=head,
-                )
-            )
-        return out
+        return found
 
 
 class StdExplosionRule(_StdRule):
@@ -154,48 +161,22 @@ class StdExplosionRule(_StdRule):
     """
 
     KIND = "std_explosion"
+    EXTREME = "log_std_max"
+    WORDS = ("exploding", "its actions are mostly noise.")
 
-    def check(self, ctx: Context) -> list[Anomaly]:
-        p = ctx.snapshot.policy
-        if p is None:
-            return []
+    def _judge(self, head: str, mean: float, extreme: float, base: float | None) -> Found | None:
         t = self.t
-        out: list[Anomaly] = []
-        for head in sorted(p.log_std_mean):
-            mean = finite(p.log_std_mean.get(head))
-            if mean is None:
-                continue
-            high = finite(p.log_std_max.get(head))
-            high = mean if high is None else high
-            base_roll = self._base(head)
-            base = base_roll.median()
-            found = self._tiers(
-                1,
-                high,
-                mean,
-                base,
-                (t.std_explosion_log_std, t.std_explosion_log_std_critical),
-                (t.std_rise, t.std_rise_critical),
-                ("wider than a usual action range", "far wider than any action range"),
-                "rose",
-                "above",
-            )
-            if found is None:
-                base_roll.append(mean)
-                continue
-            severity, value, limit, words = found
-            out.append(
-                self.anomaly(
-                    severity,
-                    ctx.step,
-                    f"Head '{head}' std is exploding: its log-std (mean {fmt(mean)}, max {fmt(high)}) {words}; "
-                    f"its actions are mostly noise.",
-                    value=value,
-                    threshold=limit,
-                    head=head,
-                )
-            )
-        return out
+        return self._tiers(
+            1,
+            extreme,
+            mean,
+            base,
+            (t.std_explosion_log_std, t.std_explosion_log_std_critical),
+            (t.std_rise, t.std_rise_critical),
+            ("wider than a usual action range", "far wider than any action range"),
+            "rose",
+            "above",
+        )
 
 
 def _ratio(drop: float) -> str:
